@@ -1,0 +1,47 @@
+"""One log record per client request, filled in along the request path.
+
+Handlers write what they learn (route, environment, upstream status,
+heartbeat outcome) into the request's `Exchange`; the access-log middleware
+emits it once the response is done. Fields are templates and ids, never
+raw paths, query strings or header values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from aiohttp import web
+
+__all__ = ["EXCHANGE", "Exchange", "log_exchange"]
+
+log = logging.getLogger("gateway.access")
+
+
+@dataclass(slots=True)
+class Exchange:
+    method: str
+    route: str = "other"
+    path_template: str = "/…"
+    environment: str | None = None
+    work_id: str | None = None
+    status: int | None = None
+    duration_ms: float | None = None
+    upstream_status: int | None = None
+    request_id: str | None = None
+    heartbeat_outcome: str | None = None
+    error: str | None = None
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def log_exchange(exchange: Exchange) -> None:
+    fields = {k: v for k, v in asdict(exchange).items() if v is not None}
+    log.info(
+        "%s %s %s",
+        exchange.method,
+        exchange.path_template,
+        exchange.status,
+        extra={"fields": {"event": "request", **fields}},
+    )

@@ -1,0 +1,94 @@
+"""The composition root: the one place the gateway's parts are built and wired.
+
+`Gateway` owns two aiohttp apps on two ports, the worker-facing proxy and
+the admin API, and their runners. Tests and the demo build it with their own
+upstream; `serve` builds it from the config alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .admin import Health, create_admin_app
+from .heartbeats import DirectHeartbeats, HeartbeatService
+from .middleware import access_log_middleware, error_middleware
+from .proxy import PROXY, ProxyContext, handle
+from .settings import Settings
+from .upstream import HttpUpstream, Upstream
+
+__all__ = ["Gateway", "create_proxy_app"]
+
+
+def create_proxy_app(
+    settings: Settings,
+    *,
+    health: Health | None = None,
+    upstream: Upstream | None = None,
+    heartbeats: HeartbeatService | None = None,
+) -> web.Application:
+    """The worker-facing app. Without `upstream`, one `HttpUpstream` is opened for the app's lifetime."""
+    health = health or Health()
+    # Middleware order: the access log wraps the error renderer, so it logs the status the client got.
+    app = web.Application(middlewares=[access_log_middleware, error_middleware])
+
+    async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        up = upstream or HttpUpstream(settings.upstream)
+        app[PROXY] = ProxyContext(settings, up, heartbeats or DirectHeartbeats(up))
+        health.upstream_ready = True
+        try:
+            yield
+        finally:
+            health.upstream_ready = False
+            if upstream is None:
+                await up.close()
+
+    app.cleanup_ctx.append(upstream_lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+class Gateway:
+    """Both ports of a running gateway: start, then `stop` drains and closes them."""
+
+    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+        self.settings = settings
+        self.health = Health()
+        grace = settings.limits.shutdown_grace_seconds
+        self._proxy = web.AppRunner(
+            create_proxy_app(settings, health=self.health, upstream=upstream),
+            # A client that disconnects cancels its handler, which closes the
+            # upstream connection: abandoned streams and polls end upstream too.
+            handler_cancellation=True,
+            shutdown_timeout=grace,
+            access_log=None,
+        )
+        self._admin = web.AppRunner(create_admin_app(self.health), access_log=None, shutdown_timeout=1.0)
+
+    async def start(self) -> None:
+        await self._proxy.setup()
+        await self._admin.setup()
+        listen, admin = self.settings.listen, self.settings.admin
+        await web.TCPSite(self._proxy, listen.host, listen.port).start()
+        await web.TCPSite(self._admin, admin.host, admin.port).start()
+
+    @property
+    def proxy_url(self) -> str:
+        return _url(self._proxy)
+
+    @property
+    def admin_url(self) -> str:
+        return _url(self._admin)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then close."""
+        self.health.draining = True
+        await self._proxy.cleanup()
+        await self._admin.cleanup()
+
+
+def _url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

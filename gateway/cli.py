@@ -1,0 +1,207 @@
+"""Command line: `heartbeat-gateway serve | check-config | simulate-upstream | demo`.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 invalid
+configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from . import __version__
+from .app import Gateway
+from .config import ConfigError, load_settings_file
+from .logs import configure_logging
+from .settings import LoggingSettings, Settings
+from .simulator import Faults, FaultsError, SimulatorConfig, TtlPolicy, create_simulator_app
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: str = args.command
+    if command == "serve":
+        return _serve(args.config)
+    if command == "check-config":
+        return _check_config(args.path)
+    if command == "simulate-upstream":
+        return _simulate(args)
+    from .demo import run_demo
+
+    return run_demo(duration=args.duration, workers=args.workers, as_json=args.json)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heartbeat-gateway",
+        description="A lease-safe reverse proxy between Managed Agents workers and the environments API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy and admin ports until SIGTERM/SIGINT")
+    serve.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+
+    check = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")
+    check.add_argument("path", metavar="PATH")
+
+    sim = sub.add_parser("simulate-upstream", help="run the environments API simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--ttl", type=_positive_int, default=60, help="default lease TTL in seconds (60)")
+    sim.add_argument("--min-ttl", type=_positive_int, default=1, help="smallest desired_ttl_seconds honoured (1)")
+    sim.add_argument("--max-ttl", type=_positive_int, default=600, help="largest desired_ttl_seconds honoured (600)")
+    sim.add_argument(
+        "--environment",
+        action="append",
+        metavar="ID=KEY_ENV",
+        help="an environment and the variable holding its key (default env_sim=SIM_ENVIRONMENT_KEY); repeatable",
+    )
+    sim.add_argument("--work-items", type=int, default=0, metavar="N", help="queue N items per environment at start")
+    sim.add_argument("--issue-secrets", action="store_true", help="hand out per-item sessions tokens on poll")
+    sim.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every answer")
+    sim.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="fraction answered 500")
+    sim.add_argument("--rate-limit-rate", type=float, default=0.0, metavar="P", help="fraction answered 429")
+    sim.add_argument("--retry-after", type=int, default=1, metavar="SECONDS", help="retry-after on 429s (1)")
+    sim.add_argument("--reset-rate", type=float, default=0.0, metavar="P", help="fraction whose connection is reset")
+    sim.add_argument("--reset-after-apply", action="store_true", help="reset after the request took effect")
+    sim.add_argument("--fault-endpoints", default="", metavar="LIST", help="comma-separated endpoints to affect")
+    sim.add_argument("--seed", type=int, default=None, help="seed for fault decisions")
+
+    demo = sub.add_parser("demo", help="run simulator, gateway and simulated SDK workers together")
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds to run; 0 runs until Ctrl-C (20)")
+    demo.add_argument("--workers", type=_positive_int, default=8, help="simulated workers (8)")
+    demo.add_argument("--json", action="store_true", help="end with one JSON summary line")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_settings_file(path, os.environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _check_config(path: str) -> int:
+    settings = _load(path)
+    if settings is None:
+        return EXIT_USAGE
+    print(settings.summary())
+    return EXIT_OK
+
+
+def _serve(path: str) -> int:
+    settings = _load(path)
+    if settings is None:
+        return EXIT_USAGE
+    configure_logging(settings.logging, settings.secret_values())
+    try:
+        asyncio.run(_serve_until_signal(settings))
+    except OSError as exc:
+        log.error("cannot start: %s", exc.strerror or exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _serve_until_signal(settings: Settings) -> None:
+    gateway = Gateway(settings)
+    await gateway.start()
+    log.info(
+        "serving: %s",
+        settings.summary().removeprefix("ok: "),
+        extra={"fields": {"event": "started", "proxy": gateway.proxy_url, "admin": gateway.admin_url}},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info(
+        "draining: no new connections; in-flight requests have %.0f s",
+        settings.limits.shutdown_grace_seconds,
+        extra={"fields": {"event": "draining"}},
+    )
+    await gateway.stop()
+    log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    configure_logging(LoggingSettings("info", "text"), ())
+    environments: dict[str, str] = {}
+    for spec in args.environment or ["env_sim=SIM_ENVIRONMENT_KEY"]:
+        env_id, sep, var = spec.partition("=")
+        if not sep or not env_id or not var:
+            print(f"--environment {spec}: expected ID=KEY_ENV", file=sys.stderr)
+            return EXIT_USAGE
+        key = os.environ.get(var, "").strip()
+        if not key:
+            print(
+                f"--environment {env_id}: environment variable {var} (the key of {env_id}) is not set", file=sys.stderr
+            )
+            return EXIT_USAGE
+        environments[env_id] = key
+    try:
+        faults = Faults(
+            latency_seconds=args.latency,
+            error_rate=args.error_rate,
+            rate_limit_rate=args.rate_limit_rate,
+            retry_after_seconds=args.retry_after,
+            reset_rate=args.reset_rate,
+            reset_after_apply=args.reset_after_apply,
+            endpoints=tuple(e for e in args.fault_endpoints.split(",") if e),
+        )
+    except FaultsError as exc:
+        print(f"simulate-upstream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.min_ttl <= args.ttl <= args.max_ttl:
+        print("simulate-upstream: --ttl must lie between --min-ttl and --max-ttl", file=sys.stderr)
+        return EXIT_USAGE
+    config = SimulatorConfig(
+        environments=environments,
+        ttl=TtlPolicy(args.ttl, args.min_ttl, args.max_ttl),
+        faults=faults,
+        issue_secrets=args.issue_secrets,
+        seed=args.seed,
+    )
+    app = create_simulator_app(config)
+    if args.work_items:
+        from .simulator import SIMULATOR
+
+        for env_id in environments:
+            app[SIMULATOR].enqueue(env_id, count=args.work_items)
+    print(
+        f"simulator on http://{args.host}:{args.port} serving {', '.join(environments)}; "
+        f"default TTL {args.ttl} s; GET /_sim/stats for counts",
+        flush=True,
+    )
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    except OSError as exc:
+        print(f"simulate-upstream: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

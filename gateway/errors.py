@@ -1,0 +1,116 @@
+"""Errors the gateway itself answers with, each carrying its HTTP status.
+
+Every refusal and every upstream failure is one of these; one middleware
+(`gateway.middleware.error_middleware`) renders them as Anthropic-shaped JSON,
+so workers' SDKs parse them like any API error::
+
+    GatewayError
+    ├── RequestRefused              the gateway refused the request; the upstream was not called
+    │   ├── InvalidRequest          400 invalid_request_error
+    │   ├── AuthenticationFailed    401 authentication_error
+    │   ├── PermissionDenied        403 permission_error
+    │   ├── NotFound                404 not_found_error
+    │   └── RequestTooLarge         413 request_too_large
+    └── UpstreamError               the upstream exchange failed (kind: connect, reset, timeout, other)
+        ├── UpstreamUnavailable     502 api_error
+        └── UpstreamTimeout         504 timeout_error
+
+The status and type pairs follow the API's own error table
+(https://platform.claude.com/docs/en/api/errors). Messages never contain a
+key or token: they are written here or in `gateway.upstream`, never copied
+from a request.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar, Literal
+
+__all__ = [
+    "AuthenticationFailed",
+    "GatewayError",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "RequestRefused",
+    "RequestTooLarge",
+    "UpstreamError",
+    "UpstreamErrorKind",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+]
+
+UpstreamErrorKind = Literal["connect", "reset", "timeout", "other"]
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "api_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> bytes:
+        return error_body(self.error_type, self.message)
+
+
+class RequestRefused(GatewayError):
+    """The gateway answered by itself: nothing was sent upstream."""
+
+
+class InvalidRequest(RequestRefused):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(RequestRefused):
+    status = 401
+    error_type = "authentication_error"
+
+
+class PermissionDenied(RequestRefused):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(RequestRefused):
+    status = 404
+    error_type = "not_found_error"
+
+
+class RequestTooLarge(RequestRefused):
+    status = 413
+    error_type = "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The upstream exchange failed.
+
+    `may_have_reached_upstream` is False only when the request surely never
+    left the gateway (the connection could not be opened). A heartbeat that
+    may have reached the API must never be re-sent: the first attempt may have
+    been applied, and a retry with the same `expected_last_heartbeat` would
+    then earn a spurious 412.
+    """
+
+    def __init__(self, message: str, *, kind: UpstreamErrorKind, may_have_reached_upstream: bool) -> None:
+        super().__init__(message)
+        self.kind: UpstreamErrorKind = kind
+        self.may_have_reached_upstream = may_have_reached_upstream
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    error_type = "api_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout_error"
+
+
+def error_body(error_type: str, message: str) -> bytes:
+    """The API's error envelope: {"type": "error", "error": {"type": ..., "message": ...}}."""
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()

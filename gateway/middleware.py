@@ -1,0 +1,73 @@
+"""The worker-facing app's middlewares; their order is set once, in `gateway.app`.
+
+- `access_log_middleware` (outermost): times the request and logs its `Exchange`.
+- `error_middleware`: renders `GatewayError`s as the API's JSON error shape;
+  anything unexpected becomes a logged 500, never a traceback to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .access_log import EXCHANGE, Exchange, log_exchange
+from .errors import GatewayError, RequestTooLarge, UpstreamError, error_body
+
+__all__ = ["access_log_middleware", "error_middleware"]
+
+log = logging.getLogger("gateway.proxy")
+
+# nginx's status for a client that went away before its response: it never
+# reaches a client, it only labels the log line.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    exchange = Exchange(method=request.method)
+    request[EXCHANGE] = exchange
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+        exchange.status = response.status
+        return response
+    except asyncio.CancelledError:
+        exchange.status = CLIENT_CLOSED_REQUEST
+        exchange.error = exchange.error or "client_disconnected"
+        raise
+    finally:
+        exchange.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        log_exchange(exchange)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        exchange = request.get(EXCHANGE)
+        if exchange is not None and isinstance(exc, UpstreamError):
+            exchange.error = exc.kind
+        return error_response(exc)
+    except web.HTTPException:
+        raise
+    except Exception:
+        # The message stays generic: exception text can carry request data.
+        log.exception("unexpected error while handling a request")
+        return web.Response(
+            status=500,
+            body=error_body("api_error", "internal gateway error"),
+            content_type="application/json",
+        )
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    response = web.Response(status=exc.status, body=exc.body(), content_type="application/json")
+    if isinstance(exc, RequestTooLarge):
+        # The rest of the body was never read; the connection cannot be reused.
+        response.force_close()
+    return response

@@ -1,0 +1,189 @@
+"""The worker-facing handler: every request on the proxy port comes through `handle`.
+
+The request path, in order:
+  parse_target → is_allowed → classify → decide_credential → request_headers
+  → [heartbeat] parse_heartbeat_query → HeartbeatService → buffered response
+  → [anything else] stream the body up, stream the answer back.
+Every refusal raises a `RequestRefused` before the upstream is called.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .access_log import EXCHANGE, Exchange
+from .credentials import decide_credential
+from .errors import InvalidRequest, NotFound, RequestTooLarge, UpstreamError
+from .headers import request_headers, response_headers
+from .heartbeat_query import parse_heartbeat_query, with_default_ttl
+from .heartbeats import HeartbeatCall, HeartbeatService
+from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
+from .settings import Settings
+from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
+
+__all__ = ["PROXY", "ProxyContext", "handle"]
+
+log = logging.getLogger("gateway.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyContext:
+    settings: Settings
+    upstream: Upstream
+    heartbeats: HeartbeatService
+
+
+PROXY = web.AppKey("proxy", ProxyContext)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[PROXY]
+    settings = ctx.settings
+    exchange = request[EXCHANGE]
+    target = parse_target(request.raw_path)
+    if not is_allowed(target, settings.routes.allow_prefixes):
+        raise NotFound(f"the gateway does not forward {target.decoded_path}")
+    route = classify(request.method, target)
+    _describe(exchange, route, settings)
+    credential = decide_credential(
+        settings,
+        route,
+        authorization=_single_header(request, "Authorization"),
+        api_key=_single_header(request, "x-api-key"),
+    )
+    limit = settings.limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"the request body is larger than the gateway's limit of {limit} bytes")
+    headers = tuple(request_headers(request.headers.items(), credential=credential, settings=settings.headers))
+    if route.name is RouteName.HEARTBEAT:
+        return await _heartbeat(request, ctx, route, target, headers)
+    return await _pass_through(request, ctx, target, headers)
+
+
+def _describe(exchange: Exchange, route: Route, settings: Settings) -> None:
+    exchange.route = route.name.value
+    exchange.path_template = route.template
+    exchange.work_id = route.work_id
+    if route.environment_id is not None:
+        env = settings.environment(route.environment_id)
+        exchange.environment = env.label if env is not None else "other"
+
+
+def _single_header(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise InvalidRequest(f"the {name} header may be given only once")
+    return values[0] if values else None
+
+
+async def _heartbeat(
+    request: web.Request,
+    ctx: ProxyContext,
+    route: Route,
+    target: Target,
+    headers: tuple[tuple[str, str], ...],
+) -> web.StreamResponse:
+    assert route.environment_id is not None
+    assert route.work_id is not None
+    query = parse_heartbeat_query(target.raw_query)
+    body = await _read_body(request, ctx.settings.limits.max_body_bytes) if request.can_read_body else None
+    raw_query = with_default_ttl(target.raw_query, query, ctx.settings.heartbeat.desired_ttl_seconds)
+    call = HeartbeatCall(
+        environment_id=route.environment_id,
+        work_id=route.work_id,
+        query=query,
+        request=UpstreamRequest("POST", target.with_query(raw_query), headers, body),
+    )
+    result = await ctx.heartbeats.heartbeat(call)
+    exchange = request[EXCHANGE]
+    exchange.heartbeat_outcome = result.outcome
+    _note_upstream(exchange, result.response.status, result.response.headers)
+    return _buffered_response(result.response)
+
+
+async def _pass_through(
+    request: web.Request, ctx: ProxyContext, target: Target, headers: tuple[tuple[str, str], ...]
+) -> web.StreamResponse:
+    meter = _BodyMeter(ctx.settings.limits.max_body_bytes)
+    body = meter.stream(request) if request.can_read_body else None
+    exchange = request[EXCHANGE]
+    try:
+        async with ctx.upstream.exchange(UpstreamRequest(request.method, target.raw, headers, body)) as upstream:
+            _note_upstream(exchange, upstream.status, upstream.headers)
+            return await _stream_back(request, upstream, exchange)
+    except UpstreamError:
+        if meter.exceeded:
+            # The upstream saw a cut-off body, which it cannot have applied.
+            raise RequestTooLarge(meter.message()) from None
+        raise
+
+
+async def _stream_back(request: web.Request, upstream: UpstreamResponse, exchange: Exchange) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for name, value in response_headers(upstream.headers):
+        response.headers.add(name, value)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.chunks():
+            # Each chunk goes out as it arrives: SSE events are not held back.
+            await response.write(chunk)
+    except UpstreamError as exc:
+        # The status line has gone out; the only honest signal left is to cut
+        # the connection so the client sees a truncated body, not a clean end.
+        exchange.error = f"{exc.kind}_mid_stream"
+        log.warning("upstream stream broke after the response started: %s", exc.message)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+def _note_upstream(exchange: Exchange, status: int, headers: tuple[tuple[str, str], ...]) -> None:
+    exchange.upstream_status = status
+    exchange.request_id = next((v for k, v in headers if k.lower() == "request-id"), None)
+
+
+def _buffered_response(answer: BufferedResponse) -> web.Response:
+    response = web.Response(status=answer.status, reason=answer.reason or None, body=answer.body)
+    for name, value in response_headers(answer.headers):
+        # The body is re-framed here; aiohttp sets Content-Length for it.
+        if name.lower() != "content-length":
+            response.headers.add(name, value)
+    return response
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in _BodyMeter(limit).stream(request):
+        body += chunk
+    return bytes(body)
+
+
+class _BodyMeter:
+    """Streams a request body, refusing it once it passes `limit` bytes.
+
+    A chunked upload has no Content-Length to check up front; it is streamed
+    and cut off at the limit. aiohttp wraps errors raised from a request body,
+    so `exceeded` tells the handler afterwards why the upstream call failed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.exceeded = False
+
+    def message(self) -> str:
+        return f"the request body is larger than the gateway's limit of {self.limit} bytes"
+
+    async def stream(self, request: web.Request) -> AsyncIterator[bytes]:
+        total = 0
+        while chunk := await request.content.read(CHUNK_SIZE):
+            total += len(chunk)
+            if total > self.limit:
+                self.exceeded = True
+                raise RequestTooLarge(self.message())
+            yield chunk

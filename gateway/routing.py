@@ -1,0 +1,144 @@
+"""Request targets: strict parsing, the allow-list, and which route a request is.
+
+The gateway forwards the path and query exactly as received, so what it
+checks here must be what the upstream will see. Anything two HTTP servers
+could read differently is refused with 400 instead of guessed at: dot
+segments, encoded slashes, empty segments, malformed percent-encoding and
+non-UTF-8 paths. Otherwise `/v1/sessions/..%2F..%2Fenvironments/...` could
+pass the allow-list as a sessions path and reach the upstream as another
+environment's with the wrong key.
+
+Route names are a fixed set (they label metrics later); templates name the
+shape of the path for logs without carrying ids.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import unquote_to_bytes
+
+from .errors import InvalidRequest
+
+__all__ = ["Route", "RouteName", "Target", "classify", "is_allowed", "parse_target"]
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 3986 characters allowed raw in a path (unreserved, sub-delims, ':', '@', '/', '%').
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*\Z")
+# Queries are looser in practice (`ids[]=1` is common); any visible ASCII but '#'.
+_QUERY_CHARS = re.compile(r"[!-\"$-~]*\Z")
+
+
+class RouteName(StrEnum):
+    HEARTBEAT = "heartbeat"
+    POLL = "poll"
+    ACK = "ack"
+    STOP = "stop"
+    WORK = "work"
+    ENVIRONMENTS = "environments"
+    SESSIONS = "sessions"
+    MEMORY_STORES = "memory_stores"
+    SKILLS = "skills"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target as received: raw path and query, plus the decoded segments."""
+
+    raw_path: str
+    raw_query: str | None
+    segments: tuple[str, ...]
+
+    @property
+    def decoded_path(self) -> str:
+        return "/" + "/".join(self.segments)
+
+    def with_query(self, raw_query: str | None) -> str:
+        return self.raw_path if raw_query is None else f"{self.raw_path}?{raw_query}"
+
+    @property
+    def raw(self) -> str:
+        return self.with_query(self.raw_query)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: RouteName
+    # The path's shape for logs, e.g. /v1/environments/{environment_id}/work/{work_id}/heartbeat.
+    template: str
+    environment_id: str | None = None
+    work_id: str | None = None
+
+
+def parse_target(raw: str) -> Target:
+    """Split and check an origin-form request target; raise `InvalidRequest` if malformed."""
+    if not raw.startswith("/"):
+        raise InvalidRequest("the request target must be a path starting with /")
+    raw_path, sep, raw_query = raw.partition("?")
+    if not raw.isascii() or not _PATH_CHARS.match(raw_path) or not _QUERY_CHARS.match(raw_query):
+        raise InvalidRequest("the request target contains characters that must be percent-encoded")
+    if _BAD_PERCENT.search(raw):
+        raise InvalidRequest("malformed percent-encoding in the request target")
+    segments = tuple(_decode_segment(s) for s in raw_path[1:].split("/")) if raw_path != "/" else ()
+    return Target(raw_path, raw_query if sep else None, segments)
+
+
+def _decode_segment(segment: str) -> str:
+    if not segment:
+        raise InvalidRequest("malformed path: empty path segment")
+    try:
+        decoded = unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("malformed path: not UTF-8 after percent-decoding") from None
+    if decoded in (".", ".."):
+        raise InvalidRequest("malformed path: dot segments are not allowed")
+    if "/" in decoded or "\\" in decoded:
+        raise InvalidRequest("malformed path: encoded slashes are not allowed")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise InvalidRequest("malformed path: control characters are not allowed")
+    return decoded
+
+
+def is_allowed(target: Target, prefixes: tuple[str, ...]) -> bool:
+    """Whether the decoded path falls under one of the configured prefixes."""
+    path = target.decoded_path
+    return any(path.startswith(p) for p in prefixes)
+
+
+_ENV = "/v1/environments/{environment_id}"
+_WORK = _ENV + "/work/{work_id}"
+_WORK_ACTIONS = {"heartbeat": RouteName.HEARTBEAT, "ack": RouteName.ACK, "stop": RouteName.STOP}
+_COLLECTIONS = {"sessions": RouteName.SESSIONS, "memory_stores": RouteName.MEMORY_STORES, "skills": RouteName.SKILLS}
+
+
+def classify(method: str, target: Target) -> Route:
+    """Name the route of an (allowed) request and pull out its environment and work ids."""
+    s = target.segments
+    if len(s) >= 3 and s[:2] == ("v1", "environments"):
+        return _classify_environment(method, s[2], s[3:])
+    if len(s) >= 2 and s[0] == "v1" and s[1] in _COLLECTIONS:
+        rest = "/{id}/…" if len(s) > 3 else "/{id}" if len(s) == 3 else ""
+        return Route(_COLLECTIONS[s[1]], f"/v1/{s[1]}{rest}")
+    return Route(RouteName.OTHER, "/…")
+
+
+def _classify_environment(method: str, env_id: str, rest: tuple[str, ...]) -> Route:
+    if not rest:
+        return Route(RouteName.ENVIRONMENTS, _ENV, env_id)
+    if rest[0] != "work":
+        return Route(RouteName.ENVIRONMENTS, _ENV + "/…", env_id)
+    if rest == ("work", "poll"):
+        return Route(RouteName.POLL, _ENV + "/work/poll", env_id)
+    if len(rest) == 1 or rest == ("work", "stats"):
+        return Route(RouteName.WORK, _ENV + "/" + "/".join(rest), env_id)
+    work_id = rest[1]
+    if len(rest) == 2:
+        return Route(RouteName.WORK, _WORK, env_id, work_id)
+    action = _WORK_ACTIONS.get(rest[2]) if len(rest) == 3 else None
+    # Only a POST is a heartbeat; any other method on that path is passed
+    # through for the upstream to refuse.
+    if action is None or (action is RouteName.HEARTBEAT and method != "POST"):
+        return Route(RouteName.WORK, _WORK + "/…", env_id, work_id)
+    return Route(action, f"{_WORK}/{rest[2]}", env_id, work_id)

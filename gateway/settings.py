@@ -1,0 +1,177 @@
+"""The gateway's settings as a frozen, typed tree.
+
+Built only by `gateway.config.load_settings`, which validates the YAML; the
+rest of the gateway reads these values and never re-checks them. Defaults
+are named constants with the reason beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ClientSettings",
+    "ClientToken",
+    "DefaultCredential",
+    "Environment",
+    "HeaderSettings",
+    "HeartbeatSettings",
+    "Limits",
+    "ListenAddress",
+    "LoggingSettings",
+    "RouteSettings",
+    "Secret",
+    "Settings",
+    "UpstreamSettings",
+]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# A pass-through exchange includes SSE session streams, which stay open for
+# minutes; the SDK's own default request timeout is 10 minutes.
+DEFAULT_REQUEST_TIMEOUT = 600.0
+# aiohttp's TCPConnector defaults to 100; a fleet of long-polling workers
+# holds one upstream connection each, so the gateway needs more headroom.
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+# The beta every environments/work/sessions call of the SDK worker sends
+# (environments-api.md §1); it replaced `environments-2026-03-01`.
+DEFAULT_BETAS = ("managed-agents-2026-04-01",)
+DEFAULT_ALLOW_PREFIXES = ("/v1/environments/", "/v1/sessions/", "/v1/memory_stores/", "/v1/skills/")
+# The API's own request size limit for most endpoints is 32 MB.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Kubernetes' default terminationGracePeriodSeconds is 30 s; leave room for
+# a pre-stop delay and the process exit inside it.
+DEFAULT_SHUTDOWN_GRACE = 20.0
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+LOG_FORMATS: tuple[LogFormat, ...] = ("json", "text")
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret value with the place it came from; never shown by repr or str."""
+
+    value: str = field(repr=False)
+    source: str
+
+    def __str__(self) -> str:
+        return "<redacted>"
+
+    def __repr__(self) -> str:
+        return f"Secret(<redacted> from {self.source})"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    base_url: str = DEFAULT_BASE_URL
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT
+    request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSettings:
+    anthropic_version: str = DEFAULT_ANTHROPIC_VERSION
+    anthropic_beta: tuple[str, ...] = DEFAULT_BETAS
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    id: str
+    name: str | None
+    key: Secret
+
+    @property
+    def label(self) -> str:
+        """How logs and metrics name this environment."""
+        return self.name or self.id
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultCredential:
+    api_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToken:
+    token: Secret
+    # None means every configured environment ("*").
+    environments: frozenset[str] | None
+
+    def allows(self, environment_id: str) -> bool:
+        return self.environments is None or environment_id in self.environments
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    tokens: tuple[ClientToken, ...] = ()
+    allow_unauthenticated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    allow_prefixes: tuple[str, ...] = DEFAULT_ALLOW_PREFIXES
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSettings:
+    desired_ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: LogLevel = "info"
+    format: LogFormat = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    environments: tuple[Environment, ...]
+    clients: ClientSettings = ClientSettings()
+    listen: ListenAddress = ListenAddress("0.0.0.0", 8080)
+    admin: ListenAddress = ListenAddress("0.0.0.0", 9090)
+    upstream: UpstreamSettings = UpstreamSettings()
+    headers: HeaderSettings = HeaderSettings()
+    default_credential: DefaultCredential = DefaultCredential()
+    routes: RouteSettings = RouteSettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    limits: Limits = Limits()
+    logging: LoggingSettings = LoggingSettings()
+
+    def environment(self, environment_id: str) -> Environment | None:
+        for env in self.environments:
+            if env.id == environment_id:
+                return env
+        return None
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret the gateway holds, for scrubbing log output."""
+        values = [env.key.value for env in self.environments]
+        values += [t.token.value for t in self.clients.tokens]
+        if self.default_credential.api_key is not None:
+            values.append(self.default_credential.api_key.value)
+        return tuple(values)
+
+    def summary(self) -> str:
+        """One line for `check-config` and the start-up log; no secrets."""
+        return (
+            f"ok: {len(self.environments)} environment(s), {len(self.clients.tokens)} client token(s), "
+            f"upstream {self.upstream.base_url}, proxy {self.listen.host}:{self.listen.port}, "
+            f"admin {self.admin.host}:{self.admin.port}"
+        )

@@ -1,0 +1,206 @@
+"""The upstream seam: one HTTP exchange with the API, and the one place its errors are translated.
+
+Handlers and the heartbeat path depend on the small `Upstream` protocol;
+production uses `HttpUpstream`, one long-lived `aiohttp.ClientSession`
+(aiohttp's advice: one session per application, never one per request).
+Every aiohttp and socket error of an exchange, whether it happens while
+sending, waiting or streaming the body back, is caught in `_translated` and
+re-raised as a `gateway.errors.UpstreamError` with its kind and whether the
+request may have reached the API. Nothing else in the gateway catches
+aiohttp client errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+from yarl import URL
+
+from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .settings import UpstreamSettings
+
+__all__ = [
+    "BufferedResponse",
+    "HttpUpstream",
+    "Upstream",
+    "UpstreamRequest",
+    "UpstreamResponse",
+    "fetch",
+]
+
+# Read size for streaming bodies through; small enough that SSE events are
+# not held back, large enough that uploads do not cost a syscall per byte.
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    # Path and query exactly as the client sent them.
+    target: str
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    body: bytes | AsyncIterable[bytes] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedResponse:
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class UpstreamResponse(Protocol):
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises `UpstreamError` if the stream breaks."""
+        ...
+
+
+class Upstream(Protocol):
+    def exchange(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """Send `request`; the response is open (and its connection held) inside the block.
+
+        Leaving the block before the body is read closes the connection, which
+        cancels the exchange on the upstream's side too.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int) -> BufferedResponse:
+    """One exchange with the whole response read into memory (for small JSON answers)."""
+    async with upstream.exchange(request) as response:
+        body = bytearray()
+        async for chunk in response.chunks():
+            body += chunk
+            if len(body) > max_bytes:
+                raise UpstreamUnavailable(
+                    f"the upstream response is larger than {max_bytes} bytes",
+                    kind="other",
+                    may_have_reached_upstream=True,
+                )
+        return BufferedResponse(response.status, response.reason, response.headers, bytes(body))
+
+
+class HttpUpstream:
+    """`Upstream` over one pooled aiohttp `ClientSession`; create and close it inside the event loop."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._base = settings.base_url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(
+                # The whole exchange, body streaming included; pool waits count too.
+                total=settings.request_timeout_seconds,
+                sock_connect=settings.connect_timeout_seconds,
+            ),
+            # Bytes pass through as the upstream sent them: no decompression,
+            # and no headers the client did not send (Accept-Encoding, User-Agent).
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            # Proxy settings from the environment would route keys through a
+            # host the config does not name.
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._session.closed
+
+    @asynccontextmanager
+    async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        url = URL(self._base + request.target, encoded=True)
+        with _translated():
+            response = await self._session.request(
+                request.method,
+                url,
+                headers=list(request.headers),
+                data=request.body,
+                allow_redirects=False,
+                # The client chose its Content-Length/Transfer-Encoding; keep raw bytes.
+                compress=None,
+            )
+        complete = False
+        try:
+            yield _HttpResponse(response)
+            complete = response.content.at_eof()
+        finally:
+            if complete:
+                response.release()
+            else:
+                # Closing the connection is how an HTTP/1.1 client cancels.
+                response.close()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class _HttpResponse:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason or ""
+        self.headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in response.raw_headers)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        while True:
+            with _translated():
+                chunk = await content.readany()
+            if not chunk:
+                return
+            yield chunk
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Re-raise aiohttp and socket errors as `UpstreamError`, most specific first."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamTimeout(
+            "timed out connecting to the upstream", kind="timeout", may_have_reached_upstream=False
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamUnavailable(
+            "cannot connect to the upstream", kind="connect", may_have_reached_upstream=False
+        ) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout(
+            "the upstream did not answer in time", kind="timeout", may_have_reached_upstream=True
+        ) from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise UpstreamUnavailable(
+            "the upstream closed the connection", kind="reset", may_have_reached_upstream=True
+        ) from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise UpstreamUnavailable(
+            "the upstream response was cut off", kind="reset", may_have_reached_upstream=True
+        ) from exc
+    except aiohttp.ClientResponseError as exc:
+        raise UpstreamUnavailable(
+            "the upstream sent an invalid HTTP response", kind="other", may_have_reached_upstream=True
+        ) from exc
+    except (aiohttp.ClientOSError, ConnectionError) as exc:
+        raise UpstreamUnavailable(
+            "the connection to the upstream was reset", kind="reset", may_have_reached_upstream=True
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable("the upstream exchange failed", kind="other", may_have_reached_upstream=True) from exc
