@@ -309,12 +309,18 @@ class _Reader:
     def settings(self, data: object) -> Settings:
         root = self.mapping(data, "", _ROOT_KEYS)
         self.scan_for_literal_secrets(data, "")
+        # Sections are read in the order the config documents them, so
+        # problems are listed in that order too.
+        listen = self.listen_address(root.get("listen"), "listen", ListenAddress("0.0.0.0", 8080))
+        admin = self.listen_address(root.get("admin"), "admin", ListenAddress("0.0.0.0", 9090))
+        upstream = self.upstream(root.get("upstream"))
+        headers = self.headers(root.get("headers"))
         environments = self.environments(root.get("environments"))
         settings = Settings(
-            listen=self.listen_address(root.get("listen"), "listen", ListenAddress("0.0.0.0", 8080)),
-            admin=self.listen_address(root.get("admin"), "admin", ListenAddress("0.0.0.0", 9090)),
-            upstream=self.upstream(root.get("upstream")),
-            headers=self.headers(root.get("headers")),
+            listen=listen,
+            admin=admin,
+            upstream=upstream,
+            headers=headers,
             environments=environments,
             default_credential=self.default_credential(root.get("default_credential")),
             clients=self.clients(root.get("clients"), {e.id for e in environments}),

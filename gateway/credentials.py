@@ -50,8 +50,11 @@ def decide_credential(
             # gateway serves only the environments it is configured for.
             raise PermissionDenied(f"environment {route.environment_id} is not served by this gateway")
 
-    presented = [c for c in (_bearer(authorization), api_key) if c]
-    if not presented:
+    bearer = _bearer(authorization)
+    presented = [c for c in (bearer, api_key) if c]
+    # Another scheme (Basic, ...) is a credential too, just never a gateway token.
+    foreign_scheme = bool(authorization and authorization.strip()) and bearer is None
+    if not presented and not foreign_scheme:
         if not settings.clients.allow_unauthenticated:
             raise AuthenticationFailed(
                 "missing credential: present a gateway client token as Authorization: Bearer or x-api-key"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
 
 from .errors import InvalidRequest
@@ -109,8 +110,10 @@ def is_allowed(target: Target, prefixes: tuple[str, ...]) -> bool:
 
 _ENV = "/v1/environments/{environment_id}"
 _WORK = _ENV + "/work/{work_id}"
-_WORK_ACTIONS = {"heartbeat": RouteName.HEARTBEAT, "ack": RouteName.ACK, "stop": RouteName.STOP}
-_COLLECTIONS = {"sessions": RouteName.SESSIONS, "memory_stores": RouteName.MEMORY_STORES, "skills": RouteName.SKILLS}
+_WORK_ACTIONS = MappingProxyType({"heartbeat": RouteName.HEARTBEAT, "ack": RouteName.ACK, "stop": RouteName.STOP})
+_COLLECTIONS = MappingProxyType(
+    {"sessions": RouteName.SESSIONS, "memory_stores": RouteName.MEMORY_STORES, "skills": RouteName.SKILLS}
+)
 
 
 def classify(method: str, target: Target) -> Route:

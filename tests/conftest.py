@@ -1,0 +1,86 @@
+"""Shared fixtures: real sockets on loopback for the simulator, stand-in upstreams and the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from gateway.app import Gateway
+from gateway.simulator import SIMULATOR, SimulatorConfig, TtlPolicy, create_simulator_app
+
+from .support import (
+    API_KEY,
+    DEFAULT_CLIENTS,
+    ENV_ID,
+    ENV_KEY,
+    OTHER_ENV_ID,
+    OTHER_ENV_KEY,
+    GatewayFactory,
+    Recorder,
+    SimFactory,
+    SimHandle,
+    make_settings,
+)
+
+
+@pytest.fixture
+def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
+    async def make(ttl: int = 60, **kwargs: Any) -> SimHandle:
+        config = SimulatorConfig(
+            {ENV_ID: ENV_KEY, OTHER_ENV_ID: OTHER_ENV_KEY},
+            ttl=TtlPolicy(default_seconds=ttl),
+            org_api_keys=(API_KEY,),
+            seed=1,
+            **kwargs,
+        )
+        app = create_simulator_app(config)
+        server = await aiohttp_server(app)
+        return SimHandle(server, app[SIMULATOR])
+
+    return make
+
+
+@pytest.fixture
+async def simulator(make_simulator: SimFactory) -> SimHandle:
+    return await make_simulator()
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    async def make(upstream_url: str, extra: str = "", *, clients: str = DEFAULT_CLIENTS) -> Gateway:
+        gateway = Gateway(make_settings(upstream_url, extra, clients=clients))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        await gateway.stop()
+
+
+@pytest.fixture
+async def gateway(simulator: SimHandle, make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway(simulator.url)
+
+
+@pytest.fixture
+async def recorder(aiohttp_server: AiohttpServer) -> tuple[Recorder, str]:
+    rec = Recorder()
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{tail:.*}", rec.handler)
+    server = await aiohttp_server(app)
+    return rec, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests talk to loopback only; a developer's proxy settings must not interfere.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

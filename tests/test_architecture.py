@@ -1,0 +1,74 @@
+"""The layout's promises, checked: pure modules stay pure, and no module keeps mutable state at import."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "gateway"
+
+# The policy and protocol core: no framework, no event loop, no metrics library.
+PURE = [
+    "config.py",
+    "settings.py",
+    "routing.py",
+    "credentials.py",
+    "headers.py",
+    "heartbeat_query.py",
+    "errors.py",
+    "simulator/control_plane.py",
+    "simulator/faults.py",
+]
+IO_LIBRARIES = {"aiohttp", "asyncio", "prometheus_client", "yarl", "multidict", "socket", "anyio"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_io(module: str) -> None:
+    assert imported_roots(PACKAGE / module) & IO_LIBRARIES == set()
+
+
+def test_only_upstream_py_catches_aiohttp_client_errors() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            caught = ast.unparse(node.type) if isinstance(node, ast.ExceptHandler) and node.type else ""
+            if "aiohttp.Client" in caught or "aiohttp.Server" in caught:
+                offenders.append(str(path.relative_to(PACKAGE)))
+    # The demo's workers are clients of the gateway, not the gateway's upstream path.
+    assert sorted(set(offenders) - {"demo/worker.py"}) == ["upstream.py"]
+
+
+def test_no_module_level_mutable_state() -> None:
+    mutable = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, mutable):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [ast.unparse(t) for t in targets]
+                if names != ["__all__"]:
+                    offenders.append(f"{path.relative_to(PACKAGE)}: {', '.join(names)}")
+    assert offenders == []
+
+
+def test_one_composition_root() -> None:
+    """Only app.py builds the proxy's parts; handlers receive them through the app."""
+    builders = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if "HttpUpstream(" in text and path.name != "upstream.py":
+            builders.append(str(path.relative_to(PACKAGE)))
+    assert builders == ["app.py"]

@@ -1,0 +1,284 @@
+"""The command line, run as users run it: real processes, real signals, real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, config_yaml, worker_headers
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
+BIN = Path(sys.executable).parent / "heartbeat-gateway"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_console_script_and_module_are_the_same_program() -> None:
+    by_module = run("--version")
+    by_script = subprocess.run([str(BIN), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    assert by_module.returncode == by_script.returncode == 0
+    assert by_module.stdout == by_script.stdout
+    assert by_module.stdout.startswith("heartbeat-gateway ")
+
+
+def test_check_config_accepts_the_example_with_a_one_line_summary() -> None:
+    env = {"PROD_ENVIRONMENT_KEY": SECRETS[0], "ANTHROPIC_API_KEY": SECRETS[2], "WORKER_TOKEN": TOKEN}
+    result = run("check-config", str(EXAMPLE), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "ok: 1 environment(s), 1 client token(s), upstream https://api.anthropic.com, proxy 0.0.0.0:8080, "
+        "admin 0.0.0.0:9090\n"
+    )
+    assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
+
+
+def test_check_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "environments:\n  - {id: env_1, key: sk-ant-api03-PASTED-BY-MISTAKE}\n"
+        "clients: {tokens: [{token_env: WORKER_TOKEN}]}\nlisten: {port: http}\n"
+    )
+    result = run("check-config", str(config), env={"WORKER_TOKEN": TOKEN})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "listen.port: must be an integer, not a string",
+        "environments[0].key: literal secrets are not allowed in the config; name an environment variable (_env) "
+        "or a file (_file)",
+        "environments[0]: one of key_env or key_file is required",
+    ]
+    assert "PASTED-BY-MISTAKE" not in result.stderr
+    missing = run("check-config", str(tmp_path / "missing.yaml"))
+    assert missing.returncode == 2
+    assert "cannot read the config file" in missing.stderr
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> tuple[Path, int, int]:
+    """A config for a served gateway, with fixed free ports; the upstream is filled in by the test."""
+    proxy_port, admin_port = free_port(), free_port()
+    return tmp_path / "gateway.yaml", proxy_port, admin_port
+
+
+def write_config(path: Path, upstream: str, proxy_port: int, admin_port: int, grace: float = 5) -> None:
+    text = config_yaml(
+        upstream,
+        f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\nadmin: {{host: 127.0.0.1, port: {admin_port}}}\n"
+        f"limits: {{shutdown_grace_seconds: {grace}}}\nlogging: {{level: info, format: json}}\n",
+    )
+    path.write_text(text)
+
+
+async def wait_ready(admin_port: int, proc: asyncio.subprocess.Process) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.returncode is None, "the gateway exited during start-up"
+            try:
+                async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("the gateway never became ready")
+
+
+async def test_serve_drains_in_flight_requests_on_sigterm_and_exits_0(
+    recorder: tuple[Recorder, str], config_file: tuple[Path, int, int]
+) -> None:
+    rec, upstream = recorder
+    path, proxy_port, admin_port = config_file
+    write_config(path, upstream, proxy_port, admin_port)
+    upstream_started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        upstream_started.set()
+        await asyncio.sleep(1.5)
+        return web.json_response({"finished": True})
+
+    rec.respond = slow
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path),
+        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_ready(admin_port, proc)
+        async with aiohttp.ClientSession() as session:
+            in_flight = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{proxy_port}/v1/sessions/s1", headers=worker_headers())
+            )
+            await asyncio.wait_for(upstream_started.wait(), 5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            # Draining: not ready any more, and no new connections on the worker port.
+            async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                assert r.status == 503
+                assert await r.json() == {"status": "draining"}
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with aiohttp.ClientSession() as fresh:
+                    await fresh.get(f"http://127.0.0.1:{proxy_port}/v1/sessions/s2", headers=worker_headers())
+            response = await in_flight
+            assert response.status == 200
+            assert await response.json() == {"finished": True}
+        _stdout, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in stderr.decode().splitlines()]
+    assert [e.get("event") for e in events if e.get("event") in ("started", "draining", "stopped")] == [
+        "started",
+        "draining",
+        "stopped",
+    ]
+    request_lines = [e for e in events if e.get("event") == "request"]
+    assert request_lines[0]["route"] == "sessions"
+    assert request_lines[0]["status"] == 200
+    assert not any(secret in stderr.decode() for secret in SECRETS)
+
+
+async def test_serve_cuts_requests_that_outlive_the_grace_period(
+    recorder: tuple[Recorder, str], config_file: tuple[Path, int, int]
+) -> None:
+    rec, upstream = recorder
+    path, proxy_port, admin_port = config_file
+    write_config(path, upstream, proxy_port, admin_port, grace=0.5)
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    rec.respond = endless
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path),
+        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await wait_ready(admin_port, proc)
+        async with aiohttp.ClientSession() as session:
+            in_flight = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{proxy_port}/v1/sessions/s1", headers=worker_headers())
+            )
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 10)
+            elapsed = time.monotonic() - started
+            with pytest.raises(aiohttp.ClientError):
+                await in_flight
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert elapsed < 3
+
+
+def test_serve_reports_a_busy_port_and_a_bad_config(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "gateway.yaml"
+        write_config(path, "http://127.0.0.1:9", port, free_port())
+        result = run("serve", "--config", str(path), env=ENVIRON)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    bad = run("serve", "--config", str(path))  # the secrets' variables are not set
+    assert bad.returncode == 2
+    assert "environment variable TEST_ENV_KEY is not set" in bad.stderr
+
+
+async def test_simulate_upstream_serves_the_work_api() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(port), "--ttl", "5",
+        "--environment", f"{ENV_ID}=SIM_KEY", "--work-items", "2",
+        env={**os.environ, "SIM_KEY": "sim-key-123"}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        assert f"http://127.0.0.1:{port}" in banner
+        headers = {"Authorization": "Bearer sim-key-123", "anthropic-beta": "managed-agents-2026-04-01"}
+        async with aiohttp.ClientSession() as session:
+            for _ in range(50):
+                try:
+                    async with session.get(
+                        f"http://127.0.0.1:{port}/v1/environments/{ENV_ID}/work/stats", headers=headers
+                    ) as r:
+                        stats = await r.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+        assert stats["depth"] == 2
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_simulate_upstream_refuses_missing_keys_and_bad_faults() -> None:
+    result = run("simulate-upstream", "--environment", "env_x=NOT_SET_ANYWHERE")
+    assert result.returncode == 2
+    assert "environment variable NOT_SET_ANYWHERE (the key of env_x) is not set" in result.stderr
+    result = run("simulate-upstream", "--error-rate", "2", env={"SIM_ENVIRONMENT_KEY": "k"})
+    assert result.returncode == 2
+    assert "error_rate must be between 0 and 1" in result.stderr
+
+
+async def test_demo_runs_prints_progress_and_ends_with_json() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", "--duration", "4", "--workers", "3", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    banner = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+    admin = re.search(r"admin (http://\S+)/readyz", banner)
+    assert admin is not None, banner
+    # While the demo runs, the admin port answers as in production.
+    async with aiohttp.ClientSession() as session, session.get(admin.group(1) + "/readyz") as r:
+        assert r.status == 200
+    rest, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()
+    lines = rest.decode().splitlines()
+    assert len([line for line in lines if line.startswith("[")]) == 4
+    assert "summary" in lines
+    summary = json.loads(lines[-1])
+    for key in ("worker_heartbeats", "upstream_heartbeats", "conflicts", "leases_lost", "work_completed",
+                "p50_ms", "p99_ms"):  # fmt: skip
+        assert key in summary
+    assert summary["worker_heartbeats"] > 0
+    assert summary["upstream_heartbeats"] > 0
+    assert summary["p50_ms"] <= summary["p99_ms"]

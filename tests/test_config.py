@@ -1,0 +1,268 @@
+"""Config validation: every problem reported with its key path, secrets never echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_settings, load_settings_file
+from gateway.settings import DEFAULT_ALLOW_PREFIXES, Settings
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
+EXAMPLE_ENV = {"PROD_ENVIRONMENT_KEY": "k-prod-secret", "ANTHROPIC_API_KEY": "k-api-secret", "WORKER_TOKEN": "t-secret"}
+
+MINIMAL = """
+environments: [{id: env_1, key_env: K}]
+clients: {tokens: [{token_env: T}]}
+"""
+
+
+def problems(text: str, environ: dict[str, str] | None = None, **kwargs: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(text, environ or {"K": "key", "T": "token"}, **kwargs)  # type: ignore[arg-type]
+    return [str(p) for p in caught.value.problems]
+
+
+def test_the_annotated_example_is_valid_and_matches_the_defaults() -> None:
+    settings = load_settings_file(EXAMPLE, EXAMPLE_ENV)
+    assert settings.environments[0].id == "env_011CZkZ9X2dpNyB7HsEFoRfW"
+    assert settings.environments[0].label == "prod-sandboxes"
+    assert settings.environments[0].key.value == "k-prod-secret"
+    assert settings.default_credential.api_key is not None
+    assert settings.clients.tokens[0].environments is None
+    assert settings.routes.allow_prefixes == DEFAULT_ALLOW_PREFIXES
+    assert settings.headers.anthropic_beta == ("managed-agents-2026-04-01",)
+    assert settings.upstream.max_connections == 256
+    assert settings.heartbeat.desired_ttl_seconds is None
+    assert settings.limits.max_body_bytes == 32 * 1024 * 1024
+    minimal = load_settings(MINIMAL, {"K": "key", "T": "token"})
+    # Everything the example spells out is also the default.
+    for section in ("listen", "admin", "upstream", "headers", "routes", "heartbeat", "limits", "logging"):
+        assert getattr(minimal, section) == getattr(settings, section), section
+
+
+def test_every_problem_is_listed_with_its_key_path() -> None:
+    found = problems(
+        """
+listen: {host: 1, port: yes}
+admin: {port: 70000}
+upstream: {base_url: "ftp://x", connect_timeout_seconds: 0, max_connections: 1.5, retries: 3}
+headers: {anthropic_beta: ["a,b"]}
+environments:
+  - {id: "bad id", key_env: K}
+  - {id: env_2}
+  - {id: env_3, key_env: MISSING_VAR}
+clients: {tokens: [{token_env: T, environments: [env_9]}], allow_unauthenticated: "no"}
+routes: {allow_prefixes: [v1/sessions]}
+heartbeat: {desired_ttl_seconds: -5}
+limits: {max_body_bytes: 0, shutdown_grace_seconds: -1}
+logging: {level: loud, format: xml}
+"""
+    )
+    assert found == [
+        "listen.host: must be a string, not an integer",
+        "listen.port: must be an integer, not a boolean",
+        "admin.port: must be at most 65535, not 70000",
+        "upstream.retries: unknown key; allowed: base_url, connect_timeout_seconds, request_timeout_seconds, "
+        "max_connections",
+        "upstream.base_url: must be an http:// or https:// URL with a host",
+        "upstream.connect_timeout_seconds: must be greater than 0",
+        "upstream.max_connections: must be an integer, not a number",
+        "headers.anthropic_beta[0]: must be a single header token (no commas or spaces)",
+        "environments[0].id: must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW",
+        "environments[1]: one of key_env or key_file is required",
+        "environments[2].key_env: environment variable MISSING_VAR is not set",
+        "clients.allow_unauthenticated: must be true or false, not a string",
+        "clients.tokens[0].environments[0]: env_9 is not a configured environment",
+        "routes.allow_prefixes[0]: must start and end with / (e.g. /v1/sessions/)",
+        "heartbeat.desired_ttl_seconds: must be at least 1, not -5",
+        "limits.max_body_bytes: must be at least 1, not 0",
+        "limits.shutdown_grace_seconds: must not be negative",
+        "logging.level: must be one of debug, info, warning, error, not 'loud'",
+        "logging.format: must be one of json, text, not 'xml'",
+    ]
+
+
+def test_typos_are_errors_with_a_suggestion() -> None:
+    assert problems(MINIMAL + "limts: {}\n") == [
+        "limts: unknown key (did you mean 'limits'?); allowed: listen, admin, upstream, headers, environments, "
+        "default_credential, clients, routes, heartbeat, limits, logging"
+    ]
+
+
+def test_duplicate_keys_are_errors() -> None:
+    assert problems(MINIMAL + "clients: {tokens: []}\n") == ["(yaml): line 4, column 1: duplicate key 'clients'"]
+
+
+def test_invalid_yaml_is_reported_without_echoing_the_text() -> None:
+    found = problems("environments: [{id: env_1, key_env: sk-ant-oops\n  bad: [")
+    assert len(found) == 1
+    assert found[0].startswith("(yaml): line ")
+    assert "sk-ant" not in found[0]
+
+
+def test_an_empty_config_is_an_error() -> None:
+    assert problems("") == ["(root): the config is empty"]
+    assert problems("[1, 2]") == [
+        "(root): must be a mapping, not a list",
+        "environments: is required: list the environments this gateway serves",
+        "clients.tokens: is required: list at least one client token, or set clients.allow_unauthenticated: true",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "environments: [{id: env_1, key: sk-ant-api03-LITERAL}]\nclients: {tokens: [{token_env: T}]}",
+            [
+                "environments[0].key: literal secrets are not allowed in the config; name an environment "
+                "variable (_env) or a file (_file)",
+                "environments[0]: one of key_env or key_file is required",
+            ],
+        ),
+        (
+            "environments: [{id: env_1, key_env: sk-ant-api03-LITERAL}]\nclients: {tokens: [{token_env: T}]}",
+            [
+                "environments[0].key_env: looks like a literal API key; secrets must come from an environment "
+                "variable or a file"
+            ],
+        ),
+        (
+            MINIMAL + "headers: {anthropic_version: sk-ant-api03-LITERAL}",
+            [
+                "headers.anthropic_version: looks like a literal API key; secrets must come from an environment "
+                "variable or a file"
+            ],
+        ),
+        (
+            "environments: [{id: env_1, key_env: K}]\nclients: {tokens: [{token: hunter2}]}",
+            [
+                "clients.tokens[0].token: literal secrets are not allowed in the config; name an environment "
+                "variable (_env) or a file (_file)",
+                "clients.tokens[0]: one of token_env or token_file is required",
+            ],
+        ),
+    ],
+)
+def test_literal_secrets_are_refused_without_being_echoed(text: str, expected: list[str]) -> None:
+    found = problems(text)
+    assert found == expected
+    assert not any("LITERAL" in p or "hunter2" in p for p in found)
+
+
+def test_secret_problems_name_the_variable_or_file_never_the_value(tmp_path: Path) -> None:
+    unreadable = tmp_path / "missing-key"
+    empty = tmp_path / "empty-key"
+    empty.write_text("\n")
+    two_lines = tmp_path / "two-lines"
+    two_lines.write_text("first-secret-line\nsecond\n")
+    found = problems(
+        f"""
+environments:
+  - {{id: env_1, key_file: {unreadable}}}
+  - {{id: env_2, key_file: {empty}}}
+  - {{id: env_3, key_file: {two_lines}}}
+  - {{id: env_4, key_env: EMPTY_VAR, key_file: /x}}
+  - {{id: env_5, key_env: EMPTY_VAR}}
+  - {{id: env_6, key_env: "not a name"}}
+clients: {{tokens: [{{token_env: T}}]}}
+""",
+        {"T": "token", "EMPTY_VAR": "   "},
+    )
+    assert found == [
+        f"environments[0].key_file: cannot read {unreadable}: No such file or directory",
+        f"environments[1].key_file: {empty} is empty",
+        f"environments[2].key_file: {two_lines} must hold only the secret, on one line",
+        "environments[3]: set only one of key_env and key_file",
+        "environments[4].key_env: environment variable EMPTY_VAR is empty",
+        "environments[5].key_env: must be an environment variable name (letters, digits and _)",
+    ]
+    assert not any("first-secret-line" in p for p in found)
+
+
+def test_secrets_load_from_files_with_the_trailing_newline_stripped(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-ant-from-a-file\n")
+    settings = load_settings(
+        f"environments: [{{id: env_1, key_file: {key_file}}}]\nclients: {{tokens: [{{token_env: T}}]}}", {"T": "t"}
+    )
+    assert settings.environments[0].key.value == "sk-ant-from-a-file"
+    assert "sk-ant" not in repr(settings)
+    assert "sk-ant" not in str(settings.environments[0].key)
+
+
+def test_tokens_must_be_distinct_from_each_other_and_from_real_keys() -> None:
+    found = problems(
+        """
+environments: [{id: env_1, key_env: K}]
+default_credential: {api_key_env: A}
+clients: {tokens: [{token_env: T}, {token_env: T2}, {token_env: K}, {token_env: A}]}
+""",
+        {"K": "key", "A": "api", "T": "same", "T2": "same"},
+    )
+    assert found == [
+        "clients.tokens[1]: holds the same token as clients.tokens[0]",
+        "clients.tokens[2]: holds the same value as the key of environments[0]",
+        "clients.tokens[3]: holds the same value as the key of default_credential",
+    ]
+
+
+def test_the_admin_port_cannot_be_the_worker_port() -> None:
+    assert problems(MINIMAL + "listen: {port: 8080}\nadmin: {port: 8080}") == [
+        "admin.port: must differ from listen.port: the admin API must not share the worker port"
+    ]
+
+
+def test_token_scopes_and_environment_ids() -> None:
+    settings = load_settings(
+        """
+environments: [{id: env_1, key_env: K}, {id: env_2, key_env: K2}]
+clients:
+  tokens:
+    - {token_env: T, environments: [env_2]}
+    - {token_env: T2}
+""",
+        {"K": "k1", "K2": "k2", "T": "t1", "T2": "t2"},
+    )
+    limited, everything = settings.clients.tokens
+    assert limited.allows("env_2")
+    assert not limited.allows("env_1")
+    assert everything.allows("env_1")
+    assert problems(
+        "environments: [{id: env_1, key_env: K}, {id: env_1, key_env: K}]\n"
+        'clients: {tokens: [{token_env: T, environments: ["*", env_1]}, {token_env: T2, environments: []}]}',
+        {"K": "k", "T": "t", "T2": "t2"},
+    ) == [
+        "environments[1].id: duplicate environment id env_1",
+        'clients.tokens[0].environments: "*" already means every environment; list nothing else',
+        'clients.tokens[1].environments: must not be empty; use ["*"] for every environment',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://user:pw@api.example", "must not carry credentials; they would leak into logs"),
+        ("https://api.example/?x=1", "must not have a query string or fragment"),
+        ("https://api.example:99999", "must be an http:// or https:// URL with a host"),
+        ("api.example", "must be an http:// or https:// URL with a host"),
+    ],
+)
+def test_base_url_rules(url: str, problem: str) -> None:
+    assert problems(MINIMAL + f'upstream: {{base_url: "{url}"}}') == [f"upstream.base_url: {problem}"]
+
+
+def test_unauthenticated_mode_needs_no_tokens() -> None:
+    settings: Settings = load_settings(
+        "environments: [{id: env_1, key_env: K}]\nclients: {allow_unauthenticated: true}", {"K": "k"}
+    )
+    assert settings.clients.tokens == ()
+    assert settings.clients.allow_unauthenticated
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings_file(tmp_path / "nope.yaml", {})
+    assert str(caught.value) == f"{tmp_path / 'nope.yaml'}: cannot read the config file: No such file or directory"

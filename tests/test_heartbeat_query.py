@@ -1,0 +1,62 @@
+"""Heartbeat query validation and the default TTL."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.heartbeat_query import HeartbeatQuery, parse_heartbeat_query, with_default_ttl
+
+
+@pytest.mark.parametrize(
+    ("raw", "query"),
+    [
+        (None, HeartbeatQuery(None, None)),
+        ("beta=true", HeartbeatQuery(None, None)),
+        ("expected_last_heartbeat=NO_HEARTBEAT", HeartbeatQuery("NO_HEARTBEAT", None)),
+        (
+            "expected_last_heartbeat=2026-11-29T17%3A20%3A57.123456Z&desired_ttl_seconds=30",
+            HeartbeatQuery("2026-11-29T17:20:57.123456Z", 30),
+        ),
+        ("expected_last_heartbeat=2026-11-29T17:20:57%2B00:00", HeartbeatQuery("2026-11-29T17:20:57+00:00", None)),
+    ],
+)
+def test_valid_queries(raw: str | None, query: HeartbeatQuery) -> None:
+    assert parse_heartbeat_query(raw) == query
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "desired_ttl_seconds=0",
+        "desired_ttl_seconds=-1",
+        "desired_ttl_seconds=1.5",
+        "desired_ttl_seconds=%2B5",
+        "desired_ttl_seconds=",
+        "desired_ttl_seconds=9999999999",
+        "desired_ttl_seconds=1&desired_ttl_seconds=2",
+        "expected_last_heartbeat=",
+        "expected_last_heartbeat=%20",
+        "expected_last_heartbeat=a&expected_last_heartbeat=a",
+        "expected_last_heartbeat=%ff",
+    ],
+)
+def test_invalid_queries(raw: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_heartbeat_query(raw)
+
+
+def test_claims_and_conditions() -> None:
+    assert parse_heartbeat_query("expected_last_heartbeat=NO_HEARTBEAT").is_claim
+    assert parse_heartbeat_query("expected_last_heartbeat=x").is_conditional
+    assert not parse_heartbeat_query("").is_conditional
+
+
+def test_default_ttl_is_added_only_when_absent() -> None:
+    q = parse_heartbeat_query("beta=true")
+    assert with_default_ttl("beta=true", q, 45) == "beta=true&desired_ttl_seconds=45"
+    assert with_default_ttl(None, parse_heartbeat_query(None), 45) == "desired_ttl_seconds=45"
+    assert with_default_ttl("desired_ttl_seconds=9", parse_heartbeat_query("desired_ttl_seconds=9"), 45) == (
+        "desired_ttl_seconds=9"
+    )
+    assert with_default_ttl("beta=true", q, None) == "beta=true"

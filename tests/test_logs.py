@@ -1,0 +1,100 @@
+"""Log output: JSON lines with request fields, and no secret in any line, whatever happens."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.logs import Scrubber, configure_logging
+from gateway.settings import LoggingSettings
+
+from .support import ENV_ID, SECRETS, TOKEN, GatewayFactory, Recorder, SimHandle, worker_headers
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings("debug", "json"), SECRETS, stream)
+    yield stream
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def test_scrubber_removes_known_secrets_and_key_shapes() -> None:
+    scrub = Scrubber(["abc123secret"])
+    assert scrub("token abc123secret and sk-ant-api03-XyZ_9 and Bearer opaque.value") == (
+        "token <redacted> and <redacted> and Bearer <redacted>"
+    )
+
+
+def test_even_a_careless_log_call_is_scrubbed(captured: io.StringIO) -> None:
+    logging.getLogger("somewhere").error("oops %s", TOKEN)
+    try:
+        raise ValueError(f"bad header Bearer {SECRETS[0]}")
+    except ValueError:
+        logging.getLogger("somewhere").exception("failed")
+    output = captured.getvalue()
+    assert not any(secret in output for secret in SECRETS)
+    assert output.count("<redacted>") >= 2
+
+
+async def test_request_lines_carry_fields_and_no_secret(
+    captured: io.StringIO, simulator: SimHandle, make_gateway: GatewayFactory, recorder: tuple[Recorder, str]
+) -> None:
+    gateway = await make_gateway(simulator.url)
+    (work_id,) = simulator.sim.enqueue(ENV_ID)
+    rec, broken_url = recorder
+
+    async def crash(request: web.Request) -> web.StreamResponse:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError
+
+    rec.respond = crash
+    broken = await make_gateway(broken_url)
+    claim = f"/v1/environments/{ENV_ID}/work/{work_id}/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
+    async with aiohttp.ClientSession() as session:
+        for base, method, target, headers in [
+            (gateway, "GET", f"/v1/environments/{ENV_ID}/work/poll?block_ms=10", worker_headers()),
+            (gateway, "POST", f"/v1/environments/{ENV_ID}/work/{work_id}/ack", worker_headers()),
+            (gateway, "POST", claim, worker_headers()),
+            (gateway, "POST", claim, worker_headers()),
+            (gateway, "GET", "/v1/sessions/s1", {"x-api-key": "sk-ant-api03-unknown-worker-key"}),
+            (gateway, "GET", f"/v1/environments/{ENV_ID}/work/poll", {"Authorization": f"Bearer {TOKEN}x"}),
+            (broken, "POST", f"/v1/environments/{ENV_ID}/work/w/heartbeat", worker_headers()),
+            (broken, "GET", "/v1/sessions/s1", worker_headers()),
+        ]:  # fmt: skip
+            async with session.request(method, base.proxy_url + target, headers=headers) as r:
+                body = await r.read()
+                assert not any(secret.encode() in body for secret in SECRETS)
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    requests = [line for line in lines if line.get("event") == "request"]
+    assert [(r["route"], r["status"]) for r in requests] == [
+        ("poll", 200),
+        ("ack", 200),
+        ("heartbeat", 200),
+        ("heartbeat", 412),
+        ("sessions", 404),  # a foreign key passes through; the simulator has no sessions API
+        ("poll", 401),
+        ("heartbeat", 502),
+        ("sessions", 502),
+    ]
+    beat = requests[2]
+    assert beat["environment"] == "prod-sandboxes"
+    assert beat["work_id"] == work_id
+    assert beat["path_template"] == "/v1/environments/{environment_id}/work/{work_id}/heartbeat"
+    assert beat["heartbeat_outcome"] == "forwarded"
+    assert beat["upstream_status"] == 200
+    assert beat["request_id"].startswith("req_sim")
+    assert requests[6]["error"] == "reset"
+    text = captured.getvalue()
+    assert not any(secret in text for secret in SECRETS)
+    assert "sk-ant-api03-unknown-worker-key" not in text

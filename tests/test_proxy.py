@@ -1,0 +1,453 @@
+"""The proxy path against real sockets: forwarding fidelity, credentials, refusals, streaming, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.app import Gateway
+
+from .support import (
+    API_KEY,
+    BETA,
+    ENV_ID,
+    ENV_KEY,
+    LIMITED_TOKEN,
+    OTHER_ENV_ID,
+    OTHER_ENV_KEY,
+    TOKEN,
+    UNSERVED_ENV_ID,
+    GatewayFactory,
+    Recorder,
+    header,
+    worker_headers,
+)
+
+
+async def send(
+    gateway: Gateway, method: str, target: str, headers: dict[str, str] | None = None, data: bytes | None = None
+) -> tuple[int, CIMultiDict[str], bytes]:
+    """A raw-target request, so the path and query reach the gateway exactly as written."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            URL(gateway.proxy_url + target, encoded=True),
+            headers=headers,
+            data=data,
+            skip_auto_headers=["Content-Type"],
+        ) as response,
+    ):
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+@pytest.fixture
+async def via_recorder(recorder: tuple[Recorder, str], make_gateway: GatewayFactory) -> tuple[Recorder, Gateway]:
+    rec, url = recorder
+    return rec, await make_gateway(url)
+
+
+async def test_path_and_query_are_forwarded_byte_for_byte(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    target = f"/v1/environments/{ENV_ID}/work?limit=5&page=a%2Fb%3D%3D&tag=x&tag=y&beta=true&empty="
+    status, _, _ = await send(gateway, "GET", target, worker_headers())
+    assert status == 200
+    assert rec.requests[0].raw_path == target
+    assert rec.requests[0].method == "GET"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def test_any_method_is_forwarded_with_its_body(via_recorder: tuple[Recorder, Gateway], method: str) -> None:
+    rec, gateway = via_recorder
+    body = b'{"metadata": {"k": "v"}}' if method not in ("GET", "DELETE") else None
+    status, _, _ = await send(gateway, method, "/v1/sessions/session_1/events", {"x-api-key": TOKEN}, body)
+    assert status == 200
+    assert rec.requests[0].method == method
+    assert rec.requests[0].body == (body or b"")
+
+
+async def test_environment_paths_carry_the_environment_key_as_bearer_only(
+    via_recorder: tuple[Recorder, Gateway],
+) -> None:
+    rec, gateway = via_recorder
+    # The client presents its token both ways; upstream must see one credential, the real key.
+    await send(gateway, "GET", f"/v1/environments/{ENV_ID}/work/stats", {**worker_headers(), "x-api-key": TOKEN})
+    await send(gateway, "GET", f"/v1/environments/{OTHER_ENV_ID}/work/stats", {"x-api-key": LIMITED_TOKEN})
+    first, second = rec.requests
+    assert header(first.headers, "Authorization") == [f"Bearer {ENV_KEY}"]
+    assert header(first.headers, "x-api-key") == []
+    assert header(second.headers, "Authorization") == [f"Bearer {OTHER_ENV_KEY}"]
+
+
+async def test_other_paths_carry_the_default_credential(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    await send(gateway, "GET", "/v1/sessions/session_1/events", worker_headers())
+    assert header(rec.requests[0].headers, "x-api-key") == [API_KEY]
+    assert header(rec.requests[0].headers, "Authorization") == []
+
+
+async def test_foreign_credentials_pass_through_untouched(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    sessions_token = "sk-ant-req-per-item-token"
+    await send(gateway, "POST", f"/v1/environments/{ENV_ID}/work/work_1/stop", worker_headers(sessions_token))
+    await send(gateway, "GET", "/v1/memory_stores/ms_1", {"x-api-key": "sk-ant-api03-workers-own-key"})
+    assert header(rec.requests[0].headers, "Authorization") == [f"Bearer {sessions_token}"]
+    assert header(rec.requests[1].headers, "x-api-key") == ["sk-ant-api03-workers-own-key"]
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "status", "error_type"),
+    [
+        (f"/v1/environments/{ENV_ID}/work/poll", {}, 401, "authentication_error"),
+        (f"/v1/environments/{ENV_ID}/work/poll", {"Authorization": f"Bearer {LIMITED_TOKEN}"}, 403, "permission_error"),
+        (f"/v1/environments/{UNSERVED_ENV_ID}/work/poll", worker_headers(), 403, "permission_error"),
+        (f"/v1/environments/{UNSERVED_ENV_ID}/work/poll", worker_headers("someone-elses-key"), 403, "permission_error"),
+        ("/v1/messages", worker_headers(), 404, "not_found_error"),
+        ("/healthz", {}, 404, "not_found_error"),
+        ("/readyz", {}, 404, "not_found_error"),
+        ("/metrics", {}, 404, "not_found_error"),
+        ("/admin/config", worker_headers(), 404, "not_found_error"),
+        ("/v1/environments", worker_headers(), 404, "not_found_error"),
+        ("/v1/sessions/../environments/x/work/poll", worker_headers(), 400, "invalid_request_error"),
+        ("/v1/sessions/%2e%2e/environments/x", worker_headers(), 400, "invalid_request_error"),
+        ("/v1/sessions/a%2Fb", worker_headers(), 400, "invalid_request_error"),
+        ("/v1/sessions/a%zz", worker_headers(), 400, "invalid_request_error"),
+        ("/v1/sessions//events", worker_headers(), 400, "invalid_request_error"),
+        (f"/v1/environments/{ENV_ID}/work/w/heartbeat?desired_ttl_seconds=0", worker_headers(), 400, None),
+        (f"/v1/environments/{ENV_ID}/work/w/heartbeat?desired_ttl_seconds=abc", worker_headers(), 400, None),
+        (f"/v1/environments/{ENV_ID}/work/w/heartbeat?expected_last_heartbeat=", worker_headers(), 400, None),
+        (
+            f"/v1/environments/{ENV_ID}/work/w/heartbeat?expected_last_heartbeat=a&expected_last_heartbeat=b",
+            worker_headers(),
+            400,
+            None,
+        ),
+    ],
+)
+async def test_refusals_never_reach_the_upstream(
+    via_recorder: tuple[Recorder, Gateway],
+    target: str,
+    headers: dict[str, str],
+    status: int,
+    error_type: str | None,
+) -> None:
+    rec, gateway = via_recorder
+    method = "POST" if "heartbeat" in target else "GET"
+    got, response_headers, body = await send(gateway, method, target, headers)
+    assert got == status
+    assert response_headers["Content-Type"].startswith("application/json")
+    error = json.loads(body)
+    assert error["type"] == "error"
+    assert error["error"]["type"] == (error_type or "invalid_request_error")
+    assert rec.requests == []
+
+
+async def test_unauthenticated_requests_get_the_key_only_when_allowed(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    open_gateway = await make_gateway(url, clients="clients: {allow_unauthenticated: true}")
+    status, _, _ = await send(open_gateway, "GET", f"/v1/environments/{ENV_ID}/work/stats")
+    assert status == 200
+    assert header(rec.requests[-1].headers, "Authorization") == [f"Bearer {ENV_KEY}"]
+    status, _, _ = await send(open_gateway, "GET", "/v1/sessions/s")
+    assert status == 200
+    assert header(rec.requests[-1].headers, "x-api-key") == [API_KEY]
+
+
+async def test_no_default_credential_means_no_upstream_call(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url, "default_credential: null")
+    status, _, body = await send(gateway, "GET", "/v1/sessions/s", worker_headers())
+    assert status == 403
+    assert "default_credential" in json.loads(body)["error"]["message"]
+    assert rec.requests == []
+
+
+async def test_headers_hop_by_hop_dropped_betas_merged_version_defaulted(
+    via_recorder: tuple[Recorder, Gateway],
+) -> None:
+    rec, gateway = via_recorder
+    status, response_headers, _ = await send(
+        gateway,
+        "GET",
+        f"/v1/environments/{ENV_ID}/work/stats",
+        {
+            **worker_headers(),
+            "anthropic-beta": "files-api-2025-04-14, managed-agents-2026-04-01",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "drop me",
+            "Proxy-Authorization": "Basic abc",
+            "TE": "trailers",
+            "x-stainless-helper": "environments-worker",
+        },
+    )
+    assert status == 200
+    sent = rec.requests[0].headers
+    assert header(sent, "anthropic-beta") == ["files-api-2025-04-14,managed-agents-2026-04-01"]
+    assert header(sent, "anthropic-version") == ["2023-06-01"]
+    assert header(sent, "X-Secret-Hop") == []
+    assert header(sent, "Proxy-Authorization") == []
+    assert header(sent, "TE") == []
+    assert header(sent, "x-stainless-helper") == ["environments-worker"]
+    assert header(sent, "Host") == [rec_host(sent)]
+    # Response headers the SDK reads come back.
+    assert response_headers["request-id"] == "req_upstream_1"
+    assert response_headers["retry-after"] == "7"
+    assert response_headers["x-custom"] == "kept"
+
+
+def rec_host(sent: list[tuple[str, str]]) -> str:
+    (host,) = header(sent, "Host")
+    assert host.startswith("127.0.0.1:")
+    return host
+
+
+async def test_client_version_header_is_kept(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    await send(gateway, "GET", "/v1/skills/s", {**worker_headers(), "anthropic-version": "2099-01-01"})
+    assert header(rec.requests[0].headers, "anthropic-version") == ["2099-01-01"]
+    assert header(rec.requests[0].headers, "anthropic-beta") == [BETA]
+
+
+async def test_heartbeat_gets_the_configured_ttl_only_when_it_has_none(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url, "heartbeat: {desired_ttl_seconds: 45}")
+    base = f"/v1/environments/{ENV_ID}/work/work_1/heartbeat"
+    await send(gateway, "POST", base + "?expected_last_heartbeat=NO_HEARTBEAT&beta=true", worker_headers())
+    await send(gateway, "POST", base + "?desired_ttl_seconds=90", worker_headers())
+    await send(gateway, "POST", base, worker_headers())
+    assert [r.raw_path for r in rec.requests] == [
+        base + "?expected_last_heartbeat=NO_HEARTBEAT&beta=true&desired_ttl_seconds=45",
+        base + "?desired_ttl_seconds=90",
+        base + "?desired_ttl_seconds=45",
+    ]
+
+
+async def test_oversized_body_is_refused_without_reading_it_or_calling_upstream(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url, "limits: {max_body_bytes: 1024, shutdown_grace_seconds: 1}")
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    # Announce 1 GiB and send only the head: the answer must come without the body.
+    writer.write(
+        (
+            f"POST /v1/sessions/s/events HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\n"
+            "Content-Length: 1073741824\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    started = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    elapsed = time.monotonic() - started
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"Connection: close" in head
+    assert json.loads(body)["error"]["type"] == "request_too_large"
+    assert elapsed < 1
+    assert rec.requests == []
+
+
+async def test_chunked_upload_over_the_limit_is_cut_off(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    received = []
+
+    async def slurp(request: web.Request) -> web.StreamResponse:
+        try:
+            received.append(len(await request.read()))
+        except Exception:
+            received.append(-1)
+        return web.json_response({})
+
+    rec.respond = slurp
+    gateway = await make_gateway(url, "limits: {max_body_bytes: 100000, shutdown_grace_seconds: 1}")
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b"x" * 50_000
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.proxy_url + "/v1/sessions/s/events", data=chunks(), headers={"x-api-key": TOKEN}) as r,
+    ):
+        assert r.status == 413
+        assert (await r.json())["error"]["type"] == "request_too_large"
+    # Whatever reached the upstream was an incomplete body, never a complete oversized one.
+    assert all(n <= 100_000 for n in received)
+
+
+async def test_large_upload_is_streamed_not_buffered(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    first_bytes_at: list[float] = []
+    total = 0
+
+    async def stream_in(request: web.Request) -> web.StreamResponse:
+        nonlocal total
+        async for chunk in request.content.iter_any():
+            if not first_bytes_at:
+                first_bytes_at.append(time.monotonic())
+            total += len(chunk)
+        return web.json_response({"received": total})
+
+    rec.respond = stream_in
+    gateway = await make_gateway(url)
+    finished_sending: list[float] = []
+
+    async def slow_body():  # type: ignore[no-untyped-def]
+        for _ in range(20):
+            yield b"y" * 256 * 1024
+            await asyncio.sleep(0.05)
+        finished_sending.append(time.monotonic())
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(gateway.proxy_url + "/v1/skills/s/files", data=slow_body(), headers={"x-api-key": TOKEN}) as r,
+    ):
+        assert (await r.json())["received"] == 20 * 256 * 1024
+    # The upstream saw data long before the client finished: nothing waited for the whole body.
+    assert first_bytes_at[0] < finished_sending[0] - 0.5
+
+
+async def test_sse_events_reach_the_worker_one_by_one(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "request-id": "req_sse"})
+        await response.prepare(request)
+        for i in range(4):
+            await response.write(f'event: message\ndata: {{"n": {i}}}\n\n'.encode())
+            await asyncio.sleep(0.25)
+        await response.write_eof()
+        return response
+
+    rec.respond = sse
+    gateway = await make_gateway(url)
+    arrivals: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gateway.proxy_url + "/v1/sessions/session_1/events/stream", headers=worker_headers()) as r,
+    ):
+        assert r.headers["Content-Type"] == "text/event-stream"
+        async for line in r.content:
+            if line.startswith(b"data:"):
+                arrivals.append((time.monotonic() - started, line))
+    assert [line for _, line in arrivals] == [f'data: {{"n": {i}}}\n'.encode() for i in range(4)]
+    # Each event arrived about when it was sent, not all at the end.
+    assert arrivals[0][0] < 0.2
+    assert arrivals[3][0] - arrivals[0][0] > 0.6
+
+
+async def test_long_poll_is_not_delayed(simulator, gateway: Gateway) -> None:  # type: ignore[no-untyped-def]
+    target = f"/v1/environments/{ENV_ID}/work/poll?block_ms=999"
+    started = time.monotonic()
+    task = asyncio.ensure_future(send(gateway, "GET", target, worker_headers()))
+    await asyncio.sleep(0.2)
+    simulator.sim.enqueue(ENV_ID)
+    status, _, body = await task
+    elapsed = time.monotonic() - started
+    assert status == 200
+    assert json.loads(body)["state"] == "queued"
+    # The item appeared at 0.2 s; the answer came then, not at the end of the 999 ms block.
+    assert elapsed < 0.6
+    status, _, body = await send(gateway, "GET", target, worker_headers())
+    assert (status, body) == (200, b"null")
+
+
+async def test_client_disconnect_mid_stream_cancels_the_upstream_request(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    upstream_done = asyncio.Event()
+    upstream_outcome: list[str] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(1000):
+                await response.write(f"data: {i}\n\n".encode())
+                await asyncio.sleep(0.05)
+            upstream_outcome.append("finished")
+        except (ConnectionResetError, asyncio.CancelledError):
+            upstream_outcome.append("cancelled")
+            raise
+        finally:
+            upstream_done.set()
+        return response
+
+    rec.respond = endless
+    gateway = await make_gateway(url)
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(gateway.proxy_url + "/v1/sessions/s/events/stream", headers=worker_headers())
+        await response.content.readline()
+        response.close()  # the worker goes away mid-stream
+    await asyncio.wait_for(upstream_done.wait(), 5)
+    assert upstream_outcome == ["cancelled"]
+
+
+async def test_client_disconnect_before_the_answer_cancels_the_upstream_request(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    upstream_cancelled = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            upstream_cancelled.set()
+            raise
+        return web.json_response({})
+
+    rec.respond = slow
+    gateway = await make_gateway(url)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(TimeoutError):
+            async with session.get(
+                gateway.proxy_url + "/v1/sessions/s", headers=worker_headers(), timeout=aiohttp.ClientTimeout(0.3)
+            ):
+                pass
+    await asyncio.wait_for(upstream_cancelled.wait(), 5)
+
+
+async def test_malformed_http_does_not_crash_the_gateway(gateway: Gateway) -> None:
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    for garbage in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"GET /v1/sessions/\xff\xfe HTTP/1.1\r\n\r\n",
+        b"GET http://evil.example/v1/sessions/x HTTP/1.1\r\nHost: evil\r\n\r\n",
+        b"POST /v1/sessions/x HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(garbage)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        assert answer[:10] in (b"HTTP/1.1 4", b"HTTP/1.0 4") or answer == b"", answer
+    # Still serving.
+    status, _, _ = await send(gateway, "GET", f"/v1/environments/{ENV_ID}/work/stats", worker_headers())
+    assert status == 200
