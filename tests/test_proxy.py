@@ -451,3 +451,53 @@ async def test_malformed_http_does_not_crash_the_gateway(gateway: Gateway) -> No
     # Still serving.
     status, _, _ = await send(gateway, "GET", f"/v1/environments/{ENV_ID}/work/stats", worker_headers())
     assert status == 200
+
+
+async def test_client_disconnect_mid_upload_aborts_the_upstream_request(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    outcome: list[str] = []
+    done = asyncio.Event()
+
+    async def read_all(request: web.Request) -> web.StreamResponse:
+        try:
+            await request.read()
+            outcome.append("complete")
+        except (aiohttp.ClientError, ConnectionError, asyncio.CancelledError):
+            outcome.append("aborted")
+            raise
+        finally:
+            done.set()
+        return web.json_response({})
+
+    rec.respond = read_all
+    gateway = await make_gateway(url)
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"PUT /v1/skills/s/files HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nContent-Length: 1000000\r\n\r\n".encode()
+        + b"z" * 100_000
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.transport.abort()  # the worker dies mid-upload
+    await asyncio.wait_for(done.wait(), 5)
+    # The upstream never saw a complete request it could apply.
+    assert outcome == ["aborted"]
+    # And the gateway is fine.
+    assert (await send(gateway, "GET", "/v1/skills/s", worker_headers()))[0] == 200
+
+
+async def test_repeated_credential_headers_are_refused(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gateway.proxy_url + f"/v1/environments/{ENV_ID}/work/stats",
+            headers=[("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer sk-ant-other")],
+        ) as response,
+    ):
+        assert response.status == 400
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert rec.requests == []
