@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -77,6 +78,18 @@ def test_a_second_claim_or_a_stale_echo_gets_412_with_the_current_state() -> Non
     assert precondition(exc)["last_heartbeat"] == last
 
 
+def test_timestamps_strictly_increase_even_on_a_frozen_clock() -> None:
+    plane = ControlPlane([E])
+    work_id, last = claimed(plane, now=1_764_000_000.123456)
+    stamps = [last]
+    for _ in range(2000):
+        stamps.append(
+            plane.heartbeat(E, work_id, 1_764_000_000.123456, expected=stamps[-1], desired_ttl=None)["last_heartbeat"]
+        )
+    assert all(a < b for a, b in itertools.pairwise(stamps))
+    assert len(stamps[-1]) == len("2025-11-24T16:00:00.125456Z")
+
+
 def test_an_unconditional_beat_extends_without_an_echo() -> None:
     plane = ControlPlane([E])
     work_id, last = claimed(plane)
@@ -97,7 +110,7 @@ def test_a_lapsed_lease_requeues_the_item_and_the_old_holder_gets_412_queued() -
         "last_heartbeat": None,
         "lease_updated_at": None,
         "lease_extended": False,
-        "ttl_seconds": None,
+        "ttl_seconds": 10,  # the SDK types it int: the default TTL when no lease is held
     }
     # Another worker can claim it now.
     assert plane.poll(E, 20.0, worker_id="w2", reclaim_older_than_ms=None) is not None
@@ -164,19 +177,38 @@ def test_list_pages_and_stats() -> None:
     assert plane.stats(E, 41.0)["workers_polling"] == 0
 
 
-def test_issued_secrets_carry_a_sessions_token_for_that_item() -> None:
-    plane = ControlPlane([E], issue_secrets=True)
-    plane.enqueue(E, 0.0)
-    polled = plane.poll(E, 0.0, worker_id="w", reclaim_older_than_ms=None)
-    assert polled is not None
+def sessions_token(polled: dict[str, Any]) -> str:
     import base64
     import json
 
     secret = polled["secret"]
-    token = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))["sessions_token"]
-    item = plane.item_for_token(token)
-    assert item is not None
-    assert item.id == polled["id"]
+    token: str = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))["sessions_token"]
+    return token
+
+
+def test_issued_secrets_carry_a_sessions_token_that_stays_tied_to_its_item() -> None:
+    plane = ControlPlane([E], issue_secrets=True, ttl=TtlPolicy(default_seconds=10))
+    plane.enqueue(E, 0.0)
+    first = plane.poll(E, 0.0, worker_id="a", reclaim_older_than_ms=None)
+    assert first is not None
+    # Reclaimed by another poller: both tokens still name the item.
+    second = plane.poll(E, 6.0, worker_id="b", reclaim_older_than_ms=None)
+    assert second is not None
+    for polled in (first, second):
+        item = plane.item_for_token(sessions_token(polled))
+        assert item is not None
+        assert item.id == first["id"]
+    # Even after the lease lapses, a stale holder is still recognised (and then meets the 412).
+    plane.ack(E, first["id"], 6.0)
+    plane.expire(100.0)
+    assert plane.item_for_token(sessions_token(first)) is not None
+
+
+def test_update_merges_metadata() -> None:
+    plane = ControlPlane([E])
+    item = plane.enqueue(E, 0.0)
+    plane.update(E, item.id, 1.0, {"a": "1", "b": "2"})
+    assert plane.update(E, item.id, 2.0, {"a": None, "c": "3"})["metadata"] == {"b": "2", "c": "3"}
 
 
 def test_faults_are_validated_and_banded() -> None:
@@ -228,9 +260,13 @@ async def test_auth_and_beta_are_enforced(simulator: SimHandle) -> None:
     # The organisation key works on stats (DOC-OPS), not on poll.
     org = {"x-api-key": API_KEY, "anthropic-beta": BETA}
     assert (await request(simulator, "GET", stats, org))[0] == 200
+    # ... also as a Bearer token, the way the SDK sends an api_key.
+    assert (await request(simulator, "GET", stats, {"Authorization": f"Bearer {API_KEY}", "anthropic-beta": BETA}))[
+        0
+    ] == 200
     assert (await request(simulator, "GET", f"/v1/environments/{ENV_ID}/work/poll", org))[0] == 401
     seen = simulator.sim.stats_json()
-    assert seen["credentials"] == {"environment_key": 2, "rejected": 3, "organization_api_key": 1}
+    assert seen["credentials"] == {"environment_key": 2, "rejected": 3, "organization_api_key": 2}
     assert fingerprint(ENV_KEY) in seen["credential_fingerprints"]
     assert ENV_KEY not in str(seen)
 
@@ -282,6 +318,15 @@ async def test_full_lifecycle_over_http(simulator: SimHandle) -> None:
     assert stats["requests"]["heartbeat"] == {"200": 1, "400": 1}
     assert stats["requests"]["stop"] == {"400": 1, "200": 1, "409": 1}
     assert stats["worker_ids"] == ["host-1"]
+
+
+async def test_unknown_api_paths_get_the_error_envelope(simulator: SimHandle) -> None:
+    status, body, headers = await request(simulator, "GET", "/v1/messages")
+    assert status == 404
+    assert body["error"]["type"] == "not_found_error"
+    assert body["request_id"] == headers["request-id"]
+    status, body, _ = await request(simulator, "DELETE", f"/v1/environments/{ENV_ID}/work/poll")
+    assert (status, body["type"]) == (404, "error")
 
 
 async def test_runtime_faults(simulator: SimHandle) -> None:

@@ -9,18 +9,25 @@ known, chosen here and named as such.
 Requests and auth
 - Every `/v1/...` answer carries a `request-id` header; errors are
   `{"type": "error", "error": {"type", "message"[, "details"]}, "request_id"}` [DOC §5].
-- Auth is `Authorization: Bearer <environment key>` of the path's environment [SDK §1];
-  a per-item sessions token is accepted on that item's paths when
-  `issue_secrets` is on [SDK §1, TS only]; an organisation API key
-  (`x-api-key`) is accepted on `stats` and `stop` [DOC-OPS §1]. Anything else: 401
-  authentication_error. An unknown environment: 404.
+  Paths the simulator does not implement get a 404 `not_found_error` in that envelope.
+- Auth is `Authorization: Bearer <environment key>` of the path's environment [SDK §1].
+  With `issue_secrets`, each poll that hands an item out mints a per-item sessions
+  token, carried in the item's `secret` (base64url JSON `{"sessions_token": ...}`),
+  which is accepted on that item's paths [SDK §1, TS and PY 2.10.0 alike]. ASSUMPTION:
+  every token minted for an item stays valid for it, so a stale or reclaimed holder
+  meets the lease protocol's 412 rather than an auth error. An organisation API key
+  (as Bearer, the way the SDK sends `api_key`, or as `x-api-key`) is accepted on `stats`
+  and `stop` [DOC-OPS §1]; ASSUMPTION: on no other endpoint. Anything else: 401
+  authentication_error. ASSUMPTION: an unknown environment is a 404, checked before auth.
 - `anthropic-beta` must include `managed-agents-2026-04-01`, else 400
   [ASSUMPTION: the real API's answer to a missing beta is not documented].
+- Repeated parameters, non-integer numbers and an empty `expected_last_heartbeat` are
+  400 invalid_request_error [ASSUMPTION].
 
 Endpoints [DOC/SDK §2.2]
 - `GET .../work/poll`: `block_ms` 1-999 holds an empty poll open (without it,
-  no wait); `reclaim_older_than_ms` (default 5000) lets a polled but un-acked
-  item be polled again; the answer is the item, or JSON `null` with 200 when
+  no wait); `reclaim_older_than_ms` (default 5000, 0 allowed) lets a polled but
+  un-acked item be polled again; the answer is the item, or JSON `null` with 200 when
   there is none [SDK+INF §2.2]. `Anthropic-Worker-ID` is recorded and counted in
   `workers_polling` (30 s window) [DOC §3]. Items are handed out oldest first
   [ASSUMPTION].
@@ -29,37 +36,42 @@ Endpoints [DOC/SDK §2.2]
   item that is never heartbeated is re-queued after the default TTL [ASSUMPTION].
 - `POST .../work/{id}/heartbeat`:
   - `expected_last_heartbeat=NO_HEARTBEAT` claims an item nobody holds [DOC §4];
-    an exact echo of the last `last_heartbeat` renews [DOC §4]; without the parameter
-    the beat is unconditional [3P §7, the SDK doc string's "conditional update"].
+    an exact echo of the last `last_heartbeat` renews [DOC §4]. ASSUMPTION (from the
+    3P clone §7 only): without the parameter the beat is unconditional.
   - Mismatch, or a beat on a queued item: 412 with
     `error.details.current_state = {state, last_heartbeat, lease_updated_at,
     lease_extended: false, ttl_seconds}`, `error_code: heartbeat_precondition_failed`
-    [SDK §5, the TS worker test fixture].
+    [SDK §5, the TS worker test fixture]. `ttl_seconds` is the lease's TTL, or the
+    default TTL when no lease is held (the SDK types it as an integer) [ASSUMPTION].
   - Success: `{type: work_heartbeat, last_heartbeat, lease_extended: true, state: active,
-    ttl_seconds}` [SDK §3]; the first success moves `starting` to `active` [3P+INF §4].
-    `last_heartbeat` is an RFC 3339 UTC timestamp with microseconds, strictly
-    increasing across the simulator [SDK §3 "timestamp of the actual heartbeat from DB";
-    ASSUMPTION on the precision].
+    ttl_seconds}` [SDK §3]. ASSUMPTION (INF and the 3P clone, §4): the first success
+    moves `starting` to `active`. `last_heartbeat` is an RFC 3339 UTC timestamp with
+    microseconds, strictly increasing across the simulator (counted in integer
+    microseconds) [SDK §3 "timestamp of the actual heartbeat from DB"; ASSUMPTION on the
+    precision].
   - `desired_ttl_seconds` is a positive integer (else 400) clamped to
     [min_ttl, max_ttl]; without it the default TTL applies [ASSUMPTION: real default and
     range unknown §8; defaults 60 s and 1-600 s here].
   - On a `stopping` or `stopped` item the value is not compared [SDK, the heartbeat
     method's doc string]: `stopping` answers 200 `state: stopping` and keeps extending
     the lease so the holder can wind down [ASSUMPTION §8]; `stopped` answers
-    `lease_extended: false, ttl_seconds: 0` [ASSUMPTION].
+    `lease_extended: false, ttl_seconds: 0` and the last `last_heartbeat` (empty if
+    there never was one) [ASSUMPTION].
   - A lease with no successful beat for its TTL lapses silently [SDK §4]: the item is
-    re-queued with `last_heartbeat` null, so the old holder's next beat gets a 412 whose
-    state is `queued` [SDK §4]. A `stopping` item whose lease lapses becomes `stopped`
-    [ASSUMPTION].
-- `POST .../work/{id}/stop` with `{"force": bool}`: graceful → `stopping` (the holder
-  learns it on its next beat), force → `stopped` [DOC-OPS §4]; 409 conflict_error
-  when already stopped [SDK §2.2]. A graceful stop of a queued or stopping item
-  finishes it [ASSUMPTION, as the 3P clone §7]. Answers 200 with the item, as the docs
-  show [DOC §2.2; the GO SDK's comment says 204, so clients must accept both].
+    re-queued with `last_heartbeat` null and its claim timestamps cleared, so the old
+    holder's next beat gets a 412 whose state is `queued` [SDK §4]. A `stopping` item
+    whose lease lapses becomes `stopped` [ASSUMPTION].
+- `POST .../work/{id}/stop` with `{"force": bool}` (an empty body is `{}`): graceful →
+  `stopping` (the holder learns it on its next beat), force → `stopped` [DOC-OPS §4];
+  409 conflict_error when already stopped [SDK §2.2]. A graceful stop of a queued or
+  stopping item finishes it [ASSUMPTION, as the 3P clone §7]. Answers 200 with the item,
+  as the docs show [DOC §2.2; the GO SDK's comment says 204, so clients must accept both].
+- `POST .../work/{id}` `{"metadata": {k: string|null}}`: merge, null deletes [DOC §2.2].
 - `GET .../work/{id}` (retrieve, `secret` null), `GET .../work` (list: `limit` 1-1000,
   default 20, opaque `page` cursor, `{data, next_page}`), `GET .../work/stats`
-  (`{type: work_queue_stats, depth, pending, oldest_queued_at, workers_polling}`),
-  `GET /v1/environments/{id}` [DOC §2.1-2.2, §3].
+  (`{type: work_queue_stats, depth, pending, oldest_queued_at, workers_polling}`;
+  ASSUMPTION: `pending` counts every queued item polled and not acked, `depth` the
+  rest), `GET /v1/environments/{id}` [DOC §2.1-2.2, §3].
 
 Simulator-only endpoints (no auth; never under /v1)
 - `POST /_sim/environments/{env}/work` `{"count": n, "data_type": "session"|"healthcheck"}`:

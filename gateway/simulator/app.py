@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .control_plane import ControlPlane, SimError, TtlPolicy
+from .control_plane import ControlPlane, SimError, TtlPolicy, rfc3339
 from .faults import Faults, FaultsError
 
 __all__ = ["SIMULATOR", "Simulator", "SimulatorConfig", "create_simulator_app", "fingerprint"]
@@ -61,6 +61,7 @@ class Simulator:
         self.faults_injected: Counter[str] = Counter()
         self.worker_ids: set[str] = set()
         self._request_ids = 0
+        self.started_at = config.clock()
         self._changed = asyncio.Event()
 
     def now(self) -> float:
@@ -145,7 +146,10 @@ class _Api:
             if item is not None and item.id == work_id:
                 sim.credentials["sessions_token"] += 1
                 return
-        if endpoint in ("stats", "stop") and api_key in sim.config.org_api_keys:
+        # DOC-OPS: stats and stop also take the organisation key, which the
+        # SDK sends as a Bearer token and other clients as x-api-key.
+        org_key = bearer if scheme.lower() == "bearer" else api_key
+        if endpoint in ("stats", "stop") and org_key in sim.config.org_api_keys:
             sim.credentials["organization_api_key"] += 1
             return
         sim.credentials["rejected"] += 1
@@ -167,6 +171,8 @@ class _Api:
         try:
             if env_id not in sim.config.environments:
                 raise SimError(404, "not_found_error", f"environment {env_id} not found")
+            # Leases lapse before anything else looks at the item.
+            sim.plane.expire(sim.now())
             self.authenticate(request, env_id, work_id, endpoint)
             betas = {b.strip() for v in request.headers.getall("anthropic-beta", []) for b in v.split(",")}
             if REQUIRED_BETA not in betas:
@@ -179,12 +185,7 @@ class _Api:
             if decision == "error":
                 raise SimError(500, "api_error", "simulated internal error")
             if decision == "rate_limit":
-                sim.requests[endpoint]["429"] += 1
-                response = _json(
-                    SimError(429, "rate_limit_error", "simulated rate limit").body(request_id), 429, request_id
-                )
-                response.headers["retry-after"] = str(faults.retry_after_seconds)
-                return response
+                raise SimError(429, "rate_limit_error", "simulated rate limit")
             result = operation(sim.now())
             if long_poll_ms:
                 deadline = time.monotonic() + long_poll_ms / 1000
@@ -200,7 +201,10 @@ class _Api:
         if faults.latency_seconds and faults.applies_to(endpoint):
             await asyncio.sleep(faults.latency_seconds)
         sim.requests[endpoint][str(status)] += 1
-        return _json(result, status, request_id)
+        response = _json(result, status, request_id)
+        if status == 429:
+            response.headers["retry-after"] = str(faults.retry_after_seconds)
+        return response
 
     def reset(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         self.sim.requests[endpoint]["reset"] += 1
@@ -221,6 +225,8 @@ class _Api:
                 "description": None,
                 "config": {"type": "self_hosted"},
                 "metadata": {},
+                "created_at": rfc3339(self.sim.started_at),
+                "updated_at": rfc3339(self.sim.started_at),
                 "archived_at": None,
             }
 
@@ -234,10 +240,11 @@ class _Api:
         except SimError as exc:
             return await self.run(request, "poll", _raise(exc))
         worker_id = request.headers.get("Anthropic-Worker-ID")
-        if worker_id:
-            self.sim.worker_ids.add(worker_id)
 
         def op(now: float) -> Any:
+            # Runs only once the request is authenticated.
+            if worker_id:
+                self.sim.worker_ids.add(worker_id)
             return self.sim.plane.poll(env_id, now, worker_id=worker_id, reclaim_older_than_ms=reclaim)
 
         return await self.run(request, "poll", op, long_poll_ms=block_ms)
@@ -270,11 +277,34 @@ class _Api:
             if not isinstance(body, dict) or not isinstance(body.get("force", False), bool):
                 raise ValueError
         except ValueError:
-            return await self.run(request, "stop", _raise(_bad('the body must be {"force": true|false}')))
+            return await self.run(
+                request, "stop", _raise(_bad('the body must be {"force": true|false}')), work_id=work_id
+            )
         force = bool(body.get("force", False))
         return await self.run(
             request, "stop", lambda now: self.sim.plane.stop(env_id, work_id, now, force=force), work_id=work_id
         )
+
+    async def update(self, request: web.Request) -> web.StreamResponse:
+        env_id, work_id = request.match_info["env"], request.match_info["work"]
+        try:
+            body = json.loads(await request.read() or b"{}")
+            metadata = body.get("metadata") if isinstance(body, dict) else None
+            if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in metadata.items()
+            ):
+                raise ValueError
+        except ValueError:
+            bad = _bad('the body must be {"metadata": {"key": "value" or null}}')
+            return await self.run(request, "update", _raise(bad), work_id=work_id)
+        op = lambda now: self.sim.plane.update(env_id, work_id, now, metadata)  # noqa: E731
+        return await self.run(request, "update", op, work_id=work_id)
+
+    async def unknown(self, request: web.Request) -> web.StreamResponse:
+        request_id = self.sim.next_request_id()
+        self.sim.requests["unknown"][str(404)] += 1
+        error = SimError(404, "not_found_error", f"{request.method} {request.path} is not part of the simulated API")
+        return _json(error.body(request_id), 404, request_id)
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         env_id, work_id = request.match_info["env"], request.match_info["work"]
@@ -372,9 +402,12 @@ def create_simulator_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post(work + "/ack", api.ack)
     app.router.add_post(work + "/heartbeat", api.heartbeat)
     app.router.add_post(work + "/stop", api.stop)
+    app.router.add_post(work, api.update)
     app.router.add_get("/_sim/stats", _sim_stats)
     app.router.add_get("/_sim/faults", _get_faults)
     app.router.add_post("/_sim/faults", _set_faults)
     app.router.add_post("/_sim/environments/{env}/work", _enqueue)
     app.router.add_get("/_sim/environments/{env}/work", _items)
+    # Last: anything else under /v1 gets the API's error envelope, not aiohttp's text.
+    app.router.add_route("*", "/v1/{tail:.*}", api.unknown)
     return app

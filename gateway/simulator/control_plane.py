@@ -73,21 +73,30 @@ class WorkItem:
     lease_expires: float | None = None
     ttl_seconds: int | None = None
     polled_at: float | None = None
-    sessions_token: str | None = None
+    updated_at: float | None = None
+    # Every sessions token issued for this item (one per poll that handed it
+    # out). ASSUMPTION: they stay valid for the item's paths, so a stale
+    # holder meets the lease protocol's 412, not an auth error.
+    sessions_tokens: list[str] = field(default_factory=list)
 
-    def current_state(self) -> dict[str, Any]:
+    def current_state(self, default_ttl: int) -> dict[str, Any]:
         """The lease as a 412 body's `error.details.current_state` shows it."""
         return {
             "state": self.state,
             "last_heartbeat": self.last_heartbeat,
             "lease_updated_at": self.lease_updated_at,
             "lease_extended": False,
-            "ttl_seconds": self.ttl_seconds,
+            "ttl_seconds": self.ttl_seconds if self.ttl_seconds is not None else default_ttl,
         }
 
 
 def rfc3339(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return rfc3339_us(int(t * 1_000_000))
+
+
+def rfc3339_us(microseconds: int) -> str:
+    seconds, micro = divmod(microseconds, 1_000_000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{micro:06d}Z"
 
 
 class ControlPlane:
@@ -96,7 +105,7 @@ class ControlPlane:
         self.issue_secrets = issue_secrets
         self._items: dict[str, dict[str, WorkItem]] = {env: {} for env in environment_ids}
         self._ids = itertools.count(1)
-        self._last_stamp = 0.0
+        self._last_stamp_us = 0
         self._pollers: dict[str, dict[str, float]] = {env: {} for env in environment_ids}
 
     # -- helpers --------------------------------------------------------------
@@ -115,14 +124,18 @@ class ControlPlane:
         return item
 
     def _stamp(self, now: float) -> str:
-        """A new last_heartbeat: strictly increasing, microsecond precision."""
-        self._last_stamp = max(now, self._last_stamp + 1e-6)
-        return rfc3339(self._last_stamp)
+        """A new last_heartbeat: strictly increasing, microsecond precision.
+
+        Counted in integer microseconds: a float near 1.7e9 cannot hold
+        1 µs steps exactly, and two equal stamps would let a replayed echo pass.
+        """
+        self._last_stamp_us = max(int(now * 1_000_000), self._last_stamp_us + 1)
+        return rfc3339_us(self._last_stamp_us)
 
     def item_for_token(self, token: str) -> WorkItem | None:
         for items in self._items.values():
             for item in items.values():
-                if item.sessions_token is not None and secrets.compare_digest(item.sessions_token, token):
+                if any(secrets.compare_digest(t, token) for t in item.sessions_tokens):
                     return item
         return None
 
@@ -131,8 +144,8 @@ class ControlPlane:
             return None if t is None else rfc3339(t)
 
         secret = None
-        if with_secret and item.sessions_token is not None:
-            payload = f'{{"sessions_token": "{item.sessions_token}"}}'.encode()
+        if with_secret and item.sessions_tokens:
+            payload = f'{{"sessions_token": "{item.sessions_tokens[-1]}"}}'.encode()
             secret = base64.urlsafe_b64encode(payload).decode().rstrip("=")
         return {
             "type": "work",
@@ -166,16 +179,12 @@ class ControlPlane:
                     # [SDK] an expired lease re-queues the item: the old holder's next
                     # beat gets a 412 with state queued and last_heartbeat null.
                     item.state = "queued"
-                    item.polled_at = None
-                    item.sessions_token = None
+                    item.polled_at = item.acknowledged_at = item.started_at = item.latest_heartbeat_at = None
                 item.last_heartbeat = item.lease_updated_at = None
                 item.lease_expires = item.ttl_seconds = None
+                item.updated_at = now
                 changed.append(item)
         return changed
-
-    def next_expiry(self) -> float | None:
-        times = [i.lease_expires for items in self._items.values() for i in items.values() if i.lease_expires]
-        return min(times) if times else None
 
     # -- operations -------------------------------------------------------------
 
@@ -205,7 +214,7 @@ class ControlPlane:
             if item.state == "queued" and (item.polled_at is None or now - item.polled_at >= reclaim):
                 item.polled_at = now
                 if self.issue_secrets:
-                    item.sessions_token = "sk-ant-sim-req-" + secrets.token_urlsafe(24)
+                    item.sessions_tokens.append("sk-ant-sim-req-" + secrets.token_urlsafe(24))
                 return self.work_json(item, with_secret=True)
         return None
 
@@ -214,7 +223,7 @@ class ControlPlane:
         if item.state != "queued" or item.polled_at is None:
             # ASSUMPTION: acking an item that was not polled, or is past queued, is a conflict.
             raise SimError(409, "conflict_error", f"work item {work_id} is {item.state} and cannot be acknowledged")
-        item.state, item.acknowledged_at = "starting", now
+        item.state, item.acknowledged_at, item.updated_at = "starting", now, now
         # ASSUMPTION: an acked item whose worker never beats is re-queued after the default TTL.
         item.ttl_seconds = self.ttl.default_seconds
         item.lease_expires = now + self.ttl.default_seconds
@@ -241,7 +250,7 @@ class ControlPlane:
                 {
                     "error_code": "heartbeat_precondition_failed",
                     "error_visibility": "user_facing",
-                    "current_state": item.current_state(),
+                    "current_state": item.current_state(self.ttl.default_seconds),
                 },
             )
         return self._extend(item, now, desired_ttl, "active")
@@ -252,7 +261,7 @@ class ControlPlane:
         item.state = state
         item.last_heartbeat = item.lease_updated_at = stamp
         item.lease_expires, item.ttl_seconds = now + ttl, ttl
-        item.latest_heartbeat_at = now
+        item.latest_heartbeat_at = item.updated_at = now
         if item.started_at is None:
             item.started_at = now
         return {
@@ -269,7 +278,8 @@ class ControlPlane:
             return self._extend(item, now, desired_ttl, "stopping")
         return {
             "type": "work_heartbeat",
-            "last_heartbeat": item.last_heartbeat or rfc3339(item.stopped_at or now),
+            # The SDK documents an empty string when there was never a heartbeat.
+            "last_heartbeat": item.last_heartbeat or "",
             "lease_extended": False,
             "state": "stopped",
             "ttl_seconds": 0,
@@ -280,11 +290,24 @@ class ControlPlane:
         if item.state == "stopped":
             raise SimError(409, "conflict_error", f"work item {work_id} is already stopped")
         # ASSUMPTION: a graceful stop of an unheld (queued) or already stopping item finishes it.
+        item.stop_requested_at = item.stop_requested_at or now
+        item.updated_at = now
         if force or item.state in ("queued", "stopping"):
             item.state, item.stopped_at = "stopped", now
             item.lease_expires = None
         else:
-            item.state, item.stop_requested_at = "stopping", now
+            item.state = "stopping"
+        return self.work_json(item)
+
+    def update(self, environment_id: str, work_id: str, now: float, metadata: dict[str, str | None]) -> dict[str, Any]:
+        """[DOC §2.2] merge: a string upserts the key, null deletes it, omitted keys are kept."""
+        item = self._item(environment_id, work_id, now)
+        for key, value in metadata.items():
+            if value is None:
+                item.metadata.pop(key, None)
+            else:
+                item.metadata[key] = value
+        item.updated_at = now
         return self.work_json(item)
 
     def retrieve(self, environment_id: str, work_id: str, now: float) -> dict[str, Any]:
@@ -298,7 +321,9 @@ class ControlPlane:
             try:
                 start = int(base64.urlsafe_b64decode(page.encode()).decode().removeprefix("offset:"))
             except ValueError:
-                raise SimError(400, "invalid_request_error", "page is not a valid cursor") from None
+                start = -1
+            if start < 0:
+                raise SimError(400, "invalid_request_error", "page is not a valid cursor")
         chunk = items[start : start + limit]
         more = start + limit < len(items)
         next_page = base64.urlsafe_b64encode(f"offset:{start + limit}".encode()).decode() if more else None
@@ -307,8 +332,9 @@ class ControlPlane:
     def stats(self, environment_id: str, now: float) -> dict[str, Any]:
         self.expire(now)
         queued = [i for i in self._env(environment_id).values() if i.state == "queued"]
-        reclaim = DEFAULT_RECLAIM_MS / 1000
-        pending = [i for i in queued if i.polled_at is not None and now - i.polled_at < reclaim]
+        # ASSUMPTION: "pending" is every queued item that was polled and not
+        # acked, even once it is old enough to be reclaimed by a later poll.
+        pending = [i for i in queued if i.polled_at is not None]
         oldest = min((i.created_at for i in queued), default=None)
         polling = sum(1 for t in self._pollers[environment_id].values() if now - t <= WORKERS_POLLING_WINDOW)
         return {

@@ -14,7 +14,7 @@ from typing import Any, Literal
 __all__ = ["ENDPOINTS", "FaultDecision", "Faults", "FaultsError"]
 
 # The endpoint names used by faults and by /_sim/stats.
-ENDPOINTS = ("poll", "ack", "heartbeat", "stop", "retrieve", "list", "stats", "environment")
+ENDPOINTS = ("poll", "ack", "heartbeat", "stop", "update", "retrieve", "list", "stats", "environment")
 
 FaultDecision = Literal["none", "reset", "error", "rate_limit"]
 
