@@ -61,6 +61,10 @@ class Gateway:
             # A client that disconnects cancels its handler, which closes the
             # upstream connection: abandoned streams and polls end upstream too.
             handler_cancellation=True,
+            # Bodies pass through as received. Decompressing them would forward
+            # fewer bytes than the client's Content-Length announces, and the
+            # upstream would read the next pooled request as the rest of this body.
+            auto_decompress=False,
             shutdown_timeout=grace,
             access_log=None,
         )

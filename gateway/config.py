@@ -61,6 +61,10 @@ _LITERAL_SECRET = "looks like a literal API key; secrets must come from an envir
 # Keys people write when they mean to paste a secret inline.
 _LITERAL_SECRET_KEYS = frozenset({"key", "token", "api_key", "secret", "value", "password"})
 _PLACEHOLDER_SECRET = Secret("", "invalid")
+# Secrets travel in headers and must be found verbatim in any output to be
+# scrubbed: visible ASCII only, no quotes or backslashes (JSON would escape them).
+_SECRET_CHARS = re.compile(r"[!#-\[\]-~]+\Z")
+_SECRET_CHARS_RULE = "the secret must be visible ASCII without spaces, quotes or backslashes"
 
 _ROOT_KEYS = (
     "listen",
@@ -282,6 +286,8 @@ class _Reader:
             self.problem(path, f"environment variable {name} is not set")
         elif not self.environ[name].strip():
             self.problem(path, f"environment variable {name} is empty")
+        elif not _SECRET_CHARS.match(self.environ[name].strip()):
+            self.problem(path, f"environment variable {name}: {_SECRET_CHARS_RULE}")
         else:
             return Secret(self.environ[name].strip(), f"env:{name}")
         return _PLACEHOLDER_SECRET
@@ -300,6 +306,8 @@ class _Reader:
             self.problem(path, f"{file_path} is empty")
         elif any(c.isspace() for c in secret):
             self.problem(path, f"{file_path} must hold only the secret, on one line")
+        elif not _SECRET_CHARS.match(secret):
+            self.problem(path, f"{file_path}: {_SECRET_CHARS_RULE}")
         else:
             return Secret(secret, f"file:{file_path}")
         return _PLACEHOLDER_SECRET

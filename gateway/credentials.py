@@ -13,14 +13,16 @@ the gateway is never an open proxy for the organisation's keys.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import unquote
 
 from .errors import AuthenticationFailed, PermissionDenied
 from .routing import Route
 from .settings import ClientToken, Settings
 
-__all__ = ["CredentialDecision", "Inject", "PassThrough", "decide_credential"]
+__all__ = ["CredentialDecision", "Inject", "PassThrough", "decide_credential", "token_in_forwarded_request"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +80,21 @@ def decide_credential(
 def _bearer(authorization: str | None) -> str | None:
     if authorization is None:
         return None
-    scheme, _, value = authorization.strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else None
+    parts = authorization.split(None, 1)
+    if not parts or parts[0].lower() != "bearer":
+        return None
+    return parts[1].strip() if len(parts) == 2 else ""
+
+
+def token_in_forwarded_request(
+    headers: Iterable[tuple[str, str]], raw_target: str, tokens: tuple[ClientToken, ...]
+) -> bool:
+    """Whether a client token would still reach the upstream (a malformed credential
+    header, a cookie, the query string). Such a request is refused: the token is
+    the gateway's secret, never the API's."""
+    haystacks = [value for _, value in headers]
+    haystacks += [raw_target, unquote(raw_target)]
+    return any(t.token.value in h for t in tokens for h in haystacks)
 
 
 def _match(tokens: tuple[ClientToken, ...], presented: list[str]) -> ClientToken | None:

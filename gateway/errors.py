@@ -10,6 +10,7 @@ so workers' SDKs parse them like any API error::
     │   ├── AuthenticationFailed    401 authentication_error
     │   ├── PermissionDenied        403 permission_error
     │   ├── NotFound                404 not_found_error
+    │   ├── MethodNotAllowed        405 invalid_request_error
     │   └── RequestTooLarge         413 request_too_large
     └── UpstreamError               the upstream exchange failed (kind: connect, reset, timeout, other)
         ├── UpstreamUnavailable     502 api_error
@@ -30,6 +31,7 @@ __all__ = [
     "AuthenticationFailed",
     "GatewayError",
     "InvalidRequest",
+    "MethodNotAllowed",
     "NotFound",
     "PermissionDenied",
     "RequestRefused",
@@ -78,6 +80,12 @@ class PermissionDenied(RequestRefused):
 class NotFound(RequestRefused):
     status = 404
     error_type = "not_found_error"
+
+
+class MethodNotAllowed(RequestRefused):
+    # The API's table has no 405 type; it uses invalid_request_error for other 4xx.
+    status = 405
+    error_type = "invalid_request_error"
 
 
 class RequestTooLarge(RequestRefused):

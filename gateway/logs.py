@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from .settings import LoggingSettings
 
 __all__ = ["Scrubber", "configure_logging"]
@@ -23,6 +25,8 @@ REDACTED = "<redacted>"
 # line through a third-party library's message; scrub their shape too.
 _KEY_SHAPE = re.compile(r"sk-ant-[A-Za-z0-9_\-]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
+# A header line quoted in a parser's error message: keep the name, drop the value.
+_CREDENTIAL_HEADER = re.compile(r"(?i)((?:x-api-key|authorization|proxy-authorization|cookie)\s*[:=]\s*)[^\r\n'\",]+")
 
 
 class Scrubber:
@@ -34,6 +38,7 @@ class Scrubber:
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         text = _KEY_SHAPE.sub(REDACTED, text)
+        text = _CREDENTIAL_HEADER.sub(lambda m: m.group(1) + REDACTED, text)
         return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
 
 
@@ -54,7 +59,8 @@ class _JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return self._scrub(json.dumps(entry, default=str, ensure_ascii=False))
+        # ASCII escapes keep control and bidi characters from a request out of terminals.
+        return self._scrub(json.dumps(entry, default=str))
 
 
 class _TextFormatter(logging.Formatter):
@@ -66,14 +72,36 @@ class _TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if k != "event")
+            line += " " + " ".join(f"{k}={_quoted(v)}" for k, v in fields.items() if k != "event")
         return self._scrub(line)
+
+
+def _quoted(value: object) -> str:
+    """A field value that cannot pose as another field: values from requests are quoted when odd."""
+    text = str(value)
+    if text and all(c.isascii() and (c.isalnum() or c in "-_./:{}…") for c in text):
+        return text
+    return json.dumps(text)
+
+
+class _ProtocolErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request with the offending header line and a
+    traceback; keep the fact, drop the text, which can carry a credential."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        if record.name == "aiohttp.server" and kind is not None and issubclass(kind, HttpProcessingError):
+            record.msg, record.args = "malformed HTTP request refused", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def configure_logging(settings: LoggingSettings, secrets: Iterable[str], stream: TextIO | None = None) -> None:
     """Route every logger through one scrubbing handler on stderr."""
     scrub = Scrubber(secrets)
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_ProtocolErrorFilter())
     handler.setFormatter(_JsonFormatter(scrub) if settings.format == "json" else _TextFormatter(scrub))
     root = logging.getLogger()
     for old in list(root.handlers):

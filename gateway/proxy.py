@@ -16,8 +16,16 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .access_log import EXCHANGE, Exchange
-from .credentials import decide_credential
-from .errors import InvalidRequest, NotFound, RequestTooLarge, UpstreamError
+from .credentials import decide_credential, token_in_forwarded_request
+from .errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestRefused,
+    RequestTooLarge,
+    UpstreamError,
+)
 from .headers import request_headers, response_headers
 from .heartbeat_query import parse_heartbeat_query, with_default_ttl
 from .heartbeats import HeartbeatCall, HeartbeatService
@@ -28,6 +36,9 @@ from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, U
 __all__ = ["PROXY", "ProxyContext", "handle"]
 
 log = logging.getLogger("gateway.proxy")
+
+# What the API uses; TRACE and CONNECT are refused.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +58,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     target = parse_target(request.raw_path)
     if not is_allowed(target, settings.routes.allow_prefixes):
         raise NotFound(f"the gateway does not forward {target.decoded_path}")
+    if request.method not in FORWARDED_METHODS:
+        # TRACE would echo the injected key back to the client; CONNECT tunnels.
+        raise MethodNotAllowed(f"the gateway does not forward {request.method} requests")
     route = classify(request.method, target)
     _describe(exchange, route, settings)
+    incoming = _incoming_headers(request)
     credential = decide_credential(
         settings,
         route,
@@ -58,7 +73,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     limit = settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"the request body is larger than the gateway's limit of {limit} bytes")
-    headers = tuple(request_headers(request.headers.items(), credential=credential, settings=settings.headers))
+    headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers))
+    if token_in_forwarded_request(headers, target.raw, settings.clients.tokens):
+        raise AuthenticationFailed(
+            "a gateway client token may be sent only as Authorization: Bearer <token> or x-api-key: <token>"
+        )
     if route.name is RouteName.HEARTBEAT:
         return await _heartbeat(request, ctx, route, target, headers)
     return await _pass_through(request, ctx, target, headers)
@@ -71,6 +90,15 @@ def _describe(exchange: Exchange, route: Route, settings: Settings) -> None:
     if route.environment_id is not None:
         env = settings.environment(route.environment_id)
         exchange.environment = env.label if env is not None else "other"
+
+
+def _incoming_headers(request: web.Request) -> list[tuple[str, str]]:
+    pairs = list(request.headers.items())
+    # RFC 9110 §5.5: field values are ASCII in practice; anything else is
+    # refused rather than re-encoded on the way upstream.
+    if any(not value.isascii() for _, value in pairs):
+        raise InvalidRequest("header values must be ASCII")
+    return pairs
 
 
 def _single_header(request: web.Request, name: str) -> str | None:
@@ -91,6 +119,8 @@ async def _heartbeat(
     assert route.work_id is not None
     query = parse_heartbeat_query(target.raw_query)
     body = await _read_body(request, ctx.settings.limits.max_body_bytes) if request.can_read_body else None
+    # The body is sent as the bytes read; aiohttp frames it with their length.
+    headers = tuple((k, v) for k, v in headers if k.lower() != "content-length")
     raw_query = with_default_ttl(target.raw_query, query, ctx.settings.heartbeat.desired_ttl_seconds)
     call = HeartbeatCall(
         environment_id=route.environment_id,
@@ -116,9 +146,9 @@ async def _pass_through(
             _note_upstream(exchange, upstream.status, upstream.headers)
             return await _stream_back(request, upstream, exchange)
     except UpstreamError:
-        if meter.exceeded:
+        if meter.refusal is not None:
             # The upstream saw a cut-off body, which it cannot have applied.
-            raise RequestTooLarge(meter.message()) from None
+            raise meter.refusal from None
         raise
 
 
@@ -169,21 +199,28 @@ class _BodyMeter:
 
     A chunked upload has no Content-Length to check up front; it is streamed
     and cut off at the limit. aiohttp wraps errors raised from a request body,
-    so `exceeded` tells the handler afterwards why the upstream call failed.
+    so `refusal` tells the handler afterwards why the upstream call failed.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.exceeded = False
+        self.refusal: RequestRefused | None = None
 
-    def message(self) -> str:
-        return f"the request body is larger than the gateway's limit of {self.limit} bytes"
+    def refuse(self, refusal: RequestRefused) -> RequestRefused:
+        self.refusal = refusal
+        return refusal
 
     async def stream(self, request: web.Request) -> AsyncIterator[bytes]:
         total = 0
         while chunk := await request.content.read(CHUNK_SIZE):
             total += len(chunk)
             if total > self.limit:
-                self.exceeded = True
-                raise RequestTooLarge(self.message())
+                raise self.refuse(
+                    RequestTooLarge(f"the request body is larger than the gateway's limit of {self.limit} bytes")
+                )
             yield chunk
+        declared = request.content_length
+        if declared is not None and total != declared:
+            # Never let the upstream wait for bytes that will not come: it would
+            # read the next request on that connection as the rest of this body.
+            raise self.refuse(InvalidRequest("the request body does not match its Content-Length"))

@@ -93,11 +93,13 @@ def _decode_segment(segment: str) -> str:
         decoded = unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("malformed path: not UTF-8 after percent-decoding") from None
-    if decoded in (".", ".."):
+    # `..;x` is `..` to servers that strip matrix parameters (Tomcat and kin).
+    if decoded.split(";", 1)[0] in (".", ".."):
         raise InvalidRequest("malformed path: dot segments are not allowed")
     if "/" in decoded or "\\" in decoded:
         raise InvalidRequest("malformed path: encoded slashes are not allowed")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+    if not decoded.isprintable():
+        # Control, format (bidi) and separator characters have no place in an id.
         raise InvalidRequest("malformed path: control characters are not allowed")
     return decoded
 

@@ -111,7 +111,7 @@ class HttpUpstream:
             # Bytes pass through as the upstream sent them: no decompression,
             # and no headers the client did not send (Accept-Encoding, User-Agent).
             auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             # Proxy settings from the environment would route keys through a
             # host the config does not name.
             trust_env=False,
@@ -155,7 +155,7 @@ class _HttpResponse:
         self._response = response
         self.status = response.status
         self.reason = response.reason or ""
-        self.headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in response.raw_headers)
+        self.headers = tuple((_text(name), _text(value)) for name, value in response.raw_headers)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._response.content
@@ -165,6 +165,14 @@ class _HttpResponse:
             if not chunk:
                 return
             yield chunk
+
+
+def _text(raw: bytes) -> str:
+    """A header as text: UTF-8 keeps its bytes when re-sent; anything else is read as Latin-1."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 @contextmanager

@@ -74,7 +74,8 @@ async def recorder(aiohttp_server: AiohttpServer) -> tuple[Recorder, str]:
     rec = Recorder()
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/{tail:.*}", rec.handler)
-    server = await aiohttp_server(app)
+    # The recorder sees bodies exactly as the gateway sent them.
+    server = await aiohttp_server(app, auto_decompress=False)
     return rec, str(server.make_url("")).rstrip("/")
 
 

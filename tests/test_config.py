@@ -193,6 +193,22 @@ def test_secrets_load_from_files_with_the_trailing_newline_stripped(tmp_path: Pa
     assert "sk-ant" not in str(settings.environments[0].key)
 
 
+def test_secrets_must_be_plain_visible_ascii(tmp_path: Path) -> None:
+    quoted = tmp_path / "quoted"
+    quoted.write_text('abc"def')
+    found = problems(
+        f"environments: [{{id: env_1, key_env: K}}, {{id: env_2, key_file: {quoted}}}]\n"
+        "clients: {tokens: [{token_env: T}]}",
+        {"K": "caf\u00e9-key", "T": "back\\slash"},
+    )
+    rule = "the secret must be visible ASCII without spaces, quotes or backslashes"
+    assert found == [
+        f"environments[0].key_env: environment variable K: {rule}",
+        f"environments[1].key_file: {quoted}: {rule}",
+        f"clients.tokens[0].token_env: environment variable T: {rule}",
+    ]
+
+
 def test_tokens_must_be_distinct_from_each_other_and_from_real_keys() -> None:
     found = problems(
         """

@@ -98,3 +98,32 @@ async def test_request_lines_carry_fields_and_no_secret(
     text = captured.getvalue()
     assert not any(secret in text for secret in SECRETS)
     assert "sk-ant-api03-unknown-worker-key" not in text
+
+
+def test_text_lines_quote_values_that_could_pose_as_fields() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings("info", "text"), (), stream)
+    try:
+        logging.getLogger("gateway.access").info(
+            "GET", extra={"fields": {"event": "request", "work_id": "w1 status=200\u202e", "route": "work"}}
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    line = stream.getvalue()
+    assert 'work_id="w1 status=200\\u202e"' in line
+    assert "route=work" in line
+
+
+async def test_malformed_requests_do_not_put_header_values_in_the_log(
+    captured: io.StringIO, simulator: SimHandle, make_gateway: GatewayFactory
+) -> None:
+    import asyncio
+
+    gateway = await make_gateway(simulator.url)
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/sessions/s HTTP/1.1\r\nHost: x\r\nx-api-key: PRIVATE_session_token\x01\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert "PRIVATE_session_token" not in captured.getvalue()

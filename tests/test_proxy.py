@@ -501,3 +501,82 @@ async def test_repeated_credential_headers_are_refused(via_recorder: tuple[Recor
         assert response.status == 400
         assert (await response.json())["error"]["type"] == "invalid_request_error"
     assert rec.requests == []
+
+
+async def test_compressed_bodies_pass_through_as_received(via_recorder: tuple[Recorder, Gateway]) -> None:
+    """Decompressing would forward fewer bytes than Content-Length announces, and the
+    upstream would read the next pooled request (with another key) as the rest."""
+    rec, gateway = via_recorder
+    import gzip
+
+    body = gzip.compress(b'{"type": "user.tool_result"}')
+    headers = {**worker_headers(), "Content-Encoding": "gzip"}
+    assert (await send(gateway, "POST", "/v1/sessions/s1/events", headers, body))[0] == 200
+    heartbeat = f"/v1/environments/{ENV_ID}/work/w1/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
+    assert (await send(gateway, "POST", heartbeat, headers, body))[0] == 200
+    for recorded in rec.requests:
+        assert recorded.body == body
+        assert header(recorded.headers, "Content-Encoding") == ["gzip"]
+        assert header(recorded.headers, "Content-Length") == [str(len(body))]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {TOKEN},"},
+        {"Authorization": f"Bearer {TOKEN}, Bearer other"},
+        {"x-api-key": f"{TOKEN} x"},
+        {**worker_headers(), "Cookie": f"session={TOKEN}"},
+        {**worker_headers(), "x_api_key": TOKEN},
+    ],
+    ids=["trailing-comma", "two-bearers", "api-key-suffix", "cookie", "underscore-header"],
+)
+async def test_a_token_in_any_other_form_is_refused_not_forwarded(
+    via_recorder: tuple[Recorder, Gateway], headers: dict[str, str]
+) -> None:
+    rec, gateway = via_recorder
+    status, _, body = await send(gateway, "GET", "/v1/sessions/s1", headers)
+    assert status == 401
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+    assert rec.requests == []
+
+
+async def test_a_token_in_the_query_is_refused(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    status, _, _ = await send(gateway, "GET", f"/v1/sessions/s1?key={TOKEN[:3]}%2D{TOKEN[4:]}", worker_headers())
+    assert status == 401
+    assert rec.requests == []
+
+
+async def test_a_tab_separated_bearer_is_still_the_token(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    status, _, _ = await send(gateway, "GET", "/v1/sessions/s1", {"Authorization": f"Bearer\t{TOKEN}"})
+    assert status == 200
+    assert header(rec.requests[0].headers, "x-api-key") == [API_KEY]
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])
+async def test_unusual_methods_are_refused(via_recorder: tuple[Recorder, Gateway], method: str) -> None:
+    rec, gateway = via_recorder
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"{method} /v1/sessions/s1 HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\n\r\n".encode())
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] in (b"405", b"400", b"404")
+    assert rec.requests == []
+
+
+async def test_non_ascii_header_values_are_refused(via_recorder: tuple[Recorder, Gateway]) -> None:
+    rec, gateway = via_recorder
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /v1/sessions/s1 HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nX-Note: caf".encode() + b"\xc3\xa9\r\n\r\n"
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] == b"400"
+    assert rec.requests == []
