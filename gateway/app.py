@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .admin import Health, create_admin_app
-from .heartbeats import DirectHeartbeats, HeartbeatService
+from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from .middleware import access_log_middleware, error_middleware
 from .proxy import PROXY, ProxyContext, handle
 from .settings import Settings
@@ -35,18 +35,31 @@ def create_proxy_app(
 
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         up = upstream or HttpUpstream(settings.upstream)
-        app[PROXY] = ProxyContext(settings, up, heartbeats or DirectHeartbeats(up))
+        service = heartbeats or _heartbeat_service(settings, up)
+        app[PROXY] = ProxyContext(settings, up, service)
         health.upstream_ready = True
         try:
             yield
         finally:
             health.upstream_ready = False
+            await service.close()
             if upstream is None:
                 await up.close()
 
     app.cleanup_ctx.append(upstream_lifecycle)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def _heartbeat_service(settings: Settings, upstream: Upstream) -> HeartbeatService:
+    if not settings.heartbeat.coalesce:
+        return DirectHeartbeats(upstream)
+
+    def label(environment_id: str) -> str:
+        env = settings.environment(environment_id)
+        return env.label if env is not None else "other"
+
+    return CoalescingHeartbeats(upstream, settings.heartbeat, label=label)
 
 
 class Gateway:

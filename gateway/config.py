@@ -32,18 +32,21 @@ from .settings import (
     DEFAULT_BETAS,
     LOG_FORMATS,
     LOG_LEVELS,
+    AbsorbSettings,
     ClientSettings,
     ClientToken,
     DefaultCredential,
     Environment,
     HeaderSettings,
     HeartbeatSettings,
+    LeaseTrackingSettings,
     Limits,
     ListenAddress,
     LoggingSettings,
     RouteSettings,
     Secret,
     Settings,
+    TtlOverride,
     UpstreamSettings,
 )
 
@@ -435,13 +438,25 @@ class _Reader:
         return tuple(result)
 
     def environment(self, item: object, path: str) -> Environment:
-        m = self.mapping(item, path, ("id", "name", "key_env", "key_file"))
+        m = self.mapping(item, path, ("id", "name", "key_env", "key_file", "heartbeat"))
         env_id = self.string(m.get("id"), _join(path, "id"))
         if env_id and not _ENVIRONMENT_ID.match(env_id):
             self.problem(_join(path, "id"), "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW")
         name = None if m.get("name") is None else self.string(m["name"], _join(path, "name"))
         key = self.secret(m, path, "key_env", "key_file", required=True) or _PLACEHOLDER_SECRET
-        return Environment(env_id, name, key)
+        hb_path = _join(path, "heartbeat")
+        hb = self.mapping(m.get("heartbeat"), hb_path, ("desired_ttl_seconds", "override"))
+        ttl = hb.get("desired_ttl_seconds")
+        override = hb.get("override")
+        return Environment(
+            env_id,
+            name,
+            key,
+            TtlOverride(
+                None if ttl is None else self.integer(ttl, _join(hb_path, "desired_ttl_seconds"), 1),
+                None if override is None else self.boolean(override, _join(hb_path, "override")),
+            ),
+        )
 
     def default_credential(self, value: object) -> DefaultCredential:
         m = self.mapping(value, "default_credential", ("api_key_env", "api_key_file"))
@@ -505,11 +520,62 @@ class _Reader:
         return RouteSettings(prefixes)
 
     def heartbeat(self, value: object) -> HeartbeatSettings:
-        m = self.mapping(value, "heartbeat", ("desired_ttl_seconds",))
+        d = HeartbeatSettings()
+        m = self.mapping(
+            value,
+            "heartbeat",
+            ("desired_ttl_seconds", "override", "coalesce", "upstream_timeout_seconds", "absorb", "leases"),
+        )
         ttl = m.get("desired_ttl_seconds")
-        if ttl is None:
-            return HeartbeatSettings()
-        return HeartbeatSettings(self.integer(ttl, "heartbeat.desired_ttl_seconds", 1))
+        return HeartbeatSettings(
+            desired_ttl_seconds=None if ttl is None else self.integer(ttl, "heartbeat.desired_ttl_seconds", 1),
+            override=self.boolean(m.get("override", d.override), "heartbeat.override"),
+            coalesce=self.boolean(m.get("coalesce", d.coalesce), "heartbeat.coalesce"),
+            upstream_timeout_seconds=self.number(
+                m.get("upstream_timeout_seconds", d.upstream_timeout_seconds),
+                "heartbeat.upstream_timeout_seconds",
+                allow_zero=False,
+            ),
+            absorb=self.absorb(m.get("absorb")),
+            leases=self.lease_tracking(m.get("leases")),
+        )
+
+    def absorb(self, value: object) -> AbsorbSettings:
+        d = AbsorbSettings()
+        path = "heartbeat.absorb"
+        m = self.mapping(value, path, ("enabled", "max_signal_delay_seconds", "min_remaining_fraction"))
+        fraction = self.number(
+            m.get("min_remaining_fraction", d.min_remaining_fraction),
+            _join(path, "min_remaining_fraction"),
+            allow_zero=False,
+        )
+        if fraction > 1:
+            self.problem(_join(path, "min_remaining_fraction"), f"must be at most 1, not {fraction:g}")
+        return AbsorbSettings(
+            enabled=self.boolean(m.get("enabled", d.enabled), _join(path, "enabled")),
+            max_signal_delay_seconds=self.number(
+                m.get("max_signal_delay_seconds", d.max_signal_delay_seconds),
+                _join(path, "max_signal_delay_seconds"),
+                allow_zero=False,
+            ),
+            min_remaining_fraction=fraction,
+        )
+
+    def lease_tracking(self, value: object) -> LeaseTrackingSettings:
+        d = LeaseTrackingSettings()
+        path = "heartbeat.leases"
+        m = self.mapping(value, path, ("max_tracked", "retention_seconds", "expiry_grace_seconds"))
+        return LeaseTrackingSettings(
+            max_tracked=self.integer(m.get("max_tracked", d.max_tracked), _join(path, "max_tracked"), 1),
+            retention_seconds=self.number(
+                m.get("retention_seconds", d.retention_seconds), _join(path, "retention_seconds"), allow_zero=True
+            ),
+            expiry_grace_seconds=self.number(
+                m.get("expiry_grace_seconds", d.expiry_grace_seconds),
+                _join(path, "expiry_grace_seconds"),
+                allow_zero=True,
+            ),
+        )
 
     def limits(self, value: object) -> Limits:
         d = Limits()

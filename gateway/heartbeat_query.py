@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from .errors import InvalidRequest
 
-__all__ = ["NO_HEARTBEAT", "HeartbeatQuery", "parse_heartbeat_query", "with_default_ttl"]
+__all__ = ["NO_HEARTBEAT", "HeartbeatQuery", "apply_desired_ttl", "parse_heartbeat_query", "without_param"]
 
 NO_HEARTBEAT = "NO_HEARTBEAT"
 _EXPECTED = "expected_last_heartbeat"
@@ -62,8 +62,16 @@ def _single(pairs: list[tuple[str, str]], name: str) -> str | None:
     return values[0] if values else None
 
 
-def with_default_ttl(raw_query: str | None, query: HeartbeatQuery, ttl: int | None) -> str | None:
-    """The query with `desired_ttl_seconds=ttl` appended when the client sent none; the rest kept byte for byte."""
-    if ttl is None or query.desired_ttl_seconds is not None:
+def apply_desired_ttl(raw_query: str | None, query: HeartbeatQuery, ttl: int | None, *, override: bool) -> str | None:
+    """The query with the configured TTL: appended when the client sent none,
+    or in place of the client's when `override`; the rest kept byte for byte."""
+    if ttl is None or (query.desired_ttl_seconds is not None and not override):
         return raw_query
-    return f"{raw_query}&{_TTL}={ttl}" if raw_query else f"{_TTL}={ttl}"
+    rest = without_param(raw_query, _TTL) if query.desired_ttl_seconds is not None else raw_query
+    return f"{rest}&{_TTL}={ttl}" if rest else f"{_TTL}={ttl}"
+
+
+def without_param(raw_query: str | None, name: str) -> str:
+    """`raw_query` minus every `name=...` pair, the other pairs untouched."""
+    pairs = (raw_query or "").split("&")
+    return "&".join(p for p in pairs if p and unquote_plus(p.partition("=")[0]) != name)

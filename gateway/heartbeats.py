@@ -1,27 +1,74 @@
 """The heartbeat seam: where `POST .../work/{work_id}/heartbeat` leaves the generic proxy path.
 
-The proxy validates a heartbeat, injects its credential and headers, and
-hands a `HeartbeatCall` to a `HeartbeatService`. The service decides how the
-upstream is asked and returns one buffered answer per call (heartbeat
-answers are small JSON). `DirectHeartbeats` forwards each call one for one;
-lease-safe coalescing plugs in here as another `HeartbeatService` without
-touching the proxy.
+The proxy validates a heartbeat, injects its credential and TTL, and hands a
+`HeartbeatCall` to a `HeartbeatService`, which returns one buffered answer per
+call (heartbeat answers are small JSON):
+
+- `CoalescingHeartbeats` (the default) drives the sans-IO `gateway.coalescer`:
+  it owns the futures the waiting handlers await, runs each upstream flight
+  as its own task (no waiter's cancellation cancels it; it has its own
+  deadline), retries what surely never landed, and feeds every result back.
+- `DirectHeartbeats` forwards each call one for one (`heartbeat.coalesce: false`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from .heartbeat_query import HeartbeatQuery
+from .coalescer import (
+    NO_HEARTBEAT,
+    AbsorbPolicy,
+    Action,
+    Beat,
+    Coalescer,
+    Deliver,
+    DeliverError,
+    DeliverLocal,
+    Failed,
+    HeartbeatAnswer,
+    LeaseEvent,
+    LeaseKey,
+    LeaseView,
+    Outcome,
+    OutcomeName,
+    Rejected,
+    Send,
+    Succeeded,
+    TrackingPolicy,
+    Unsuccessful,
+)
+from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .heartbeat_query import HeartbeatQuery, without_param
+from .retry import retry_delay
+from .settings import HeartbeatSettings
 from .upstream import BufferedResponse, Upstream, UpstreamRequest, fetch
 
-__all__ = ["MAX_HEARTBEAT_RESPONSE_BYTES", "DirectHeartbeats", "HeartbeatCall", "HeartbeatResult", "HeartbeatService"]
+__all__ = [
+    "MAX_HEARTBEAT_RESPONSE_BYTES",
+    "OUTCOME_HEADER",
+    "CoalescingHeartbeats",
+    "DirectHeartbeats",
+    "HeartbeatCall",
+    "HeartbeatResult",
+    "HeartbeatService",
+]
+
+log = logging.getLogger("gateway.leases")
 
 # A heartbeat answer is a few hundred bytes; anything near this is not one.
 MAX_HEARTBEAT_RESPONSE_BYTES = 1024 * 1024
-
-HeartbeatOutcome = Literal["forwarded", "joined", "handed_off", "absorbed", "rejected"]
+OUTCOME_HEADER = "heartbeat-gateway-outcome"
+# How often the lease table is checked for leases that lapsed unrenewed.
+TICK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,18 +76,28 @@ class HeartbeatCall:
     environment_id: str
     work_id: str
     query: HeartbeatQuery
-    # Ready to send: credential injected, default TTL applied.
+    # Ready to send: credential injected, TTL applied.
     request: UpstreamRequest
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatResult:
     response: BufferedResponse
-    outcome: HeartbeatOutcome
+    outcome: OutcomeName
+    # What the service needs to hear back if the answer could not be written.
+    receipt: tuple[int, LeaseKey] | None = field(default=None, compare=False)
 
 
 class HeartbeatService(Protocol):
     async def heartbeat(self, call: HeartbeatCall) -> HeartbeatResult: ...
+
+    def unwritten(self, result: HeartbeatResult) -> None:
+        """The worker went away before `result` was written to it."""
+
+    def stop_seen(self, environment_id: str, work_id: str) -> None:
+        """A stop for the item is passing through the gateway."""
+
+    async def close(self) -> None: ...
 
 
 class DirectHeartbeats:
@@ -52,3 +109,251 @@ class DirectHeartbeats:
     async def heartbeat(self, call: HeartbeatCall) -> HeartbeatResult:
         response = await fetch(self._upstream, call.request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
         return HeartbeatResult(response, "forwarded")
+
+    def unwritten(self, result: HeartbeatResult) -> None:
+        pass
+
+    def stop_seen(self, environment_id: str, work_id: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+Core = Coalescer[BufferedResponse, UpstreamError]
+
+
+class CoalescingHeartbeats:
+    def __init__(
+        self,
+        upstream: Upstream,
+        settings: HeartbeatSettings,
+        *,
+        label: Callable[[str], str] = str,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._timeout = settings.upstream_timeout_seconds
+        self._label = label
+        self._clock = clock
+        self._rng = rng or random.Random()
+        absorb = settings.absorb
+        leases = settings.leases
+        self.core: Core = Coalescer(
+            absorb=AbsorbPolicy(absorb.enabled, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction),
+            tracking=TrackingPolicy(leases.max_tracked, leases.retention_seconds, leases.expiry_grace_seconds),
+        )
+        self._calls: dict[int, HeartbeatCall] = {}
+        self._futures: dict[int, asyncio.Future[HeartbeatResult]] = {}
+        self._waiters = iter(range(1, 2**63))
+        # Every task this driver starts, so none is dropped by the loop's weak references.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self.upstream_calls = 0
+
+    # -- the service -------------------------------------------------------------------
+
+    async def heartbeat(self, call: HeartbeatCall) -> HeartbeatResult:
+        self._ensure_ticker()
+        waiter = next(self._waiters)
+        future: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
+        self._futures[waiter] = future
+        self._calls[waiter] = call
+        key = (call.environment_id, call.work_id)
+        beat = Beat(waiter, key, call.query.expected_last_heartbeat, _identity(call.request))
+        try:
+            self._carry_out(self.core.submit(beat, self._clock()))
+            return await future
+        except asyncio.CancelledError:
+            # The worker went away. Its flight (if any) goes on without it.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.unwritten(future.result())
+            else:
+                self._carry_out(self.core.abandoned(waiter, self._clock()))
+            raise
+        finally:
+            self._futures.pop(waiter, None)
+            self._calls.pop(waiter, None)
+
+    def unwritten(self, result: HeartbeatResult) -> None:
+        if result.receipt is not None and result.outcome in ("forwarded", "handed_off"):
+            waiter, key = result.receipt
+            self.core.unwritten(waiter, key, self._clock())
+
+    def stop_seen(self, environment_id: str, work_id: str) -> None:
+        self.core.stop_seen((environment_id, work_id), self._clock())
+
+    def leases(self) -> list[LeaseView]:
+        return list(self.core.leases(self._clock()))
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *([self._ticker] if self._ticker else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(
+                    UpstreamUnavailable("the gateway is shutting down", kind="other", may_have_reached_upstream=True)
+                )
+
+    # -- carrying out decisions ------------------------------------------------------
+
+    def _carry_out(self, actions: list[Action[BufferedResponse, UpstreamError]]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                call = self._calls[action.waiter]
+                self._spawn(self._fly(action.key, action.flight, call), f"heartbeat-flight-{action.flight}")
+            elif isinstance(action, Deliver):
+                self._resolve(action.waiter, action.response, action.outcome)
+            elif isinstance(action, DeliverLocal):
+                self._resolve(action.waiter, _local_response(action), action.outcome)
+            elif isinstance(action, DeliverError):
+                future = self._futures.get(action.waiter)
+                if future is not None and not future.done():
+                    future.set_exception(_copy(action.error))
+            elif isinstance(action, LeaseEvent):
+                self._log_event(action)
+
+    def _resolve(self, waiter: int, response: BufferedResponse, outcome: OutcomeName) -> None:
+        future = self._futures.get(waiter)
+        call = self._calls.get(waiter)
+        if future is None or future.done() or call is None:
+            return
+        headers = (*response.headers, (OUTCOME_HEADER, outcome))
+        key = (call.environment_id, call.work_id)
+        future.set_result(
+            HeartbeatResult(
+                BufferedResponse(response.status, response.reason, headers, response.body), outcome, (waiter, key)
+            )
+        )
+
+    def _spawn(self, coroutine: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="lease-table-ticker")
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self._carry_out(self.core.tick(self._clock()))
+
+    async def _fly(self, key: LeaseKey, flight: int, call: HeartbeatCall) -> None:
+        """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter."""
+        request = UpstreamRequest(
+            call.request.method, call.request.target, call.request.headers, call.request.body, self._timeout
+        )
+        attempt = 0
+        while True:
+            outcome, wait_hint, retryable = await self._attempt(request)
+            if not retryable:
+                break
+            time_left = self.core.lease_time_left(key, self._clock())
+            delay = retry_delay(attempt, retry_after=wait_hint, time_left=time_left, draw=self._rng.random())
+            if delay is None:
+                break
+            attempt += 1
+            await asyncio.sleep(delay)
+            if not self.core.flight_wanted(key, flight):
+                break  # nobody waits any more: a retry now would renew what no one asked for
+        self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
+
+    async def _attempt(
+        self, request: UpstreamRequest
+    ) -> tuple[Outcome[BufferedResponse, UpstreamError], float | None, bool]:
+        """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""
+        self.upstream_calls += 1
+        try:
+            response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
+        except UpstreamError as error:
+            # Only a request that never left may be sent again: the first one may have been applied.
+            return Failed(error), None, not error.may_have_reached_upstream
+        outcome = _classify(response)
+        retry_after = _retry_after(response) if response.status in (429, 503) else None
+        return outcome, retry_after, retry_after is not None
+
+    def _log_event(self, event: LeaseEvent) -> None:
+        environment_id, work_id = event.key
+        fields = {
+            "event": f"lease_{event.kind}",
+            "environment": self._label(environment_id),
+            "work_id": work_id,
+        }
+        if event.reason:
+            fields["reason"] = event.reason
+        log.info("lease %s", event.kind, extra={"fields": fields})
+
+
+def _identity(request: UpstreamRequest) -> str:
+    """Requests merge only if the upstream would see the same credential and the same parameters."""
+    credential = [v for k, v in request.headers if k.lower() in ("authorization", "x-api-key")]
+    _, _, query = request.target.partition("?")
+    params = sorted(without_param(query, "expected_last_heartbeat").split("&"))
+    return hashlib.sha256(json.dumps([credential, params]).encode()).hexdigest()[:32]
+
+
+def _classify(response: BufferedResponse) -> Outcome[BufferedResponse, UpstreamError]:
+    if response.status == 412:
+        current: object = _json(response.body)
+        for key in ("error", "details", "current_state"):
+            current = current.get(key) if isinstance(current, dict) else None
+        if not isinstance(current, dict):
+            current = {}
+        return Rejected(response, _str(current.get("state")), _str(current.get("last_heartbeat")))
+    if response.status == 200:
+        body = _json(response.body)
+        answer = _answer(body) if body is not None else None
+        if answer is not None:
+            return Succeeded(answer, response)
+    return Unsuccessful(response)
+
+
+def _answer(body: dict[str, object]) -> HeartbeatAnswer | None:
+    last, state, extended, ttl = (body.get(k) for k in ("last_heartbeat", "state", "lease_extended", "ttl_seconds"))
+    if not isinstance(last, str) or not isinstance(state, str) or not isinstance(extended, bool):
+        return None
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or last == NO_HEARTBEAT:
+        return None
+    return HeartbeatAnswer(last, state, extended, ttl)
+
+
+def _json(body: bytes) -> dict[str, object] | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _retry_after(response: BufferedResponse) -> float | None:
+    for name, value in response.headers:
+        if name.lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None  # an HTTP date: not worth the clock comparison for a heartbeat
+            return seconds if seconds >= 0 else None
+    return None
+
+
+def _local_response(action: DeliverLocal) -> BufferedResponse:
+    reason = "OK" if action.status == 200 else "Precondition Failed"
+    headers = (("Content-Type", "application/json"),)
+    return BufferedResponse(action.status, reason, headers, json.dumps(action.body).encode())
+
+
+def _copy(error: UpstreamError) -> UpstreamError:
+    """Each waiter raises its own exception object: a shared one would share its traceback."""
+    cls = UpstreamTimeout if isinstance(error, UpstreamTimeout) else type(error)
+    return cls(error.message, kind=error.kind, may_have_reached_upstream=error.may_have_reached_upstream)

@@ -9,6 +9,7 @@ Every refusal raises a `RequestRefused` before the upstream is called.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .errors import (
     UpstreamError,
 )
 from .headers import request_headers, response_headers
-from .heartbeat_query import parse_heartbeat_query, with_default_ttl
+from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeats import HeartbeatCall, HeartbeatService
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
 from .settings import Settings
@@ -80,6 +81,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
     if route.name is RouteName.HEARTBEAT:
         return await _heartbeat(request, ctx, route, target, headers)
+    if route.name is RouteName.STOP and route.environment_id is not None and route.work_id is not None:
+        # Whatever the gateway knew of this lease may be about to change.
+        ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
     return await _pass_through(request, ctx, target, headers)
 
 
@@ -121,7 +125,8 @@ async def _heartbeat(
     body = await _read_body(request, ctx.settings.limits.max_body_bytes) if request.can_read_body else None
     # The body is sent as the bytes read; aiohttp frames it with their length.
     headers = tuple((k, v) for k, v in headers if k.lower() != "content-length")
-    raw_query = with_default_ttl(target.raw_query, query, ctx.settings.heartbeat.desired_ttl_seconds)
+    ttl, override = ctx.settings.desired_ttl(route.environment_id)
+    raw_query = apply_desired_ttl(target.raw_query, query, ttl, override=override)
     call = HeartbeatCall(
         environment_id=route.environment_id,
         work_id=route.work_id,
@@ -132,7 +137,19 @@ async def _heartbeat(
     exchange = request[EXCHANGE]
     exchange.heartbeat_outcome = result.outcome
     _note_upstream(exchange, result.response.status, result.response.headers)
-    return _buffered_response(result.response)
+    response = _buffered_response(result.response)
+    # Written here rather than by aiohttp after return, so a worker that is
+    # gone by now is noticed: its answer can then go to its retry instead.
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        ctx.heartbeats.unwritten(result)
+        exchange.error = "client_disconnected"
+    except asyncio.CancelledError:
+        ctx.heartbeats.unwritten(result)
+        raise
+    return response
 
 
 async def _pass_through(

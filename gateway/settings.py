@@ -11,18 +11,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "AbsorbSettings",
     "ClientSettings",
     "ClientToken",
     "DefaultCredential",
     "Environment",
     "HeaderSettings",
     "HeartbeatSettings",
+    "LeaseTrackingSettings",
     "Limits",
     "ListenAddress",
     "LoggingSettings",
     "RouteSettings",
     "Secret",
     "Settings",
+    "TtlOverride",
     "UpstreamSettings",
 ]
 
@@ -41,6 +44,7 @@ DEFAULT_BETAS = ("managed-agents-2026-04-01",)
 DEFAULT_ALLOW_PREFIXES = ("/v1/environments/", "/v1/sessions/", "/v1/memory_stores/", "/v1/skills/")
 # The API's own request size limit for most endpoints is 32 MB.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_SIGNAL_DELAY = 5.0
 # Kubernetes' default terminationGracePeriodSeconds is 30 s; leave room for
 # a pre-stop delay and the process exit inside it.
 DEFAULT_SHUTDOWN_GRACE = 20.0
@@ -86,10 +90,19 @@ class HeaderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TtlOverride:
+    """A per-environment `desired_ttl_seconds`; None fields fall back to `heartbeat.*`."""
+
+    desired_ttl_seconds: int | None = None
+    override: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Environment:
     id: str
     name: str | None
     key: Secret
+    heartbeat: TtlOverride = TtlOverride()
 
     @property
     def label(self) -> str:
@@ -124,8 +137,35 @@ class RouteSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AbsorbSettings:
+    """Answering the holder's beats locally; off by default (it delays stop signals)."""
+
+    enabled: bool = False
+    # A stop reaches the holder at most this long after it happened (plus one beat).
+    max_signal_delay_seconds: float = DEFAULT_MAX_SIGNAL_DELAY
+    # Forward instead once less than this share of the TTL is surely left.
+    min_remaining_fraction: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTrackingSettings:
+    max_tracked: int = 100_000
+    retention_seconds: float = 300.0
+    expiry_grace_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatSettings:
     desired_ttl_seconds: int | None = None
+    # True: desired_ttl_seconds replaces the client's own value; False: it only fills in.
+    override: bool = False
+    # False: every heartbeat is forwarded one for one (an escape hatch).
+    coalesce: bool = True
+    # One upstream heartbeat's own deadline, whoever waits for it. The SDK
+    # gives up on a beat after one interval (at most 30 s).
+    upstream_timeout_seconds: float = 30.0
+    absorb: AbsorbSettings = AbsorbSettings()
+    leases: LeaseTrackingSettings = LeaseTrackingSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +193,14 @@ class Settings:
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     limits: Limits = Limits()
     logging: LoggingSettings = LoggingSettings()
+
+    def desired_ttl(self, environment_id: str) -> tuple[int | None, bool]:
+        """The TTL to ask for on this environment's heartbeats, and whether it replaces the client's."""
+        env = self.environment(environment_id)
+        own = env.heartbeat if env is not None else TtlOverride()
+        ttl = own.desired_ttl_seconds if own.desired_ttl_seconds is not None else self.heartbeat.desired_ttl_seconds
+        override = own.override if own.override is not None else self.heartbeat.override
+        return ttl, override
 
     def environment(self, environment_id: str) -> Environment | None:
         for env in self.environments:

@@ -44,6 +44,8 @@ class UpstreamRequest:
     target: str
     headers: tuple[tuple[str, str], ...] = field(repr=False)
     body: bytes | AsyncIterable[bytes] | None = field(default=None, repr=False)
+    # This exchange's own deadline, body included; None: the upstream's request timeout.
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +103,12 @@ class HttpUpstream:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self._base = settings.base_url.rstrip("/")
+        self._connect_timeout = settings.connect_timeout_seconds
+        # The whole exchange, body streaming included; pool waits count too.
+        self._timeout = self._timeout_of(settings.request_timeout_seconds)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(
-                # The whole exchange, body streaming included; pool waits count too.
-                total=settings.request_timeout_seconds,
-                sock_connect=settings.connect_timeout_seconds,
-            ),
+            timeout=self._timeout,
             # Bytes pass through as the upstream sent them: no decompression,
             # and no headers the client did not send (Accept-Encoding, User-Agent).
             auto_decompress=False,
@@ -117,6 +118,9 @@ class HttpUpstream:
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+
+    def _timeout_of(self, total: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout)
 
     @property
     def closed(self) -> bool:
@@ -134,6 +138,7 @@ class HttpUpstream:
                 allow_redirects=False,
                 # The client chose its Content-Length/Transfer-Encoding; keep raw bytes.
                 compress=None,
+                timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
             )
         complete = False
         try:

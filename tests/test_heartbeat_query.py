@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.heartbeat_query import HeartbeatQuery, parse_heartbeat_query, with_default_ttl
+from gateway.heartbeat_query import HeartbeatQuery, parse_heartbeat_query, apply_desired_ttl
 
 
 @pytest.mark.parametrize(
@@ -54,9 +54,18 @@ def test_claims_and_conditions() -> None:
 
 def test_default_ttl_is_added_only_when_absent() -> None:
     q = parse_heartbeat_query("beta=true")
-    assert with_default_ttl("beta=true", q, 45) == "beta=true&desired_ttl_seconds=45"
-    assert with_default_ttl(None, parse_heartbeat_query(None), 45) == "desired_ttl_seconds=45"
-    assert with_default_ttl("desired_ttl_seconds=9", parse_heartbeat_query("desired_ttl_seconds=9"), 45) == (
-        "desired_ttl_seconds=9"
+    assert apply_desired_ttl("beta=true", q, 45, override=False) == "beta=true&desired_ttl_seconds=45"
+    assert apply_desired_ttl(None, parse_heartbeat_query(None), 45, override=False) == "desired_ttl_seconds=45"
+    own = parse_heartbeat_query("desired_ttl_seconds=9")
+    assert apply_desired_ttl("desired_ttl_seconds=9", own, 45, override=False) == "desired_ttl_seconds=9"
+    assert apply_desired_ttl("beta=true", q, None, override=True) == "beta=true"
+
+
+def test_override_replaces_the_clients_ttl_and_keeps_the_rest() -> None:
+    raw = "expected_last_heartbeat=2026-01-01T00%3A00%3A00Z&desired_ttl_seconds=9&beta=true"
+    query = parse_heartbeat_query(raw)
+    assert apply_desired_ttl(raw, query, 45, override=True) == (
+        "expected_last_heartbeat=2026-01-01T00%3A00%3A00Z&beta=true&desired_ttl_seconds=45"
     )
-    assert with_default_ttl("beta=true", q, None) == "beta=true"
+    assert apply_desired_ttl("desired_ttl_seconds=9", parse_heartbeat_query("desired_ttl_seconds=9"), 45,
+                             override=True) == "desired_ttl_seconds=45"  # fmt: skip

@@ -1,0 +1,627 @@
+"""Lease-safe heartbeat coalescing, as a sans-IO state machine: time passed in, decisions out.
+
+Nothing here awaits, sleeps or reads a clock. The driver (`gateway.heartbeats`)
+feeds in what happened (a worker's heartbeat arrived, an upstream call came
+back, a worker went away, a stop passed through, time passed) and carries out
+the actions returned: send this request upstream, answer that worker.
+
+Per lease, meaning one (environment id, work id):
+
+- At most one upstream heartbeat is in flight. Requests arriving meanwhile
+  wait in arrival order and are decided, one by one, against the state the
+  flight leaves behind. The only exception is an unconditional heartbeat (no
+  `expected_last_heartbeat`) with the same credential and TTL as an
+  unconditional flight and nothing queued ahead of it: it joins the flight
+  and gets its result.
+- **One holder.** The answer to a conditional heartbeat (`NO_HEARTBEAT` or
+  an echo) goes to exactly one worker: the one whose request produced it, or,
+  if that worker is gone before the answer could be written, the next
+  request that presents the same `expected_last_heartbeat` (*handoff*).
+  Conditional requests never join each other, so two claims are never
+  merged. A success is therefore delivered at most once, to a worker that
+  presented exactly what the upstream checked.
+- A request is answered locally only when that is provably what the
+  upstream would answer, or a safe under-statement of it:
+  - *absorbed*: it presents the current `last_heartbeat` with the same
+    credential and TTL, the last upstream success is younger than
+    `max_signal_delay` and at least `min_remaining_fraction` of its TTL is
+    left. The answer repeats that success with `ttl_seconds` cut to the whole
+    seconds left.
+  - *rejected*: it presents a value this gateway saw superseded (heartbeat
+    values are unique and only move forward, so it can never match again),
+    or claims with `NO_HEARTBEAT` while a lease this gateway saw granted is
+    surely still held. The answer is a 412 shaped like the upstream's.
+- Lease time is measured on the gateway's monotonic clock from when the
+  request that earned it was *sent*: the upstream applied it no earlier, so
+  "surely held until sent + ttl" never overstates the lease. Upstream
+  timestamps are never compared with the local clock.
+- No timer renews a lease: the state machine only sends what a waiting worker
+  asked for, and a retry only while one of the flight's workers still waits.
+
+Known state is dropped on any 412, any other error, any answer that is not
+an active, extended lease, and when a stop for the item passes through.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+__all__ = [
+    "NO_HEARTBEAT",
+    "AbsorbPolicy",
+    "Action",
+    "Beat",
+    "Coalescer",
+    "Deliver",
+    "DeliverError",
+    "DeliverLocal",
+    "Failed",
+    "HeartbeatAnswer",
+    "LeaseEvent",
+    "LeaseKey",
+    "LeaseView",
+    "Outcome",
+    "OutcomeName",
+    "Rejected",
+    "Send",
+    "Succeeded",
+    "TrackingPolicy",
+    "Unsuccessful",
+]
+
+NO_HEARTBEAT = "NO_HEARTBEAT"
+# How many superseded values per lease are remembered for local rejection.
+_SUPERSEDED_MEMORY = 8
+
+R = TypeVar("R")  # the driver's upstream response
+E = TypeVar("E")  # the driver's upstream error
+
+LeaseKey = tuple[str, str]
+OutcomeName = Literal["forwarded", "joined", "handed_off", "absorbed", "rejected"]
+LeaseEventKind = Literal["claimed", "lost", "stopping", "stopped", "expired", "evicted"]
+
+
+@dataclass(frozen=True, slots=True)
+class AbsorbPolicy:
+    enabled: bool = False
+    max_signal_delay: float = 5.0
+    min_remaining_fraction: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingPolicy:
+    max_leases: int = 100_000
+    # How long a stopped, lost or expired lease stays visible.
+    retention: float = 300.0
+    # Slack before an unrenewed active lease counts as expired at the edge.
+    expiry_grace: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """One worker heartbeat, as far as the decision needs it."""
+
+    waiter: int
+    key: LeaseKey
+    expected: str | None
+    # Requests are merged, handed off or absorbed only between equal
+    # identities: the same upstream credential and the same requested TTL.
+    identity: str
+
+    @property
+    def conditional(self) -> bool:
+        return self.expected is not None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAnswer:
+    """The fields of a 200 heartbeat answer the decisions use."""
+
+    last_heartbeat: str
+    state: str
+    lease_extended: bool
+    ttl_seconds: int
+
+    @property
+    def holds_lease(self) -> bool:
+        return self.state == "active" and self.lease_extended and self.ttl_seconds > 0
+
+
+# -- what the driver reports back about a flight ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded(Generic[R]):
+    answer: HeartbeatAnswer
+    response: R
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Generic[R]):
+    """A 412, with the lease state its body reports (None when it has none)."""
+
+    response: R
+    current_state: str | None
+    current_last_heartbeat: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsuccessful(Generic[R]):
+    """Any other upstream answer: passed on as it is."""
+
+    response: R
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(Generic[E]):
+    """No answer (connection, timeout): the error is passed on."""
+
+    error: E
+
+
+Outcome = Succeeded[R] | Rejected[R] | Unsuccessful[R] | Failed[E]
+
+
+# -- actions for the driver -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Start flight `flight` for `key` by sending the request of `waiter`."""
+
+    flight: int
+    key: LeaseKey
+    waiter: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Generic[R]):
+    waiter: int
+    outcome: OutcomeName
+    response: R
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverError(Generic[E]):
+    waiter: int
+    error: E
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverLocal:
+    """An answer built here: a 200 (absorbed) or a 412 (rejected)."""
+
+    waiter: int
+    outcome: OutcomeName
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEvent:
+    key: LeaseKey
+    kind: LeaseEventKind
+    # For "lost": not_extended, requeued or conflict.
+    reason: str | None = None
+
+
+Action = Send | Deliver[R] | DeliverError[E] | DeliverLocal | LeaseEvent
+
+
+# -- state ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Success(Generic[R]):
+    answer: HeartbeatAnswer
+    response: R
+    identity: str
+    expected: str | None
+    sent_at: float
+    # The waiter it was delivered to, while the driver may still report it unwritten.
+    delivered_to: int | None = None
+
+    def surely_held_until(self) -> float:
+        return self.sent_at + self.answer.ttl_seconds
+
+
+@dataclass(slots=True)
+class _Flight:
+    id: int
+    owner: int
+    expected: str | None
+    identity: str
+    sent_at: float
+    waiters: list[int]
+    owner_gone: bool = False
+
+
+@dataclass(slots=True)
+class _Lease(Generic[R]):
+    key: LeaseKey
+    known: _Success[R] | None = None
+    undelivered: _Success[R] | None = None
+    flight: _Flight | None = None
+    queue: deque[Beat] = field(default_factory=deque)
+    superseded: deque[str] = field(default_factory=lambda: deque(maxlen=_SUPERSEDED_MEMORY))
+    # Observation, kept even when `known` is dropped: for the lease table and expiry.
+    state: str = "unknown"
+    last_heartbeat: str | None = None
+    ttl_seconds: int | None = None
+    last_success_sent_at: float | None = None
+    last_outcome: str | None = None
+    last_seen: float = 0.0
+    reported_stopping: bool = False
+    ended: bool = False  # stopped, lost or expired: kept only for the retention time
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """One row of the lease table, for the admin API."""
+
+    environment_id: str
+    work_id: str
+    state: str
+    last_heartbeat: str | None
+    ttl_seconds: int | None
+    seconds_left: float | None
+    last_outcome: str | None
+    in_flight: bool
+    waiting: int
+
+
+class Coalescer(Generic[R, E]):
+    def __init__(self, *, absorb: AbsorbPolicy | None = None, tracking: TrackingPolicy | None = None) -> None:
+        self.absorb = absorb or AbsorbPolicy()
+        self.tracking = tracking or TrackingPolicy()
+        self._leases: dict[LeaseKey, _Lease[R]] = {}
+        self._waiting: dict[int, LeaseKey] = {}
+        self._flight_ids = itertools.count(1)
+        # (when, key): times at which a lease may need expiring or forgetting.
+        self._deadlines: list[tuple[float, LeaseKey]] = []
+        self.evictions = 0
+
+    # -- inputs -------------------------------------------------------------------
+
+    def submit(self, beat: Beat, now: float) -> list[Action[R, E]]:
+        """A worker's heartbeat arrived."""
+        lease = self._lease(beat.key, now)
+        self._waiting[beat.waiter] = beat.key
+        flight = lease.flight
+        if flight is not None:
+            if self._can_join(flight, beat) and not lease.queue:
+                flight.waiters.append(beat.waiter)
+                return []
+            lease.queue.append(beat)
+            return []
+        return self._decide_queue(lease, [beat], now)
+
+    def completed(self, key: LeaseKey, flight_id: int, outcome: Outcome[R, E], now: float) -> list[Action[R, E]]:
+        """The upstream call of flight `flight_id` came back (after any retries)."""
+        lease = self._leases.get(key)
+        if lease is None or lease.flight is None or lease.flight.id != flight_id:
+            return []
+        flight, lease.flight = lease.flight, None
+        lease.last_seen = now
+        waiting = [w for w in ([] if flight.owner_gone else [flight.owner]) + flight.waiters]
+        actions: list[Action[R, E]] = []
+        if isinstance(outcome, Succeeded):
+            actions += self._succeeded(lease, flight, outcome, waiting, now)
+        elif isinstance(outcome, Rejected):
+            actions += self._rejected(lease, outcome, waiting, flight)
+        elif isinstance(outcome, Unsuccessful):
+            lease.known = None
+            lease.last_outcome = "upstream_error"
+            actions += [Deliver(w, self._name(flight, w), outcome.response) for w in waiting]
+        else:
+            lease.known = None
+            lease.last_outcome = "upstream_error"
+            actions += [DeliverError(w, outcome.error) for w in waiting]
+        for w in waiting:
+            self._waiting.pop(w, None)
+        self._waiting.pop(flight.owner, None)
+        return actions + self._decide_queue(lease, [], now)
+
+    def abandoned(self, waiter: int, now: float) -> list[Action[R, E]]:
+        """A worker went away (disconnect or its own timeout) before it was answered."""
+        key = self._waiting.pop(waiter, None)
+        lease = self._leases.get(key) if key is not None else None
+        if lease is None:
+            return []
+        lease.last_seen = now
+        flight = lease.flight
+        if flight is not None and flight.owner == waiter:
+            # The call goes on: it may already have been applied. Its answer is kept for a retry.
+            flight.owner_gone = True
+        elif flight is not None and waiter in flight.waiters:
+            flight.waiters.remove(waiter)
+        else:
+            # Never sent: nobody asks for it any more, so it never will be.
+            lease.queue = deque(b for b in lease.queue if b.waiter != waiter)
+        return []
+
+    def unwritten(self, waiter: int, key: LeaseKey, now: float) -> None:
+        """The driver delivered a success to `waiter` but could not write it: keep it for a retry."""
+        lease = self._leases.get(key)
+        if lease is None or lease.known is None or lease.known.delivered_to != waiter:
+            return
+        if lease.known.expected is not None and now < lease.known.surely_held_until():
+            lease.undelivered = lease.known
+            lease.known.delivered_to = None
+
+    def stop_seen(self, key: LeaseKey, now: float) -> None:
+        """A stop for the item passed through the gateway: whatever was known may change."""
+        lease = self._leases.get(key)
+        if lease is not None:
+            lease.known = lease.undelivered = None
+            lease.last_seen = now
+
+    def tick(self, now: float) -> list[Action[R, E]]:
+        """Time passed: record leases that lapsed unrenewed, forget ended ones, enforce the size cap."""
+        events: list[Action[R, E]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key = heapq.heappop(self._deadlines)
+            lease = self._leases.get(key)
+            if lease is None:
+                continue
+            events += self._check_lease(lease, now)
+        return events
+
+    def next_deadline(self) -> float | None:
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # -- queries ------------------------------------------------------------------
+
+    def in_flight(self, key: LeaseKey) -> int:
+        lease = self._leases.get(key)
+        return 1 if lease is not None and lease.flight is not None else 0
+
+    def flight_wanted(self, key: LeaseKey, flight_id: int) -> bool:
+        """Whether any worker still waits for flight `flight_id`: retries need one."""
+        lease = self._leases.get(key)
+        flight = lease.flight if lease is not None else None
+        return flight is not None and flight.id == flight_id and (not flight.owner_gone or bool(flight.waiters))
+
+    def lease_time_left(self, key: LeaseKey, now: float) -> float | None:
+        """Seconds the lease is surely still held, if this gateway knows it."""
+        lease = self._leases.get(key)
+        if lease is None or lease.known is None:
+            return None
+        return lease.known.surely_held_until() - now
+
+    def leases(self, now: float) -> Iterator[LeaseView]:
+        for lease in self._leases.values():
+            left = None
+            if lease.last_success_sent_at is not None and lease.ttl_seconds and not lease.ended:
+                left = max(0.0, lease.last_success_sent_at + lease.ttl_seconds - now)
+            yield LeaseView(
+                environment_id=lease.key[0],
+                work_id=lease.key[1],
+                state=lease.state,
+                last_heartbeat=lease.last_heartbeat,
+                ttl_seconds=lease.ttl_seconds,
+                seconds_left=left,
+                last_outcome=lease.last_outcome,
+                in_flight=lease.flight is not None,
+                waiting=len(lease.queue) + (len(lease.flight.waiters) + 1 if lease.flight else 0),
+            )
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    # -- decisions ------------------------------------------------------------------
+
+    def _lease(self, key: LeaseKey, now: float) -> _Lease[R]:
+        lease = self._leases.get(key)
+        if lease is None:
+            self._evict_if_full()
+            lease = self._leases[key] = _Lease(key, last_seen=now)
+            self._schedule(lease, now + self.tracking.retention)
+        lease.last_seen = now
+        return lease
+
+    @staticmethod
+    def _can_join(flight: _Flight, beat: Beat) -> bool:
+        return flight.expected is None and not beat.conditional and beat.identity == flight.identity
+
+    def _decide_queue(self, lease: _Lease[R], arrivals: list[Beat], now: float) -> list[Action[R, E]]:
+        """Decide waiting requests in arrival order until one has to go upstream."""
+        lease.queue.extend(arrivals)
+        actions: list[Action[R, E]] = []
+        while lease.queue and lease.flight is None:
+            beat = lease.queue.popleft()
+            local = self._answer_locally(lease, beat, now)
+            if local is not None:
+                actions.append(local)
+                lease.last_outcome = local.outcome
+                self._waiting.pop(beat.waiter, None)
+                continue
+            flight = _Flight(next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [])
+            lease.flight = flight
+            lease.last_outcome = "forwarded"
+            # Unconditional beats right behind it ride along.
+            while lease.queue and self._can_join(flight, lease.queue[0]):
+                flight.waiters.append(lease.queue.popleft().waiter)
+            actions.append(Send(flight.id, lease.key, beat.waiter))
+        return actions
+
+    def _answer_locally(self, lease: _Lease[R], beat: Beat, now: float) -> Deliver[R] | DeliverLocal | None:
+        undelivered = lease.undelivered
+        if (
+            undelivered is not None
+            and beat.expected == undelivered.expected
+            and beat.identity == undelivered.identity
+            and now < undelivered.surely_held_until()
+        ):
+            # The lost answer finds its worker: once.
+            lease.undelivered = None
+            undelivered.delivered_to = beat.waiter
+            return Deliver(beat.waiter, "handed_off", undelivered.response)
+        known = lease.known
+        if known is not None and beat.expected == known.answer.last_heartbeat and self._absorbable(known, beat, now):
+            return self._absorbed(beat, known, now)
+        if beat.expected is not None and beat.expected in lease.superseded:
+            return self._rejected_locally(lease, beat, known)
+        if beat.expected == NO_HEARTBEAT and known is not None and now < known.surely_held_until():
+            return self._rejected_locally(lease, beat, known)
+        return None
+
+    def _absorbable(self, known: _Success[R], beat: Beat, now: float) -> bool:
+        policy = self.absorb
+        if not policy.enabled or beat.identity != known.identity or not known.answer.holds_lease:
+            return False
+        left = known.surely_held_until() - now
+        return (
+            now - known.sent_at < policy.max_signal_delay
+            and left >= 1.0
+            and left >= policy.min_remaining_fraction * known.answer.ttl_seconds
+        )
+
+    @staticmethod
+    def _absorbed(beat: Beat, known: _Success[R], now: float) -> DeliverLocal:
+        answer = known.answer
+        body = {
+            "type": "work_heartbeat",
+            "last_heartbeat": answer.last_heartbeat,
+            "lease_extended": answer.lease_extended,
+            "state": answer.state,
+            # Whole seconds surely left: never more than the upstream would say.
+            "ttl_seconds": int(known.surely_held_until() - now),
+        }
+        return DeliverLocal(beat.waiter, "absorbed", 200, body)
+
+    @staticmethod
+    def _rejected_locally(lease: _Lease[R], beat: Beat, known: _Success[R] | None) -> DeliverLocal:
+        actual = known.answer.last_heartbeat if known is not None else None
+        state = known.answer.state if known is not None else lease.state
+        body = {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": f"Heartbeat precondition failed: expected {beat.expected}, actual was {actual or 'NULL'}",
+                "details": {
+                    "error_code": "heartbeat_precondition_failed",
+                    "error_visibility": "user_facing",
+                    "current_state": {
+                        "state": state if state != "unknown" else "active",
+                        "last_heartbeat": actual,
+                        # ASSUMPTION: the lease was updated by the heartbeat that set last_heartbeat.
+                        "lease_updated_at": actual,
+                        "lease_extended": False,
+                        "ttl_seconds": known.answer.ttl_seconds if known is not None else (lease.ttl_seconds or 0),
+                    },
+                },
+            },
+        }
+        return DeliverLocal(beat.waiter, "rejected", 412, body)
+
+    def _succeeded(
+        self, lease: _Lease[R], flight: _Flight, outcome: Succeeded[R], waiting: list[int], now: float
+    ) -> list[Action[R, E]]:
+        answer = outcome.answer
+        events = self._observe_success(lease, flight, answer)
+        success = _Success(answer, outcome.response, flight.identity, flight.expected, flight.sent_at)
+        # Anything older is history now: its values can never match again.
+        for old in (lease.known, lease.undelivered):
+            if old is not None and old.answer.last_heartbeat != answer.last_heartbeat:
+                lease.superseded.append(old.answer.last_heartbeat)
+        if flight.expected not in (None, NO_HEARTBEAT) and flight.expected != answer.last_heartbeat:
+            lease.superseded.append(flight.expected)
+        lease.undelivered = None
+        lease.known = success if answer.holds_lease else None
+        if flight.expected is not None:
+            if waiting:
+                success.delivered_to = waiting[0]
+                return [*events, Deliver(waiting[0], "forwarded", outcome.response)]
+            if answer.holds_lease:
+                lease.undelivered = success
+            return events
+        return [*events, *(Deliver(w, self._name(flight, w), outcome.response) for w in waiting)]
+
+    def _observe_success(self, lease: _Lease[R], flight: _Flight, answer: HeartbeatAnswer) -> list[Action[R, E]]:
+        events: list[Action[R, E]] = []
+        if flight.expected == NO_HEARTBEAT and answer.holds_lease:
+            events.append(LeaseEvent(lease.key, "claimed"))
+        if answer.state == "stopping" and not lease.reported_stopping:
+            lease.reported_stopping = True
+            events.append(LeaseEvent(lease.key, "stopping"))
+        elif answer.state == "stopped" and lease.state != "stopped":
+            events.append(LeaseEvent(lease.key, "stopped"))
+        elif answer.state == "active" and not answer.lease_extended:
+            events.append(LeaseEvent(lease.key, "lost", "not_extended"))
+        lease.state = answer.state
+        lease.last_heartbeat = answer.last_heartbeat
+        lease.ttl_seconds = answer.ttl_seconds
+        lease.last_success_sent_at = flight.sent_at
+        lease.ended = answer.state == "stopped" or not answer.lease_extended
+        self._schedule(lease, flight.sent_at + answer.ttl_seconds + self.tracking.expiry_grace)
+        return events
+
+    def _rejected(
+        self, lease: _Lease[R], outcome: Rejected[R], waiting: list[int], flight: _Flight
+    ) -> list[Action[R, E]]:
+        lease.known = None
+        undelivered = lease.undelivered
+        if undelivered is not None and (
+            outcome.current_state != "active" or outcome.current_last_heartbeat != undelivered.answer.last_heartbeat
+        ):
+            # The 412 shows the lease has moved on from the answer nobody received.
+            lease.undelivered = None
+        if flight.expected is not None and flight.expected != NO_HEARTBEAT:
+            lease.superseded.append(flight.expected)
+        events: list[Action[R, E]] = []
+        if lease.state in ("active", "starting", "unknown") and outcome.current_last_heartbeat != lease.last_heartbeat:
+            reason = "requeued" if outcome.current_state == "queued" else "conflict"
+            events.append(LeaseEvent(lease.key, "lost", reason))
+        if outcome.current_state is not None:
+            lease.state = outcome.current_state
+        lease.last_outcome = "rejected_upstream"
+        return [*events, *(Deliver(w, self._name(flight, w), outcome.response) for w in waiting)]
+
+    @staticmethod
+    def _name(flight: _Flight, waiter: int) -> OutcomeName:
+        return "forwarded" if waiter == flight.owner else "joined"
+
+    # -- table upkeep -----------------------------------------------------------------
+
+    def _schedule(self, lease: _Lease[R], when: float) -> None:
+        heapq.heappush(self._deadlines, (when, lease.key))
+
+    def _check_lease(self, lease: _Lease[R], now: float) -> list[Action[R, E]]:
+        if lease.flight is not None or lease.queue:
+            self._schedule(lease, now + self.tracking.retention)
+            return []
+        sent, ttl = lease.last_success_sent_at, lease.ttl_seconds
+        if not lease.ended and sent is not None and ttl is not None:
+            if now < sent + ttl + self.tracking.expiry_grace:
+                return []  # renewed since: a later deadline is already scheduled
+            # Nobody renewed it through this gateway: a loss no one else reports.
+            lease.state, lease.ended, lease.known = "expired", True, None
+            lease.last_seen = now
+            self._schedule(lease, now + self.tracking.retention)
+            return [LeaseEvent(lease.key, "expired")]
+        # Ended, or never granted: forget it once it has been quiet for the retention time.
+        if now - lease.last_seen >= self.tracking.retention:
+            del self._leases[lease.key]
+        else:
+            self._schedule(lease, lease.last_seen + self.tracking.retention)
+        return []
+
+    def _evict_if_full(self) -> None:
+        if len(self._leases) < self.tracking.max_leases:
+            return
+        # Evict a batch, ended leases first, then the longest quiet, so the sort
+        # is paid once per batch rather than once per new lease.
+        batch = max(1, self.tracking.max_leases // 100)
+        idle = sorted(
+            (lease for lease in self._leases.values() if lease.flight is None and not lease.queue),
+            key=lambda lease: (not lease.ended, lease.last_seen),
+        )
+        for lease in idle[:batch]:
+            del self._leases[lease.key]
+            self.evictions += 1
