@@ -19,7 +19,10 @@ from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
 
 HEARTBEAT = f"/v1/environments/{ENV_ID}/work/work_1/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
 POLL = f"/v1/environments/{ENV_ID}/work/poll?block_ms=999"
-FAST_TIMEOUTS = "upstream: {base_url: '%s', connect_timeout_seconds: 1, request_timeout_seconds: 0.5}"
+FAST_TIMEOUTS = (
+    "upstream: {base_url: '%s', connect_timeout_seconds: 1, request_timeout_seconds: 0.5}\n"
+    "heartbeat: {upstream_timeout_seconds: 0.5}"
+)
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
