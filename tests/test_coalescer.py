@@ -1,0 +1,374 @@
+"""The coalescing core as transcripts: a fake clock, requests in, actions out.
+
+Each test reads like the contract point it checks ("claim at t=0, beat at
+t=0.1, upstream answers at t=0.3, expect ...").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.coalescer import (
+    AbsorbPolicy,
+    Action,
+    Beat,
+    Coalescer,
+    Deliver,
+    DeliverError,
+    DeliverLocal,
+    Failed,
+    HeartbeatAnswer,
+    LeaseEvent,
+    Rejected,
+    Send,
+    Succeeded,
+    TrackingPolicy,
+    Unsuccessful,
+)
+from gateway.retry import MAX_RETRIES, retry_delay
+
+KEY = ("env_1", "work_1")
+ME = "identity-shared-token"
+OTHER = "identity-sessions-token"
+
+Core = Coalescer[str, str]
+
+
+def core(**absorb: Any) -> Core:
+    return Coalescer(absorb=AbsorbPolicy(**absorb) if absorb else None)
+
+
+def beat(waiter: int, expected: str | None, identity: str = ME, key: tuple[str, str] = KEY) -> Beat:
+    return Beat(waiter, key, expected, identity)
+
+
+def ok(last: str, ttl: int = 10, state: str = "active", extended: bool = True) -> Succeeded[str]:
+    return Succeeded(HeartbeatAnswer(last, state, extended, ttl), f"200 {last}")
+
+
+def sends(actions: list[Action[str, str]]) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send)]
+
+
+def replies(actions: list[Action[str, str]]) -> list[tuple[int, str, object]]:
+    """(waiter, outcome, what it got) for every answer in `actions`."""
+    out: list[tuple[int, str, object]] = []
+    for a in actions:
+        if isinstance(a, Deliver):
+            out.append((a.waiter, a.outcome, a.response))
+        elif isinstance(a, DeliverLocal):
+            out.append((a.waiter, a.outcome, a.status))
+        elif isinstance(a, DeliverError):
+            out.append((a.waiter, "error", a.error))
+    return out
+
+
+def events(actions: list[Action[str, str]]) -> list[tuple[str, str | None]]:
+    return [(a.kind, a.reason) for a in actions if isinstance(a, LeaseEvent)]
+
+
+def claimed(c: Core, t: float = 0.0, last: str = "T1", ttl: int = 10) -> None:
+    """Worker 1 claims at `t` and gets `last`."""
+    (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT"), t))
+    c.completed(KEY, send.flight, ok(last, ttl), t + 0.01)
+
+
+# -- 1. one flight per lease, arrival order ---------------------------------------
+
+
+def test_one_flight_per_lease_and_arrival_order() -> None:
+    c = core()
+    # t=0 beat with T0 goes upstream; t=0.1 and t=0.2 arrive while it flies.
+    first = sends(c.submit(beat(1, "T0"), 0.0))
+    assert len(first) == 1
+    assert c.submit(beat(2, "T0"), 0.1) == []
+    assert c.submit(beat(3, None), 0.2) == []
+    assert c.in_flight(KEY) == 1
+    # t=0.3 the upstream answers T1: waiter 1 gets it; waiter 2, whose T0 is now
+    # superseded, gets a 412 from known state; waiter 3 goes up next, in order.
+    actions = c.completed(KEY, first[0].flight, ok("T1"), 0.3)
+    assert replies(actions) == [(1, "forwarded", "200 T1"), (2, "rejected", 412)]
+    assert [s.waiter for s in sends(actions)] == [3]
+    assert c.in_flight(KEY) == 1
+    # Other leases are independent.
+    assert len(sends(c.submit(beat(4, None, key=("env_1", "work_2")), 0.3))) == 1
+
+
+# -- 2. one holder ---------------------------------------------------------------------
+
+
+def test_concurrent_claims_are_never_merged_one_wins() -> None:
+    c = core()
+    (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT"), 0.0))
+    for waiter in range(2, 6):
+        assert c.submit(beat(waiter, "NO_HEARTBEAT"), 0.01) == []
+    actions = c.completed(KEY, send.flight, ok("T1"), 0.2)
+    assert replies(actions) == [(1, "forwarded", "200 T1")] + [(w, "rejected", 412) for w in range(2, 6)]
+    assert sends(actions) == []
+    assert events(actions) == [("claimed", None)]
+    # The local 412 has the upstream's shape, current_state included.
+    body = next(a.body for a in actions if isinstance(a, DeliverLocal))
+    assert body["error"]["details"]["current_state"] == {
+        "state": "active",
+        "last_heartbeat": "T1",
+        "lease_updated_at": "T1",
+        "lease_extended": False,
+        "ttl_seconds": 10,
+    }
+    assert body["error"]["details"]["error_code"] == "heartbeat_precondition_failed"
+
+
+def test_a_claim_after_the_lease_may_have_lapsed_goes_upstream() -> None:
+    c = core()
+    claimed(c, t=0.0, ttl=10)
+    # Surely held until 0 + 10: at t=10 the lease may have lapsed and been re-queued.
+    assert len(sends(c.submit(beat(2, "NO_HEARTBEAT"), 10.0))) == 1
+
+
+def test_conditional_requests_never_join_an_unconditional_flight() -> None:
+    c = core()
+    (send,) = sends(c.submit(beat(1, None), 0.0))
+    assert c.submit(beat(2, "NO_HEARTBEAT"), 0.1) == []
+    actions = c.completed(KEY, send.flight, ok("T1"), 0.2)
+    assert replies(actions) == [(1, "forwarded", "200 T1"), (2, "rejected", 412)]
+
+
+# -- 3. undelivered-outcome handoff -------------------------------------------------------
+
+
+def test_a_lost_answer_goes_to_the_retry_once() -> None:
+    c = core()
+    claimed(c, t=0.0, last="T1")
+    # t=1 the holder beats with T1; the upstream is slow; the worker gives up at t=2.
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    assert c.abandoned(2, 2.0) == []
+    # t=2.5 the answer arrives: applied upstream, nobody to deliver to.
+    assert replies(c.completed(KEY, send.flight, ok("T2"), 2.5)) == []
+    # t=3 the worker retries with the same T1: it gets T2, without an upstream call.
+    actions = c.submit(beat(3, "T1"), 3.0)
+    assert replies(actions) == [(3, "handed_off", "200 T2")]
+    assert sends(actions) == []
+    # A second retry with T1 does not win again.
+    assert replies(c.submit(beat(4, "T1"), 3.1)) == [(4, "rejected", 412)]
+    # The holder carries on with T2.
+    assert len(sends(c.submit(beat(5, "T2"), 4.0))) == 1
+
+
+def test_a_lost_claim_goes_to_the_retry() -> None:
+    c = core()
+    (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT"), 0.0))
+    c.abandoned(1, 0.5)
+    c.completed(KEY, send.flight, ok("T1"), 0.6)
+    assert replies(c.submit(beat(2, "NO_HEARTBEAT"), 0.7)) == [(2, "handed_off", "200 T1")]
+
+
+def test_no_handoff_once_the_lease_may_have_lapsed_or_to_another_identity() -> None:
+    c = core()
+    claimed(c, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.abandoned(2, 1.5)
+    c.completed(KEY, send.flight, ok("T2", ttl=10), 1.6)
+    # Another credential presenting T1 is not the worker that lost the answer.
+    other = c.submit(beat(3, "T1", identity=OTHER), 2.0)
+    assert [r[1] for r in replies(other)] == ["rejected"]
+    # Past sent (1.0) + ttl (10), the kept answer may describe a lapsed lease.
+    late = c.submit(beat(4, "T1"), 11.0)
+    assert replies(late) == [(4, "rejected", 412)]
+
+
+def test_an_answer_that_could_not_be_written_is_kept_for_the_retry() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    assert replies(c.completed(KEY, send.flight, ok("T2"), 1.1)) == [(2, "forwarded", "200 T2")]
+    c.unwritten(2, KEY, 1.2)  # the driver could not write it: the worker was gone
+    assert replies(c.submit(beat(3, "T1"), 1.3)) == [(3, "handed_off", "200 T2")]
+
+
+def test_a_412_that_confirms_the_kept_answer_keeps_it() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.abandoned(2, 1.1)
+    c.completed(KEY, send.flight, ok("T2"), 1.2)
+    # A beat from elsewhere with an unknown value goes up and gets a 412 showing T2 is current.
+    (rival,) = sends(c.submit(beat(3, "T9"), 1.3))
+    c.completed(KEY, rival.flight, Rejected("412", "active", "T2"), 1.4)
+    assert replies(c.submit(beat(4, "T1"), 1.5)) == [(4, "handed_off", "200 T2")]
+
+
+# -- 4. joins ---------------------------------------------------------------------------------
+
+
+def test_unconditional_beats_join_the_flight_and_share_its_result() -> None:
+    c = core()
+    (send,) = sends(c.submit(beat(1, None), 0.0))
+    assert c.submit(beat(2, None), 0.1) == []
+    assert c.submit(beat(3, None), 0.2) == []
+    assert c.submit(beat(4, None, identity=OTHER), 0.2) == []  # another credential waits its turn
+    actions = c.completed(KEY, send.flight, ok("T1"), 0.3)
+    assert replies(actions) == [(1, "forwarded", "200 T1"), (2, "joined", "200 T1"), (3, "joined", "200 T1")]
+    assert [s.waiter for s in sends(actions)] == [4]
+
+
+def test_a_joiner_that_leaves_is_not_answered_and_errors_reach_every_waiter() -> None:
+    c = core()
+    (send,) = sends(c.submit(beat(1, None), 0.0))
+    c.submit(beat(2, None), 0.1)
+    c.submit(beat(3, None), 0.1)
+    c.abandoned(2, 0.2)
+    actions = c.completed(KEY, send.flight, Failed("reset"), 0.3)
+    assert replies(actions) == [(1, "error", "reset"), (3, "error", "reset")]
+
+
+# -- 5. absorption --------------------------------------------------------------------------------
+
+
+def test_absorption_answers_the_holder_locally_within_the_signal_delay() -> None:
+    c = core(enabled=True, max_signal_delay=2.0, min_remaining_fraction=0.5)
+    claimed(c, t=0.0, last="T1", ttl=10)
+    actions = c.submit(beat(2, "T1"), 0.25)
+    assert sends(actions) == []
+    (local,) = [a for a in actions if isinstance(a, DeliverLocal)]
+    assert (local.outcome, local.status) == ("absorbed", 200)
+    # Sent at t=0 with a 10 s TTL: 9.75 s surely left, reported as 9 whole seconds.
+    assert local.body == {
+        "type": "work_heartbeat",
+        "last_heartbeat": "T1",
+        "lease_extended": True,
+        "state": "active",
+        "ttl_seconds": 9,
+    }
+    # At t=2 the last upstream success is as old as the allowed signal delay: forwarded.
+    assert len(sends(c.submit(beat(3, "T1"), 2.0))) == 1
+
+
+def test_absorption_forwards_when_too_little_of_the_lease_is_left() -> None:
+    c = core(enabled=True, max_signal_delay=60.0, min_remaining_fraction=0.5)
+    claimed(c, t=0.0, last="T1", ttl=10)
+    assert replies(c.submit(beat(2, "T1"), 4.9))[0][1] == "absorbed"
+    assert len(sends(c.submit(beat(3, "T1"), 5.1))) == 1  # 4.9 s left < half of 10
+
+
+def test_absorption_needs_the_current_value_and_the_same_identity() -> None:
+    c = core(enabled=True, max_signal_delay=5.0)
+    claimed(c, last="T1")
+    assert len(sends(c.submit(beat(2, "T1", identity=OTHER), 0.1))) == 1
+    off = core()
+    claimed(off, last="T1")
+    assert len(sends(off.submit(beat(2, "T1"), 0.1))) == 1  # off by default
+
+
+def test_a_stopping_answer_is_never_absorbed() -> None:
+    c = core(enabled=True, max_signal_delay=0.5)
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    actions = c.completed(KEY, send.flight, ok("T2", state="stopping"), 1.1)
+    assert events(actions) == [("stopping", None)]
+    # Every beat after a stopping answer goes upstream.
+    assert len(sends(c.submit(beat(3, "T2"), 1.2))) == 1
+
+
+def test_a_stop_passing_through_drops_what_was_known() -> None:
+    c = core(enabled=True, max_signal_delay=5.0)
+    claimed(c, last="T1")
+    c.stop_seen(KEY, 0.5)
+    assert len(sends(c.submit(beat(2, "T1"), 0.6))) == 1
+
+
+# -- 6. no unasked renewals ------------------------------------------------------------------
+
+
+def test_nobody_waiting_means_nothing_is_sent() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.submit(beat(3, None), 1.1)
+    c.abandoned(3, 1.2)  # left while queued: its request is never sent
+    c.abandoned(2, 1.3)
+    assert not c.flight_wanted(KEY, send.flight)  # no retry either
+    assert sends(c.completed(KEY, send.flight, ok("T2"), 1.4)) == []
+    # Time passing never sends anything.
+    for t in range(2, 400):
+        assert sends(c.tick(float(t))) == []
+
+
+# -- 7. what reaches the worker unchanged, and what drops known state ---------------------------
+
+
+def test_412s_and_refused_renewals_pass_unchanged_and_drop_state() -> None:
+    c = core(enabled=True, max_signal_delay=0.5)
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    actions = c.completed(KEY, send.flight, ok("T2", extended=False), 1.1)
+    assert replies(actions) == [(2, "forwarded", "200 T2")]
+    assert events(actions) == [("lost", "not_extended")]
+    assert len(sends(c.submit(beat(3, "T2"), 1.2))) == 1  # not absorbed: state dropped
+
+    c = core(enabled=True, max_signal_delay=0.5)
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    actions = c.completed(KEY, send.flight, Rejected("412 body", "queued", None), 1.1)
+    assert replies(actions) == [(2, "forwarded", "412 body")]
+    assert events(actions) == [("lost", "requeued")]
+
+
+def test_upstream_errors_drop_known_state() -> None:
+    for outcome in (Unsuccessful("500 body"), Failed("timeout")):
+        c = core(enabled=True, max_signal_delay=5.0)
+        claimed(c, last="T1")
+        (send,) = sends(c.submit(beat(2, None), 1.0))
+        c.completed(KEY, send.flight, outcome, 1.1)
+        assert len(sends(c.submit(beat(3, "T1"), 1.2))) == 1
+
+
+# -- 8. retries ---------------------------------------------------------------------------------
+
+
+def test_retry_delays() -> None:
+    # Exponential, full jitter.
+    assert retry_delay(0, retry_after=None, time_left=None, draw=1.0) == 0.1
+    assert retry_delay(2, retry_after=None, time_left=None, draw=0.5) == 0.2
+    # A server's retry-after is honoured, only while the lease surely has time left.
+    assert retry_delay(0, retry_after=1.0, time_left=5.0, draw=0.0) == 1.0
+    assert retry_delay(0, retry_after=5.0, time_left=5.0, draw=0.0) is None
+    assert retry_delay(0, retry_after=30.0, time_left=None, draw=0.0) is None
+    assert retry_delay(MAX_RETRIES, retry_after=None, time_left=100.0, draw=0.5) is None
+
+
+# -- lease table ------------------------------------------------------------------------------
+
+
+def test_a_lease_nobody_renews_is_recorded_as_expired_then_forgotten() -> None:
+    c: Core = Coalescer(tracking=TrackingPolicy(max_leases=10, retention=60.0, expiry_grace=5.0))
+    claimed(c, t=0.0, ttl=10)
+    assert c.tick(14.9) == []
+    assert events(c.tick(15.0)) == [("expired", None)]
+    (view,) = list(c.leases(15.0))
+    assert (view.state, view.seconds_left) == ("expired", None)
+    c.tick(74.9)
+    assert len(c) == 1
+    c.tick(75.0)
+    assert len(c) == 0
+
+
+def test_a_renewed_lease_does_not_expire() -> None:
+    c: Core = Coalescer(tracking=TrackingPolicy(expiry_grace=1.0))
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 8.0))
+    c.completed(KEY, send.flight, ok("T2", ttl=10), 8.1)
+    assert c.tick(12.0) == []
+    (view,) = list(c.leases(12.0))
+    assert view.state == "active"
+    assert view.seconds_left == 6.0  # sent at 8 with 10 s
+    assert view.last_heartbeat == "T2"
+
+
+def test_the_table_is_bounded_and_evictions_are_counted() -> None:
+    c: Core = Coalescer(tracking=TrackingPolicy(max_leases=100))
+    for i in range(250):
+        key = ("env_1", f"work_{i}")
+        (send,) = sends(c.submit(beat(i, None, key=key), float(i)))
+        c.completed(key, send.flight, ok(f"T{i}"), float(i))
+    assert len(c) <= 100
+    assert c.evictions >= 150
