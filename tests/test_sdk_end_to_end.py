@@ -148,3 +148,38 @@ async def test_two_sdk_loops_racing_for_one_item_leave_one_holder(
     (item,) = [i for i in sim.sim.plane.items(ENV_ID) if i.id == work_id]
     assert item.state == "active"
     assert_only_the_real_key_reached_the_api(sim)
+
+
+async def test_sdk_loop_with_absorption_keeps_its_lease_and_ends_on_a_graceful_stop(
+    make_simulator: SimFactory, make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ttl = 4  # the SDK beats every 2 s; a 3 s signal delay lets the gateway answer every other beat
+    sim = await make_simulator(ttl=ttl)
+    gateway = await make_gateway(
+        sim.url, "heartbeat: {absorb: {enabled: true, max_signal_delay_seconds: 3, min_remaining_fraction: 0.3}}"
+    )
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    async with anthropic.AsyncAnthropic(base_url=gateway.proxy_url, auth_token=TOKEN) as client:
+        work_id = await claim_one(client, sim)
+        lease = _Lease()
+        ttls: list[float] = []
+        work = worker_work(client)
+        loop = asyncio.ensure_future(
+            _heartbeat_loop(work, work_id=work_id, environment_id=ENV_ID, lease=lease, on_lease_ttl=ttls.append)
+        )
+        await asyncio.sleep(2 * ttl + 0.5)
+        assert not lease.ended
+        # The gateway answered some beats itself, each with no more time than was left.
+        assert min(ttls) < ttl
+        beats_upstream = sim.sim.count("heartbeat")
+        stopped_at = asyncio.get_running_loop().time()
+        sim.sim.plane.stop(ENV_ID, work_id, sim.sim.now(), force=False)
+        await asyncio.wait_for(loop, 3 + ttl)
+        assert lease._end_reason is _LeaseEndReason.HEARTBEAT_STOP
+        # Within the signal delay plus one beat interval.
+        assert asyncio.get_running_loop().time() - stopped_at <= 3 + 2 + 0.5
+    (item,) = [i for i in sim.sim.plane.items(ENV_ID) if i.id == work_id]
+    assert item.state == "stopping"
+    assert beats_upstream < len(ttls) + 1  # fewer upstream beats than SDK beats
+    assert_only_the_real_key_reached_the_api(sim)
