@@ -9,7 +9,7 @@ raw paths, query strings or header values.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from aiohttp import web
 
@@ -34,10 +34,13 @@ class Exchange:
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+_FIELDS = tuple(f.name for f in fields(Exchange))
 
 
 def log_exchange(exchange: Exchange) -> None:
-    fields = {k: v for k, v in asdict(exchange).items() if v is not None}
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields = {name: value for name in _FIELDS if (value := getattr(exchange, name)) is not None}
     log.info(
         "%s %s %s",
         exchange.method,

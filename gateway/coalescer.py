@@ -47,7 +47,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -111,7 +111,7 @@ class Beat:
     expected: str | None
     # Requests are merged, handed off or absorbed only between equal
     # identities: the same upstream credential and the same requested TTL.
-    identity: str
+    identity: Hashable
 
     @property
     def conditional(self) -> bool:
@@ -220,7 +220,7 @@ Action = Send | Deliver[R] | DeliverError[E] | DeliverLocal | LeaseEvent
 class _Success(Generic[R]):
     answer: HeartbeatAnswer
     response: R
-    identity: str
+    identity: Hashable
     expected: str | None
     sent_at: float
     # The waiter it was delivered to, while the driver may still report it unwritten.
@@ -235,7 +235,7 @@ class _Flight:
     id: int
     owner: int
     expected: str | None
-    identity: str
+    identity: Hashable
     sent_at: float
     waiters: list[int]
     owner_gone: bool = False

@@ -12,6 +12,7 @@ aiohttp client errors.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class Upstream(Protocol):
 async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int) -> BufferedResponse:
     """One exchange with the whole response read into memory (for small JSON answers)."""
     async with upstream.exchange(request) as response:
-        body = bytearray()
+        body = b""
         async for chunk in response.chunks():
             body += chunk
             if len(body) > max_bytes:
@@ -95,7 +96,7 @@ async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int)
                     kind="other",
                     may_have_reached_upstream=True,
                 )
-        return BufferedResponse(response.status, response.reason, response.headers, bytes(body))
+        return BufferedResponse(response.status, response.reason, response.headers, body)
 
 
 class HttpUpstream:
@@ -119,6 +120,7 @@ class HttpUpstream:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - a handful of values, for the session's lifetime
     def _timeout_of(self, total: float) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout)
 

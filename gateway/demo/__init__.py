@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway import loop as event_loop
 from gateway.app import Gateway
 from gateway.config import load_settings
 from gateway.demo.worker import DemoStats, SimulatedWorker, WorkerBehaviour
@@ -55,8 +56,8 @@ def run_demo(*, duration: float, workers: int, as_json: bool, admin_port: int = 
     token = "demo-worker-token-" + secrets.token_urlsafe(24)
     configure_logging(LoggingSettings("warning", "json"), (environment_key, token))
     try:
-        summary = asyncio.run(
-            _run(duration, workers, environment_key, token, admin_port=admin_port, rng=random.Random(seed))
+        summary = event_loop.run(
+            lambda: _run(duration, workers, environment_key, token, admin_port=admin_port, rng=random.Random(seed))
         )
     except KeyboardInterrupt:
         return 130
