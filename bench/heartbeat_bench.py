@@ -56,6 +56,9 @@ class Phase:
     beats: int = 0
     errors: int = 0
     upstream_beats: int = 0
+    # Counted over the steady middle of the run (no claims, no cut-off last period).
+    window_worker_beats: int = 0
+    window_upstream_beats: int = 0
     seconds: float = 0.0
     gateway_cpu_s: float = 0.0
 
@@ -69,7 +72,9 @@ class Phase:
             "worker_beats": self.beats,
             "worker_beats_per_s": round(self.beats / self.seconds, 1) if self.seconds else 0,
             "upstream_beats": self.upstream_beats,
-            "upstream_per_worker_beat": round(self.upstream_beats / self.beats, 4) if self.beats else 0,
+            "upstream_per_worker_beat": (
+                round(self.window_upstream_beats / self.window_worker_beats, 4) if self.window_worker_beats else 0
+            ),
             "errors": self.errors,
             "p50_ms": round(self.percentile(0.50), 3),
             "p99_ms": round(self.percentile(0.99), 3),
@@ -161,7 +166,18 @@ async def run_phase(
         cpu_before = cpu_seconds(gateway_pid)
         start = time.monotonic()
         until = start + args.duration
-        await asyncio.gather(*(worker(session, base, credential, i, args.interval, until, phase) for i in ids))
+        edge = min(args.duration / 4, max(args.signal_delay if args.absorb else 0, 2 * args.interval))
+
+        async def steady_window() -> None:
+            await asyncio.sleep(edge)
+            beats, upstream = phase.beats, await sim_heartbeats(session, sim_url)
+            await asyncio.sleep(max(0.0, until - edge - time.monotonic()))
+            phase.window_worker_beats = phase.beats - beats
+            phase.window_upstream_beats = await sim_heartbeats(session, sim_url) - upstream
+
+        await asyncio.gather(
+            steady_window(), *(worker(session, base, credential, i, args.interval, until, phase) for i in ids)
+        )
         phase.seconds = time.monotonic() - start
         phase.gateway_cpu_s = cpu_seconds(gateway_pid) - cpu_before
         # Claims went upstream in both phases; count only the steady-state beats.
@@ -194,7 +210,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     exe = [sys.executable, "-m", "gateway"]
-    gateway_exe = exe if not args.profile else [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "gateway"]
+    if args.baseline:
+        gateway_exe = [sys.executable, str(Path(__file__).with_name("minimal_proxy.py"))]
+    elif args.profile:
+        gateway_exe = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "gateway"]
+    else:
+        gateway_exe = exe
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.yaml"
         config.write_text(gateway_config(sim_url, gw_port, admin_port, args))
@@ -227,6 +248,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "interval_s": args.interval,
         "duration_s": args.duration,
         "ttl_s": args.ttl,
+        "proxy": "bench/minimal_proxy.py" if args.baseline else "heartbeat-gateway",
         "absorb": args.absorb,
         "signal_delay_s": args.signal_delay if args.absorb else None,
         "direct": direct.summary(),
@@ -265,6 +287,7 @@ if __name__ == "__main__":
     parser.add_argument("--no-coalesce", action="store_true", help="heartbeat.coalesce: false")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     parser.add_argument("--profile", metavar="FILE", help="run the gateway under cProfile, writing FILE")
+    parser.add_argument("--baseline", action="store_true", help="run bench/minimal_proxy.py in place of the gateway")
     arguments = parser.parse_args()
     outcome = event_loop.run(lambda: main(arguments))
     print_table(outcome)

@@ -1,0 +1,68 @@
+"""A floor for comparison: the least an aiohttp reverse proxy can do for a heartbeat.
+
+No validation, no coalescing, no logging: swap the credential, forward, read,
+answer. `heartbeat_bench.py --baseline` runs it in place of the gateway, so
+the gateway's own cost can be told apart from aiohttp's. Not for use.
+
+    python bench/minimal_proxy.py serve --config FILE   (the gateway's config format)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from gateway import loop as event_loop
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def main(config_path: str) -> None:
+    config = yaml.safe_load(open(config_path))  # noqa: SIM115 - read once at start
+    upstream = config["upstream"]["base_url"]
+    key = os.environ["BENCH_ENV_KEY"]
+
+    async def handle(request: web.Request) -> web.Response:
+        headers = {"Authorization": f"Bearer {key}", "anthropic-beta": "managed-agents-2026-04-01"}
+        async with request.app[SESSION].request(request.method, upstream + request.raw_path, headers=headers) as r:
+            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def run() -> None:
+        app = web.Application()
+
+        async def session(app: web.Application) -> AsyncIterator[None]:
+            app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024))
+            yield
+            await app[SESSION].close()
+
+        app.cleanup_ctx.append(session)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        admin = web.Application()
+        admin.router.add_get("/readyz", ready)
+        runners = [web.AppRunner(app, access_log=None), web.AppRunner(admin, access_log=None)]
+        for runner, port in zip(runners, (config["listen"]["port"], config["admin"]["port"]), strict=True):
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+        gc.freeze()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        for runner in runners:
+            await runner.cleanup()
+
+    event_loop.run(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[sys.argv.index("--config") + 1])
