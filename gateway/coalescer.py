@@ -77,6 +77,9 @@ __all__ = [
 NO_HEARTBEAT = "NO_HEARTBEAT"
 # How many superseded values per lease are remembered for local rejection.
 _SUPERSEDED_MEMORY = 8
+# A kept answer is handed over only with at least this much lease surely left:
+# less would give the worker a lease that lapses before it can beat again.
+MIN_HANDOFF_SECONDS = 1.0
 
 R = TypeVar("R")  # the driver's upstream response
 E = TypeVar("E")  # the driver's upstream error
@@ -155,6 +158,9 @@ class Unsuccessful(Generic[R]):
     """Any other upstream answer: passed on as it is."""
 
     response: R
+    # A 5xx may come from a server that applied the beat before failing; a
+    # 4xx (or a 429/503 asking to retry) means it was refused.
+    may_have_applied: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,8 @@ class Failed(Generic[E]):
     """No answer (connection, timeout): the error is passed on."""
 
     error: E
+    # False only when the request surely never reached the upstream.
+    may_have_applied: bool = True
 
 
 Outcome = Succeeded[R] | Rejected[R] | Unsuccessful[R] | Failed[E]
@@ -239,6 +247,9 @@ class _Flight:
     sent_at: float
     waiters: list[int]
     owner_gone: bool = False
+    # A stop for the item passed through while this flight was out: its
+    # answer may predate the stop, so it must not be kept as known state.
+    after_stop: bool = False
 
 
 @dataclass(slots=True)
@@ -258,6 +269,8 @@ class _Lease(Generic[R]):
     last_seen: float = 0.0
     reported_stopping: bool = False
     ended: bool = False  # stopped, lost or expired: kept only for the retention time
+    # The one pending table check for this lease (the heap may hold stale ones).
+    next_check: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,17 +328,23 @@ class Coalescer(Generic[R, E]):
         elif isinstance(outcome, Rejected):
             actions += self._rejected(lease, outcome, waiting, flight)
         elif isinstance(outcome, Unsuccessful):
-            lease.known = None
-            lease.last_outcome = "upstream_error"
+            self._failed(lease, outcome.may_have_applied)
             actions += [Deliver(w, self._name(flight, w), outcome.response) for w in waiting]
         else:
-            lease.known = None
-            lease.last_outcome = "upstream_error"
+            self._failed(lease, outcome.may_have_applied)
             actions += [DeliverError(w, outcome.error) for w in waiting]
         for w in waiting:
             self._waiting.pop(w, None)
         self._waiting.pop(flight.owner, None)
         return actions + self._decide_queue(lease, [], now)
+
+    @staticmethod
+    def _failed(lease: _Lease[R], may_have_applied: bool) -> None:
+        lease.known = None
+        lease.last_outcome = "upstream_error"
+        if may_have_applied:
+            # The lease may have moved on: a kept answer could now be stale.
+            lease.undelivered = None
 
     def abandoned(self, waiter: int, now: float) -> list[Action[R, E]]:
         """A worker went away (disconnect or its own timeout) before it was answered."""
@@ -350,7 +369,7 @@ class Coalescer(Generic[R, E]):
         lease = self._leases.get(key)
         if lease is None or lease.known is None or lease.known.delivered_to != waiter:
             return
-        if lease.known.expected is not None and now < lease.known.surely_held_until():
+        if lease.known.expected is not None and lease.known.surely_held_until() - now >= MIN_HANDOFF_SECONDS:
             lease.undelivered = lease.known
             lease.known.delivered_to = None
 
@@ -360,15 +379,18 @@ class Coalescer(Generic[R, E]):
         if lease is not None:
             lease.known = lease.undelivered = None
             lease.last_seen = now
+            if lease.flight is not None:
+                lease.flight.after_stop = True
 
     def tick(self, now: float) -> list[Action[R, E]]:
         """Time passed: record leases that lapsed unrenewed, forget ended ones, enforce the size cap."""
         events: list[Action[R, E]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, key = heapq.heappop(self._deadlines)
+            when, key = heapq.heappop(self._deadlines)
             lease = self._leases.get(key)
-            if lease is None:
-                continue
+            if lease is None or lease.next_check != when:
+                continue  # forgotten, or superseded by an earlier check
+            lease.next_check = None
             events += self._check_lease(lease, now)
         return events
 
@@ -456,18 +478,22 @@ class Coalescer(Generic[R, E]):
             undelivered is not None
             and beat.expected == undelivered.expected
             and beat.identity == undelivered.identity
-            and now < undelivered.surely_held_until()
+            and undelivered.surely_held_until() - now >= MIN_HANDOFF_SECONDS
         ):
-            # The lost answer finds its worker: once.
+            # The lost answer finds its worker: once, with only the time surely left.
             lease.undelivered = None
             undelivered.delivered_to = beat.waiter
-            return Deliver(beat.waiter, "handed_off", undelivered.response)
+            return DeliverLocal(beat.waiter, "handed_off", 200, self._answer_body(undelivered, now))
         known = lease.known
-        if known is not None and beat.expected == known.answer.last_heartbeat and self._absorbable(known, beat, now):
-            return self._absorbed(beat, known, now)
+        # Local answers only for the credential the upstream last accepted on
+        # this lease: anyone else gets the upstream's own verdict (maybe a 401).
+        if known is None or beat.identity != known.identity:
+            return None
+        if beat.expected == known.answer.last_heartbeat and self._absorbable(known, beat, now):
+            return DeliverLocal(beat.waiter, "absorbed", 200, self._answer_body(known, now))
         if beat.expected is not None and beat.expected in lease.superseded:
             return self._rejected_locally(lease, beat, known)
-        if beat.expected == NO_HEARTBEAT and known is not None and now < known.surely_held_until():
+        if beat.expected == NO_HEARTBEAT and now < known.surely_held_until():
             return self._rejected_locally(lease, beat, known)
         return None
 
@@ -483,37 +509,36 @@ class Coalescer(Generic[R, E]):
         )
 
     @staticmethod
-    def _absorbed(beat: Beat, known: _Success[R], now: float) -> DeliverLocal:
-        answer = known.answer
-        body = {
+    def _answer_body(success: _Success[R], now: float) -> dict[str, Any]:
+        answer = success.answer
+        return {
             "type": "work_heartbeat",
             "last_heartbeat": answer.last_heartbeat,
             "lease_extended": answer.lease_extended,
             "state": answer.state,
             # Whole seconds surely left: never more than the upstream would say.
-            "ttl_seconds": int(known.surely_held_until() - now),
+            "ttl_seconds": int(success.surely_held_until() - now),
         }
-        return DeliverLocal(beat.waiter, "absorbed", 200, body)
 
     @staticmethod
-    def _rejected_locally(lease: _Lease[R], beat: Beat, known: _Success[R] | None) -> DeliverLocal:
-        actual = known.answer.last_heartbeat if known is not None else None
-        state = known.answer.state if known is not None else lease.state
+    def _rejected_locally(lease: _Lease[R], beat: Beat, known: _Success[R]) -> DeliverLocal:
+        actual = known.answer.last_heartbeat
+        state = known.answer.state
         body = {
             "type": "error",
             "error": {
                 "type": "invalid_request_error",
-                "message": f"Heartbeat precondition failed: expected {beat.expected}, actual was {actual or 'NULL'}",
+                "message": f"Heartbeat precondition failed: expected {beat.expected}, actual was {actual}",
                 "details": {
                     "error_code": "heartbeat_precondition_failed",
                     "error_visibility": "user_facing",
                     "current_state": {
-                        "state": state if state != "unknown" else "active",
+                        "state": state,
                         "last_heartbeat": actual,
                         # ASSUMPTION: the lease was updated by the heartbeat that set last_heartbeat.
                         "lease_updated_at": actual,
                         "lease_extended": False,
-                        "ttl_seconds": known.answer.ttl_seconds if known is not None else (lease.ttl_seconds or 0),
+                        "ttl_seconds": known.answer.ttl_seconds,
                     },
                 },
             },
@@ -533,12 +558,13 @@ class Coalescer(Generic[R, E]):
         if flight.expected not in (None, NO_HEARTBEAT) and flight.expected != answer.last_heartbeat:
             lease.superseded.append(flight.expected)
         lease.undelivered = None
-        lease.known = success if answer.holds_lease else None
+        keep = answer.holds_lease and not flight.after_stop
+        lease.known = success if keep else None
         if flight.expected is not None:
             if waiting:
                 success.delivered_to = waiting[0]
                 return [*events, Deliver(waiting[0], "forwarded", outcome.response)]
-            if answer.holds_lease:
+            if keep:
                 lease.undelivered = success
             return events
         return [*events, *(Deliver(w, self._name(flight, w), outcome.response) for w in waiting)]
@@ -590,6 +616,14 @@ class Coalescer(Generic[R, E]):
     # -- table upkeep -----------------------------------------------------------------
 
     def _schedule(self, lease: _Lease[R], when: float) -> None:
+        """Make sure the lease is checked no later than `when`; one pending check per lease.
+
+        A check that comes due recomputes when the next one is needed, so a
+        later time never needs its own entry while an earlier one is pending.
+        """
+        if lease.next_check is not None and lease.next_check <= when:
+            return
+        lease.next_check = when
         heapq.heappush(self._deadlines, (when, lease.key))
 
     def _check_lease(self, lease: _Lease[R], now: float) -> list[Action[R, E]]:
@@ -599,7 +633,8 @@ class Coalescer(Generic[R, E]):
         sent, ttl = lease.last_success_sent_at, lease.ttl_seconds
         if not lease.ended and sent is not None and ttl is not None:
             if now < sent + ttl + self.tracking.expiry_grace:
-                return []  # renewed since: a later deadline is already scheduled
+                self._schedule(lease, sent + ttl + self.tracking.expiry_grace)  # renewed since
+                return []
             # Nobody renewed it through this gateway: a loss no one else reports.
             lease.state, lease.ended, lease.known = "expired", True, None
             lease.last_seen = now

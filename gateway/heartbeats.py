@@ -246,6 +246,24 @@ class CoalescingHeartbeats:
 
     async def _fly(self, key: LeaseKey, flight: int, call: HeartbeatCall) -> None:
         """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter."""
+        outcome: Outcome[BufferedResponse, UpstreamError]
+        try:
+            outcome = await self._send(key, flight, call)
+        except Exception:
+            # Whatever went wrong, the flight must end, or the lease's
+            # heartbeats would wait behind it forever.
+            log.exception("heartbeat flight failed unexpectedly")
+            error = UpstreamUnavailable(
+                "the heartbeat could not be completed", kind="other", may_have_reached_upstream=True
+            )
+            outcome = Failed(error)
+        self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
+
+    async def _send(self, key: LeaseKey, flight: int, call: HeartbeatCall) -> Outcome[BufferedResponse, UpstreamError]:
+        if not self.core.flight_wanted(key, flight):
+            # The worker left before the task started: never send what nobody waits for.
+            gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
+            return Failed(gone, may_have_applied=False)
         request = UpstreamRequest(
             call.request.method, call.request.target, call.request.headers, call.request.body, self._timeout
         )
@@ -253,16 +271,15 @@ class CoalescingHeartbeats:
         while True:
             outcome, wait_hint, retryable = await self._attempt(request)
             if not retryable:
-                break
+                return outcome
             time_left = self.core.lease_time_left(key, self._clock())
             delay = retry_delay(attempt, retry_after=wait_hint, time_left=time_left, draw=self._rng.random())
             if delay is None:
-                break
+                return outcome
             attempt += 1
             await asyncio.sleep(delay)
             if not self.core.flight_wanted(key, flight):
-                break  # nobody waits any more: a retry now would renew what no one asked for
-        self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
+                return outcome  # nobody waits any more: a retry now would renew what no one asked for
 
     async def _attempt(
         self, request: UpstreamRequest
@@ -273,7 +290,8 @@ class CoalescingHeartbeats:
             response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
         except UpstreamError as error:
             # Only a request that never left may be sent again: the first one may have been applied.
-            return Failed(error), None, not error.may_have_reached_upstream
+            failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
+            return failed, None, not error.may_have_reached_upstream
         outcome = _classify(response)
         retry_after = _retry_after(response) if response.status in (429, 503) else None
         return outcome, retry_after, retry_after is not None
@@ -311,7 +329,8 @@ def _classify(response: BufferedResponse) -> Outcome[BufferedResponse, UpstreamE
         answer = _answer(body) if body is not None else None
         if answer is not None:
             return Succeeded(answer, response)
-    return Unsuccessful(response)
+    # A server error may follow a write that landed; refusals (4xx, 503, 529) did not apply.
+    return Unsuccessful(response, may_have_applied=response.status >= 500 and response.status not in (503, 529))
 
 
 def _answer(body: dict[str, object]) -> HeartbeatAnswer | None:
@@ -326,7 +345,7 @@ def _answer(body: dict[str, object]) -> HeartbeatAnswer | None:
 def _json(body: bytes) -> dict[str, object] | None:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

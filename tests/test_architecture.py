@@ -18,6 +18,8 @@ PURE = [
     "headers.py",
     "heartbeat_query.py",
     "errors.py",
+    "coalescer.py",
+    "retry.py",
     "simulator/control_plane.py",
     "simulator/faults.py",
 ]

@@ -146,8 +146,17 @@ def test_a_lost_answer_goes_to_the_retry_once() -> None:
     assert replies(c.completed(KEY, send.flight, ok("T2"), 2.5)) == []
     # t=3 the worker retries with the same T1: it gets T2, without an upstream call.
     actions = c.submit(beat(3, "T1"), 3.0)
-    assert replies(actions) == [(3, "handed_off", "200 T2")]
+    assert replies(actions) == [(3, "handed_off", 200)]
     assert sends(actions) == []
+    # It carries the lease as it is now: sent at t=1 with 10 s, so 8 whole seconds left.
+    (handed,) = [a for a in actions if isinstance(a, DeliverLocal)]
+    assert handed.body == {
+        "type": "work_heartbeat",
+        "last_heartbeat": "T2",
+        "lease_extended": True,
+        "state": "active",
+        "ttl_seconds": 8,
+    }
     # A second retry with T1 does not win again.
     assert replies(c.submit(beat(4, "T1"), 3.1)) == [(4, "rejected", 412)]
     # The holder carries on with T2.
@@ -159,7 +168,7 @@ def test_a_lost_claim_goes_to_the_retry() -> None:
     (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT"), 0.0))
     c.abandoned(1, 0.5)
     c.completed(KEY, send.flight, ok("T1"), 0.6)
-    assert replies(c.submit(beat(2, "NO_HEARTBEAT"), 0.7)) == [(2, "handed_off", "200 T1")]
+    assert replies(c.submit(beat(2, "NO_HEARTBEAT"), 0.7)) == [(2, "handed_off", 200)]
 
 
 def test_no_handoff_once_the_lease_may_have_lapsed_or_to_another_identity() -> None:
@@ -169,11 +178,13 @@ def test_no_handoff_once_the_lease_may_have_lapsed_or_to_another_identity() -> N
     c.abandoned(2, 1.5)
     c.completed(KEY, send.flight, ok("T2", ttl=10), 1.6)
     # Another credential presenting T1 is not the worker that lost the answer.
-    other = c.submit(beat(3, "T1", identity=OTHER), 2.0)
-    assert [r[1] for r in replies(other)] == ["rejected"]
-    # Past sent (1.0) + ttl (10), the kept answer may describe a lapsed lease.
-    late = c.submit(beat(4, "T1"), 11.0)
-    assert replies(late) == [(4, "rejected", 412)]
+    (other,) = sends(c.submit(beat(3, "T1", identity=OTHER), 2.0))
+    assert other.waiter == 3  # the upstream decides, not the kept answer
+    c.completed(KEY, other.flight, Rejected("412", "active", "T2"), 2.1)
+    # With less than a second surely left (sent at 1.0 with 10 s), it would lapse
+    # before the worker could beat again: the request goes upstream instead.
+    late = c.submit(beat(4, "T1"), 10.1)
+    assert [s.waiter for s in sends(late)] == [4]
 
 
 def test_an_answer_that_could_not_be_written_is_kept_for_the_retry() -> None:
@@ -182,7 +193,7 @@ def test_an_answer_that_could_not_be_written_is_kept_for_the_retry() -> None:
     (send,) = sends(c.submit(beat(2, "T1"), 1.0))
     assert replies(c.completed(KEY, send.flight, ok("T2"), 1.1)) == [(2, "forwarded", "200 T2")]
     c.unwritten(2, KEY, 1.2)  # the driver could not write it: the worker was gone
-    assert replies(c.submit(beat(3, "T1"), 1.3)) == [(3, "handed_off", "200 T2")]
+    assert replies(c.submit(beat(3, "T1"), 1.3)) == [(3, "handed_off", 200)]
 
 
 def test_a_412_that_confirms_the_kept_answer_keeps_it() -> None:
@@ -194,7 +205,7 @@ def test_a_412_that_confirms_the_kept_answer_keeps_it() -> None:
     # A beat from elsewhere with an unknown value goes up and gets a 412 showing T2 is current.
     (rival,) = sends(c.submit(beat(3, "T9"), 1.3))
     c.completed(KEY, rival.flight, Rejected("412", "active", "T2"), 1.4)
-    assert replies(c.submit(beat(4, "T1"), 1.5)) == [(4, "handed_off", "200 T2")]
+    assert replies(c.submit(beat(4, "T1"), 1.5)) == [(4, "handed_off", 200)]
 
 
 # -- 4. joins ---------------------------------------------------------------------------------
@@ -372,3 +383,55 @@ def test_the_table_is_bounded_and_evictions_are_counted() -> None:
         c.completed(key, send.flight, ok(f"T{i}"), float(i))
     assert len(c) <= 100
     assert c.evictions >= 150
+
+
+def test_a_credential_that_never_succeeded_gets_no_local_answer() -> None:
+    c = core(enabled=True, max_signal_delay=5.0)
+    claimed(c, last="T1")
+    # Same lease, another credential (perhaps one the upstream will refuse): upstream decides.
+    assert len(sends(c.submit(beat(2, "NO_HEARTBEAT", identity=OTHER), 0.1))) == 1
+
+
+def test_an_error_that_may_have_applied_drops_a_kept_answer() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.abandoned(2, 1.1)
+    c.completed(KEY, send.flight, ok("T2"), 1.2)
+    # An unconditional beat reaches the upstream but its answer is lost: the lease may be at T3 now.
+    (send,) = sends(c.submit(beat(3, None), 1.3))
+    c.completed(KEY, send.flight, Failed("reset", may_have_applied=True), 1.4)
+    assert [s.waiter for s in sends(c.submit(beat(4, "T1"), 1.5))] == [4]
+
+
+def test_an_error_that_surely_did_not_apply_keeps_it() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.abandoned(2, 1.1)
+    c.completed(KEY, send.flight, ok("T2"), 1.2)
+    (send,) = sends(c.submit(beat(3, None), 1.3))
+    c.completed(KEY, send.flight, Failed("refused", may_have_applied=False), 1.4)
+    assert replies(c.submit(beat(4, "T1"), 1.5)) == [(4, "handed_off", 200)]
+
+
+def test_an_answer_to_a_beat_in_flight_during_a_stop_is_not_kept() -> None:
+    c = core(enabled=True, max_signal_delay=5.0)
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, None), 1.0))
+    c.stop_seen(KEY, 1.1)  # the stop passes through while the beat is out
+    c.completed(KEY, send.flight, ok("T2"), 1.2)
+    assert len(sends(c.submit(beat(3, "T2"), 1.3))) == 1  # not absorbed
+
+
+def test_a_busy_lease_keeps_one_pending_check() -> None:
+    c: Core = Coalescer(tracking=TrackingPolicy(retention=1.0, expiry_grace=1.0))
+    claimed(c, t=0.0, last="T0", ttl=2)
+    last = "T0"
+    for i in range(1, 3000):
+        t = float(i)
+        (send,) = sends(c.submit(beat(i + 10, last), t))
+        c.tick(t + 0.5)
+        last = f"T{i}"
+        c.completed(KEY, send.flight, ok(last, ttl=2), t + 0.6)
+    assert len(c._deadlines) < 10

@@ -142,14 +142,13 @@ class CoalescerMachine(RuleBasedStateMachine):
         item = self.plane.items(ENV)[[i.id for i in self.plane.items(ENV)].index(waiter.key[1])]
         if isinstance(action, DeliverLocal):
             self.check_local(action, waiter, item)
+            if action.outcome != "handed_off":
+                return
+            body = action.body
+        elif isinstance(action, DeliverError) or action.response.status != 200:
             return
-        if isinstance(action, DeliverError) or action.response.status != 200:
-            return
-        body = action.response.body
-        if action.outcome == "handed_off":
-            assert waiter.expected is not None
-            # Never a stale lease: the value handed over is still the upstream's, or the item is winding down.
-            assert body["last_heartbeat"] == item.last_heartbeat or self.unseen_stop(item.id), "handed a stale lease"
+        else:
+            body = action.response.body
         if waiter.expected is not None and body["state"] == "active":
             value = body["last_heartbeat"]
             self.conditional_successes[value] = self.conditional_successes.get(value, 0) + 1
@@ -162,6 +161,15 @@ class CoalescerMachine(RuleBasedStateMachine):
 
     def check_local(self, action: DeliverLocal, waiter: Waiter, item: Any) -> None:
         self.plane.expire(self.now)
+        if action.outcome == "handed_off":
+            assert waiter.expected is not None
+            # Never a stale lease, and never more time than it has left.
+            if item.state == "active":
+                assert action.body["last_heartbeat"] == item.last_heartbeat, "handed a stale lease"
+                assert action.body["ttl_seconds"] <= item.lease_expires - self.now
+            else:
+                assert self.unseen_stop(item.id), "handed a lease that is gone"
+            return
         if action.outcome == "absorbed":
             assert waiter.expected == action.body["last_heartbeat"]
             if item.state == "active":

@@ -363,3 +363,44 @@ async def test_a_waiter_leaving_does_not_cancel_the_shared_call() -> None:
     finally:
         await service.close()
     assert (result.response.status, result.outcome, upstream.calls) == (200, "joined", 1)
+
+
+async def test_an_unexpected_failure_in_a_flight_does_not_hang_the_lease() -> None:
+    # A 200 whose body makes the JSON parser recurse too deep, then a normal answer.
+    class Nasty(ScriptedUpstream):
+        @asynccontextmanager
+        async def _exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+            self.calls += 1
+            if self.calls == 1:
+                yield _Answer(200, b"[" * 100_000)
+            else:
+                yield _Answer(*_encoded(OK))
+
+    upstream = Nasty()
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
+    try:
+        first = await asyncio.wait_for(service.heartbeat(call(None)), 5)
+        second = await asyncio.wait_for(service.heartbeat(call(None)), 5)
+    finally:
+        await service.close()
+    assert first.response.status == 200  # passed on as the upstream sent it
+    assert (second.response.status, upstream.calls) == (200, 2)
+
+
+def _encoded(step: tuple[int, dict[str, Any]]) -> tuple[int, bytes]:
+    return step[0], json.dumps(step[1]).encode()
+
+
+async def test_a_worker_that_leaves_before_its_flight_starts_sends_nothing() -> None:
+    from gateway.coalescer import Beat, Send
+
+    upstream = ScriptedUpstream(OK)
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
+    key = (ENV_ID, "work_1")
+    # The decision to send is taken; the worker leaves before the flight task gets to run.
+    (send,) = [a for a in service.core.submit(Beat(1, key, "NO_HEARTBEAT", ("id",)), 0.0) if isinstance(a, Send)]
+    service.core.abandoned(1, 0.0)
+    await service._fly(key, send.flight, call())
+    await service.close()
+    assert upstream.calls == 0
+    assert service.core.in_flight(key) == 0
