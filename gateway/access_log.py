@@ -31,10 +31,12 @@ class Exchange:
     request_id: str | None = None
     heartbeat_outcome: str | None = None
     error: str | None = None
+    # Whether the in-flight gauge was raised for this request (only once its route is known).
+    counted_inflight: bool = False
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
-_FIELDS = tuple(f.name for f in fields(Exchange))
+_FIELDS = tuple(f.name for f in fields(Exchange) if f.name != "counted_inflight")
 
 
 def log_exchange(exchange: Exchange) -> None:

@@ -1,18 +1,23 @@
 """The composition root: the one place the gateway's parts are built and wired.
 
 `Gateway` owns two aiohttp apps on two ports, the worker-facing proxy and
-the admin API, and their runners. Tests and the demo build it with their own
-upstream; `serve` builds it from the config alone.
+the admin API, their runners, and the objects they share: the settings, the
+metrics registry, and (once the event loop runs) the upstream client and the
+heartbeat service. Tests and the demo build it with their own upstream;
+`serve` builds it from the config alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from .admin import Health, create_admin_app
+from .coalescer import LeaseView
 from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
+from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
 from .proxy import PROXY, ProxyContext, handle
 from .settings import Settings
@@ -21,27 +26,43 @@ from .upstream import HttpUpstream, Upstream
 __all__ = ["Gateway", "create_proxy_app"]
 
 
+@dataclass(slots=True)
+class _Running:
+    """What exists only while the proxy app runs, for the admin app to read."""
+
+    heartbeats: HeartbeatService | None = None
+
+    def leases(self) -> list[LeaseView]:
+        return self.heartbeats.leases() if self.heartbeats is not None else []
+
+
 def create_proxy_app(
     settings: Settings,
     *,
     health: Health | None = None,
+    metrics: GatewayMetrics | None = None,
     upstream: Upstream | None = None,
     heartbeats: HeartbeatService | None = None,
+    running: _Running | None = None,
 ) -> web.Application:
     """The worker-facing app. Without `upstream`, one `HttpUpstream` is opened for the app's lifetime."""
     health = health or Health()
+    metrics = metrics or GatewayMetrics(settings)
+    running = running or _Running()
     # Middleware order: the access log wraps the error renderer, so it logs the status the client got.
     app = web.Application(middlewares=[access_log_middleware, error_middleware])
 
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        up = upstream or HttpUpstream(settings.upstream)
-        service = heartbeats or _heartbeat_service(settings, up)
-        app[PROXY] = ProxyContext(settings, up, service)
+        up = upstream or HttpUpstream(settings.upstream, observer=metrics)
+        service = heartbeats or _heartbeat_service(settings, up, metrics)
+        app[PROXY] = ProxyContext(settings, up, service, metrics)
+        running.heartbeats = service
         health.upstream_ready = True
         try:
             yield
         finally:
             health.upstream_ready = False
+            running.heartbeats = None
             await service.close()
             if upstream is None:
                 await up.close()
@@ -51,15 +72,10 @@ def create_proxy_app(
     return app
 
 
-def _heartbeat_service(settings: Settings, upstream: Upstream) -> HeartbeatService:
+def _heartbeat_service(settings: Settings, upstream: Upstream, metrics: GatewayMetrics) -> HeartbeatService:
     if not settings.heartbeat.coalesce:
         return DirectHeartbeats(upstream)
-
-    def label(environment_id: str) -> str:
-        env = settings.environment(environment_id)
-        return env.label if env is not None else "other"
-
-    return CoalescingHeartbeats(upstream, settings.heartbeat, label=label)
+    return CoalescingHeartbeats(upstream, settings.heartbeat, label=metrics.environment, observer=metrics)
 
 
 class Gateway:
@@ -68,9 +84,12 @@ class Gateway:
     def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
         self.settings = settings
         self.health = Health()
+        self.metrics = GatewayMetrics(settings)
+        running = _Running()
+        self.metrics.track_leases(running.leases)
         grace = settings.limits.shutdown_grace_seconds
         self._proxy = web.AppRunner(
-            create_proxy_app(settings, health=self.health, upstream=upstream),
+            create_proxy_app(settings, health=self.health, metrics=self.metrics, upstream=upstream, running=running),
             # A client that disconnects cancels its handler, which closes the
             # upstream connection: abandoned streams and polls end upstream too.
             handler_cancellation=True,
@@ -81,7 +100,8 @@ class Gateway:
             shutdown_timeout=grace,
             access_log=None,
         )
-        self._admin = web.AppRunner(create_admin_app(self.health), access_log=None, shutdown_timeout=1.0)
+        admin = create_admin_app(self.health, settings=settings, metrics=self.metrics, leases_source=running.leases)
+        self._admin = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
 
     async def start(self) -> None:
         await self._proxy.setup()

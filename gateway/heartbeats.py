@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .coalescer import (
-    NO_HEARTBEAT,
     AbsorbPolicy,
     Action,
     Beat,
@@ -33,7 +33,6 @@ from .coalescer import (
     DeliverError,
     DeliverLocal,
     Failed,
-    HeartbeatAnswer,
     LeaseEvent,
     LeaseKey,
     LeaseView,
@@ -46,6 +45,7 @@ from .coalescer import (
     Unsuccessful,
 )
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .heartbeat_answer import AnswerSummary, read_answer
 from .heartbeat_query import HeartbeatQuery, without_param
 from .retry import retry_delay
 from .settings import HeartbeatSettings
@@ -57,6 +57,7 @@ __all__ = [
     "CoalescingHeartbeats",
     "DirectHeartbeats",
     "HeartbeatCall",
+    "HeartbeatObserver",
     "HeartbeatResult",
     "HeartbeatService",
 ]
@@ -90,6 +91,9 @@ class HeartbeatResult:
 class HeartbeatService(Protocol):
     async def heartbeat(self, call: HeartbeatCall) -> HeartbeatResult: ...
 
+    def leases(self) -> list[LeaseView]:
+        """The lease table (empty when heartbeats are not coalesced)."""
+
     def unwritten(self, result: HeartbeatResult) -> None:
         """The worker went away before `result` was written to it."""
 
@@ -115,7 +119,31 @@ class DirectHeartbeats:
     def stop_seen(self, environment_id: str, work_id: str) -> None:
         pass
 
+    def leases(self) -> list[LeaseView]:
+        return []
+
     async def close(self) -> None:
+        pass
+
+
+class HeartbeatObserver(Protocol):
+    """Told what the driver decided and saw: for metrics, without this module importing them."""
+
+    def retried(self, route: str) -> None: ...
+
+    def lease_event(self, environment_id: str, kind: str, reason: str | None) -> None: ...
+
+    def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def retried(self, route: str) -> None:
+        pass
+
+    def lease_event(self, environment_id: str, kind: str, reason: str | None) -> None:
+        pass
+
+    def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
         pass
 
 
@@ -129,10 +157,13 @@ class CoalescingHeartbeats:
         settings: HeartbeatSettings,
         *,
         label: Callable[[str], str] = str,
+        observer: HeartbeatObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self._upstream = upstream
+        self._observer = observer or _Unobserved()
+        self._evictions_reported = 0
         self._timeout = settings.upstream_timeout_seconds
         self._label = label
         self._clock = clock
@@ -161,8 +192,13 @@ class CoalescingHeartbeats:
         self._calls[waiter] = call
         key = (call.environment_id, call.work_id)
         beat = Beat(waiter, key, call.query.expected_last_heartbeat, _identity(call.request))
+        now = self._clock()
+        left = self.core.lease_time_left(key, now)
+        if left is not None:
+            self._observer.lease_remaining_at_beat(call.environment_id, left)
         try:
-            self._carry_out(self.core.submit(beat, self._clock()))
+            self._carry_out(self.core.submit(beat, now))
+            self._report_evictions()
             return await future
         except asyncio.CancelledError:
             # The worker went away. Its flight (if any) goes on without it.
@@ -182,6 +218,11 @@ class CoalescingHeartbeats:
 
     def stop_seen(self, environment_id: str, work_id: str) -> None:
         self.core.stop_seen((environment_id, work_id), self._clock())
+
+    def _report_evictions(self) -> None:
+        while self._evictions_reported < self.core.evictions:
+            self._evictions_reported += 1
+            self._observer.lease_event("", "evicted", None)
 
     def leases(self) -> list[LeaseView]:
         return list(self.core.leases(self._clock()))
@@ -264,9 +305,7 @@ class CoalescingHeartbeats:
             # The worker left before the task started: never send what nobody waits for.
             gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
             return Failed(gone, may_have_applied=False)
-        request = UpstreamRequest(
-            call.request.method, call.request.target, call.request.headers, call.request.body, self._timeout
-        )
+        request = dataclasses.replace(call.request, timeout=self._timeout)
         attempt = 0
         while True:
             outcome, wait_hint, retryable = await self._attempt(request)
@@ -278,6 +317,7 @@ class CoalescingHeartbeats:
                 return outcome
             attempt += 1
             await asyncio.sleep(delay)
+            self._observer.retried("heartbeat")
             if not self.core.flight_wanted(key, flight):
                 return outcome  # nobody waits any more: a retry now would renew what no one asked for
 
@@ -292,12 +332,13 @@ class CoalescingHeartbeats:
             # Only a request that never left may be sent again: the first one may have been applied.
             failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
             return failed, None, not error.may_have_reached_upstream
-        outcome = _classify(response)
+        outcome = _classify(response, read_answer(response.status, response.body))
         retry_after = _retry_after(response) if response.status in (429, 503) else None
         return outcome, retry_after, retry_after is not None
 
     def _log_event(self, event: LeaseEvent) -> None:
         environment_id, work_id = event.key
+        self._observer.lease_event(environment_id, event.kind, event.reason)
         fields = {
             "event": f"lease_{event.kind}",
             "environment": self._label(environment_id),
@@ -316,42 +357,13 @@ def _identity(request: UpstreamRequest) -> tuple[str, ...]:
     return (*credential, "", *params)
 
 
-def _classify(response: BufferedResponse) -> Outcome[BufferedResponse, UpstreamError]:
+def _classify(response: BufferedResponse, summary: AnswerSummary) -> Outcome[BufferedResponse, UpstreamError]:
     if response.status == 412:
-        current: object = _json(response.body)
-        for key in ("error", "details", "current_state"):
-            current = current.get(key) if isinstance(current, dict) else None
-        if not isinstance(current, dict):
-            current = {}
-        return Rejected(response, _str(current.get("state")), _str(current.get("last_heartbeat")))
-    if response.status == 200:
-        body = _json(response.body)
-        answer = _answer(body) if body is not None else None
-        if answer is not None:
-            return Succeeded(answer, response)
+        return Rejected(response, summary.current_state, summary.current_last_heartbeat)
+    if summary.answer is not None:
+        return Succeeded(summary.answer, response)
     # A server error may follow a write that landed; refusals (4xx, 503, 529) did not apply.
     return Unsuccessful(response, may_have_applied=response.status >= 500 and response.status not in (503, 529))
-
-
-def _answer(body: dict[str, object]) -> HeartbeatAnswer | None:
-    last, state, extended, ttl = (body.get(k) for k in ("last_heartbeat", "state", "lease_extended", "ttl_seconds"))
-    if not isinstance(last, str) or not isinstance(state, str) or not isinstance(extended, bool):
-        return None
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or last == NO_HEARTBEAT:
-        return None
-    return HeartbeatAnswer(last, state, extended, ttl)
-
-
-def _json(body: bytes) -> dict[str, object] | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 def _retry_after(response: BufferedResponse) -> float | None:

@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler
 
 from .access_log import EXCHANGE, Exchange, log_exchange
 from .errors import GatewayError, RequestTooLarge, UpstreamError, error_body
+from .proxy import PROXY
 
 __all__ = ["access_log_middleware", "error_middleware"]
 
@@ -28,6 +29,7 @@ CLIENT_CLOSED_REQUEST = 499
 
 @web.middleware
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Times every request, then logs it and counts it in the metrics."""
     exchange = Exchange(method=request.method)
     request[EXCHANGE] = exchange
     started = time.monotonic()
@@ -40,7 +42,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         exchange.error = exchange.error or "client_disconnected"
         raise
     finally:
-        exchange.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        seconds = time.monotonic() - started
+        exchange.duration_ms = round(seconds * 1000, 3)
+        metrics = request.app[PROXY].metrics
+        if exchange.counted_inflight:
+            metrics.request_finished(exchange.route, exchange.status or 500, seconds)
+        else:
+            metrics.request_refused(exchange.route, exchange.status or 500, seconds)
         log_exchange(exchange)
 
 

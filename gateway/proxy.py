@@ -28,8 +28,10 @@ from .errors import (
     UpstreamError,
 )
 from .headers import request_headers, response_headers
+from .heartbeat_answer import read_answer
 from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeats import HeartbeatCall, HeartbeatService
+from .metrics import GatewayMetrics
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
 from .settings import Settings
 from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
@@ -47,6 +49,7 @@ class ProxyContext:
     settings: Settings
     upstream: Upstream
     heartbeats: HeartbeatService
+    metrics: GatewayMetrics
 
 
 PROXY = web.AppKey("proxy", ProxyContext)
@@ -64,6 +67,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise MethodNotAllowed(f"the gateway does not forward {request.method} requests")
     route = classify(request.method, target)
     _describe(exchange, route, settings)
+    ctx.metrics.request_started(exchange.route)
+    exchange.counted_inflight = True
     incoming = _incoming_headers(request)
     credential = decide_credential(
         settings,
@@ -131,12 +136,14 @@ async def _heartbeat(
         environment_id=route.environment_id,
         work_id=route.work_id,
         query=query,
-        request=UpstreamRequest("POST", target.with_query(raw_query), headers, body),
+        request=UpstreamRequest("POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value),
     )
     result = await ctx.heartbeats.heartbeat(call)
     exchange = request[EXCHANGE]
     exchange.heartbeat_outcome = result.outcome
     _note_upstream(exchange, result.response.status, result.response.headers)
+    answer = read_answer(result.response.status, result.response.body)
+    ctx.metrics.heartbeat_answered(route.environment_id, result.outcome, answer.lost_reason)
     response = _buffered_response(result.response)
     # Written here rather than by aiohttp after return, so a worker that is
     # gone by now is noticed: its answer can then go to its retry instead.
@@ -159,7 +166,8 @@ async def _pass_through(
     body = meter.stream(request) if request.can_read_body else None
     exchange = request[EXCHANGE]
     try:
-        async with ctx.upstream.exchange(UpstreamRequest(request.method, target.raw, headers, body)) as upstream:
+        outbound = UpstreamRequest(request.method, target.raw, headers, body, route=exchange.route)
+        async with ctx.upstream.exchange(outbound) as upstream:
             _note_upstream(exchange, upstream.status, upstream.headers)
             return await _stream_back(request, upstream, exchange)
     except UpstreamError:

@@ -7,8 +7,8 @@ are named constants with the reason beside them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal
 
 __all__ = [
     "AbsorbSettings",
@@ -216,6 +216,12 @@ class Settings:
             values.append(self.default_credential.api_key.value)
         return tuple(values)
 
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as JSON-ready data, every secret shown as "<redacted>"."""
+        result = _redacted(self)
+        assert isinstance(result, dict)
+        return result
+
     def summary(self) -> str:
         """One line for `check-config` and the start-up log; no secrets."""
         return (
@@ -223,3 +229,25 @@ class Settings:
             f"upstream {self.upstream.base_url}, proxy {self.listen.host}:{self.listen.port}, "
             f"admin {self.admin.host}:{self.admin.port}"
         )
+
+
+REDACTED = "<redacted>"
+
+
+def _redacted(value: object) -> object:
+    if isinstance(value, Secret):
+        return REDACTED
+    if is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, object] = {}
+        for f in fields(value):
+            item = getattr(value, f.name)
+            out[f.name] = _redacted(item)
+            if isinstance(item, Secret):
+                # Where it comes from is no secret, and is what an operator checks.
+                out[f"{f.name}_source"] = item.source
+        return out
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, tuple | list):
+        return [_redacted(v) for v in value]
+    return value

@@ -13,21 +13,23 @@ aiohttp client errors.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 from yarl import URL
 
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
 from .settings import UpstreamSettings
 
 __all__ = [
     "BufferedResponse",
     "HttpUpstream",
     "Upstream",
+    "UpstreamObserver",
     "UpstreamRequest",
     "UpstreamResponse",
     "fetch",
@@ -47,6 +49,8 @@ class UpstreamRequest:
     body: bytes | AsyncIterable[bytes] | None = field(default=None, repr=False)
     # This exchange's own deadline, body included; None: the upstream's request timeout.
     timeout: float | None = None
+    # The route name it is counted under in metrics.
+    route: str = "other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,22 @@ class UpstreamResponse(Protocol):
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; raises `UpstreamError` if the stream breaks."""
         ...
+
+
+class UpstreamObserver(Protocol):
+    """Told about every exchange: for metrics, without this module importing them."""
+
+    def upstream_answered(self, route: str, status: int, seconds: float) -> None: ...
+
+    def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None: ...
+
+
+class _Unobserved:
+    def upstream_answered(self, route: str, status: int, seconds: float) -> None:
+        pass
+
+    def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
+        pass
 
 
 class Upstream(Protocol):
@@ -102,7 +122,8 @@ async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int)
 class HttpUpstream:
     """`Upstream` over one pooled aiohttp `ClientSession`; create and close it inside the event loop."""
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(self, settings: UpstreamSettings, *, observer: UpstreamObserver | None = None) -> None:
+        self._observer = observer or _Unobserved()
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
         # The whole exchange, body streaming included; pool waits count too.
@@ -131,7 +152,8 @@ class HttpUpstream:
     @asynccontextmanager
     async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         url = URL(self._base + request.target, encoded=True)
-        with _translated():
+        started = time.monotonic()
+        with self._observed(request.route):
             response = await self._session.request(
                 request.method,
                 url,
@@ -142,9 +164,10 @@ class HttpUpstream:
                 compress=None,
                 timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
             )
+        self._observer.upstream_answered(request.route, response.status, time.monotonic() - started)
         complete = False
         try:
-            yield _HttpResponse(response)
+            yield _HttpResponse(response, lambda: self._observed(request.route))
             complete = response.content.at_eof()
         finally:
             if complete:
@@ -156,10 +179,20 @@ class HttpUpstream:
     async def close(self) -> None:
         await self._session.close()
 
+    @contextmanager
+    def _observed(self, route: str) -> Iterator[None]:
+        try:
+            with _translated():
+                yield
+        except UpstreamError as exc:
+            self._observer.upstream_failed(route, exc.kind)
+            raise
+
 
 class _HttpResponse:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, observed: Callable[[], AbstractContextManager[None]]) -> None:
         self._response = response
+        self._observed = observed
         self.status = response.status
         self.reason = response.reason or ""
         self.headers = tuple((_text(name), _text(value)) for name, value in response.raw_headers)
@@ -167,7 +200,7 @@ class _HttpResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._response.content
         while True:
-            with _translated():
+            with self._observed():
                 chunk = await content.readany()
             if not chunk:
                 return

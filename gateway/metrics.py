@@ -1,0 +1,236 @@
+"""Prometheus metrics: the names, labels and units are a contract (README, "Operating").
+
+One `GatewayMetrics` per app, on its own registry: nothing touches the
+global default registry. Labels are bounded: `route` is a `RouteName`,
+`environment` a configured label or `other`, never an id, token or raw path.
+Every known label combination is created at start, so `rate()` sees the
+first event.
+
+`GatewayMetrics` is also the observer the upstream client and the heartbeat
+driver report to, so neither imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+
+from . import __version__
+from .coalescer import LeaseView
+from .errors import UpstreamErrorKind
+from .routing import RouteName
+from .settings import Settings
+
+__all__ = ["GatewayMetrics"]
+
+PREFIX = "heartbeat_gateway"
+# Client-facing and upstream latency, 1 ms to 30 s.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Lease time left when a worker beats: how close the fleet runs to expiry.
+REMAINING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+ROUTES = tuple(r.value for r in RouteName)
+OUTCOMES = ("forwarded", "joined", "handed_off", "absorbed", "rejected")
+LOST_REASONS = ("not_extended", "requeued", "conflict", "expired")
+STOP_STATES = ("stopping", "stopped")
+ERROR_KINDS: tuple[UpstreamErrorKind, ...] = ("timeout", "connect", "reset", "other")
+LEASE_STATES = ("unknown", "starting", "active", "stopping", "stopped", "queued", "expired")
+# Status codes worth a series from the start: what the gateway itself answers, and the lease protocol's.
+CLIENT_CODES = ("200", "400", "401", "403", "404", "412", "413", "429", "500", "502", "504")
+UPSTREAM_CODES = ("200", "412", "429", "500", "503")
+OTHER = "other"
+
+
+class GatewayMetrics:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self._labels = {env.id: env.label for env in settings.environments}
+        self.environments = (*dict.fromkeys(self._labels.values()), OTHER)
+
+        self.requests = Counter(f"{PREFIX}_requests", "Client-facing responses.", ["route", "code"], registry=r)
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Client-facing request duration, until the response is complete.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            f"{PREFIX}_upstream_requests", "Answers from the upstream API.", ["route", "code"], registry=r
+        )
+        self.upstream_duration = Histogram(
+            f"{PREFIX}_upstream_request_duration_seconds",
+            "Upstream time to response headers (a stream's body is not included).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            f"{PREFIX}_upstream_errors",
+            "Upstream exchanges that failed without an answer.",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            f"{PREFIX}_upstream_retries", "Upstream requests sent again by the gateway.", ["route"], registry=r
+        )
+        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Client requests being served.", ["route"], registry=r)
+        self.heartbeats = Counter(
+            f"{PREFIX}_heartbeats", "Worker heartbeats answered, by decision.", ["environment", "outcome"], registry=r
+        )
+        self.conflicts = Counter(
+            f"{PREFIX}_heartbeat_conflicts", "412 answers delivered to workers.", ["environment"], registry=r
+        )
+        self.leases_lost = Counter(
+            f"{PREFIX}_leases_lost", "Leases lost, by reason.", ["environment", "reason"], registry=r
+        )
+        self.work_stops = Counter(
+            f"{PREFIX}_work_stops",
+            "Leases whose heartbeat first reported stopping, or stopped.",
+            ["environment", "state"],
+            registry=r,
+        )
+        self.lease_remaining = Histogram(
+            f"{PREFIX}_lease_remaining_seconds",
+            "Lease time surely left when a worker heartbeat arrives.",
+            ["environment"],
+            buckets=REMAINING_BUCKETS,
+            registry=r,
+        )
+        self.lease_evictions = Counter(
+            f"{PREFIX}_lease_evictions", "Leases dropped from the full lease table.", registry=r
+        )
+        self.config_reloads = Counter(
+            f"{PREFIX}_config_reloads",
+            "Configuration reloads (the config is read at start only).",
+            ["result"],
+            registry=r,
+        )
+        Gauge(f"{PREFIX}_build_info", "The running version.", ["version"], registry=r).labels(__version__).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for route in ROUTES:
+            for code in CLIENT_CODES:
+                self.requests.labels(route, code)
+            for code in UPSTREAM_CODES:
+                self.upstream_requests.labels(route, code)
+            for kind in ERROR_KINDS:
+                self.upstream_errors.labels(route, kind)
+            self.request_duration.labels(route)
+            self.upstream_duration.labels(route)
+            self.upstream_retries.labels(route)
+            self.inflight.labels(route)
+        for env in self.environments:
+            for outcome in OUTCOMES:
+                self.heartbeats.labels(env, outcome)
+            for reason in LOST_REASONS:
+                self.leases_lost.labels(env, reason)
+            for state in STOP_STATES:
+                self.work_stops.labels(env, state)
+            self.conflicts.labels(env)
+            self.lease_remaining.labels(env)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def environment(self, environment_id: str | None) -> str:
+        return self._labels.get(environment_id or "", OTHER)
+
+    def track_leases(self, leases: Callable[[], Iterable[LeaseView]]) -> None:
+        """Export the lease table as gauges, computed at each scrape."""
+        self.registry.register(_LeaseTableCollector(leases, self))
+
+    # -- the client-facing side -------------------------------------------------------
+
+    def request_started(self, route: str) -> None:
+        self.inflight.labels(route).inc()
+
+    def request_finished(self, route: str, status: int, seconds: float) -> None:
+        self.inflight.labels(route).dec()
+        self.request_refused(route, status, seconds)
+
+    def request_refused(self, route: str, status: int, seconds: float) -> None:
+        """A request answered before its route was known (or without raising the in-flight gauge)."""
+        self.requests.labels(route, str(status)).inc()
+        self.request_duration.labels(route).observe(seconds)
+
+    def heartbeat_answered(self, environment_id: str, outcome: str, lost_reason: str | None) -> None:
+        env = self.environment(environment_id)
+        self.heartbeats.labels(env, outcome).inc()
+        if lost_reason is not None:
+            self.leases_lost.labels(env, lost_reason).inc()
+            if lost_reason != "not_extended":
+                self.conflicts.labels(env).inc()
+
+    # -- UpstreamObserver -----------------------------------------------------------
+
+    def upstream_answered(self, route: str, status: int, seconds: float) -> None:
+        self.upstream_requests.labels(route, str(status)).inc()
+        self.upstream_duration.labels(route).observe(seconds)
+
+    def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
+        self.upstream_errors.labels(route, kind).inc()
+
+    # -- HeartbeatObserver ------------------------------------------------------------
+
+    def retried(self, route: str) -> None:
+        self.upstream_retries.labels(route).inc()
+
+    def lease_event(self, environment_id: str, kind: str, reason: str | None) -> None:
+        env = self.environment(environment_id)
+        if kind in STOP_STATES:
+            self.work_stops.labels(env, kind).inc()
+        elif kind == "expired":
+            self.leases_lost.labels(env, "expired").inc()
+        elif kind == "evicted":
+            self.lease_evictions.inc()
+
+    def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
+        self.lease_remaining.labels(self.environment(environment_id)).observe(max(0.0, seconds))
+
+
+class _LeaseTableCollector:
+    """`heartbeat_gateway_leases{environment,state}` and the shortest lease TTL seen, per environment."""
+
+    def __init__(self, leases: Callable[[], Iterable[LeaseView]], metrics: GatewayMetrics) -> None:
+        self._leases = leases
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        counts: Tally[tuple[str, str]] = Tally()
+        shortest: dict[str, int] = {}
+        for lease in self._leases():
+            env = self._metrics.environment(lease.environment_id)
+            state = lease.state if lease.state in LEASE_STATES else "unknown"
+            counts[(env, state)] += 1
+            if state == "active" and lease.ttl_seconds:
+                shortest[env] = min(shortest.get(env, lease.ttl_seconds), lease.ttl_seconds)
+        leases = GaugeMetricFamily(
+            f"{PREFIX}_leases", "Leases in the gateway's table.", labels=["environment", "state"]
+        )
+        for env in self._metrics.environments:
+            for state in LEASE_STATES:
+                leases.add_metric([env, state], counts[(env, state)])
+        yield leases
+        ttl = GaugeMetricFamily(
+            f"{PREFIX}_lease_ttl_seconds",
+            "The shortest TTL among active leases in the table (absent when there are none).",
+            labels=["environment"],
+        )
+        for env, seconds in sorted(shortest.items()):
+            ttl.add_metric([env], seconds)
+        yield ttl
