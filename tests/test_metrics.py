@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import subprocess
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
 from gateway.simulator import Faults
 
 from .support import ENV_ID, GatewayFactory, SimFactory, SimHandle, worker_headers
+from .tools import require
 
 CONTRACT = {
     "heartbeat_gateway_requests_total": {"route", "code"},
@@ -176,17 +174,8 @@ async def test_an_unrenewed_lease_is_counted_as_expired(
     assert value(text, "heartbeat_gateway_leases", environment="prod-sandboxes", state="expired") == 1
 
 
-def promtool() -> str | None:
-    path = shutil.which("promtool")
-    if path is None and os.environ.get("CI") == "true":
-        pytest.fail("promtool is required in CI: .ci/run installs Debian's prometheus package")
-    return path
-
-
 async def test_live_metrics_pass_promtool_check_metrics(gateway: Gateway) -> None:
-    tool = promtool()
-    if tool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus); CI=true makes this a failure")
+    tool = require("promtool", "apt-get install prometheus")
     text = await scrape(gateway)
     proc = await asyncio.create_subprocess_exec(
         tool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
