@@ -75,6 +75,12 @@ async def test_request_lines_carry_fields_and_no_secret(
             async with session.request(method, base.proxy_url + target, headers=headers) as r:
                 body = await r.read()
                 assert not any(secret.encode() in body for secret in SECRETS)
+    # Nothing the admin port shows carries a secret either.
+    async with aiohttp.ClientSession() as session:
+        for path in ("/metrics", "/admin/config", "/admin/leases", "/readyz"):
+            async with session.get(gateway.admin_url + path) as r:
+                shown = await r.text()
+            assert not any(secret in shown for secret in SECRETS), path
     lines = [json.loads(line) for line in captured.getvalue().splitlines()]
     requests = [line for line in lines if line.get("event") == "request"]
     assert [(r["route"], r["status"]) for r in requests] == [
@@ -95,6 +101,9 @@ async def test_request_lines_carry_fields_and_no_secret(
     assert beat["upstream_status"] == 200
     assert beat["request_id"].startswith("req_sim")
     assert requests[6]["error"] == "reset"
+    # Lease events get their own lines, with environment and work id.
+    (claimed,) = [line for line in lines if line.get("event") == "lease_claimed"]
+    assert (claimed["environment"], claimed["work_id"]) == ("prod-sandboxes", work_id)
     text = captured.getvalue()
     assert not any(secret in text for secret in SECRETS)
     assert "sk-ant-api03-unknown-worker-key" not in text
