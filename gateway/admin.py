@@ -20,7 +20,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from .coalescer import LeaseView
 from .errors import error_body
 from .metrics import GatewayMetrics
-from .settings import Settings
+from .settings import LiveSettings
 
 __all__ = ["HEALTH", "Health", "create_admin_app"]
 
@@ -43,7 +43,7 @@ class Health:
 @dataclass(frozen=True, slots=True)
 class AdminContext:
     health: Health
-    settings: Settings
+    live: LiveSettings
     metrics: GatewayMetrics
     leases: Callable[[], list[LeaseView]]
 
@@ -98,19 +98,19 @@ async def leases(request: web.Request) -> web.Response:
 
 
 async def config(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ADMIN].settings.redacted())
+    return web.json_response(request.app[ADMIN].live.current.redacted())
 
 
 def create_admin_app(
     health: Health,
     *,
-    settings: Settings,
+    live: LiveSettings,
     metrics: GatewayMetrics,
     leases_source: Callable[[], list[LeaseView]],
 ) -> web.Application:
     app = web.Application()
     app[HEALTH] = health
-    app[ADMIN] = AdminContext(health, settings, metrics, leases_source)
+    app[ADMIN] = AdminContext(health, live, metrics, leases_source)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))

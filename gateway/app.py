@@ -20,7 +20,7 @@ from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
 from .proxy import PROXY, ProxyContext, handle
-from .settings import Settings
+from .settings import LiveSettings, Settings, restart_needed
 from .upstream import HttpUpstream, Upstream
 
 __all__ = ["Gateway", "create_proxy_app"]
@@ -37,7 +37,7 @@ class _Running:
 
 
 def create_proxy_app(
-    settings: Settings,
+    settings: Settings | LiveSettings,
     *,
     health: Health | None = None,
     metrics: GatewayMetrics | None = None,
@@ -46,6 +46,8 @@ def create_proxy_app(
     running: _Running | None = None,
 ) -> web.Application:
     """The worker-facing app. Without `upstream`, one `HttpUpstream` is opened for the app's lifetime."""
+    live = settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
+    settings = live.current
     health = health or Health()
     metrics = metrics or GatewayMetrics(settings)
     running = running or _Running()
@@ -55,7 +57,7 @@ def create_proxy_app(
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         up = upstream or HttpUpstream(settings.upstream, observer=metrics)
         service = heartbeats or _heartbeat_service(settings, up, metrics)
-        app[PROXY] = ProxyContext(settings, up, service, metrics)
+        app[PROXY] = ProxyContext(live, up, service, metrics)
         running.heartbeats = service
         health.upstream_ready = True
         try:
@@ -82,14 +84,14 @@ class Gateway:
     """Both ports of a running gateway: start, then `stop` drains and closes them."""
 
     def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
-        self.settings = settings
+        self._live = LiveSettings(settings)
         self.health = Health()
         self.metrics = GatewayMetrics(settings)
-        running = _Running()
+        running = self._running = _Running()
         self.metrics.track_leases(running.leases)
         grace = settings.limits.shutdown_grace_seconds
         self._proxy = web.AppRunner(
-            create_proxy_app(settings, health=self.health, metrics=self.metrics, upstream=upstream, running=running),
+            create_proxy_app(self._live, health=self.health, metrics=self.metrics, upstream=upstream, running=running),
             # A client that disconnects cancels its handler, which closes the
             # upstream connection: abandoned streams and polls end upstream too.
             handler_cancellation=True,
@@ -100,8 +102,34 @@ class Gateway:
             shutdown_timeout=grace,
             access_log=None,
         )
-        admin = create_admin_app(self.health, settings=settings, metrics=self.metrics, leases_source=running.leases)
+        admin = create_admin_app(self.health, live=self._live, metrics=self.metrics, leases_source=running.leases)
         self._admin = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+
+    @property
+    def settings(self) -> Settings:
+        return self._live.current
+
+    def reload(self, settings: Settings) -> list[str]:
+        """Apply new settings to the requests that come next; returns why not, if it cannot.
+
+        Keys, tokens, environments, routes, headers, limits and heartbeat
+        policy change in place; sockets, the upstream client and the log
+        format need a restart, so a reload that changes them is refused whole.
+        """
+        problems = restart_needed(self._live.current, settings)
+        if problems:
+            self.metrics.config_reloads.labels("failure").inc()
+            return problems
+        self._live.current = settings
+        self.metrics.set_environments(settings)
+        if self._running.heartbeats is not None:
+            self._running.heartbeats.configure(settings.heartbeat)
+        self.metrics.config_reloads.labels("success").inc()
+        return []
+
+    def reload_failed(self) -> None:
+        """A reload was refused before it reached `reload` (the config did not validate)."""
+        self.metrics.config_reloads.labels("failure").inc()
 
     async def start(self) -> None:
         await self._proxy.setup()

@@ -123,14 +123,14 @@ def _serve(path: str) -> int:
         return EXIT_USAGE
     configure_logging(settings.logging, settings.secret_values())
     try:
-        event_loop.run(lambda: _serve_until_signal(settings))
+        event_loop.run(lambda: _serve_until_signal(settings, path))
     except OSError as exc:
         log.error("cannot start: %s", exc.strerror or exc)
         return EXIT_FAILURE
     return EXIT_OK
 
 
-async def _serve_until_signal(settings: Settings) -> None:
+async def _serve_until_signal(settings: Settings, path: str) -> None:
     gateway = Gateway(settings)
     await gateway.start()
     # Everything built so far lives as long as the process: keep it out of the
@@ -152,6 +152,7 @@ async def _serve_until_signal(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, gateway, path)
     await stop.wait()
     log.info(
         "draining: no new connections; in-flight requests have %.0f s",
@@ -160,6 +161,26 @@ async def _serve_until_signal(settings: Settings) -> None:
     )
     await gateway.stop()
     log.info("stopped", extra={"fields": {"event": "stopped"}})
+
+
+def _reload(gateway: Gateway, path: str) -> None:
+    """SIGHUP: read the config again; apply it if it is valid and needs no restart, else keep the old one."""
+    try:
+        settings = load_settings_file(path, os.environ)
+    except ConfigError as exc:
+        gateway.reload_failed()
+        for problem in exc.problems:
+            log.error("reload refused: %s", problem, extra={"fields": {"event": "reload_failed"}})
+        return
+    old_secrets = gateway.settings.secret_values()
+    refusals = gateway.reload(settings)
+    for refusal in refusals:
+        log.error("reload refused: %s", refusal, extra={"fields": {"event": "reload_failed"}})
+    if not refusals:
+        # New secrets must be scrubbed too (and rotated-out ones still are); the level may have changed.
+        configure_logging(settings.logging, (*old_secrets, *settings.secret_values()))
+        summary = settings.summary().removeprefix("ok: ")
+        log.info("config reloaded: %s", summary, extra={"fields": {"event": "reloaded"}})
 
 
 def _simulate(args: argparse.Namespace) -> int:

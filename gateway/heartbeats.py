@@ -94,6 +94,9 @@ class HeartbeatService(Protocol):
     def leases(self) -> list[LeaseView]:
         """The lease table (empty when heartbeats are not coalesced)."""
 
+    def configure(self, settings: HeartbeatSettings) -> None:
+        """Apply reloaded heartbeat settings to what comes next."""
+
     def unwritten(self, result: HeartbeatResult) -> None:
         """The worker went away before `result` was written to it."""
 
@@ -121,6 +124,9 @@ class DirectHeartbeats:
 
     def leases(self) -> list[LeaseView]:
         return []
+
+    def configure(self, settings: HeartbeatSettings) -> None:
+        pass
 
     async def close(self) -> None:
         pass
@@ -164,16 +170,11 @@ class CoalescingHeartbeats:
         self._upstream = upstream
         self._observer = observer or _Unobserved()
         self._evictions_reported = 0
-        self._timeout = settings.upstream_timeout_seconds
         self._label = label
         self._clock = clock
         self._rng = rng or random.Random()
-        absorb = settings.absorb
-        leases = settings.leases
-        self.core: Core = Coalescer(
-            absorb=AbsorbPolicy(absorb.enabled, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction),
-            tracking=TrackingPolicy(leases.max_tracked, leases.retention_seconds, leases.expiry_grace_seconds),
-        )
+        self.core: Core = Coalescer()
+        self.configure(settings)
         self._calls: dict[int, HeartbeatCall] = {}
         self._futures: dict[int, asyncio.Future[HeartbeatResult]] = {}
         self._waiters = iter(range(1, 2**63))
@@ -218,6 +219,12 @@ class CoalescingHeartbeats:
 
     def stop_seen(self, environment_id: str, work_id: str) -> None:
         self.core.stop_seen((environment_id, work_id), self._clock())
+
+    def configure(self, settings: HeartbeatSettings) -> None:
+        absorb, leases = settings.absorb, settings.leases
+        self._timeout = settings.upstream_timeout_seconds
+        self.core.absorb = AbsorbPolicy(absorb.enabled, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction)
+        self.core.tracking = TrackingPolicy(leases.max_tracked, leases.retention_seconds, leases.expiry_grace_seconds)
 
     def _report_evictions(self) -> None:
         while self._evictions_reported < self.core.evictions:

@@ -55,8 +55,8 @@ class GatewayMetrics:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._labels = {env.id: env.label for env in settings.environments}
-        self.environments = (*dict.fromkeys(self._labels.values()), OTHER)
+        self._labels: dict[str, str] = {}
+        self.environments: tuple[str, ...] = ()
 
         self.requests = Counter(f"{PREFIX}_requests", "Client-facing responses.", ["route", "code"], registry=r)
         self.request_duration = Histogram(
@@ -113,7 +113,7 @@ class GatewayMetrics:
         )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads",
-            "Configuration reloads (the config is read at start only).",
+            "Configuration reloads (SIGHUP), by result.",
             ["result"],
             registry=r,
         )
@@ -122,6 +122,21 @@ class GatewayMetrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self._initialise()
+        self.set_environments(settings)
+
+    def set_environments(self, settings: Settings) -> None:
+        """Name the configured environments (again, after a reload); new ones start at zero."""
+        self._labels = {env.id: env.label for env in settings.environments}
+        self.environments = (*dict.fromkeys(self._labels.values()), OTHER)
+        for env in self.environments:
+            for outcome in OUTCOMES:
+                self.heartbeats.labels(env, outcome)
+            for reason in LOST_REASONS:
+                self.leases_lost.labels(env, reason)
+            for state in STOP_STATES:
+                self.work_stops.labels(env, state)
+            self.conflicts.labels(env)
+            self.lease_remaining.labels(env)
 
     def _initialise(self) -> None:
         for route in ROUTES:
@@ -135,15 +150,6 @@ class GatewayMetrics:
             self.upstream_duration.labels(route)
             self.upstream_retries.labels(route)
             self.inflight.labels(route)
-        for env in self.environments:
-            for outcome in OUTCOMES:
-                self.heartbeats.labels(env, outcome)
-            for reason in LOST_REASONS:
-                self.leases_lost.labels(env, reason)
-            for state in STOP_STATES:
-                self.work_stops.labels(env, state)
-            self.conflicts.labels(env)
-            self.lease_remaining.labels(env)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
 

@@ -33,7 +33,7 @@ from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeats import HeartbeatCall, HeartbeatService
 from .metrics import GatewayMetrics
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
-from .settings import Settings
+from .settings import LiveSettings, Settings
 from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
 
 __all__ = ["PROXY", "ProxyContext", "handle"]
@@ -46,10 +46,15 @@ FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", 
 
 @dataclass(frozen=True, slots=True)
 class ProxyContext:
-    settings: Settings
+    live: LiveSettings
     upstream: Upstream
     heartbeats: HeartbeatService
     metrics: GatewayMetrics
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force now (a reload swaps them between requests)."""
+        return self.live.current
 
 
 PROXY = web.AppKey("proxy", ProxyContext)

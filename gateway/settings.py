@@ -21,6 +21,7 @@ __all__ = [
     "LeaseTrackingSettings",
     "Limits",
     "ListenAddress",
+    "LiveSettings",
     "LoggingSettings",
     "RouteSettings",
     "Secret",
@@ -229,6 +230,31 @@ class Settings:
             f"upstream {self.upstream.base_url}, proxy {self.listen.host}:{self.listen.port}, "
             f"admin {self.admin.host}:{self.admin.port}"
         )
+
+
+@dataclass(slots=True)
+class LiveSettings:
+    """The settings in force, swapped whole by a reload; readers take `current` per request."""
+
+    current: Settings
+
+
+# Sections a running gateway cannot change: its sockets, its upstream client
+# pool, its log format and whether heartbeats are coalesced at all.
+RESTART_ONLY = ("listen", "admin", "upstream", "heartbeat.coalesce", "logging.format")
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The changed settings that only a restart applies, as `key.path: problem` lines."""
+    changed = []
+    for path in RESTART_ONLY:
+        section, _, key = path.partition(".")
+        before, after = getattr(old, section), getattr(new, section)
+        if key:
+            before, after = getattr(before, key), getattr(after, key)
+        if before != after:
+            changed.append(f"{path}: changed; restart the gateway to apply it")
+    return changed
 
 
 REDACTED = "<redacted>"

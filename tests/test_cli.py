@@ -282,3 +282,74 @@ async def test_demo_runs_prints_progress_and_ends_with_json() -> None:
     assert summary["worker_heartbeats"] > 0
     assert summary["upstream_heartbeats"] > 0
     assert summary["p50_ms"] <= summary["p99_ms"]
+
+
+async def reload_count(admin_port: int, result: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{admin_port}/metrics") as r:
+        text = await r.text()
+    match = re.search(rf'heartbeat_gateway_config_reloads_total{{result="{result}"}} (\S+)', text)
+    assert match is not None
+    return float(match.group(1))
+
+
+async def wait_reloads(admin_port: int, result: str, count: float) -> None:
+    deadline = time.monotonic() + 10
+    while await reload_count(admin_port, result) < count:
+        assert time.monotonic() < deadline, f"no {result} reload counted"
+        await asyncio.sleep(0.1)
+
+
+async def test_sighup_reloads_keys_and_refuses_bad_or_restart_only_changes(
+    recorder: tuple[Recorder, str], config_file: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    path, proxy_port, admin_port = config_file
+    key_file = tmp_path / "env-key"
+    key_file.write_text("sk-ant-rotated-key-ONE\n")
+    write_config(path, upstream, proxy_port, admin_port)
+    original = path.read_text()
+    path.write_text(original.replace("key_env: TEST_ENV_KEY", f"key_file: {key_file}"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path),
+        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stats = f"http://127.0.0.1:{proxy_port}/v1/environments/{ENV_ID}/work/stats"
+    try:
+        await wait_ready(admin_port, proc)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(stats, headers=worker_headers()) as r:
+                assert r.status == 200
+            assert header_value(rec, -1, "Authorization") == "Bearer sk-ant-rotated-key-ONE"
+            # The mounted secret is rotated; SIGHUP picks it up without a restart.
+            key_file.write_text("sk-ant-rotated-key-TWO\n")
+            proc.send_signal(signal.SIGHUP)
+            await wait_reloads(admin_port, "success", 1)
+            async with session.get(stats, headers=worker_headers()) as r:
+                assert r.status == 200
+            assert header_value(rec, -1, "Authorization") == "Bearer sk-ant-rotated-key-TWO"
+            # An invalid config is refused whole; the running one stays.
+            path.write_text(path.read_text() + "\nbogus: 1\n")
+            proc.send_signal(signal.SIGHUP)
+            await wait_reloads(admin_port, "failure", 1)
+            # So is a change only a restart can apply.
+            path.write_text(path.read_text().replace("\nbogus: 1\n", "").replace(str(proxy_port), str(free_port())))
+            proc.send_signal(signal.SIGHUP)
+            await wait_reloads(admin_port, "failure", 2)
+            async with session.get(stats, headers=worker_headers()) as r:
+                assert r.status == 200
+            assert header_value(rec, -1, "Authorization") == "Bearer sk-ant-rotated-key-TWO"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = stderr.decode()
+    assert "bogus: unknown key" in log
+    assert "listen: changed; restart the gateway to apply it" in log
+    assert "rotated-key" not in log
+
+
+def header_value(rec: Recorder, index: int, name: str) -> str:
+    (value,) = [v for k, v in rec.requests[index].headers if k.lower() == name.lower()]
+    return value
