@@ -174,9 +174,19 @@ async def test_an_unrenewed_lease_is_counted_as_expired(
     assert value(text, "heartbeat_gateway_leases", environment="prod-sandboxes", state="expired") == 1
 
 
-async def test_live_metrics_pass_promtool_check_metrics(gateway: Gateway) -> None:
+async def test_live_metrics_pass_promtool_check_metrics(gateway: Gateway, simulator: SimHandle) -> None:
     tool = require("promtool", "apt-get install prometheus")
+    (work_id,) = simulator.sim.enqueue(ENV_ID)
+    async with aiohttp.ClientSession() as session:  # some traffic, so histograms and the lease table have data
+        for path in ("/work/poll", f"/work/{work_id}/ack", f"/work/{work_id}/heartbeat"):
+            async with session.request(
+                "GET" if path.endswith("poll") else "POST",
+                f"{gateway.proxy_url}/v1/environments/{ENV_ID}{path}",
+                headers=worker_headers(),
+            ) as r:
+                assert r.status == 200
     text = await scrape(gateway)
+    assert "heartbeat_gateway_lease_ttl_seconds" in text
     proc = await asyncio.create_subprocess_exec(
         tool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
