@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
 
 def require(tool: str, install: str) -> str:
-    path = shutil.which(tool)
+    # The project's own virtualenv first (tools installed with the test extra), then PATH.
+    venv_tool = Path(sys.executable).parent / tool
+    path = str(venv_tool) if venv_tool.exists() else shutil.which(tool)
     if path is not None:
         return path
     message = f"{tool} is not installed ({install})"

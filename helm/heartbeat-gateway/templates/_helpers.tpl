@@ -1,0 +1,65 @@
+{{- define "heartbeat-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "heartbeat-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "heartbeat-gateway.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "heartbeat-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "heartbeat-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "heartbeat-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "heartbeat-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "heartbeat-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret the pod reads, if any. */}}
+{{- define "heartbeat-gateway.secretName" -}}
+{{- if .Values.secret.existingSecret }}
+{{- .Values.secret.existingSecret }}
+{{- else if .Values.secret.values }}
+{{- include "heartbeat-gateway.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{- define "heartbeat-gateway.proxyPort" -}}
+{{- ((.Values.config).listen).port | default 8080 }}
+{{- end }}
+
+{{- define "heartbeat-gateway.adminPort" -}}
+{{- ((.Values.config).admin).port | default 9090 }}
+{{- end }}
+
+{{/* The gateway drains for shutdown_grace_seconds after the pre-stop sleep; leave room to exit. */}}
+{{- define "heartbeat-gateway.terminationGrace" -}}
+{{- $grace := ((.Values.config).limits).shutdown_grace_seconds | default 20 }}
+{{- add (int .Values.preStopSleepSeconds) (int (ceil $grace)) 10 }}
+{{- end }}
+
+{{- define "heartbeat-gateway.multipleReplicas" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.minReplicas) 1 }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}

@@ -1,0 +1,344 @@
+"""The Helm chart, with the real helm (3 and 4), kubernetes-validate, promtool and the gateway's own check-config.
+
+`scripts/fetch-helm` puts helm3 and helm4 in .tools/bin (`.ci/run` does it);
+without them these tests skip locally and fail in CI.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .tools import require
+
+ROOT = Path(__file__).parent.parent
+CHART = ROOT / "helm" / "heartbeat-gateway"
+ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
+EXISTING_SECRET = CHART / "ci" / "existing-secret-values.yaml"
+MONITORING_API = ["--api-versions", "monitoring.coreos.com/v1"]
+KUBERNETES = "1.33.0"
+
+Helm = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(params=["helm3", "helm4"])
+def helm(request: pytest.FixtureRequest, tmp_path: Path) -> Helm:
+    binary = ROOT / ".tools" / "bin" / request.param
+    if not binary.exists():
+        message = f"{binary} is missing (run scripts/fetch-helm)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; .ci/run fetches it")
+        pytest.skip(message + "; with CI=true this is a failure")
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(tmp_path / "cache"),
+        "HELM_CONFIG_HOME": str(tmp_path / "config"),
+        "HELM_DATA_HOME": str(tmp_path / "data"),
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, check=False, timeout=120)
+
+    return run
+
+
+def render(helm: Helm, *args: str) -> list[dict[str, Any]]:
+    result = helm("template", "gw", str(CHART), "--namespace", "agents", *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    return doc
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+# -- lint and schema ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES, EXISTING_SECRET], ids=["defaults", "all", "existing-secret"])
+def test_lint_strict(helm: Helm, values: Path | None) -> None:
+    result = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("bogus=1", "bogus"),
+        ("service.prot=8080", "prot"),
+        ("replicaCount=two", "replicaCount"),
+        ("service.sessionAffinity=Sticky", "sessionAffinity"),
+        ("secret.values.not-an-env-name=x", "not-an-env-name"),
+    ],
+)
+def test_the_schema_rejects_typos_and_wrong_types(helm: Helm, flag: str, message: str) -> None:
+    result = helm("lint", "--strict", str(CHART), "--set", flag)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+# -- what renders --------------------------------------------------------------------------
+
+
+def test_defaults_render_the_core_objects(helm: Helm) -> None:
+    docs = render(helm)
+    assert kinds(docs) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+
+
+def test_all_features_render_every_optional_object(helm: Helm) -> None:
+    docs = render(helm, "-f", str(ALL_FEATURES), *MONITORING_API)
+    assert kinds(docs) == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "PrometheusRule",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "admin", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"  # so the alerts' job="heartbeat-gateway" matches
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+
+
+def test_existing_secret_is_used_and_none_is_created(helm: Helm) -> None:
+    docs = render(helm, "-f", str(EXISTING_SECRET))
+    assert "Secret" not in kinds(docs)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "heartbeat-gateway-keys"}}]
+    assert {"name": "secrets", "secret": {"secretName": "heartbeat-gateway-keys"}} in pod["volumes"]
+    assert {"name": "secrets", "mountPath": "/etc/heartbeat-gateway/secrets", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES, EXISTING_SECRET], ids=["defaults", "all", "existing-secret"])
+def test_rendered_objects_are_valid_kubernetes(helm: Helm, values: Path | None, tmp_path: Path) -> None:
+    validate = require("kubernetes-validate", "pip install kubernetes-validate")
+    docs = render(helm, *(["-f", str(values)] if values else []), *MONITORING_API)
+    core = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(core))
+    result = subprocess.run(
+        [validate, "--strict", "--quiet", "-k", KUBERNETES, str(rendered)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the pod ---------------------------------------------------------------------------------
+
+
+def test_the_pod_is_locked_down_probed_and_drains(helm: Helm) -> None:
+    docs = render(helm, "-f", str(ALL_FEATURES), *MONITORING_API)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert container["ports"] == [
+        {"name": "proxy", "containerPort": 8443, "protocol": "TCP"},
+        {"name": "admin", "containerPort": 9443, "protocol": "TCP"},
+    ]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert container["args"] == ["serve", "--config", "/etc/heartbeat-gateway/config.yaml"]
+    # The grace period covers the pre-stop sleep and the gateway's 40 s drain.
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod["terminationGracePeriodSeconds"] > 5 + 40
+    assert [c["topologyKey"] for c in pod["topologySpreadConstraints"]] == [
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    ]
+    service = one(docs, "Service")["spec"]
+    assert service["sessionAffinity"] == "ClientIP"
+    assert [p["name"] for p in service["ports"]] == ["proxy", "admin"]
+
+
+def pod_annotations(docs: list[dict[str, Any]]) -> dict[str, str]:
+    annotations: dict[str, str] = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    return annotations
+
+
+def test_a_config_or_secret_change_rolls_the_pods(helm: Helm) -> None:
+    base = pod_annotations(render(helm, "-f", str(ALL_FEATURES)))
+    config = pod_annotations(render(helm, "-f", str(ALL_FEATURES), "--set", "config.logging.level=debug"))
+    secret = pod_annotations(render(helm, "-f", str(ALL_FEATURES), "--set", "secret.values.WORKER_TOKEN=rotated"))
+    assert config["checksum/config"] != base["checksum/config"]
+    assert config["checksum/secret"] == base["checksum/secret"]
+    assert secret["checksum/secret"] != base["checksum/secret"]
+    assert secret["checksum/config"] == base["checksum/config"]
+    assert base["example.com/team"] == "agents"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--set", "replicaCount=1"], False),
+        (["--set", "replicaCount=2"], True),
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=1"], False),
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=2"], True),
+    ],
+)
+def test_a_disruption_budget_only_with_more_than_one_replica(helm: Helm, flags: list[str], expected: bool) -> None:
+    assert ("PodDisruptionBudget" in kinds(render(helm, *flags))) is expected
+
+
+def test_no_secret_value_in_any_config_map(helm: Helm) -> None:
+    docs = render(helm, "-f", str(ALL_FEATURES), *MONITORING_API)
+    values = yaml.safe_load(ALL_FEATURES.read_text())["secret"]["values"].values()
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            text = json.dumps(doc)
+            assert not any(value in text for value in values), doc["metadata"]["name"]
+    secret = one(docs, "Secret")
+    assert {base64.b64decode(v).decode() for v in secret["data"].values()} == set(values)
+
+
+def test_the_network_policy_opens_only_the_two_ports_and_dns_and_the_upstream(helm: Helm) -> None:
+    policy = one(render(helm, "-f", str(ALL_FEATURES)), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    workers, monitoring = policy["ingress"]
+    assert workers["ports"] == [{"port": "proxy", "protocol": "TCP"}]
+    assert workers["from"] == [
+        {
+            "podSelector": {"matchLabels": {"app": "sandbox-worker"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "agents"}},
+        }
+    ]
+    assert monitoring["ports"] == [{"port": "admin", "protocol": "TCP"}]
+    dns, upstream = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert upstream["ports"] == [{"port": 443, "protocol": "TCP"}]
+
+
+# -- the config the pods will read -----------------------------------------------------------
+
+
+def check_config(docs: list[dict[str, Any]], tmp_path: Path, extra_env: dict[str, str] | None = None) -> str:
+    """Run the gateway's check-config on the rendered config, with the rendered Secret as env vars and files."""
+    config = one(docs, "ConfigMap", "heartbeat-gateway")["data"]["config.yaml"]
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_KEY", "_TOKEN"))}
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            for name, encoded in doc["data"].items():
+                value = base64.b64decode(encoded).decode()
+                env[name] = value  # envFrom: the Secret's keys as environment variables
+                (secret_dir / name).write_text(value)  # and the same keys as files in the mount
+    env.update(extra_env or {})
+    path = tmp_path / "config.yaml"
+    path.write_text(config.replace("/etc/heartbeat-gateway/secrets", str(secret_dir)))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_default_config_passes_check_config(helm: Helm, tmp_path: Path) -> None:
+    summary = check_config(render(helm), tmp_path, {"ENVIRONMENT_KEY": "k", "WORKER_TOKEN": "t"})
+    assert summary.startswith("ok: 1 environment(s), 1 client token(s)")
+
+
+def test_a_config_with_more_environments_and_tokens_passes_check_config(helm: Helm, tmp_path: Path) -> None:
+    summary = check_config(render(helm, "-f", str(ALL_FEATURES)), tmp_path)
+    assert summary.startswith("ok: 2 environment(s), 2 client token(s)")
+    assert "proxy 0.0.0.0:8443, admin 0.0.0.0:9443" in summary
+
+
+def test_a_broken_config_fails_check_config(helm: Helm, tmp_path: Path) -> None:
+    docs = render(helm, "--set", "config.limits.shutdown_grace_seconds=-1")
+    with pytest.raises(AssertionError, match=r"limits\.shutdown_grace_seconds: must not be negative"):
+        check_config(docs, tmp_path, {"ENVIRONMENT_KEY": "k", "WORKER_TOKEN": "t"})
+
+
+# -- monitoring objects are the repo's own files ------------------------------------------------
+
+
+def test_the_prometheus_rule_is_the_repos_alerts_and_passes_promtool(helm: Helm, tmp_path: Path) -> None:
+    promtool = require("promtool", "apt-get install prometheus")
+    rule = one(render(helm, "-f", str(ALL_FEATURES), *MONITORING_API), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load((ROOT / "config" / "prometheus" / "alerts.yaml").read_text())
+    (tmp_path / "alerts.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    shutil.copy(ROOT / "config" / "prometheus" / "alerts.test.yaml", tmp_path / "alerts.test.yaml")
+    for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts.test.yaml"]):
+        result = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dashboard_config_map_is_the_repos_dashboard(helm: Helm) -> None:
+    dashboard = one(render(helm, "-f", str(ALL_FEATURES)), "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Agents"}
+    shipped = json.loads((ROOT / "config" / "grafana" / "heartbeat-gateway.json").read_text())
+    assert json.loads(dashboard["data"]["heartbeat-gateway.json"]) == shipped
+
+
+# -- documentation and image -------------------------------------------------------------------
+
+
+def leaf_paths(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node and not prefix.startswith("config"):
+        return [p for key, value in node.items() for p in leaf_paths(value, f"{prefix}.{key}" if prefix else key)]
+    return [prefix]
+
+
+def test_the_chart_readme_lists_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [path for path in leaf_paths(values) if f"`{path}`" not in readme]
+    assert missing == []
+
+
+def test_the_dockerfile_builds_a_non_root_image_without_build_tools() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    assert len(stages) == 2
+    assert all("slim" in stage for stage in stages)
+    final = dockerfile.split("\nFROM ")[-1]
+    assert "USER 10001:10001" in final
+    assert "COPY --from=build /opt/heartbeat-gateway /opt/heartbeat-gateway" in final
+    assert "pip install" not in final
+    assert 'CMD ["serve", "--config", "/etc/heartbeat-gateway/config.yaml"]' in final
+    assert "PYTHONDONTWRITEBYTECODE=1" in final
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[1:2] == ["*"] or "*" in ignored  # everything is excluded unless listed
+    assert "!gateway/" in ignored
