@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest clean
+.PHONY: demo test lint typecheck pytest tools clean
 
 demo: $(STAMP)
 	$(BIN)/heartbeat-gateway demo
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The external tools some tests use (helm 3 and 4; promtool comes with
+# Debian's prometheus package). Without them those tests skip, except in CI.
+tools:
+	scripts/fetch-helm
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
