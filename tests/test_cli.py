@@ -96,6 +96,14 @@ def write_config(path: Path, upstream: str, proxy_port: int, admin_port: int, gr
     path.write_text(text)
 
 
+async def start_serve(path: Path, stderr: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+    """`python -m gateway serve` with the test secrets in its environment."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path),
+        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+    )  # fmt: skip
+
+
 async def wait_ready(admin_port: int, proc: asyncio.subprocess.Process) -> None:
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:
@@ -125,10 +133,7 @@ async def test_serve_drains_in_flight_requests_on_sigterm_and_exits_0(
         return web.json_response({"finished": True})
 
     rec.respond = slow
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(path),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await start_serve(path)
     try:
         await wait_ready(admin_port, proc)
         async with aiohttp.ClientSession() as session:
@@ -178,10 +183,7 @@ async def test_serve_cuts_requests_that_outlive_the_grace_period(
         return web.json_response({})
 
     rec.respond = endless
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(path),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = await start_serve(path, stderr=asyncio.subprocess.DEVNULL)
     try:
         await wait_ready(admin_port, proc)
         async with aiohttp.ClientSession() as session:
@@ -309,10 +311,7 @@ async def test_sighup_reloads_keys_and_refuses_bad_or_restart_only_changes(
     write_config(path, upstream, proxy_port, admin_port)
     original = path.read_text()
     path.write_text(original.replace("key_env: TEST_ENV_KEY", f"key_file: {key_file}"))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(path),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await start_serve(path)
     stats = f"http://127.0.0.1:{proxy_port}/v1/environments/{ENV_ID}/work/stats"
     try:
         await wait_ready(admin_port, proc)
