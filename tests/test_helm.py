@@ -85,6 +85,8 @@ def test_lint_strict(helm: Helm, values: Path | None) -> None:
         ("replicaCount=two", "replicaCount"),
         ("service.sessionAffinity=Sticky", "sessionAffinity"),
         ("secret.values.not-an-env-name=x", "not-an-env-name"),
+        ("resources.requests.cpu=true", "cpu"),
+        ("podDisruptionBudget.maxUnavailable=abc", "maxUnavailable"),
     ],
 )
 def test_the_schema_rejects_typos_and_wrong_types(helm: Helm, flag: str, message: str) -> None:
@@ -93,12 +95,62 @@ def test_the_schema_rejects_typos_and_wrong_types(helm: Helm, flag: str, message
     assert message in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        "config:\n  environments: [{id: env_1, key: sk-ant-pasted-key}]\n",
+        "config:\n  environments: [{id: env_1, key_env: K}]\n  clients: {tokens: [{token: hunter2}]}\n",
+        "config:\n  environments: [{id: env_1, key_env: K}]\n  default_credential: {api_key: sk-ant-pasted}\n",
+    ],
+    ids=["environment-key", "client-token", "default-credential"],
+)
+def test_the_schema_refuses_secrets_pasted_into_the_config(helm: Helm, tmp_path: Path, values: str) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(values)
+    result = helm("lint", "--strict", str(CHART), "-f", str(path))
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            [
+                "--set",
+                "autoscaling.enabled=true",
+                "--set",
+                "autoscaling.minReplicas=5",
+                "--set",
+                "autoscaling.maxReplicas=2",
+            ],
+            "minReplicas must not exceed",
+        ),
+        (["--set", "secret.mountPath=/etc/heartbeat-gateway"], "secret.mountPath must not be"),
+    ],
+)
+def test_impossible_combinations_fail_to_render(helm: Helm, flags: list[str], message: str) -> None:
+    result = helm("template", "gw", str(CHART), *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_chart_works_as_a_subchart_with_globals(helm: Helm) -> None:
+    assert render(helm, "--set", "global.imageRegistry=example.com")
+
+
+def test_spread_constraints_keep_a_selector_given_by_the_user(helm: Helm) -> None:
+    constraint = {"maxSkew": 2, "topologyKey": "rack", "whenUnsatisfiable": "DoNotSchedule",
+                  "labelSelector": {"matchLabels": {"tier": "gateway"}}}  # fmt: skip
+    docs = render(helm, "--set-json", f"topologySpreadConstraints=[{json.dumps(constraint)}]")
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"] == [constraint]
+
+
 # -- what renders --------------------------------------------------------------------------
 
 
 def test_defaults_render_the_core_objects(helm: Helm) -> None:
     docs = render(helm)
-    assert kinds(docs) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert kinds(docs) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Service", "ServiceAccount"]
 
 
 def test_all_features_render_every_optional_object(helm: Helm) -> None:
@@ -113,15 +165,18 @@ def test_all_features_render_every_optional_object(helm: Helm) -> None:
         "PrometheusRule",
         "Secret",
         "Service",
+        "Service",
         "ServiceAccount",
         "ServiceMonitor",
     ]
     monitor = one(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["endpoints"] == [
-        {"port": "admin", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
-    ]
-    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"  # so the alerts' job="heartbeat-gateway" matches
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("admin", "/metrics", "15s")
+    # The alerts and dashboard expect job="heartbeat-gateway", whatever the release or nameOverride.
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "heartbeat-gateway"}]
+    admin = one(docs, "Service", "-admin")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= admin["metadata"]["labels"].items()
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert "replicas" not in one(docs, "Deployment")["spec"]
@@ -181,9 +236,20 @@ def test_the_pod_is_locked_down_probed_and_drains(helm: Helm) -> None:
         "kubernetes.io/hostname",
         "topology.kubernetes.io/zone",
     ]
-    service = one(docs, "Service")["spec"]
+    service = one(docs, "Service", "gateway")["spec"]
     assert service["sessionAffinity"] == "ClientIP"
-    assert [p["name"] for p in service["ports"]] == ["proxy", "admin"]
+    # Workers' Service: the proxy port only. The admin port is cluster-internal, on its own Service.
+    assert [p["name"] for p in service["ports"]] == ["proxy"]
+    admin = one(docs, "Service", "-admin")["spec"]
+    assert (admin["type"], [p["name"] for p in admin["ports"]]) == ("ClusterIP", ["admin"])
+
+
+def test_the_admin_port_stays_internal_when_workers_get_a_load_balancer(helm: Helm) -> None:
+    docs = render(helm, "--set", "service.type=LoadBalancer")
+    worker_service = one(docs, "Service", "gateway")["spec"]
+    assert worker_service["type"] == "LoadBalancer"
+    assert [p["name"] for p in worker_service["ports"]] == ["proxy"]
+    assert one(docs, "Service", "-admin")["spec"]["type"] == "ClusterIP"
 
 
 def pod_annotations(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -284,8 +350,9 @@ def test_a_config_with_more_environments_and_tokens_passes_check_config(helm: He
 
 
 def test_a_broken_config_fails_check_config(helm: Helm, tmp_path: Path) -> None:
-    docs = render(helm, "--set", "config.limits.shutdown_grace_seconds=-1")
-    with pytest.raises(AssertionError, match=r"limits\.shutdown_grace_seconds: must not be negative"):
+    # The chart's schema checks only the config's shape; the gateway checks the rest.
+    docs = render(helm, "--set", "config.logging.level=loud")
+    with pytest.raises(AssertionError, match=r"logging\.level: must be one of debug, info, warning, error"):
         check_config(docs, tmp_path, {"ENVIRONMENT_KEY": "k", "WORKER_TOKEN": "t"})
 
 

@@ -63,3 +63,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if gt (int .Values.autoscaling.minReplicas) 1 }}true{{ end }}
 {{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
+
+{{/* Combinations the schema cannot express. */}}
+{{- define "heartbeat-gateway.validate" -}}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- $mount := trimSuffix "/" .Values.secret.mountPath }}
+{{- if or (eq $mount "/etc/heartbeat-gateway") (hasPrefix (printf "%s/" $mount) "/etc/heartbeat-gateway/") }}
+{{- fail "secret.mountPath must not be /etc/heartbeat-gateway or above it: the config is mounted there" }}
+{{- end }}
+{{- end }}
