@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 
 from . import __version__
@@ -55,6 +57,8 @@ class GatewayMetrics:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # Status codes are bounded in practice (the HTTP set), so this stays small.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._labels: dict[str, str] = {}
         self.environments: tuple[str, ...] = ()
 
@@ -162,31 +166,39 @@ class GatewayMetrics:
 
     # -- the client-facing side -------------------------------------------------------
 
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: on the request path, labels() costs a lock and a check."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request_started(self, route: str) -> None:
-        self.inflight.labels(route).inc()
+        self._child(self.inflight, route).inc()
 
     def request_finished(self, route: str, status: int, seconds: float) -> None:
-        self.inflight.labels(route).dec()
+        self._child(self.inflight, route).dec()
         self.request_refused(route, status, seconds)
 
     def request_refused(self, route: str, status: int, seconds: float) -> None:
         """A request answered before its route was known (or without raising the in-flight gauge)."""
-        self.requests.labels(route, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.request_duration, route).observe(seconds)
 
     def heartbeat_answered(self, environment_id: str, outcome: str, lost_reason: str | None) -> None:
         env = self.environment(environment_id)
-        self.heartbeats.labels(env, outcome).inc()
+        self._child(self.heartbeats, env, outcome).inc()
         if lost_reason is not None:
-            self.leases_lost.labels(env, lost_reason).inc()
+            self._child(self.leases_lost, env, lost_reason).inc()
             if lost_reason != "not_extended":
-                self.conflicts.labels(env).inc()
+                self._child(self.conflicts, env).inc()
 
     # -- UpstreamObserver -----------------------------------------------------------
 
     def upstream_answered(self, route: str, status: int, seconds: float) -> None:
-        self.upstream_requests.labels(route, str(status)).inc()
-        self.upstream_duration.labels(route).observe(seconds)
+        self._child(self.upstream_requests, route, str(status)).inc()
+        self._child(self.upstream_duration, route).observe(seconds)
 
     def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
         self.upstream_errors.labels(route, kind).inc()
@@ -206,7 +218,7 @@ class GatewayMetrics:
             self.lease_evictions.inc()
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
-        self.lease_remaining.labels(self.environment(environment_id)).observe(max(0.0, seconds))
+        self._child(self.lease_remaining, self.environment(environment_id)).observe(max(0.0, seconds))
 
 
 class _LeaseTableCollector:
