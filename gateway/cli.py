@@ -23,7 +23,6 @@ from .app import Gateway
 from .config import ConfigError, load_settings_file
 from .logs import configure_logging
 from .settings import LoggingSettings, Settings
-from .simulator import Faults, FaultsError, SimulatorConfig, TtlPolicy, create_simulator_app
 
 __all__ = ["main"]
 
@@ -57,31 +56,70 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy and admin ports until SIGTERM/SIGINT")
     serve.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
 
-    check = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")
-    check.add_argument("path", metavar="PATH")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file; exit 2 listing every problem",
+        description="Validate a config file and the secrets it names; exit 0 with a summary, or 2 listing every "
+        "problem as key.path: problem. Never prints a secret.",
+    )
+    check.add_argument("path", metavar="PATH", help="YAML config file")
 
-    sim = sub.add_parser("simulate-upstream", help="run the environments API simulator")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8000)
-    sim.add_argument("--ttl", type=_positive_int, default=60, help="default lease TTL in seconds (60)")
-    sim.add_argument("--min-ttl", type=_positive_int, default=1, help="smallest desired_ttl_seconds honoured (1)")
-    sim.add_argument("--max-ttl", type=_positive_int, default=600, help="largest desired_ttl_seconds honoured (600)")
+    sim = sub.add_parser(
+        "simulate-upstream",
+        help="run the environments API simulator",
+        description="A stand-in for the environments and sessions API, for trying workers and the gateway offline.",
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    sim.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    sim.add_argument(
+        "--ttl", type=_positive_int, default=60, help="default lease TTL in seconds (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--min-ttl", type=_positive_int, default=1, help="smallest desired_ttl_seconds honoured (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--max-ttl", type=_positive_int, default=600, help="largest desired_ttl_seconds honoured (default: %(default)s)"
+    )
     sim.add_argument(
         "--environment",
         action="append",
         metavar="ID=KEY_ENV",
-        help="an environment and the variable holding its key (default env_sim=SIM_ENVIRONMENT_KEY); repeatable",
+        help="an environment and the variable holding its key, repeatable (default: env_sim=SIM_ENVIRONMENT_KEY)",
     )
-    sim.add_argument("--work-items", type=int, default=0, metavar="N", help="queue N items per environment at start")
+    sim.add_argument(
+        "--work-items", type=int, default=0, metavar="N", help="queue N items per environment at start (default: 0)"
+    )
     sim.add_argument("--issue-secrets", action="store_true", help="hand out per-item sessions tokens on poll")
-    sim.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every answer")
-    sim.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="fraction answered 500")
-    sim.add_argument("--rate-limit-rate", type=float, default=0.0, metavar="P", help="fraction answered 429")
-    sim.add_argument("--retry-after", type=int, default=1, metavar="SECONDS", help="retry-after on 429s (1)")
-    sim.add_argument("--reset-rate", type=float, default=0.0, metavar="P", help="fraction whose connection is reset")
+    sim.add_argument(
+        "--org-key-env",
+        metavar="NAME",
+        help="a variable holding an organisation API key the simulator accepts (stats, stop, sessions, ...)",
+    )
+    sim.add_argument(
+        "--tool-command",
+        action="append",
+        metavar="CMD",
+        help="a bash command the scripted agent asks each session's worker to run, repeatable (default: echo hello)",
+    )
+    sim.add_argument("--skill", action="append", metavar="ID", help="give the agent this custom skill; repeatable")
+    sim.add_argument("--memory-store", action="store_true", help="attach a memory store to every session")
+    sim.add_argument("--terminate-sessions", action="store_true", help="terminate each session once its turn ends")
+    sim.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every answer (default: 0)")
+    sim.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="fraction answered 500 (default: 0)")
+    sim.add_argument(
+        "--rate-limit-rate", type=float, default=0.0, metavar="P", help="fraction answered 429 (default: 0)"
+    )
+    sim.add_argument(
+        "--retry-after", type=int, default=1, metavar="SECONDS", help="retry-after on 429s (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--reset-rate", type=float, default=0.0, metavar="P", help="fraction whose connection is reset (default: 0)"
+    )
     sim.add_argument("--reset-after-apply", action="store_true", help="reset after the request took effect")
-    sim.add_argument("--fault-endpoints", default="", metavar="LIST", help="comma-separated endpoints to affect")
-    sim.add_argument("--seed", type=int, default=None, help="seed for fault decisions")
+    sim.add_argument(
+        "--fault-endpoints", default="", metavar="LIST", help="comma-separated endpoints to affect (default: all)"
+    )
+    sim.add_argument("--seed", type=int, default=None, help="seed for fault decisions (default: random)")
 
     demo = sub.add_parser("demo", help="run simulator, gateway and simulated SDK workers together")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds to run; 0 runs until Ctrl-C (20)")
@@ -184,6 +222,9 @@ def _reload(gateway: Gateway, path: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    # Imported here: serving the gateway never loads the simulator.
+    from .simulator import SIMULATOR, AgentScript, Faults, FaultsError, SimulatorConfig, TtlPolicy, create_simulator_app
+
     configure_logging(LoggingSettings("info", "text"), ())
     environments: dict[str, str] = {}
     for spec in args.environment or ["env_sim=SIM_ENVIRONMENT_KEY"]:
@@ -214,17 +255,30 @@ def _simulate(args: argparse.Namespace) -> int:
     if not args.min_ttl <= args.ttl <= args.max_ttl:
         print("simulate-upstream: --ttl must lie between --min-ttl and --max-ttl", file=sys.stderr)
         return EXIT_USAGE
+    org_keys: tuple[str, ...] = ()
+    if args.org_key_env:
+        org_key = os.environ.get(args.org_key_env, "").strip()
+        if not org_key:
+            print(f"--org-key-env: environment variable {args.org_key_env} is not set", file=sys.stderr)
+            return EXIT_USAGE
+        org_keys = (org_key,)
+    script = AgentScript(
+        commands=tuple(args.tool_command) if args.tool_command else AgentScript().commands,
+        terminate_after_turn=args.terminate_sessions,
+        skills=tuple(args.skill or ()),
+        memory_store=args.memory_store,
+    )
     config = SimulatorConfig(
         environments=environments,
         ttl=TtlPolicy(args.ttl, args.min_ttl, args.max_ttl),
         faults=faults,
+        org_api_keys=org_keys,
         issue_secrets=args.issue_secrets,
+        script=script,
         seed=args.seed,
     )
     app = create_simulator_app(config)
     if args.work_items:
-        from .simulator import SIMULATOR
-
         for env_id in environments:
             app[SIMULATOR].enqueue(env_id, count=args.work_items)
     print(

@@ -21,6 +21,8 @@ PURE = [
     "coalescer.py",
     "retry.py",
     "simulator/control_plane.py",
+    "simulator/sessions.py",
+    "simulator/auth.py",
     "simulator/faults.py",
 ]
 IO_LIBRARIES = {"aiohttp", "asyncio", "prometheus_client", "yarl", "multidict", "socket", "anyio"}

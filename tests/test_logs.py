@@ -88,7 +88,7 @@ async def test_request_lines_carry_fields_and_no_secret(
         ("ack", 200),
         ("heartbeat", 200),
         ("heartbeat", 412),
-        ("sessions", 404),  # a foreign key passes through; the simulator has no sessions API
+        ("sessions", 401),  # a foreign key passes through, and the API refuses it
         ("poll", 401),
         ("heartbeat", 502),
         ("sessions", 502),

@@ -10,16 +10,30 @@ Requests and auth
 - Every `/v1/...` answer carries a `request-id` header; errors are
   `{"type": "error", "error": {"type", "message"[, "details"]}, "request_id"}` [DOC §5].
   Paths the simulator does not implement get a 404 `not_found_error` in that envelope.
-- Auth is `Authorization: Bearer <environment key>` of the path's environment [SDK §1].
-  With `issue_secrets`, each poll that hands an item out mints a per-item sessions
-  token, carried in the item's `secret` (base64url JSON `{"sessions_token": ...}`),
-  which is accepted on that item's paths [SDK §1, TS and PY 2.10.0 alike]. ASSUMPTION:
-  every token minted for an item stays valid for it, so a stale or reclaimed holder
-  meets the lease protocol's 412 rather than an auth error. An organisation API key
-  (as Bearer, the way the SDK sends `api_key`, or as `x-api-key`) is accepted on `stats`
-  and `stop` [DOC-OPS §1]; ASSUMPTION: on no other endpoint. Anything else: 401
-  authentication_error. ASSUMPTION: an unknown environment is a 404, checked before auth.
-- `anthropic-beta` must include `managed-agents-2026-04-01`, else 400
+- Credentials (`gateway.simulator.auth`), always sent by the SDK workers as
+  `Authorization: Bearer` [SDK §1, §10]:
+  - environment and work paths: the path's environment key. With `issue_secrets`,
+    each poll that hands an item out mints a per-item sessions token, carried in the
+    item's `secret` (base64url JSON `{"sessions_token": ...}`), accepted on that item's
+    paths [SDK §1, TS and PY alike]. ASSUMPTION: every token minted for an item stays
+    valid for it, so a stale or reclaimed holder meets the lease protocol's 412 rather
+    than an auth error. An organisation API key (as Bearer, the way the SDK sends
+    `api_key`, or as `x-api-key`) is accepted on `stats` and `stop` [DOC-OPS §1];
+    ASSUMPTION: on no other work endpoint. ASSUMPTION: an unknown environment is a
+    404, checked before auth.
+  - sessions: the session's environment key, the sessions token of an item serving
+    the session, or the organisation key (the sessions API is the organisation's own).
+    ASSUMPTION: a valid credential that may not see the session (another
+    environment's key, another item's token) gets 404, as for an unknown session.
+  - skills: a key or token whose sessions use the skill, or the organisation key.
+  - memory stores: the sessions token of an item whose session has the store
+    attached, or the organisation key; an environment key gets 403 permission_error
+    [SDK: the memory endpoints reject the environment key; the status is an ASSUMPTION].
+  - anything else: 401 authentication_error. `/_sim/stats` counts credentials by kind
+    and by endpoint (`credentials_by_endpoint`).
+- `anthropic-beta` must include `managed-agents-2026-04-01` on environment, work and
+  session endpoints and `agent-memory-2026-07-22` on memory-store endpoints (what the
+  SDKs send), else 400; skills endpoints need none (the SDKs send none)
   [ASSUMPTION: the real API's answer to a missing beta is not documented].
 - Repeated parameters, non-integer numbers and an empty `expected_last_heartbeat` are
   400 invalid_request_error [ASSUMPTION].
@@ -73,25 +87,64 @@ Endpoints [DOC/SDK §2.2]
   ASSUMPTION: `pending` counts every queued item polled and not acked, `depth` the
   rest), `GET /v1/environments/{id}` [DOC §2.1-2.2, §3].
 
+Sessions [SDK §10; shapes from the SDK types `BetaManagedAgentsSession`, the session events]
+- Every queued session item comes with a session (`sesn_sim...`) in its environment,
+  run by a scripted agent (`gateway.simulator.sessions.AgentScript`). The history
+  starts with `user.message`, `session.status_running`, the agent's first
+  `agent.tool_use` (`bash`, `echo hello` by default) and `session.status_idle` with
+  `stop_reason: requires_action` [INF: the state a session is in when its work item
+  is queued]. Each `user.tool_result` for the pending tool use makes the agent ask for
+  the next command or, after the last, answer with `agent.message` and end its turn
+  (`session.status_idle`, `end_turn`); the SDK workers then finish after `max_idle`
+  [SDK]. `terminate_after_turn` adds `session.status_terminated`, which ends the
+  worker's run at once [SDK]. A `user.message` starts the script again; a
+  `user.interrupt` ends the turn; other event types are 400 [ASSUMPTION].
+- `GET /v1/sessions/{id}`: status, the agent (`agent_toolset_20260401`, the script's
+  custom skills, none by default) and resources (one `memory_store` when the script
+  attaches one, without a `mount_path`).
+- `GET /v1/sessions/{id}/events`: the history oldest first, `limit` 1-1000 (default
+  20), opaque `page` cursor, `{data, next_page}` [SDK].
+- `GET /v1/sessions/{id}/events/stream`: `text/event-stream` of the events appended
+  after it opened, each frame with an `event:` line (the SDKs drop frames without
+  one) and its JSON as `data:`; `event: ping` every 15 s; it ends after
+  `session.status_terminated` [SDK]. Workers reconnect and re-read the history.
+- `POST /v1/sessions/{id}/events` `{"events": [...]}`: `{"data": [accepted events]}`;
+  a `user.tool_result` must name the pending tool use, else 400 [ASSUMPTION].
+- `GET /v1/skills/{id}/versions/{version|latest}` (`skill_version`) and
+  `.../versions/{id}/content` (a zip with the skill's `SKILL.md`) [SDK].
+- `/v1/memory_stores/{id}/memories[/{memory_id}]`: list (`view` basic|full,
+  `limit`, `page`, `path_prefix`), retrieve, create (`path`, `content`; 409 if the
+  path exists), update (`content_sha256` precondition, 409 on mismatch), delete
+  (`expected_content_sha256`); the store starts with `/notes.md` [SDK types; the 409s
+  are ASSUMPTIONS].
+
 Simulator-only endpoints (no auth; never under /v1)
 - `POST /_sim/environments/{env}/work` `{"count": n, "data_type": "session"|"healthcheck"}`:
   queue work items (the real API creates them when sessions start).
 - `GET /_sim/environments/{env}/work`: every item with its lease.
-- `GET /_sim/stats`: requests by endpoint and status (a reset counts as `reset`),
-  credentials by kind, SHA-256 fingerprints of every credential presented (never the
-  value), injected faults, worker ids.
-- `GET|POST /_sim/faults`: read or replace the fault settings (`gateway.simulator.faults`).
+- `GET /_sim/stats`: requests by endpoint and status (a reset counts as `reset`; an
+  event stream counts as it opens), credentials by kind and by endpoint, SHA-256
+  fingerprints of every credential presented (never the value), injected faults,
+  worker ids.
+- `GET /_sim/sessions`: every session with its status, open streams and the tool
+  results its worker sent back.
+- `GET|POST /_sim/faults`: read or replace the fault settings (`gateway.simulator.faults`);
+  they apply to every /v1 endpoint by the names `/_sim/stats` uses (`poll`, `heartbeat`,
+  `session`, `stream`, `send_events`, `memories`, ...).
 """
 
 from .app import SIMULATOR, Simulator, SimulatorConfig, create_simulator_app, fingerprint
 from .control_plane import ControlPlane, SimError, TtlPolicy
 from .faults import Faults, FaultsError
+from .sessions import AgentScript, SessionStore
 
 __all__ = [
     "SIMULATOR",
+    "AgentScript",
     "ControlPlane",
     "Faults",
     "FaultsError",
+    "SessionStore",
     "SimError",
     "Simulator",
     "SimulatorConfig",

@@ -107,6 +107,8 @@ class ControlPlane:
         self._ids = itertools.count(1)
         self._last_stamp_us = 0
         self._pollers: dict[str, dict[str, float]] = {env: {} for env in environment_ids}
+        # Every sessions token minted, to the item it was minted for.
+        self._token_items: dict[str, WorkItem] = {}
 
     # -- helpers --------------------------------------------------------------
 
@@ -133,11 +135,7 @@ class ControlPlane:
         return rfc3339_us(self._last_stamp_us)
 
     def item_for_token(self, token: str) -> WorkItem | None:
-        for items in self._items.values():
-            for item in items.values():
-                if any(secrets.compare_digest(t, token) for t in item.sessions_tokens):
-                    return item
-        return None
+        return self._token_items.get(token)
 
     def work_json(self, item: WorkItem, *, with_secret: bool = False) -> dict[str, Any]:
         def ts(t: float | None) -> str | None:
@@ -214,7 +212,9 @@ class ControlPlane:
             if item.state == "queued" and (item.polled_at is None or now - item.polled_at >= reclaim):
                 item.polled_at = now
                 if self.issue_secrets:
-                    item.sessions_tokens.append("sk-ant-sim-req-" + secrets.token_urlsafe(24))
+                    token = "sk-ant-sim-req-" + secrets.token_urlsafe(24)
+                    item.sessions_tokens.append(token)
+                    self._token_items[token] = item
                 return self.work_json(item, with_secret=True)
         return None
 

@@ -14,7 +14,24 @@ from typing import Any, Literal
 __all__ = ["ENDPOINTS", "FaultDecision", "Faults", "FaultsError"]
 
 # The endpoint names used by faults and by /_sim/stats.
-ENDPOINTS = ("poll", "ack", "heartbeat", "stop", "update", "retrieve", "list", "stats", "environment")
+ENDPOINTS = (
+    "poll",
+    "ack",
+    "heartbeat",
+    "stop",
+    "update",
+    "retrieve",
+    "list",
+    "stats",
+    "environment",
+    "session",
+    "events",
+    "stream",
+    "send_events",
+    "skill_version",
+    "skill_content",
+    "memories",
+)
 
 FaultDecision = Literal["none", "reset", "error", "rate_limit"]
 
