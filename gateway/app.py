@@ -16,7 +16,9 @@ from aiohttp import web
 
 from .admin import Health, create_admin_app
 from .coalescer import LeaseView
+from .discovery import SessionDiscovery
 from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
+from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
 from .proxy import PROXY, ProxyContext, handle
@@ -57,7 +59,9 @@ def create_proxy_app(
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         up = upstream or HttpUpstream(settings.upstream, observer=metrics)
         service = heartbeats or _heartbeat_service(settings, up, metrics)
-        app[PROXY] = ProxyContext(live, up, service, metrics)
+        links = Links()
+        discovery = SessionDiscovery(up, links, observer=metrics)
+        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery)
         running.heartbeats = service
         health.upstream_ready = True
         try:
@@ -65,6 +69,7 @@ def create_proxy_app(
         finally:
             health.upstream_ready = False
             running.heartbeats = None
+            await discovery.close()
             await service.close()
             if upstream is None:
                 await up.close()

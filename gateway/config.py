@@ -30,6 +30,7 @@ import yaml
 from .settings import (
     DEFAULT_ALLOW_PREFIXES,
     DEFAULT_BETAS,
+    FALLBACK_ROUTES,
     LOG_FORMATS,
     LOG_LEVELS,
     AbsorbSettings,
@@ -459,12 +460,28 @@ class _Reader:
         )
 
     def default_credential(self, value: object) -> DefaultCredential:
-        m = self.mapping(value, "default_credential", ("api_key_env", "api_key_file"))
-        return DefaultCredential(self.secret(m, "default_credential", "api_key_env", "api_key_file", required=False))
+        path = "default_credential"
+        m = self.mapping(value, path, ("api_key_env", "api_key_file", "use_for"))
+        key = self.secret(m, path, "api_key_env", "api_key_file", required=False)
+        use_for: list[str] = []
+        for item_path, item in self.items(m.get("use_for") or [], _join(path, "use_for")):
+            route = self.choice(item, item_path, FALLBACK_ROUTES)
+            if item == route and route not in use_for:
+                use_for.append(route)
+        if key is not None and not m.get("use_for"):
+            self.problem(
+                _join(path, "use_for"),
+                "is required with a key: list where the gateway may send this organisation-scoped key when it "
+                f"cannot tell a request's environment ({', '.join(FALLBACK_ROUTES)})",
+            )
+        elif key is None and m.get("use_for"):
+            self.problem(path, "use_for needs api_key_env or api_key_file")
+        return DefaultCredential(key, frozenset(use_for))
 
     def clients(self, value: object, known: set[str]) -> ClientSettings:
-        m = self.mapping(value, "clients", ("tokens", "allow_unauthenticated"))
+        m = self.mapping(value, "clients", ("tokens", "allow_unauthenticated", "discover_sessions"))
         allow = self.boolean(m.get("allow_unauthenticated", False), "clients.allow_unauthenticated")
+        discover = self.boolean(m.get("discover_sessions", True), "clients.discover_sessions")
         tokens: list[ClientToken] = []
         for path, item in self.items(m.get("tokens") or [], "clients.tokens"):
             token = self.client_token(item, path, known)
@@ -477,7 +494,7 @@ class _Reader:
                 "clients.tokens",
                 "is required: list at least one client token, or set clients.allow_unauthenticated: true",
             )
-        return ClientSettings(tuple(tokens), allow)
+        return ClientSettings(tuple(tokens), allow, discover)
 
     def client_token(self, item: object, path: str, known: set[str]) -> ClientToken:
         m = self.mapping(item, path, ("token_env", "token_file", "environments"))

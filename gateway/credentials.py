@@ -1,28 +1,56 @@
-"""Which credential goes upstream: the gateway's key, or the client's own.
+"""Which credential goes upstream: an environment's key, the client's own, or (where configured) the organisation's.
 
 Workers present a gateway client token (as `Authorization: Bearer` or
 `x-api-key`) where they would present an environment key. The gateway swaps
-it for the real key of the path's environment, sent the way the SDK worker
-sends it (`Authorization: Bearer`, no `x-api-key`: one credential upstream),
-or for `default_credential` on allowed paths outside an environment. Any
-other credential (a per-item sessions token, a worker's own key) is passed
-through untouched. Every refusal here happens before the upstream is called:
-the gateway is never an open proxy for the organisation's keys.
+it for the key the worker would have sent directly, sent the way the SDK
+worker sends it (`Authorization: Bearer`, no `x-api-key`: one credential
+upstream), and never for anything wider:
+
+- on `/v1/environments/{id}/...`: that environment's key;
+- on a session, skill or memory store: the key of the environment it belongs
+  to, as the gateway learned from the API's answers (`gateway.links`), or the
+  only environment the token may use; for a session of a token with several
+  environments, the gateway asks the API which one (`Discover`);
+- only where none of that tells, and only on routes the operator listed in
+  `default_credential.use_for`, the organisation-scoped `default_credential`;
+- otherwise 403, saying what to configure.
+
+Any other credential (a per-item sessions token, a worker's own key) is
+passed through untouched. Every refusal here happens before the upstream is
+called: the gateway is never an open proxy for the keys it holds.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 from urllib.parse import unquote
 
 from .errors import AuthenticationFailed, PermissionDenied
-from .routing import Route
-from .settings import ClientToken, Settings
+from .links import LINKED_ROUTES
+from .routing import Route, RouteName
+from .settings import ClientToken, Environment, Settings
 
-__all__ = ["CredentialDecision", "Inject", "PassThrough", "decide_credential", "token_in_forwarded_request"]
+__all__ = [
+    "CredentialDecision",
+    "Discover",
+    "Inject",
+    "LinkLookup",
+    "PassThrough",
+    "decide_credential",
+    "environment_key",
+    "token_in_forwarded_request",
+]
+
+# What the gateway has learned: the environments a session, skill or store was seen in.
+LinkLookup = Callable[[RouteName, str], tuple[str, ...]]
+
+_NOUNS = MappingProxyType(
+    {RouteName.SESSIONS: "session", RouteName.SKILLS: "skill", RouteName.MEMORY_STORES: "memory store"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +59,8 @@ class Inject:
 
     header: Literal["authorization", "x-api-key"]
     value: str = field(repr=False)
+    # Which of the gateway's keys this is, for the metrics: an environment's, or the organisation's.
+    kind: Literal["environment_key", "default_credential"] = "environment_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +68,30 @@ class PassThrough:
     """Forward the client's credential headers unchanged."""
 
 
-CredentialDecision = Inject | PassThrough
+@dataclass(frozen=True, slots=True)
+class Discover:
+    """Ask the API which of `candidates` the session belongs to; without an answer, use `fallback`."""
+
+    session_id: str
+    candidates: tuple[Environment, ...]
+    fallback: Inject | PermissionDenied
+
+
+CredentialDecision = Inject | PassThrough | Discover
+
+
+def environment_key(environment: Environment) -> Inject:
+    """An environment's key, as the SDK worker sends it."""
+    return Inject("authorization", f"Bearer {environment.key.value}")
 
 
 def decide_credential(
-    settings: Settings, route: Route, *, authorization: str | None, api_key: str | None
+    settings: Settings,
+    route: Route,
+    *,
+    authorization: str | None,
+    api_key: str | None,
+    links: LinkLookup = lambda kind, resource_id: (),
 ) -> CredentialDecision:
     environment = None
     if route.environment_id is not None:
@@ -70,11 +119,60 @@ def decide_credential(
     if environment is not None:
         if token is not None and not token.allows(environment.id):
             raise PermissionDenied(f"this client token may not use environment {environment.id}")
-        return Inject("authorization", f"Bearer {environment.key.value}")
-    default = settings.default_credential.api_key
-    if default is None:
-        raise PermissionDenied("the gateway holds no credential for this path; configure default_credential")
-    return Inject("x-api-key", default.value)
+        return environment_key(environment)
+    return _outside_environments(settings, route, token, links)
+
+
+def _outside_environments(
+    settings: Settings, route: Route, token: ClientToken | None, links: LinkLookup
+) -> CredentialDecision:
+    """A client token on a path that names no environment (sessions, skills, memory stores, other)."""
+    scope = tuple(e for e in settings.environments if token is None or token.allows(e.id))
+    resource_id = route.resource_id if route.name in LINKED_ROUTES else None
+    if resource_id is not None:
+        seen_in = [e for e in map(settings.environment, links(route.name, resource_id)) if e is not None]
+        allowed = [e for e in seen_in if e in scope]
+        if allowed:
+            return environment_key(allowed[0])
+        if seen_in:
+            raise PermissionDenied(
+                f"{_NOUNS[route.name]} {resource_id} belongs to environment {seen_in[0].id}, "
+                "which this client token may not use"
+            )
+    if len(scope) == 1:
+        # The token can only ever stand for this environment's key.
+        return environment_key(scope[0])
+    fallback = _fallback(settings, route, scope)
+    if route.name is RouteName.SESSIONS and resource_id is not None and scope and settings.clients.discover_sessions:
+        return Discover(resource_id, scope, fallback)
+    if isinstance(fallback, PermissionDenied):
+        raise fallback
+    return fallback
+
+
+def _fallback(settings: Settings, route: Route, scope: tuple[Environment, ...]) -> Inject | PermissionDenied:
+    default = settings.default_credential
+    if default.api_key is not None and route.name.value in _fallback_names(default.use_for):
+        return Inject("x-api-key", default.api_key.value, kind="default_credential")
+    what = f"{_NOUNS[route.name]} {route.resource_id}" if route.name in _NOUNS and route.resource_id else "this path"
+    if not scope:
+        return PermissionDenied("this client token may use no environment this gateway serves")
+    return PermissionDenied(
+        f"the gateway cannot tell which environment {what} belongs to: this client token may use "
+        f"{len(scope)} environments. Give the worker a token for its one environment, or list "
+        f"{_fallback_route(route)} in default_credential.use_for to send the organisation-scoped key instead"
+    )
+
+
+def _fallback_route(route: Route) -> str:
+    return route.name.value if route.name in LINKED_ROUTES else "other"
+
+
+def _fallback_names(use_for: frozenset[str]) -> frozenset[str]:
+    """Route names `use_for` covers: "other" stands for every route outside the linked ones."""
+    if "other" not in use_for:
+        return use_for
+    return use_for | {name.value for name in RouteName if name not in LINKED_ROUTES}
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -50,6 +50,9 @@ LEASE_STATES = ("unknown", "starting", "active", "stopping", "stopped", "queued"
 # Status codes worth a series from the start: what the gateway itself answers, and the lease protocol's.
 CLIENT_CODES = ("200", "400", "401", "403", "404", "412", "413", "429", "500", "502", "504")
 UPSTREAM_CODES = ("200", "412", "429", "500", "503")
+DISCOVERY_RESULTS = ("found", "not_found", "error")
+# The key a client token was swapped for: an environment's, or the organisation-scoped default.
+CREDENTIAL_KINDS = ("environment_key", "default_credential")
 OTHER = "other"
 
 
@@ -115,6 +118,18 @@ class GatewayMetrics:
         self.lease_evictions = Counter(
             f"{PREFIX}_lease_evictions", "Leases dropped from the full lease table.", registry=r
         )
+        self.session_discoveries = Counter(
+            f"{PREFIX}_session_discoveries",
+            "Sessions whose environment the gateway asked the API for, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.credentials_chosen = Counter(
+            f"{PREFIX}_credentials_injected",
+            "Client-token requests sent upstream with a gateway-held key, by route and kind of key.",
+            ["route", "credential"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Configuration reloads (SIGHUP), by result.",
@@ -156,6 +171,11 @@ class GatewayMetrics:
             self.inflight.labels(route)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        for result in DISCOVERY_RESULTS:
+            self.session_discoveries.labels(result)
+        for route in ROUTES:
+            for credential in CREDENTIAL_KINDS:
+                self.credentials_chosen.labels(route, credential)
 
     def environment(self, environment_id: str | None) -> str:
         return self._labels.get(environment_id or "", OTHER)
@@ -193,6 +213,14 @@ class GatewayMetrics:
             self._child(self.leases_lost, env, lost_reason).inc()
             if lost_reason != "not_extended":
                 self._child(self.conflicts, env).inc()
+
+    def credential_injected(self, route: str, credential: str) -> None:
+        self._child(self.credentials_chosen, route, credential).inc()
+
+    # -- DiscoveryObserver ------------------------------------------------------------
+
+    def session_discovered(self, result: str) -> None:
+        self.session_discoveries.labels(result).inc()
 
     # -- UpstreamObserver -----------------------------------------------------------
 

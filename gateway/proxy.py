@@ -1,9 +1,10 @@
 """The worker-facing handler: every request on the proxy port comes through `handle`.
 
 The request path, in order:
-  parse_target → is_allowed → classify → decide_credential → request_headers
+  parse_target → is_allowed → classify → decide_credential [→ SessionDiscovery] → request_headers
   → [heartbeat] parse_heartbeat_query → HeartbeatService → buffered response
-  → [anything else] stream the body up, stream the answer back.
+  → [anything else] stream the body up, stream the answer back (learning
+    session links from work items and sessions on the way).
 Every refusal raises a `RequestRefused` before the upstream is called.
 """
 
@@ -11,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from .access_log import EXCHANGE, Exchange
-from .credentials import decide_credential, token_in_forwarded_request
+from .credentials import Discover, Inject, decide_credential, environment_key, token_in_forwarded_request
+from .discovery import SessionDiscovery
 from .errors import (
     AuthenticationFailed,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    PermissionDenied,
     RequestRefused,
     RequestTooLarge,
     UpstreamError,
@@ -31,6 +34,7 @@ from .headers import request_headers, response_headers
 from .heartbeat_answer import read_answer
 from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeats import HeartbeatCall, HeartbeatService
+from .links import MAX_LEARNED_BODY_BYTES, Links, links_in_answer, teaches_links
 from .metrics import GatewayMetrics
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
 from .settings import LiveSettings, Settings
@@ -50,6 +54,9 @@ class ProxyContext:
     upstream: Upstream
     heartbeats: HeartbeatService
     metrics: GatewayMetrics
+    # Which environment each session, skill and memory store belongs to, as answers showed.
+    links: Links
+    discovery: SessionDiscovery
 
     @property
     def settings(self) -> Settings:
@@ -80,7 +87,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         route,
         authorization=_single_header(request, "Authorization"),
         api_key=_single_header(request, "x-api-key"),
+        links=ctx.links.environments,
     )
+    if isinstance(credential, Discover):
+        credential = await _discovered(ctx, credential)
+    if isinstance(credential, Inject):
+        ctx.metrics.credential_injected(exchange.route, credential.kind)
     limit = settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"the request body is larger than the gateway's limit of {limit} bytes")
@@ -94,7 +106,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route.name is RouteName.STOP and route.environment_id is not None and route.work_id is not None:
         # Whatever the gateway knew of this lease may be about to change.
         ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
-    return await _pass_through(request, ctx, target, headers)
+    return await _pass_through(request, ctx, route, target, headers)
+
+
+async def _discovered(ctx: ProxyContext, decision: Discover) -> Inject:
+    """The key of the environment the API says the session belongs to, else the decision's fallback."""
+    environment = await ctx.discovery.environment_of(decision.session_id, decision.candidates, ctx.settings.headers)
+    if environment is not None:
+        return environment_key(environment)
+    if isinstance(decision.fallback, PermissionDenied):
+        raise decision.fallback
+    return decision.fallback
 
 
 def _describe(exchange: Exchange, route: Route, settings: Settings) -> None:
@@ -146,7 +168,9 @@ async def _heartbeat(
     result = await ctx.heartbeats.heartbeat(call)
     exchange = request[EXCHANGE]
     exchange.heartbeat_outcome = result.outcome
-    _note_upstream(exchange, result.response.status, result.response.headers)
+    if result.outcome in ("forwarded", "joined"):
+        # Only these answers came from an upstream call made for this request.
+        _note_upstream(exchange, result.response.status, result.response.headers)
     answer = read_answer(result.response.status, result.response.body)
     ctx.metrics.heartbeat_answered(route.environment_id, result.outcome, answer.lost_reason)
     response = _buffered_response(result.response)
@@ -165,7 +189,7 @@ async def _heartbeat(
 
 
 async def _pass_through(
-    request: web.Request, ctx: ProxyContext, target: Target, headers: tuple[tuple[str, str], ...]
+    request: web.Request, ctx: ProxyContext, route: Route, target: Target, headers: tuple[tuple[str, str], ...]
 ) -> web.StreamResponse:
     meter = _BodyMeter(ctx.settings.limits.max_body_bytes)
     body = meter.stream(request) if request.can_read_body else None
@@ -174,7 +198,10 @@ async def _pass_through(
         outbound = UpstreamRequest(request.method, target.raw, headers, body, route=exchange.route)
         async with ctx.upstream.exchange(outbound) as upstream:
             _note_upstream(exchange, upstream.status, upstream.headers)
-            return await _stream_back(request, upstream, exchange)
+            chunks = upstream.chunks()
+            if upstream.status == 200 and teaches_links(request.method, route):
+                chunks = _learning(chunks, lambda body: _learn(ctx, route, body))
+            return await _stream_back(request, upstream, chunks, exchange)
     except UpstreamError:
         if meter.refusal is not None:
             # The upstream saw a cut-off body, which it cannot have applied.
@@ -182,13 +209,46 @@ async def _pass_through(
         raise
 
 
-async def _stream_back(request: web.Request, upstream: UpstreamResponse, exchange: Exchange) -> web.StreamResponse:
+def _learn(ctx: ProxyContext, route: Route, body: bytes) -> None:
+    served = {env.id for env in ctx.settings.environments}
+    for link in links_in_answer(route, body, served):
+        ctx.links.learn(link)
+
+
+async def _learning(chunks: AsyncIterator[bytes], learn: Callable[[bytes], None]) -> AsyncIterator[bytes]:
+    """The body as it arrives, except that a small one is held until it is whole and learned from.
+
+    Learned before the worker sees the answer: its next request (a session
+    call right after a poll) must find the link already there.
+    """
+    held: list[bytes] | None = []
+    size = 0
+    async for chunk in chunks:
+        if held is None:
+            yield chunk
+            continue
+        held.append(chunk)
+        size += len(chunk)
+        if size > MAX_LEARNED_BODY_BYTES:
+            # Not a work item or session: pass it on unread.
+            for piece in held:
+                yield piece
+            held = None
+    if held is not None:
+        learn(b"".join(held))
+        for piece in held:
+            yield piece
+
+
+async def _stream_back(
+    request: web.Request, upstream: UpstreamResponse, chunks: AsyncIterator[bytes], exchange: Exchange
+) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for name, value in response_headers(upstream.headers):
         response.headers.add(name, value)
     await response.prepare(request)
     try:
-        async for chunk in upstream.chunks():
+        async for chunk in chunks:
             # Each chunk goes out as it arrives: SSE events are not held back.
             await response.write(chunk)
     except UpstreamError as exc:

@@ -71,6 +71,13 @@ class Route:
     template: str
     environment_id: str | None = None
     work_id: str | None = None
+    # On /v1/sessions/{id}…, /v1/skills/{id}… and /v1/memory_stores/{id}…: that id.
+    resource_id: str | None = None
+
+    @property
+    def is_resource_itself(self) -> bool:
+        """`/v1/{collection}/{id}` exactly (a session retrieve, say), not a path below it."""
+        return self.resource_id is not None and not self.template.endswith("/…")
 
 
 def parse_target(raw: str) -> Target:
@@ -125,7 +132,7 @@ def classify(method: str, target: Target) -> Route:
         return _classify_environment(method, s[2], s[3:])
     if len(s) >= 2 and s[0] == "v1" and s[1] in _COLLECTIONS:
         rest = "/{id}/…" if len(s) > 3 else "/{id}" if len(s) == 3 else ""
-        return Route(_COLLECTIONS[s[1]], f"/v1/{s[1]}{rest}")
+        return Route(_COLLECTIONS[s[1]], f"/v1/{s[1]}{rest}", resource_id=s[2] if len(s) >= 3 else None)
     return Route(RouteName.OTHER, "/…")
 
 

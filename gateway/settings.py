@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "FALLBACK_ROUTES",
     "AbsorbSettings",
     "ClientSettings",
     "ClientToken",
@@ -111,9 +112,18 @@ class Environment:
         return self.name or self.id
 
 
+# Where `default_credential` may stand in for an environment key.
+FALLBACK_ROUTES = ("sessions", "skills", "memory_stores", "other")
+
+
 @dataclass(frozen=True, slots=True)
 class DefaultCredential:
+    """An organisation-scoped API key: wider than any environment key, so used only where configured."""
+
     api_key: Secret | None = None
+    # The routes (of FALLBACK_ROUTES) where a client token may go upstream with
+    # this key when the gateway cannot tell which environment the request is for.
+    use_for: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +140,9 @@ class ClientToken:
 class ClientSettings:
     tokens: tuple[ClientToken, ...] = ()
     allow_unauthenticated: bool = False
+    # For a token of several environments on a session the gateway has not seen:
+    # ask the API (GET /v1/sessions/{id}) with each of the token's environment keys.
+    discover_sessions: bool = True
 
 
 @dataclass(frozen=True, slots=True)

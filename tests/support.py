@@ -35,7 +35,14 @@ ENVIRON = {
 }
 
 
+# Each token for one environment: what the README recommends, and what lets a
+# session path carry that environment's key without the gateway learning anything.
 DEFAULT_CLIENTS = f"""clients:
+  tokens:
+    - {{token_env: TEST_TOKEN, environments: [{ENV_ID}]}}
+    - {{token_env: TEST_LIMITED_TOKEN, environments: [{OTHER_ENV_ID}]}}"""
+# One token for every environment: session paths then need what the gateway learned, or discovery.
+ALL_ENVIRONMENTS_CLIENTS = f"""clients:
   tokens:
     - {{token_env: TEST_TOKEN, environments: ["*"]}}
     - {{token_env: TEST_LIMITED_TOKEN, environments: [{OTHER_ENV_ID}]}}"""
@@ -50,13 +57,18 @@ upstream: {{base_url: "{upstream_url}", connect_timeout_seconds: 2, request_time
 environments:
   - {{id: {ENV_ID}, name: prod-sandboxes, key_env: TEST_ENV_KEY}}
   - {{id: {OTHER_ENV_ID}, key_env: TEST_OTHER_ENV_KEY}}
-default_credential: {{api_key_env: TEST_API_KEY}}
 {clients}
 limits: {{shutdown_grace_seconds: 2}}
 """
     data = yaml.safe_load(base)
     data.update(yaml.safe_load(extra) or {})
     return yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False)
+
+
+# The organisation-scoped fallback, for tests that configure it.
+DEFAULT_CREDENTIAL = (
+    "default_credential: {api_key_env: TEST_API_KEY, use_for: [sessions, skills, memory_stores, other]}"
+)
 
 
 def make_settings(upstream_url: str, extra: str = "", *, clients: str = DEFAULT_CLIENTS) -> Settings:

@@ -10,7 +10,17 @@ import pytest
 
 from gateway.app import Gateway
 
-from .support import ENV_ID, OTHER_ENV_ID, SECRETS, GatewayFactory, SimFactory, worker_headers
+from .support import (
+    ALL_ENVIRONMENTS_CLIENTS,
+    DEFAULT_CREDENTIAL,
+    ENV_ID,
+    OTHER_ENV_ID,
+    SECRETS,
+    GatewayFactory,
+    SimFactory,
+    SimHandle,
+    worker_headers,
+)
 
 
 async def get(url: str) -> tuple[int, Any]:
@@ -36,7 +46,7 @@ async def claim_items(gateway: Gateway, sim: Any, env_id: str, count: int) -> li
 
 async def test_the_lease_table_filters_and_pages(make_simulator: SimFactory, make_gateway: GatewayFactory) -> None:
     sim = await make_simulator(ttl=30)
-    gateway = await make_gateway(sim.url)
+    gateway = await make_gateway(sim.url, clients=ALL_ENVIRONMENTS_CLIENTS)
     prod = await claim_items(gateway, sim, ENV_ID, 3)
     other = await claim_items(gateway, sim, OTHER_ENV_ID, 2)
     status, body = await get(gateway.admin_url + "/admin/leases")
@@ -75,7 +85,8 @@ async def test_bad_lease_queries_are_400(gateway: Gateway, query: str) -> None:
     assert (status, body["error"]["type"]) == (400, "invalid_request_error")
 
 
-async def test_the_effective_config_shows_no_secret(gateway: Gateway) -> None:
+async def test_the_effective_config_shows_no_secret(simulator: SimHandle, make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(simulator.url, DEFAULT_CREDENTIAL)
     async with aiohttp.ClientSession() as session, session.get(gateway.admin_url + "/admin/config") as response:
         text = await response.text()
     assert response.status == 200
@@ -90,6 +101,7 @@ async def test_the_effective_config_shows_no_secret(gateway: Gateway) -> None:
         "heartbeat": {"desired_ttl_seconds": None, "override": None},
     }
     assert config["default_credential"]["api_key"] == "<redacted>"
+    assert config["default_credential"]["use_for"] == ["memory_stores", "other", "sessions", "skills"]
     assert [t["token"] for t in config["clients"]["tokens"]] == ["<redacted>", "<redacted>"]
     assert config["clients"]["tokens"][1]["environments"] == [OTHER_ENV_ID]
     assert config["heartbeat"]["absorb"]["enabled"] is False

@@ -15,6 +15,7 @@ PURE = [
     "settings.py",
     "routing.py",
     "credentials.py",
+    "links.py",
     "headers.py",
     "heartbeat_query.py",
     "errors.py",

@@ -10,7 +10,8 @@ from gateway.config import ConfigError, load_settings, load_settings_file
 from gateway.settings import DEFAULT_ALLOW_PREFIXES, Settings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
-EXAMPLE_ENV = {"PROD_ENVIRONMENT_KEY": "k-prod-secret", "ANTHROPIC_API_KEY": "k-api-secret", "WORKER_TOKEN": "t-secret"}
+# The README's two exports, nothing else.
+EXAMPLE_ENV = {"PROD_ENVIRONMENT_KEY": "k-prod-secret", "WORKER_TOKEN": "t-secret"}
 
 MINIMAL = """
 environments: [{id: env_1, key_env: K}]
@@ -29,7 +30,8 @@ def test_the_annotated_example_is_valid_and_matches_the_defaults() -> None:
     assert settings.environments[0].id == "env_011CZkZ9X2dpNyB7HsEFoRfW"
     assert settings.environments[0].label == "prod-sandboxes"
     assert settings.environments[0].key.value == "k-prod-secret"
-    assert settings.default_credential.api_key is not None
+    # The organisation-scoped fallback is off unless configured.
+    assert settings.default_credential.api_key is None
     assert settings.clients.tokens[0].environments is None
     assert settings.routes.allow_prefixes == DEFAULT_ALLOW_PREFIXES
     assert settings.headers.anthropic_beta == ("managed-agents-2026-04-01",)
@@ -38,8 +40,11 @@ def test_the_annotated_example_is_valid_and_matches_the_defaults() -> None:
     assert settings.limits.max_body_bytes == 32 * 1024 * 1024
     minimal = load_settings(MINIMAL, {"K": "key", "T": "token"})
     # Everything the example spells out is also the default.
-    for section in ("listen", "admin", "upstream", "headers", "routes", "heartbeat", "limits", "logging"):
+    sections = ("listen", "admin", "upstream", "headers", "default_credential", "routes", "heartbeat", "limits")
+    for section in (*sections, "logging"):
         assert getattr(minimal, section) == getattr(settings, section), section
+    assert minimal.clients.allow_unauthenticated == settings.clients.allow_unauthenticated
+    assert minimal.clients.discover_sessions == settings.clients.discover_sessions
 
 
 def test_every_problem_is_listed_with_its_key_path() -> None:
@@ -213,7 +218,7 @@ def test_tokens_must_be_distinct_from_each_other_and_from_real_keys() -> None:
     found = problems(
         """
 environments: [{id: env_1, key_env: K}]
-default_credential: {api_key_env: A}
+default_credential: {api_key_env: A, use_for: [sessions]}
 clients: {tokens: [{token_env: T}, {token_env: T2}, {token_env: K}, {token_env: A}]}
 """,
         {"K": "key", "A": "api", "T": "same", "T2": "same"},
@@ -222,6 +227,25 @@ clients: {tokens: [{token_env: T}, {token_env: T2}, {token_env: K}, {token_env: 
         "clients.tokens[1]: holds the same token as clients.tokens[0]",
         "clients.tokens[2]: holds the same value as the key of environments[0]",
         "clients.tokens[3]: holds the same value as the key of default_credential",
+    ]
+
+
+def test_the_organisation_key_is_used_only_where_listed() -> None:
+    environ = {"K": "key", "T": "token", "A": "api"}
+    assert problems(MINIMAL + "default_credential: {api_key_env: A}", environ) == [
+        "default_credential.use_for: is required with a key: list where the gateway may send this "
+        "organisation-scoped key when it cannot tell a request's environment (sessions, skills, memory_stores, other)"
+    ]
+    assert problems(MINIMAL + "default_credential: {use_for: [sessions]}", environ) == [
+        "default_credential: use_for needs api_key_env or api_key_file"
+    ]
+    assert problems(MINIMAL + "default_credential: {api_key_env: A, use_for: [sessions, files]}", environ) == [
+        "default_credential.use_for[1]: must be one of sessions, skills, memory_stores, other, not 'files'"
+    ]
+    settings = load_settings(MINIMAL + "default_credential: {api_key_env: A, use_for: [skills, other]}", environ)
+    assert settings.default_credential.use_for == frozenset({"skills", "other"})
+    assert problems(MINIMAL.replace("{token_env: T}]", "{token_env: T}], discover_sessions: 1"), environ) == [
+        "clients.discover_sessions: must be true or false, not an integer"
     ]
 
 

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.credentials import Inject, PassThrough, decide_credential
+from gateway.credentials import Discover, Inject, PassThrough, decide_credential
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.routing import classify, parse_target
+from gateway.links import Link, Links
+from gateway.routing import RouteName, classify, parse_target
 from gateway.settings import Settings
 
-from .support import API_KEY, ENV_ID, ENV_KEY, LIMITED_TOKEN, OTHER_ENV_ID, OTHER_ENV_KEY, TOKEN, make_settings
+from .support import (
+    ALL_ENVIRONMENTS_CLIENTS,
+    API_KEY,
+    DEFAULT_CREDENTIAL,
+    ENV_ID,
+    ENV_KEY,
+    LIMITED_TOKEN,
+    OTHER_ENV_ID,
+    OTHER_ENV_KEY,
+    TOKEN,
+    make_settings,
+)
 
 
 @pytest.fixture
@@ -17,10 +29,25 @@ def settings() -> Settings:
     return make_settings("http://upstream.invalid")
 
 
-def decide(settings: Settings, path: str, authorization: str | None = None, api_key: str | None = None) -> object:
+def decide(
+    settings: Settings,
+    path: str,
+    authorization: str | None = None,
+    api_key: str | None = None,
+    links: Links | None = None,
+) -> object:
     return decide_credential(
-        settings, classify("GET", parse_target(path)), authorization=authorization, api_key=api_key
+        settings,
+        classify("GET", parse_target(path)),
+        authorization=authorization,
+        api_key=api_key,
+        links=(links or Links()).environments,
     )
+
+
+ENV_BEARER = Inject("authorization", f"Bearer {ENV_KEY}")
+OTHER_BEARER = Inject("authorization", f"Bearer {OTHER_ENV_KEY}")
+ORGANISATION = Inject("x-api-key", API_KEY, kind="default_credential")
 
 
 POLL = f"/v1/environments/{ENV_ID}/work/poll"
@@ -34,8 +61,77 @@ def test_a_token_becomes_the_environment_key(settings: Settings) -> None:
     assert decide(settings, OTHER_POLL, api_key=LIMITED_TOKEN) == Inject("authorization", f"Bearer {OTHER_ENV_KEY}")
 
 
-def test_a_token_becomes_the_default_credential_elsewhere(settings: Settings) -> None:
-    assert decide(settings, "/v1/sessions/s", authorization=f"Bearer {TOKEN}") == Inject("x-api-key", API_KEY)
+@pytest.mark.parametrize(
+    "path", ["/v1/sessions/sesn_1", "/v1/sessions/sesn_1/events/stream", "/v1/skills/skill_1/versions/latest"]
+)
+def test_a_token_of_one_environment_stands_for_its_key_everywhere(settings: Settings, path: str) -> None:
+    # Never the organisation's key: the worker would have sent its environment key directly.
+    assert decide(settings, path, authorization=f"Bearer {TOKEN}") == ENV_BEARER
+    assert decide(settings, path, api_key=LIMITED_TOKEN) == OTHER_BEARER
+
+
+def test_a_token_of_several_environments_uses_what_the_gateway_learned() -> None:
+    settings = make_settings("http://upstream.invalid", clients=ALL_ENVIRONMENTS_CLIENTS)
+    links = Links()
+    links.learn(Link(RouteName.SESSIONS, "sesn_1", OTHER_ENV_ID))
+    links.learn(Link(RouteName.SKILLS, "skill_1", ENV_ID))
+    links.learn(Link(RouteName.MEMORY_STORES, "memstore_1", OTHER_ENV_ID))
+    auth = f"Bearer {TOKEN}"
+    assert decide(settings, "/v1/sessions/sesn_1/events", auth, links=links) == OTHER_BEARER
+    assert decide(settings, "/v1/skills/skill_1/versions/v/content", auth, links=links) == ENV_BEARER
+    assert decide(settings, "/v1/memory_stores/memstore_1/memories", auth, links=links) == OTHER_BEARER
+    # The limited token may use the other environment only.
+    with pytest.raises(PermissionDenied, match=f"skill skill_1 belongs to environment {ENV_ID}, which this client"):
+        decide(settings, "/v1/skills/skill_1/versions/v", api_key=LIMITED_TOKEN, links=links)
+    # A skill seen in both environments goes with the one the token may use.
+    links.learn(Link(RouteName.SKILLS, "skill_1", OTHER_ENV_ID))
+    links.learn(Link(RouteName.SKILLS, "skill_1", ENV_ID))
+    assert decide(settings, "/v1/skills/skill_1/versions/v", api_key=LIMITED_TOKEN, links=links) == OTHER_BEARER
+
+
+def test_an_unseen_session_of_a_token_of_several_environments_is_discovered() -> None:
+    settings = make_settings("http://upstream.invalid", clients=ALL_ENVIRONMENTS_CLIENTS)
+    decision = decide(settings, "/v1/sessions/sesn_9/events/stream", f"Bearer {TOKEN}")
+    assert isinstance(decision, Discover)
+    assert decision.session_id == "sesn_9"
+    assert [e.id for e in decision.candidates] == [ENV_ID, OTHER_ENV_ID]
+    assert isinstance(decision.fallback, PermissionDenied)
+    assert "default_credential.use_for" in decision.fallback.message
+    # Without discovery, or for a skill it cannot discover: 403 saying what to configure.
+    no_discovery = make_settings(
+        "http://upstream.invalid",
+        clients=ALL_ENVIRONMENTS_CLIENTS.replace("clients:", "clients:\n  discover_sessions: false"),
+    )
+    with pytest.raises(PermissionDenied, match="Give the worker a token for its one environment"):
+        decide(no_discovery, "/v1/sessions/sesn_9", f"Bearer {TOKEN}")
+    with pytest.raises(PermissionDenied, match=r"list skills in default_credential\.use_for"):
+        decide(settings, "/v1/skills/skill_9/versions/latest", f"Bearer {TOKEN}")
+
+
+def test_the_organisation_key_only_where_configured_and_nothing_else_tells() -> None:
+    settings = make_settings(
+        "http://upstream.invalid",
+        DEFAULT_CREDENTIAL.replace("sessions, skills, memory_stores, other", "skills, other"),
+        clients=ALL_ENVIRONMENTS_CLIENTS,
+    )
+    auth = f"Bearer {TOKEN}"
+    assert decide(settings, "/v1/skills/skill_9/versions/latest", auth) == ORGANISATION
+    assert decide(settings, "/v1/files/file_1", auth) == ORGANISATION  # an operator-allowed prefix: "other"
+    with pytest.raises(PermissionDenied):
+        decide(settings, "/v1/memory_stores/memstore_9/memories", auth)
+    # A session is still discovered first; the organisation key is only its fallback where listed.
+    discover = decide(settings, "/v1/sessions/sesn_9", auth)
+    assert isinstance(discover, Discover)
+    assert isinstance(discover.fallback, PermissionDenied)
+    everywhere = make_settings("http://upstream.invalid", DEFAULT_CREDENTIAL, clients=ALL_ENVIRONMENTS_CLIENTS)
+    discover = decide(everywhere, "/v1/sessions/sesn_9", auth)
+    assert isinstance(discover, Discover)
+    assert discover.fallback == ORGANISATION
+    # What the gateway learned, or a token of one environment, always comes first.
+    links = Links()
+    links.learn(Link(RouteName.SKILLS, "skill_1", ENV_ID))
+    assert decide(everywhere, "/v1/skills/skill_1/versions/latest", auth, links=links) == ENV_BEARER
+    assert decide(everywhere, "/v1/skills/skill_9/versions/latest", api_key=LIMITED_TOKEN) == OTHER_BEARER
 
 
 def test_a_token_is_limited_to_its_environments(settings: Settings) -> None:

@@ -15,8 +15,10 @@ from yarl import URL
 from gateway.app import Gateway
 
 from .support import (
+    ALL_ENVIRONMENTS_CLIENTS,
     API_KEY,
     BETA,
+    DEFAULT_CREDENTIAL,
     ENV_ID,
     ENV_KEY,
     LIMITED_TOKEN,
@@ -86,11 +88,15 @@ async def test_environment_paths_carry_the_environment_key_as_bearer_only(
     assert header(second.headers, "Authorization") == [f"Bearer {OTHER_ENV_KEY}"]
 
 
-async def test_other_paths_carry_the_default_credential(via_recorder: tuple[Recorder, Gateway]) -> None:
+async def test_session_paths_carry_the_key_of_the_tokens_one_environment(
+    via_recorder: tuple[Recorder, Gateway],
+) -> None:
     rec, gateway = via_recorder
     await send(gateway, "GET", "/v1/sessions/session_1/events", worker_headers())
-    assert header(rec.requests[0].headers, "x-api-key") == [API_KEY]
-    assert header(rec.requests[0].headers, "Authorization") == []
+    await send(gateway, "GET", "/v1/skills/skill_1/versions/latest", {"x-api-key": LIMITED_TOKEN})
+    assert header(rec.requests[0].headers, "Authorization") == [f"Bearer {ENV_KEY}"]
+    assert header(rec.requests[0].headers, "x-api-key") == []
+    assert header(rec.requests[1].headers, "Authorization") == [f"Bearer {OTHER_ENV_KEY}"]
 
 
 async def test_foreign_credentials_pass_through_untouched(via_recorder: tuple[Recorder, Gateway]) -> None:
@@ -153,11 +159,12 @@ async def test_unauthenticated_requests_get_the_key_only_when_allowed(
     recorder: tuple[Recorder, str], make_gateway: GatewayFactory
 ) -> None:
     rec, url = recorder
-    open_gateway = await make_gateway(url, clients="clients: {allow_unauthenticated: true}")
+    open_gateway = await make_gateway(url, DEFAULT_CREDENTIAL, clients="clients: {allow_unauthenticated: true}")
     status, _, _ = await send(open_gateway, "GET", f"/v1/environments/{ENV_ID}/work/stats")
     assert status == 200
     assert header(rec.requests[-1].headers, "Authorization") == [f"Bearer {ENV_KEY}"]
-    status, _, _ = await send(open_gateway, "GET", "/v1/sessions/s")
+    # Two environments: the skill's is unknown, so only the configured fallback tells.
+    status, _, _ = await send(open_gateway, "GET", "/v1/skills/skill_1")
     assert status == 200
     assert header(rec.requests[-1].headers, "x-api-key") == [API_KEY]
 
@@ -166,10 +173,12 @@ async def test_no_default_credential_means_no_upstream_call(
     recorder: tuple[Recorder, str], make_gateway: GatewayFactory
 ) -> None:
     rec, url = recorder
-    gateway = await make_gateway(url, "default_credential: null")
-    status, _, body = await send(gateway, "GET", "/v1/sessions/s", worker_headers())
+    gateway = await make_gateway(url, clients=ALL_ENVIRONMENTS_CLIENTS)
+    status, _, body = await send(gateway, "GET", "/v1/skills/skill_1", worker_headers())
     assert status == 403
-    assert "default_credential" in json.loads(body)["error"]["message"]
+    message = json.loads(body)["error"]["message"]
+    assert "cannot tell which environment skill skill_1 belongs to" in message
+    assert "default_credential.use_for" in message
     assert rec.requests == []
 
 
@@ -552,7 +561,7 @@ async def test_a_tab_separated_bearer_is_still_the_token(via_recorder: tuple[Rec
     rec, gateway = via_recorder
     status, _, _ = await send(gateway, "GET", "/v1/sessions/s1", {"Authorization": f"Bearer\t{TOKEN}"})
     assert status == 200
-    assert header(rec.requests[0].headers, "x-api-key") == [API_KEY]
+    assert header(rec.requests[0].headers, "Authorization") == [f"Bearer {ENV_KEY}"]
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])

@@ -48,10 +48,14 @@ ENV = "/v1/environments/env_1"
         ("GET", f"{ENV}/work/stats", Route(RouteName.WORK, "/v1/environments/{environment_id}/work/stats", "env_1")),
         ("GET", ENV, Route(RouteName.ENVIRONMENTS, "/v1/environments/{environment_id}", "env_1")),
         ("POST", f"{ENV}/archive", Route(RouteName.ENVIRONMENTS, "/v1/environments/{environment_id}/…", "env_1")),
-        ("GET", "/v1/sessions/s1/events/stream", Route(RouteName.SESSIONS, "/v1/sessions/{id}/…")),
-        ("GET", "/v1/sessions/s1", Route(RouteName.SESSIONS, "/v1/sessions/{id}")),
-        ("GET", "/v1/memory_stores/m1/memories", Route(RouteName.MEMORY_STORES, "/v1/memory_stores/{id}/…")),
-        ("GET", "/v1/skills/sk1", Route(RouteName.SKILLS, "/v1/skills/{id}")),
+        ("GET", "/v1/sessions/s1/events/stream", Route(RouteName.SESSIONS, "/v1/sessions/{id}/…", resource_id="s1")),
+        ("GET", "/v1/sessions/s1", Route(RouteName.SESSIONS, "/v1/sessions/{id}", resource_id="s1")),
+        (
+            "GET",
+            "/v1/memory_stores/m1/memories",
+            Route(RouteName.MEMORY_STORES, "/v1/memory_stores/{id}/…", resource_id="m1"),
+        ),
+        ("GET", "/v1/skills/sk1", Route(RouteName.SKILLS, "/v1/skills/{id}", resource_id="sk1")),
         ("GET", "/v1/messages", Route(RouteName.OTHER, "/…")),
         (
             "GET",

@@ -1,0 +1,125 @@
+"""Which environment a session, skill or memory store belongs to, learned from answers the gateway passed on.
+
+A worker calls `/v1/sessions/{id}/...` with the credential it uses for the
+work item that names that session; directly, that is the environment key.
+Those paths carry no environment id, so the gateway remembers what the
+API's own answers said:
+
+- a work item (a poll, an ack or a retrieve on `/v1/environments/{env}/...`)
+  names its session (`data.id`) and its `environment_id`;
+- a session (`GET /v1/sessions/{id}`) names its `environment_id`, its agent's
+  skills and its memory stores.
+
+Only links to served environments are kept, so a foreign credential's
+answers cannot fill the table. The table is bounded: least recently used
+links go first. A skill can serve several environments' sessions, so a link
+holds the few environments seen last. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from .routing import Route, RouteName
+
+__all__ = ["LINKED_ROUTES", "Link", "Links", "links_in_answer", "teaches_links"]
+
+# The collections whose ids are linked to environments.
+LINKED_ROUTES = frozenset({RouteName.SESSIONS, RouteName.SKILLS, RouteName.MEMORY_STORES})
+# A few hundred bytes per link: 200k links cost well under 100 MB.
+DEFAULT_MAX_LINKS = 200_000
+# Environments remembered per skill or store.
+_ENVIRONMENTS_PER_LINK = 4
+# Answers read for links are small JSON; anything bigger is streamed on unread.
+MAX_LEARNED_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    kind: RouteName
+    resource_id: str
+    environment_id: str
+
+
+class Links:
+    def __init__(self, max_links: int = DEFAULT_MAX_LINKS) -> None:
+        self.max_links = max_links
+        self._links: OrderedDict[tuple[RouteName, str], tuple[str, ...]] = OrderedDict()
+
+    def learn(self, link: Link) -> None:
+        key = (link.kind, link.resource_id)
+        known = self._links.pop(key, ())
+        self._links[key] = (link.environment_id, *(e for e in known if e != link.environment_id))[
+            :_ENVIRONMENTS_PER_LINK
+        ]
+        while len(self._links) > self.max_links:
+            self._links.popitem(last=False)
+
+    def environments(self, kind: RouteName, resource_id: str) -> tuple[str, ...]:
+        """The environments this resource was seen in, most recent first; a lookup keeps the link fresh."""
+        key = (kind, resource_id)
+        found = self._links.get(key)
+        if found is None:
+            return ()
+        self._links.move_to_end(key)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+
+def teaches_links(method: str, route: Route) -> bool:
+    """Whether this request's answer names links: work items and sessions."""
+    if route.name in (RouteName.POLL, RouteName.ACK):
+        return True
+    if route.name is RouteName.WORK:
+        return method == "GET" and route.work_id is not None and not route.template.endswith("/…")
+    return route.name is RouteName.SESSIONS and method == "GET" and route.is_resource_itself
+
+
+def links_in_answer(route: Route, body: bytes, served: Collection[str]) -> list[Link]:
+    """The links a 200 answer to `route` states, for served environments only."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    if route.name is RouteName.SESSIONS:
+        return _session_links(data, route.resource_id, served)
+    return _work_links(data, route.environment_id, served)
+
+
+def _work_links(item: dict[str, object], environment_id: str | None, served: Collection[str]) -> list[Link]:
+    data = item.get("data")
+    if item.get("type") != "work" or not isinstance(data, dict) or data.get("type") != "session":
+        return []
+    session_id, env = data.get("id"), item.get("environment_id")
+    # The item must come from the environment whose path (and key) asked for it.
+    if not isinstance(session_id, str) or not isinstance(env, str) or env != environment_id or env not in served:
+        return []
+    return [Link(RouteName.SESSIONS, session_id, env)]
+
+
+def _session_links(session: dict[str, object], session_id: str | None, served: Collection[str]) -> list[Link]:
+    env = session.get("environment_id")
+    if session.get("type") != "session" or session.get("id") != session_id or not isinstance(env, str):
+        return []
+    if env not in served or session_id is None:
+        return []
+    links = [Link(RouteName.SESSIONS, session_id, env)]
+    agent = session.get("agent")
+    skills = agent.get("skills") if isinstance(agent, dict) else None
+    for skill in skills if isinstance(skills, list) else ():
+        skill_id = skill.get("skill_id") if isinstance(skill, dict) else None
+        if isinstance(skill_id, str):
+            links.append(Link(RouteName.SKILLS, skill_id, env))
+    resources = session.get("resources")
+    for resource in resources if isinstance(resources, list) else ():
+        store_id = resource.get("memory_store_id") if isinstance(resource, dict) else None
+        if isinstance(store_id, str) and resource.get("type") == "memory_store":
+            links.append(Link(RouteName.MEMORY_STORES, store_id, env))
+    return links
