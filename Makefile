@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest tools clean
+.PHONY: demo test lint typecheck pytest node-deps tools clean
 
 demo: $(STAMP)
 	$(BIN)/heartbeat-gateway demo
@@ -21,8 +21,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict gateway
 
-pytest: $(STAMP)
+pytest: $(STAMP) node-deps
 	$(BIN)/pytest -W error
+
+# The TypeScript SDK worker the end-to-end tests drive, pinned by
+# tests/node/package-lock.json. Without npm those tests skip, except in CI.
+NODE_STAMP := tests/node/node_modules/.installed
+
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory $(NODE_STAMP); \
+	else \
+	  echo "npm not found: the TypeScript SDK worker tests will skip (install Node.js 20, or run .ci/run)"; \
+	fi
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,4 +51,4 @@ tools:
 	scripts/fetch-helm
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis tests/node/node_modules

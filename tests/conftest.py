@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,3 +86,21 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly which tests did not run for want of a tool, and how to get it."""
+    missing: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "with CI=true this is a failure" in reason:
+            missing[reason.removeprefix("Skipped: ").split(";")[0]] += 1
+    if not missing:
+        return
+    terminalreporter.section("tests skipped: tools missing", sep="!", yellow=True, bold=True)
+    for reason, count in missing.most_common():
+        terminalreporter.write_line(f"{count:4d} skipped: {reason}")
+    terminalreporter.write_line(
+        "Run .ci/run as root (what CI runs), or: make tools (helm), apt-get install prometheus (promtool, "
+        "prometheus), Node.js 20 with npm (the TypeScript SDK worker). With CI=true, a missing tool fails."
+    )

@@ -73,6 +73,8 @@ async def _items(request: web.Request) -> web.Response:
         entry = sim.plane.work_json(item)
         entry["last_heartbeat"] = item.last_heartbeat
         entry["ttl_seconds"] = item.ttl_seconds
+        entry["heartbeats"] = item.beats
+        entry["force_stops"] = item.force_stops
         items.append(entry)
     return _json({"data": items})
 

@@ -78,6 +78,9 @@ class WorkItem:
     # out). ASSUMPTION: they stay valid for the item's paths, so a stale
     # holder meets the lease protocol's 412, not an auth error.
     sessions_tokens: list[str] = field(default_factory=list)
+    # Successful heartbeats and force-stops, for tests and /_sim views.
+    beats: int = 0
+    force_stops: int = 0
 
     def current_state(self, default_ttl: int) -> dict[str, Any]:
         """The lease as a 412 body's `error.details.current_state` shows it."""
@@ -262,6 +265,7 @@ class ControlPlane:
         item.last_heartbeat = item.lease_updated_at = stamp
         item.lease_expires, item.ttl_seconds = now + ttl, ttl
         item.latest_heartbeat_at = item.updated_at = now
+        item.beats += 1
         if item.started_at is None:
             item.started_at = now
         return {
@@ -292,6 +296,7 @@ class ControlPlane:
         # ASSUMPTION: a graceful stop of an unheld (queued) or already stopping item finishes it.
         item.stop_requested_at = item.stop_requested_at or now
         item.updated_at = now
+        item.force_stops += force
         if force or item.state in ("queued", "stopping"):
             item.state, item.stopped_at = "stopped", now
             item.lease_expires = None

@@ -1,0 +1,350 @@
+"""The official SDK workers, through their public entry points, serve whole sessions through the gateway.
+
+Each test runs the real worker (Python `work.worker(...).run()`, TypeScript
+`EnvironmentWorker`) through a gateway configured as the README shows (one
+environment, one client token, nothing else), and the same workload directly
+against a second simulator in the same run: every lease and session figure
+must match, and the simulator behind the gateway must see only the
+environment key, or the item's own sessions token, never the client token or
+the organisation key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import load_settings
+from gateway.simulator import AgentScript, fingerprint
+
+from .support import API_KEY, ENV_ID, ENV_KEY, ENVIRON, OTHER_ENV_ID, TOKEN, SimFactory, SimHandle
+from .workers import (
+    NodeWorker,
+    Served,
+    items_done,
+    python_worker,
+    require_node,
+    run_node_worker,
+    run_python_worker,
+    running,
+    sdk_log,
+    wait_for,
+)
+
+# Short leases so several beats fit in a test: the SDKs beat every max(1, ttl/2) s.
+TTL = 2
+ITEMS = 3
+# The session idles this long after its turn before the worker lets it go: about three beats.
+MAX_IDLE = 2.5
+SCRIPT = AgentScript(commands=("echo hello",))
+
+# The README's config: the environment and its key, a client token, nothing else.
+MINIMAL = f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+upstream: {{base_url: "%(upstream)s"}}
+environments:
+  - {{id: {ENV_ID}, name: prod-sandboxes, key_env: TEST_ENV_KEY}}
+clients:
+  tokens: [{{token_env: TEST_TOKEN, environments: ["*"]}}]
+limits: {{shutdown_grace_seconds: 1}}
+"""
+
+Started = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway() -> Any:
+    started: list[Gateway] = []
+
+    async def start(upstream: str, config: str = MINIMAL, **env: str) -> Gateway:
+        gateway = Gateway(load_settings(config % {"upstream": upstream}, {**ENVIRON, **env}))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        await gateway.stop()
+
+
+async def pair(
+    make_simulator: SimFactory, *, ttl: int = TTL, issue_secrets: bool = False
+) -> tuple[SimHandle, SimHandle]:
+    """Two simulators alike: one behind the gateway, one for the same workers going direct."""
+    behind = await make_simulator(ttl=ttl, issue_secrets=issue_secrets, script=SCRIPT)
+    direct = await make_simulator(ttl=ttl, issue_secrets=issue_secrets, script=SCRIPT)
+    for sim in (behind, direct):
+        sim.sim.enqueue(ENV_ID, count=ITEMS)
+    return behind, direct
+
+
+def assert_least_privilege(sim: SimHandle, *, issue_secrets: bool) -> None:
+    """Behind the gateway: the environment key where the worker sends it directly, or the item's token."""
+    stats = sim.sim.stats_json()
+    assert fingerprint(TOKEN) not in stats["credential_fingerprints"]
+    assert fingerprint(API_KEY) not in stats["credential_fingerprints"]
+    for endpoint, kinds in stats["credentials_by_endpoint"].items():
+        expected = {"environment_key"} if endpoint in ("poll", "ack") or not issue_secrets else {"sessions_token"}
+        assert set(kinds) == expected, (endpoint, kinds)
+
+
+def assert_served_whole(served: Served) -> None:
+    assert served.items_stopped == ITEMS
+    assert served.force_stopped == ITEMS  # each by the worker's own force-stop
+    assert served.tool_outputs == (("hello",),) * ITEMS  # the tool ran on the worker, its result came back
+    assert served.min_beats >= 3
+    assert served.upstream_412s == 0
+
+
+@pytest.mark.parametrize("issue_secrets", [False, True], ids=["environment-key", "sessions-token"])
+async def test_the_python_worker_serves_sessions_as_it_does_directly(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path, issue_secrets: bool
+) -> None:
+    behind, direct = await pair(make_simulator, issue_secrets=issue_secrets)
+    gateway = await start_gateway(behind.url)
+    with sdk_log() as log:
+        await asyncio.gather(
+            run_python_worker(
+                gateway.proxy_url,
+                TOKEN,
+                ENV_ID,
+                tmp_path / "gw",
+                until=items_done(behind.sim, ENV_ID, ITEMS),
+                max_idle=MAX_IDLE,
+            ),
+            run_python_worker(
+                direct.url,
+                ENV_KEY,
+                ENV_ID,
+                tmp_path / "direct",
+                until=items_done(direct.sim, ENV_ID, ITEMS),
+                max_idle=MAX_IDLE,
+            ),
+        )
+    through, alone = Served.of(behind.sim, ENV_ID), Served.of(direct.sim, ENV_ID)
+    assert_served_whole(through)
+    assert_served_whole(alone)
+    assert through.credential_kinds == alone.credential_kinds
+    assert_least_privilege(behind, issue_secrets=issue_secrets)
+    assert not [m for m in log.messages if "failed" in m or "lost" in m]
+
+
+@pytest.mark.parametrize("issue_secrets", [False, True], ids=["environment-key", "sessions-token"])
+async def test_the_typescript_worker_serves_sessions_as_it_does_directly(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path, issue_secrets: bool
+) -> None:
+    node = require_node()
+    behind, direct = await pair(make_simulator, issue_secrets=issue_secrets)
+    gateway = await start_gateway(behind.url)
+    options = {"environmentId": ENV_ID, "maxIdleMs": int(MAX_IDLE * 1000)}
+    runs = await asyncio.gather(
+        run_node_worker(
+            node,
+            {**options, "baseURL": gateway.proxy_url, "environmentKey": TOKEN, "workdir": str(tmp_path / "gw")},
+            until=items_done(behind.sim, ENV_ID, ITEMS),
+        ),
+        run_node_worker(
+            node,
+            {**options, "baseURL": direct.url, "environmentKey": ENV_KEY, "workdir": str(tmp_path / "direct")},
+            until=items_done(direct.sim, ENV_ID, ITEMS),
+        ),
+    )
+    through, alone = Served.of(behind.sim, ENV_ID), Served.of(direct.sim, ENV_ID)
+    assert_served_whole(through)
+    assert_served_whole(alone)
+    assert_least_privilege(behind, issue_secrets=issue_secrets)
+    for run in runs:
+        assert run.messages("error") == []
+        assert run.messages().count("executing tool") == ITEMS
+
+
+async def graceful_stop_reaches(sim: SimHandle, environment_id: str) -> float:
+    """Stop the first item gracefully once its tool has run; seconds until the worker force-stopped it."""
+    await wait_for(lambda: any(s.tool_results for s in sim.sim.sessions.all()), 15, "the tool to run")
+    (item,) = [i for i in sim.sim.plane.items(environment_id) if i.state == "active"]
+    stopped_at = asyncio.get_running_loop().time()
+    sim.sim.plane.stop(environment_id, item.id, sim.sim.now(), force=False)
+    await wait_for(lambda: item.state == "stopped", 10, "the worker to stop the item")
+    assert item.force_stops == 1
+    return asyncio.get_running_loop().time() - stopped_at
+
+
+async def test_a_graceful_stop_on_the_api_reaches_both_workers_through_the_gateway(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
+) -> None:
+    python_sim = await make_simulator(ttl=TTL, script=SCRIPT)
+    gateway = await start_gateway(python_sim.url)
+    python_sim.sim.enqueue(ENV_ID)
+    # max_idle off: only the stop ends the session.
+    async with python_worker(gateway.proxy_url, TOKEN, ENV_ID, tmp_path, max_idle=None) as worker, running(worker):
+        # The SDK beats every ttl/2 s: the stop arrives with the next beat.
+        assert await graceful_stop_reaches(python_sim, ENV_ID) <= TTL / 2 + 1
+
+    node = require_node()
+    node_sim = await make_simulator(ttl=TTL, script=SCRIPT)
+    node_gateway = await start_gateway(node_sim.url)
+    node_sim.sim.enqueue(ENV_ID)
+    options = {"mode": "run", "environmentId": ENV_ID, "environmentKey": TOKEN, "maxIdleMs": 0}
+    node_worker = await NodeWorker.start(node, {**options, "baseURL": node_gateway.proxy_url, "workdir": str(tmp_path)})
+    try:
+        assert await graceful_stop_reaches(node_sim, ENV_ID) <= TTL / 2 + 1
+    finally:
+        run = await node_worker.finish()
+    assert "heartbeat signals shutdown" in run.messages()
+
+
+async def test_two_python_workers_racing_for_one_item_leave_one_holder(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
+) -> None:
+    sim = await make_simulator(ttl=TTL, script=SCRIPT)
+    gateway = await start_gateway(sim.url)
+    (work_id,) = sim.sim.enqueue(ENV_ID)
+    (item,) = sim.sim.plane.items(ENV_ID)
+    # A dispatcher (`ant beta:worker poll --on-work`) handed the same claimed item to two processes.
+    sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="dispatcher", reclaim_older_than_ms=None)
+    sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+    with sdk_log() as log:
+        async with (
+            python_worker(gateway.proxy_url, TOKEN, ENV_ID, tmp_path / "a") as first,
+            python_worker(gateway.proxy_url, TOKEN, ENV_ID, tmp_path / "b") as second,
+        ):
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        racer.handle_item(work_id=work_id, environment_id=ENV_ID, session_id=item.data_id)
+                        for racer in (first, second)
+                    )
+                ),
+                20,
+            )
+    assert len([m for m in log.messages if m.startswith("lease lost: heartbeat precondition failed")]) == 1
+    assert item.state == "stopped"
+    assert item.force_stops == 1  # only the holder stopped it; the loser left it alone
+    assert sim.sim.requests["heartbeat"]["200"] >= 2
+    assert [len(s.tool_results) for s in sim.sim.sessions.all()] == [1]
+
+
+async def test_two_typescript_workers_racing_for_one_item_leave_one_holder(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
+) -> None:
+    node = require_node()
+    sim = await make_simulator(ttl=TTL, script=SCRIPT)
+    gateway = await start_gateway(sim.url)
+    (work_id,) = sim.sim.enqueue(ENV_ID)
+    (item,) = sim.sim.plane.items(ENV_ID)
+    sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="dispatcher", reclaim_older_than_ms=None)
+    sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+    handle = {
+        "mode": "handle",
+        "baseURL": gateway.proxy_url,
+        "environmentId": ENV_ID,
+        "environmentKey": TOKEN,
+        "maxIdleMs": 1000,
+        "item": {"workId": work_id, "environmentId": ENV_ID, "sessionId": item.data_id},
+    }
+    racers = [await NodeWorker.start(node, {**handle, "workdir": str(tmp_path / str(i))}) for i in range(2)]
+    runs = [await racer.finish(stop=False) for racer in racers]
+    lost = [run for run in runs if "lease lost: heartbeat precondition failed" in run.messages()]
+    assert len(lost) == 1
+    assert item.state == "stopped"
+    assert item.force_stops == 1
+
+
+TWO_ENVIRONMENTS = f"""
+listen: {{host: 127.0.0.1, port: %(port)d}}
+admin: {{host: 127.0.0.1, port: 0}}
+upstream: {{base_url: "%(upstream)s"}}
+environments:
+  - {{id: {OTHER_ENV_ID}, key_env: TEST_OTHER_ENV_KEY}}
+  - {{id: {ENV_ID}, name: prod-sandboxes, key_env: TEST_ENV_KEY}}
+clients:
+  tokens: [{{token_env: TEST_TOKEN, environments: [%(scope)s]}}]
+  discover_sessions: %(discover)s
+%(fallback)s
+limits: {{shutdown_grace_seconds: 0.5}}
+"""
+
+
+ORGANISATION_FALLBACK = "default_credential: {api_key_env: TEST_API_KEY, use_for: [sessions]}"
+
+
+@pytest.mark.parametrize(
+    ("scope", "discover", "fallback", "session_credential"),
+    [
+        (ENV_ID, "true", "", "environment_key"),
+        ('"*"', "true", "", "environment_key"),
+        ('"*"', "false", ORGANISATION_FALLBACK, "organization_api_key"),
+    ],
+    ids=["token-of-one-environment", "token-of-two-discovered", "token-of-two-organisation-fallback"],
+)
+async def test_a_gateway_restart_mid_session_keeps_the_session_and_the_lease(
+    make_simulator: SimFactory,
+    tmp_path: Path,
+    unused_tcp_port: int,
+    scope: str,
+    discover: str,
+    fallback: str,
+    session_credential: str,
+) -> None:
+    """A new gateway knows nothing of the session the worker is in: the key must still be the right one."""
+    # A longer lease: the worker goes on beating through the restart, as it would through a rolling update.
+    sim = await make_simulator(ttl=10, script=SCRIPT)
+    sim.sim.enqueue(ENV_ID)
+    values = {"port": unused_tcp_port, "upstream": sim.url, "scope": scope, "discover": discover, "fallback": fallback}
+    settings = load_settings(TWO_ENVIRONMENTS % values, ENVIRON)
+    first = Gateway(settings)
+    await first.start()
+    second = Gateway(settings)
+    try:
+        async with python_worker(first.proxy_url, TOKEN, ENV_ID, tmp_path, max_idle=6.0) as worker, running(worker):
+            await wait_for(lambda: any(s.tool_results for s in sim.sim.sessions.all()), 15, "the tool to run")
+            before = dict(sim.sim.credentials_by_endpoint["stream"])
+            await first.stop()  # cuts the worker's event stream
+            await second.start()  # same port: the worker reconnects to a gateway that never saw its poll
+            await wait_for(items_done(sim.sim, ENV_ID, 1), 20, "the item to finish")
+    finally:
+        await second.stop()
+    (item,) = sim.sim.plane.items(ENV_ID)
+    assert item.force_stops == 1  # finished by its worker, not lost
+    assert sim.sim.requests["heartbeat"].get("412", 0) == 0
+    reopened = sim.sim.credentials_by_endpoint["stream"] - Counter(before)
+    assert set(reopened) == {session_credential}
+    stats = sim.sim.stats_json()
+    assert fingerprint(TOKEN) not in stats["credential_fingerprints"]
+    if session_credential != "organization_api_key":
+        assert fingerprint(API_KEY) not in stats["credential_fingerprints"]
+
+
+async def test_with_absorption_the_python_worker_keeps_its_lease_and_learns_of_a_stop_within_the_delay(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
+) -> None:
+    ttl, delay = 4, 3.0  # the SDK beats every 2 s; a 3 s signal delay lets the gateway answer every other beat
+    sim = await make_simulator(ttl=ttl, script=SCRIPT)
+    absorbing = MINIMAL + (
+        f"heartbeat: {{absorb: {{enabled: true, max_signal_delay_seconds: {delay}, min_remaining_fraction: 0.3}}}}\n"
+    )
+    gateway = await start_gateway(sim.url, absorbing)
+    sim.sim.enqueue(ENV_ID)
+    async with python_worker(gateway.proxy_url, TOKEN, ENV_ID, tmp_path, max_idle=None) as worker, running(worker):
+        await wait_for(lambda: any(s.tool_results for s in sim.sim.sessions.all()), 15, "the tool to run")
+        await asyncio.sleep(2 * ttl + 0.5)
+        (item,) = sim.sim.plane.items(ENV_ID)
+        assert item.state == "active"
+        answered = gateway.metrics.heartbeats.collect()[0].samples
+        worker_beats = sum(s.value for s in answered if s.name.endswith("_total"))
+        absorbed = sum(s.value for s in answered if s.labels.get("outcome") == "absorbed")
+        assert absorbed >= 1
+        assert sim.sim.count("heartbeat") < worker_beats
+        stopped_at = asyncio.get_running_loop().time()
+        sim.sim.plane.stop(ENV_ID, item.id, sim.sim.now(), force=False)
+        await wait_for(lambda: item.force_stops == 1, delay + ttl / 2 + 2, "the worker to see the stop")
+        # Within the signal delay plus one beat interval.
+        assert asyncio.get_running_loop().time() - stopped_at <= delay + ttl / 2 + 0.5
+    assert sim.sim.requests["heartbeat"].get("412", 0) == 0
