@@ -134,11 +134,10 @@ def _outside_environments(
         allowed = [e for e in seen_in if e in scope]
         if allowed:
             return environment_key(allowed[0])
-        if seen_in:
-            raise PermissionDenied(
-                f"{_NOUNS[route.name]} {resource_id} belongs to environment {seen_in[0].id}, "
-                "which this client token may not use"
-            )
+        if seen_in and route.name is RouteName.SESSIONS:
+            # A session is in exactly one environment. Skills and memory stores are the
+            # organisation's and may serve several, so for them the rules below still apply.
+            raise PermissionDenied(f"session {resource_id} belongs to an environment this client token may not use")
     if len(scope) == 1:
         # The token can only ever stand for this environment's key.
         return environment_key(scope[0])

@@ -19,13 +19,14 @@ holds the few environments seen last. Pure: no I/O.
 from __future__ import annotations
 
 import json
+import zlib
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from .routing import Route, RouteName
 
-__all__ = ["LINKED_ROUTES", "Link", "Links", "links_in_answer", "teaches_links"]
+__all__ = ["LINKED_ROUTES", "Link", "Links", "decoded", "links_in_answer", "teaches_links"]
 
 # The collections whose ids are linked to environments.
 LINKED_ROUTES = frozenset({RouteName.SESSIONS, RouteName.SKILLS, RouteName.MEMORY_STORES})
@@ -123,3 +124,26 @@ def _session_links(session: dict[str, object], session_id: str | None, served: C
         if isinstance(store_id, str) and resource.get("type") == "memory_store":
             links.append(Link(RouteName.MEMORY_STORES, store_id, env))
     return links
+
+
+def decoded(body: bytes, content_encoding: str | None) -> bytes | None:
+    """The answer's JSON as sent, or decompressed (a copy: the worker gets the bytes unchanged).
+
+    gzip and deflate only, and never more than `MAX_LEARNED_BODY_BYTES` out;
+    None for anything else (the answer then teaches nothing).
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    # gzip, or zlib-wrapped deflate; raw deflate as some servers send it.
+    for wbits in (16 + zlib.MAX_WBITS,) if "gzip" in encoding else (zlib.MAX_WBITS, -zlib.MAX_WBITS):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, MAX_LEARNED_BODY_BYTES)
+        except zlib.error:
+            continue
+        # Not whole (cut, or larger than what is worth reading): nothing to learn.
+        return out if inflater.eof and not inflater.unconsumed_tail else None
+    return None

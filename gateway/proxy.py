@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .access_log import EXCHANGE, Exchange
-from .credentials import Discover, Inject, decide_credential, environment_key, token_in_forwarded_request
+from .credentials import Discover, Inject, decide_credential, token_in_forwarded_request
 from .discovery import SessionDiscovery
 from .errors import (
     AuthenticationFailed,
@@ -34,7 +34,7 @@ from .headers import request_headers, response_headers
 from .heartbeat_answer import read_answer
 from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeats import HeartbeatCall, HeartbeatService
-from .links import MAX_LEARNED_BODY_BYTES, Links, links_in_answer, teaches_links
+from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links
 from .metrics import GatewayMetrics
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
 from .settings import LiveSettings, Settings
@@ -44,6 +44,8 @@ __all__ = ["PROXY", "ProxyContext", "handle"]
 
 log = logging.getLogger("gateway.proxy")
 
+# Stands in for the credential a discovery will choose, while the request is checked.
+_CREDENTIAL_REPLACED = Inject("authorization", "")
 # What the API uses; TRACE and CONNECT are refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -82,25 +84,32 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ctx.metrics.request_started(exchange.route)
     exchange.counted_inflight = True
     incoming = _incoming_headers(request)
+    authorization, api_key = _single_header(request, "Authorization"), _single_header(request, "x-api-key")
     credential = decide_credential(
-        settings,
-        route,
-        authorization=_single_header(request, "Authorization"),
-        api_key=_single_header(request, "x-api-key"),
-        links=ctx.links.environments,
+        settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments
     )
-    if isinstance(credential, Discover):
-        credential = await _discovered(ctx, credential)
-    if isinstance(credential, Inject):
-        ctx.metrics.credential_injected(exchange.route, credential.kind)
     limit = settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"the request body is larger than the gateway's limit of {limit} bytes")
-    headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers))
+    # Every refusal of the gateway's own comes before a discovery asks the upstream anything.
+    replaced = _CREDENTIAL_REPLACED if isinstance(credential, Discover) else credential
+    headers = tuple(request_headers(incoming, credential=replaced, settings=settings.headers))
     if token_in_forwarded_request(headers, target.raw, settings.clients.tokens):
         raise AuthenticationFailed(
             "a gateway client token may be sent only as Authorization: Bearer <token> or x-api-key: <token>"
         )
+    if isinstance(credential, Discover):
+        await ctx.discovery.environment_of(credential.session_id, credential.candidates, settings.headers)
+        # Decided again on what the lookup learned, with the settings in force now (a reload may have come).
+        settings = ctx.settings
+        credential = decide_credential(
+            settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments
+        )
+        if isinstance(credential, Discover):
+            credential = _fallback(credential)
+        headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers))
+    if isinstance(credential, Inject):
+        ctx.metrics.credential_injected(exchange.route, credential.kind)
     if route.name is RouteName.HEARTBEAT:
         return await _heartbeat(request, ctx, route, target, headers)
     if route.name is RouteName.STOP and route.environment_id is not None and route.work_id is not None:
@@ -109,11 +118,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await _pass_through(request, ctx, route, target, headers)
 
 
-async def _discovered(ctx: ProxyContext, decision: Discover) -> Inject:
-    """The key of the environment the API says the session belongs to, else the decision's fallback."""
-    environment = await ctx.discovery.environment_of(decision.session_id, decision.candidates, ctx.settings.headers)
-    if environment is not None:
-        return environment_key(environment)
+def _fallback(decision: Discover) -> Inject:
+    """The API could not tell the session's environment: the configured fallback, or the decision's 403."""
     if isinstance(decision.fallback, PermissionDenied):
         raise decision.fallback
     return decision.fallback
@@ -200,7 +206,8 @@ async def _pass_through(
             _note_upstream(exchange, upstream.status, upstream.headers)
             chunks = upstream.chunks()
             if upstream.status == 200 and teaches_links(request.method, route):
-                chunks = _learning(chunks, lambda body: _learn(ctx, route, body))
+                encoding = next((v for k, v in upstream.headers if k.lower() == "content-encoding"), None)
+                chunks = _learning(chunks, lambda body: _learn(ctx, route, decoded(body, encoding)))
             return await _stream_back(request, upstream, chunks, exchange)
     except UpstreamError:
         if meter.refusal is not None:
@@ -209,7 +216,9 @@ async def _pass_through(
         raise
 
 
-def _learn(ctx: ProxyContext, route: Route, body: bytes) -> None:
+def _learn(ctx: ProxyContext, route: Route, body: bytes | None) -> None:
+    if body is None:
+        return
     served = {env.id for env in ctx.settings.environments}
     for link in links_in_answer(route, body, served):
         ctx.links.learn(link)

@@ -30,9 +30,9 @@ from .support import (
 
 @pytest.fixture
 def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
-    async def make(ttl: int = 60, **kwargs: Any) -> SimHandle:
+    async def make(ttl: int = 60, environments: dict[str, str] | None = None, **kwargs: Any) -> SimHandle:
         config = SimulatorConfig(
-            {ENV_ID: ENV_KEY, OTHER_ENV_ID: OTHER_ENV_KEY},
+            environments or {ENV_ID: ENV_KEY, OTHER_ENV_ID: OTHER_ENV_KEY},
             ttl=TtlPolicy(default_seconds=ttl),
             org_api_keys=(API_KEY,),
             seed=1,

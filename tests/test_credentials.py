@@ -80,13 +80,17 @@ def test_a_token_of_several_environments_uses_what_the_gateway_learned() -> None
     assert decide(settings, "/v1/sessions/sesn_1/events", auth, links=links) == OTHER_BEARER
     assert decide(settings, "/v1/skills/skill_1/versions/v/content", auth, links=links) == ENV_BEARER
     assert decide(settings, "/v1/memory_stores/memstore_1/memories", auth, links=links) == OTHER_BEARER
-    # The limited token may use the other environment only.
-    with pytest.raises(PermissionDenied, match=f"skill skill_1 belongs to environment {ENV_ID}, which this client"):
-        decide(settings, "/v1/skills/skill_1/versions/v", api_key=LIMITED_TOKEN, links=links)
-    # A skill seen in both environments goes with the one the token may use.
+    # A session is in one environment: a token that may not use it is refused, without naming it.
+    links.learn(Link(RouteName.SESSIONS, "sesn_2", ENV_ID))
+    with pytest.raises(PermissionDenied, match="session sesn_2 belongs to an environment this client token may not"):
+        decide(settings, "/v1/sessions/sesn_2/events", api_key=LIMITED_TOKEN, links=links)
+    # A skill is the organisation's: seen elsewhere, it still goes with the token's own environment.
+    assert decide(settings, "/v1/skills/skill_1/versions/v", api_key=LIMITED_TOKEN, links=links) == OTHER_BEARER
+    # A skill seen in several environments goes with the one the token may use.
     links.learn(Link(RouteName.SKILLS, "skill_1", OTHER_ENV_ID))
     links.learn(Link(RouteName.SKILLS, "skill_1", ENV_ID))
     assert decide(settings, "/v1/skills/skill_1/versions/v", api_key=LIMITED_TOKEN, links=links) == OTHER_BEARER
+    assert decide(settings, "/v1/skills/skill_1/versions/v", auth, links=links) == ENV_BEARER
 
 
 def test_an_unseen_session_of_a_token_of_several_environments_is_discovered() -> None:

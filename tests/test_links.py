@@ -130,7 +130,8 @@ async def test_a_poll_through_the_gateway_teaches_it_the_sessions_environment(
     events = f"{prod_only.proxy_url}/v1/sessions/{polled['data']['id']}/events"
     status, body = await get(events, {"x-api-key": LIMITED_TOKEN})
     assert status == 403
-    assert f"belongs to environment {OTHER_ENV_ID}, which this client token may not use" in body["error"]["message"]
+    assert "belongs to an environment this client token may not use" in body["error"]["message"]
+    assert OTHER_ENV_ID not in body["error"]["message"]
     assert sim.sim.count("events") == 0
 
 
@@ -203,3 +204,133 @@ async def test_lookups_send_only_the_keys_the_token_may_use(
         ("/v1/sessions/sesn_y", [f"Bearer {ENV_KEY}"]),  # the lookup, with each key in turn
         ("/v1/sessions/sesn_y", [f"Bearer {OTHER_ENV_KEY}"]),
     ]
+
+
+THIRD_ENV_ID = "env_0000000000000000000Third"
+THIRD_ENV_KEY = "sk-ant-envkey-PLANTED-6666666666666666"
+# Two tokens of two environments each, overlapping in the first.
+OVERLAPPING = f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+upstream: {{base_url: "%(upstream)s"}}
+environments:
+  - {{id: {ENV_ID}, key_env: TEST_ENV_KEY}}
+  - {{id: {OTHER_ENV_ID}, key_env: TEST_OTHER_ENV_KEY}}
+  - {{id: {THIRD_ENV_ID}, key_env: TEST_THIRD_ENV_KEY}}
+clients:
+  tokens:
+    - {{token_env: TEST_TOKEN, environments: [{ENV_ID}, {OTHER_ENV_ID}]}}
+    - {{token_env: TEST_LIMITED_TOKEN, environments: [{ENV_ID}, {THIRD_ENV_ID}]}}
+%(extra)s
+"""
+
+
+async def overlapping(make_simulator: SimFactory, extra: str = "", **sim: Any) -> tuple[Any, Any]:
+    from gateway.app import Gateway
+    from gateway.config import load_settings
+
+    from .support import ENVIRON
+
+    handle = await make_simulator(
+        environments={ENV_ID: ENV_KEY, OTHER_ENV_ID: OTHER_ENV_KEY, THIRD_ENV_ID: THIRD_ENV_KEY}, **sim
+    )
+    settings = load_settings(
+        OVERLAPPING % {"upstream": handle.url, "extra": extra}, {**ENVIRON, "TEST_THIRD_ENV_KEY": THIRD_ENV_KEY}
+    )
+    gateway = Gateway(settings)
+    await gateway.start()
+    return handle, gateway
+
+
+async def test_one_tokens_failed_lookup_does_not_answer_for_another_tokens_keys(make_simulator: SimFactory) -> None:
+    fallback = "default_credential: {api_key_env: TEST_API_KEY, use_for: [sessions]}"
+    sim, gateway = await overlapping(make_simulator, fallback)
+    try:
+        sim.sim.enqueue(THIRD_ENV_ID)
+        (session,) = sim.sim.sessions.all()
+        url = f"{gateway.proxy_url}/v1/sessions/{session.id}/events"
+        # TOKEN's environments cannot read it: its organisation fallback applies (it is configured)...
+        assert (await get(url, worker_headers()))[0] == 200
+        assert sim.sim.credentials_by_endpoint["events"] == {"organization_api_key": 1}
+        # ...but LIMITED_TOKEN's other environment can: its own key, never the organisation's.
+        assert (await get(url, {"x-api-key": LIMITED_TOKEN}))[0] == 200
+        assert sim.sim.credentials_by_endpoint["events"] == {"organization_api_key": 1, "environment_key": 1}
+        # Two misses for TOKEN's keys; the first environment's not tried again for LIMITED_TOKEN.
+        assert sim.sim.requests["session"] == {"404": 2, "200": 1}
+    finally:
+        await gateway.stop()
+
+
+async def test_a_lookup_running_for_other_keys_is_not_joined(make_simulator: SimFactory) -> None:
+    sim, gateway = await overlapping(make_simulator)
+    try:
+        sim.sim.enqueue(THIRD_ENV_ID)
+        (session,) = sim.sim.sessions.all()
+        sim.sim.faults = Faults(latency_seconds=0.3, endpoints=("session",))
+        url = f"{gateway.proxy_url}/v1/sessions/{session.id}/events"
+        first = asyncio.ensure_future(get(url, worker_headers()))
+        await asyncio.sleep(0.1)
+        second = await get(url, {"x-api-key": LIMITED_TOKEN})
+        assert (await first)[0] == 403  # neither of its environments has the session
+        assert second[0] == 200
+    finally:
+        await gateway.stop()
+
+
+async def test_a_rate_limit_or_error_during_a_lookup_is_retryable_and_not_remembered(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    for fault in (Faults(rate_limit_rate=1.0, endpoints=("session",)), Faults(error_rate=1.0, endpoints=("session",))):
+        sim = await make_simulator()
+        gateway = await make_gateway(sim.url, clients=ALL_ENVIRONMENTS_CLIENTS)
+        sim.sim.enqueue(OTHER_ENV_ID)
+        (session,) = sim.sim.sessions.all()
+        sim.sim.faults = fault
+        url = f"{gateway.proxy_url}/v1/sessions/{session.id}/events"
+        status, body = await get(url, worker_headers())
+        # Not a 403 the SDK would give up on: a 5xx it retries, as it would retry the API's own answer.
+        assert (status, body["error"]["type"]) == (502, "api_error")
+        sim.sim.faults = Faults()
+        assert (await get(url, worker_headers()))[0] == 200
+
+
+async def test_the_gateways_own_refusals_come_before_any_lookup(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator()
+    gateway = await make_gateway(sim.url, clients=ALL_ENVIRONMENTS_CLIENTS)
+    sim.sim.enqueue(OTHER_ENV_ID)
+    (session,) = sim.sim.sessions.all()
+    url = f"{gateway.proxy_url}/v1/sessions/{session.id}/events"
+    status, _ = await get(url, {**worker_headers(), "Cookie": f"t={TOKEN}"})
+    assert status == 401
+    async with aiohttp.ClientSession() as http:
+        headers = {**worker_headers(), "Content-Length": str(10**12)}
+        async with http.post(url, headers=headers, data=b"") as response:
+            assert response.status == 413
+    assert sim.sim.count("session") == 0
+
+
+async def test_compressed_answers_are_learned_from_and_reach_the_worker_unchanged(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(compress=True)
+    gateway = await make_gateway(
+        sim.url, clients=ALL_ENVIRONMENTS_CLIENTS.replace("clients:", "clients:\n  discover_sessions: false")
+    )
+    sim.sim.enqueue(OTHER_ENV_ID)
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        http.get(
+            f"{gateway.proxy_url}/v1/environments/{OTHER_ENV_ID}/work/poll",
+            headers={**worker_headers(), "Accept-Encoding": "gzip"},
+        ) as response,
+    ):
+        assert response.headers["Content-Encoding"] == "gzip"
+        import gzip
+
+        item = json.loads(gzip.decompress(await response.read()))
+    # Discovery is off: only what the gateway learned from the gzipped poll can tell.
+    status, _ = await get(f"{gateway.proxy_url}/v1/sessions/{item['data']['id']}", worker_headers())
+    assert status == 200
+    assert sim.sim.credentials_by_endpoint["session"] == {"environment_key": 1}

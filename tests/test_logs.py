@@ -100,6 +100,11 @@ async def test_request_lines_carry_fields_and_no_secret(
     assert beat["heartbeat_outcome"] == "forwarded"
     assert beat["upstream_status"] == 200
     assert beat["request_id"].startswith("req_sim")
+    # The second claim was answered by the gateway itself: no upstream status to report.
+    rejected = requests[3]
+    assert rejected["heartbeat_outcome"] == "rejected"
+    assert "upstream_status" not in rejected
+    assert "request_id" not in rejected
     assert requests[6]["error"] == "reset"
     # Lease events get their own lines, with environment and work id.
     (claimed,) = [line for line in lines if line.get("event") == "lease_claimed"]

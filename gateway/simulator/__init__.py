@@ -21,16 +21,24 @@ Requests and auth
     `api_key`, or as `x-api-key`) is accepted on `stats` and `stop` [DOC-OPS §1];
     ASSUMPTION: on no other work endpoint. ASSUMPTION: an unknown environment is a
     404, checked before auth.
-  - sessions: the session's environment key, the sessions token of an item serving
-    the session, or the organisation key (the sessions API is the organisation's own).
-    ASSUMPTION: a valid credential that may not see the session (another
-    environment's key, another item's token) gets 404, as for an unknown session.
-  - skills: a key or token whose sessions use the skill, or the organisation key.
+  - sessions: the session's environment key or the sessions token of an item serving
+    the session [SDK: the workers call them with the item's credential], or the
+    organisation key [ASSUMPTION: the sessions API is the organisation's own API, so
+    its key works there]. ASSUMPTION: a valid credential that may not see the session
+    (another environment's key, another item's token) gets 404, as for an unknown
+    session.
+  - skills: a key or token whose sessions use the skill, or the organisation key
+    [ASSUMPTION: the reference only says the workers download skills with the item's
+    credential; skills are the organisation's, so any of its sessions' credentials may].
   - memory stores: the sessions token of an item whose session has the store
     attached, or the organisation key; an environment key gets 403 permission_error
     [SDK: the memory endpoints reject the environment key; the status is an ASSUMPTION].
   - anything else: 401 authentication_error. `/_sim/stats` counts credentials by kind
     and by endpoint (`credentials_by_endpoint`).
+- Faults (`gateway.simulator.faults`) are drawn before auth: a broken or overloaded API
+  fails a request whatever its credential.
+- `compress` (off by default) gzips JSON answers for clients that accept it
+  [ASSUMPTION: whether the real API compresses is not in the reference].
 - `anthropic-beta` must include `managed-agents-2026-04-01` on environment, work and
   session endpoints and `agent-memory-2026-07-22` on memory-store endpoints (what the
   SDKs send), else 400; skills endpoints need none (the SDKs send none)

@@ -2,12 +2,13 @@
 
 - `envelope`: gives every /v1 request its `request-id`, renders a raised
   `SimError` as the API's error JSON (with `retry-after` on a 429), adds
-  the injected latency and counts the answer by endpoint and status.
+  the injected latency, counts the answer by endpoint and status, and
+  (with `compress`) gzips it for clients that accept it.
+- `inject_faults`: a reset before or after the request takes effect, a 500
+  or a 429, as `gateway.simulator.faults` decides, whatever the credential.
 - `authenticate`: lets lapsed leases go, then checks the credential against
   the route's resource (`gateway.simulator.auth`) and records its kind.
 - `require_beta`: the `anthropic-beta` value the route needs.
-- `inject_faults`: a reset before or after the request takes effect, a 500
-  or a 429, as `gateway.simulator.faults` decides.
 
 Handlers only parse, act on the pure state and raise `SimError`; the
 simulator-only `/_sim/...` routes have no `Endpoint` and skip all of this.
@@ -62,6 +63,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         await asyncio.sleep(delay)
     if not (endpoint.streams and response.prepared):  # an open stream counted itself
         sim.requests[endpoint.name][str(response.status)] += 1
+        if sim.config.compress and isinstance(response, web.Response):
+            response.enable_compression()  # gzip or deflate, as the client accepts
     return response
 
 
@@ -136,4 +139,5 @@ def _reset(request: web.Request, endpoint: Endpoint) -> None:
     raise asyncio.CancelledError  # nothing more is written on an aborted connection
 
 
-MIDDLEWARES = (envelope, authenticate, require_beta, inject_faults)
+# Faults come before auth: an overloaded or broken API fails a request whatever its credential.
+MIDDLEWARES = (envelope, inject_faults, authenticate, require_beta)

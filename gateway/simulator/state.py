@@ -71,6 +71,8 @@ class SimulatorConfig:
     issue_secrets: bool = False
     # What the agent of every session does.
     script: AgentScript = field(default_factory=AgentScript)
+    # gzip JSON answers for clients that accept it (ASSUMPTION: whether the real API does is not known).
+    compress: bool = False
     seed: int | None = None
     clock: Callable[[], float] = time.time
 
