@@ -200,16 +200,21 @@ async def test_a_graceful_stop_on_the_api_reaches_both_workers_through_the_gatew
     assert "heartbeat signals shutdown" in run.messages()
 
 
+def claimed_by_a_dispatcher(sim: SimHandle) -> tuple[str, Any]:
+    """One item polled and acked by a dispatcher (`ant beta:worker poll --on-work`), to hand to two processes."""
+    (work_id,) = sim.sim.enqueue(ENV_ID)
+    (item,) = sim.sim.plane.items(ENV_ID)
+    sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="dispatcher", reclaim_older_than_ms=None)
+    sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+    return work_id, item
+
+
 async def test_two_python_workers_racing_for_one_item_leave_one_holder(
     make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
 ) -> None:
     sim = await make_simulator(ttl=TTL, script=SCRIPT)
     gateway = await start_gateway(sim.url)
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    (item,) = sim.sim.plane.items(ENV_ID)
-    # A dispatcher (`ant beta:worker poll --on-work`) handed the same claimed item to two processes.
-    sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="dispatcher", reclaim_older_than_ms=None)
-    sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+    work_id, item = claimed_by_a_dispatcher(sim)
     with sdk_log() as log:
         async with (
             python_worker(gateway.proxy_url, TOKEN, ENV_ID, tmp_path / "a") as first,
@@ -237,10 +242,7 @@ async def test_two_typescript_workers_racing_for_one_item_leave_one_holder(
     node = require_node()
     sim = await make_simulator(ttl=TTL, script=SCRIPT)
     gateway = await start_gateway(sim.url)
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    (item,) = sim.sim.plane.items(ENV_ID)
-    sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="dispatcher", reclaim_older_than_ms=None)
-    sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+    work_id, item = claimed_by_a_dispatcher(sim)
     handle = {
         "mode": "handle",
         "baseURL": gateway.proxy_url,

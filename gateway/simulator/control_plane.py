@@ -93,6 +93,23 @@ class WorkItem:
         }
 
 
+def page_offset(page: str | None) -> int:
+    """Where an opaque `page` cursor starts (ASSUMPTION: the real cursors are opaque too)."""
+    if page is None:
+        return 0
+    try:
+        start = int(base64.urlsafe_b64decode(page.encode()).decode().removeprefix("offset:"))
+    except ValueError:
+        start = -1
+    if start < 0:
+        raise SimError(400, "invalid_request_error", "page is not a valid cursor")
+    return start
+
+
+def page_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode()
+
+
 def rfc3339(t: float) -> str:
     return rfc3339_us(int(t * 1_000_000))
 
@@ -321,18 +338,10 @@ class ControlPlane:
     def list_items(self, environment_id: str, now: float, *, limit: int, page: str | None) -> dict[str, Any]:
         self.expire(now)
         items = sorted(self._env(environment_id).values(), key=lambda i: i.created_at)
-        start = 0
-        if page is not None:
-            try:
-                start = int(base64.urlsafe_b64decode(page.encode()).decode().removeprefix("offset:"))
-            except ValueError:
-                start = -1
-            if start < 0:
-                raise SimError(400, "invalid_request_error", "page is not a valid cursor")
+        start = page_offset(page)
         chunk = items[start : start + limit]
         more = start + limit < len(items)
-        next_page = base64.urlsafe_b64encode(f"offset:{start + limit}".encode()).decode() if more else None
-        return {"data": [self.work_json(i) for i in chunk], "next_page": next_page}
+        return {"data": [self.work_json(i) for i in chunk], "next_page": page_cursor(start + limit) if more else None}
 
     def stats(self, environment_id: str, now: float) -> dict[str, Any]:
         self.expire(now)

@@ -19,7 +19,6 @@ which ends the worker's run at once.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import itertools
@@ -27,7 +26,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .control_plane import SimError, rfc3339
+from .control_plane import SimError, page_cursor, page_offset, rfc3339
 
 __all__ = ["AgentScript", "Session", "SessionStore", "SkillVersion"]
 
@@ -196,10 +195,10 @@ class SessionStore:
         }
 
     def list_events(self, session: Session, *, limit: int, page: str | None) -> dict[str, Any]:
-        start = _offset(page)
+        start = page_offset(page)
         chunk = session.events[start : start + limit]
         more = start + limit < len(session.events)
-        return {"data": chunk, "next_page": _cursor(start + limit) if more else None}
+        return {"data": chunk, "next_page": page_cursor(start + limit) if more else None}
 
     def send(self, session: Session, events: object, now: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """A client sent events; returns the answer and every event appended (for open streams)."""
@@ -295,12 +294,12 @@ class SessionStore:
 
     def list_memories(self, store_id: str, *, view: str, limit: int, page: str | None, prefix: str) -> dict[str, Any]:
         memories = sorted((m for m in self._store(store_id).values() if m.path.startswith(prefix)), key=_by_path)
-        start = _offset(page)
+        start = page_offset(page)
         chunk = memories[start : start + limit]
         more = start + limit < len(memories)
         return {
             "data": [m.to_json(full=view == "full") for m in chunk],
-            "next_page": _cursor(start + limit) if more else None,
+            "next_page": page_cursor(start + limit) if more else None,
         }
 
     def retrieve_memory(self, store_id: str, memory_id: str) -> dict[str, Any]:
@@ -370,22 +369,6 @@ def _text_of(tool_result: dict[str, Any]) -> str:
     if isinstance(content, list):
         return " ".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
     return str(content or "")
-
-
-def _offset(page: str | None) -> int:
-    if page is None:
-        return 0
-    try:
-        start = int(base64.urlsafe_b64decode(page.encode()).decode().removeprefix("offset:"))
-    except ValueError:
-        start = -1
-    if start < 0:
-        raise SimError(400, "invalid_request_error", "page is not a valid cursor")
-    return start
-
-
-def _cursor(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode()
 
 
 def _skill_archive(name: str, skill_id: str) -> bytes:
