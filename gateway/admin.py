@@ -3,7 +3,8 @@ nothing on the worker-facing port routes here (its allow-list does not
 include these paths, and it is another app on another socket).
 
 - `GET /healthz`: the process is alive.
-- `GET /readyz`: config loaded and the upstream client ready; 503 while starting or draining.
+- `GET /readyz`: config loaded and the upstream client ready; 503 while starting, draining, or
+  while lease-critical upstream capacity has had requests waiting for a second or more.
 - `GET /metrics`: Prometheus exposition of this gateway's own registry.
 - `GET /admin/leases`: the lease table, filtered by `environment` and `state`, paginated.
 - `GET /admin/config`: the effective config, every secret shown as "<redacted>".
@@ -28,16 +29,35 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 
+# Lease-critical capacity with requests waiting this long, without a break, takes the
+# replica out of rotation: new workers go to replicas that can still serve leases.
+SATURATED_AFTER_SECONDS = 1.0
+
+
 @dataclass(slots=True)
 class Health:
     """What the probes report; the composition root flips these as the gateway starts and drains."""
 
     upstream_ready: bool = False
     draining: bool = False
+    # Seconds the lease-critical class has had requests waiting for a connection.
+    lease_capacity_waiting: Callable[[], float] = lambda: 0.0
+
+    @property
+    def saturated(self) -> bool:
+        return self.lease_capacity_waiting() >= SATURATED_AFTER_SECONDS
 
     @property
     def ready(self) -> bool:
-        return self.upstream_ready and not self.draining
+        return self.upstream_ready and not self.draining and not self.saturated
+
+    @property
+    def status(self) -> str:
+        if self.draining:
+            return "draining"
+        if not self.upstream_ready:
+            return "starting"
+        return "saturated" if self.saturated else "ready"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +78,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     health = request.app[HEALTH]
-    if health.ready:
-        return web.json_response({"status": "ready"})
-    status = "draining" if health.draining else "starting"
-    return web.json_response({"status": status}, status=503)
+    return web.json_response({"status": health.status}, status=200 if health.ready else 503)
 
 
 def _bad(message: str) -> web.Response:

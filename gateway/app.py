@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .admin import Health, create_admin_app
+from .capacity import Gate
 from .coalescer import LeaseView
 from .discovery import SessionDiscovery
 from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
@@ -22,7 +23,7 @@ from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
 from .proxy import PROXY, ProxyContext, handle
-from .settings import LiveSettings, Settings, restart_needed
+from .settings import LiveSettings, PoolName, Settings, restart_needed
 from .upstream import HttpUpstream, Upstream
 
 __all__ = ["Gateway", "create_proxy_app"]
@@ -57,7 +58,9 @@ def create_proxy_app(
     app = web.Application(middlewares=[access_log_middleware, error_middleware])
 
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        up = upstream or HttpUpstream(settings.upstream, observer=metrics)
+        gates = {p: Gate(p, settings.upstream.pools.of(p), observer=metrics) for p in PoolName}
+        up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates)
+        health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()
         discovery = SessionDiscovery(up, links, observer=metrics)

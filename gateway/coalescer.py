@@ -37,6 +37,27 @@ Per lease, meaning one (environment id, work id):
   timestamps are never compared with the local clock.
 - No timer renews a lease: the state machine only sends what a waiting worker
   asked for, and a retry only while one of the flight's workers still waits.
+- **Lanes.** The rules above are the lease's *main lane*: beats with a
+  credential the gateway vouches for (`Beat.vouched`: its own injected key,
+  or a sessions token it saw issued for the item) or the one the upstream
+  last accepted on the lease (the holder's). Any other credential (a junk
+  Bearer, a foreign key) gets a *side lane* of its own: its own flight, one
+  at a time, its own short queue, at most a few side credentials per lease,
+  and the excess answered locally with a 429. A side flight never waits for
+  the main lane nor makes it wait, so no other credential can delay the
+  holder's beats. Side beats are never answered locally, and while a side
+  flight is out (it may move the lease) nothing is answered locally at all;
+  a side answer only ever takes knowledge away (a side success makes its
+  credential the holder's, but is not kept for local answers), and a main
+  success that overlapped a side flight which may have applied is not kept.
+- Each lease's main queue is bounded too; the excess gets a local 429.
+- A worker's retry window: the SDK workers abort a beat after one interval,
+  `clamp(ttl/2, 1, 30)` s from the last answer's `ttl_seconds`
+  (`worker_interval`). `retry_deadline` tells the driver until when a retry
+  of a flight can still reach every worker waiting for it.
+- A lease enters the table for good only once the upstream accepted a beat
+  for it (`confirmed`); other entries go as soon as nothing waits on them,
+  and only confirmed leases count toward, and are evicted by, the size cap.
 
 Known state is dropped on any 412, any other error, any answer that is not
 an active, extended lease, and when a stop for the item passes through.
@@ -72,11 +93,22 @@ __all__ = [
     "Succeeded",
     "TrackingPolicy",
     "Unsuccessful",
+    "worker_interval",
 ]
 
 NO_HEARTBEAT = "NO_HEARTBEAT"
 # How many superseded values per lease are remembered for local rejection.
 _SUPERSEDED_MEMORY = 8
+# Beats waiting in one lease's main lane: a worker beats once per interval, so
+# more than a few means a flood, not a fleet.
+MAX_MAIN_QUEUE = 32
+# Credentials nobody vouches for, per lease, each with its own lane, and the
+# beats each may queue behind its flight.
+MAX_SIDE_CREDENTIALS = 4
+MAX_SIDE_QUEUE = 2
+# The SDK workers' beat interval: clamp(ttl/2, 1, 30) s, 30 s before any answer.
+SDK_MAX_INTERVAL = 30.0
+SDK_MIN_INTERVAL = 1.0
 # A kept answer is handed over only with at least this much lease surely left:
 # less would give the worker a lease that lapses before it can beat again.
 MIN_HANDOFF_SECONDS = 1.0
@@ -85,7 +117,7 @@ R = TypeVar("R")  # the driver's upstream response
 E = TypeVar("E")  # the driver's upstream error
 
 LeaseKey = tuple[str, str]
-OutcomeName = Literal["forwarded", "joined", "handed_off", "absorbed", "rejected"]
+OutcomeName = Literal["forwarded", "joined", "handed_off", "absorbed", "rejected", "throttled"]
 LeaseEventKind = Literal["claimed", "lost", "stopping", "stopped", "expired", "evicted"]
 
 
@@ -115,6 +147,9 @@ class Beat:
     # Requests are merged, handed off or absorbed only between equal
     # identities: the same upstream credential and the same requested TTL.
     identity: Hashable
+    # The gateway vouches for the credential (it injected it, or saw it issued
+    # for this item): the beat queues in the main lane before any acceptance.
+    vouched: bool = True
 
     @property
     def conditional(self) -> bool:
@@ -185,6 +220,8 @@ class Send:
     flight: int
     key: LeaseKey
     waiter: int
+    # The main lane (lease-critical capacity), or a side lane (a credential nobody vouches for).
+    main: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +239,7 @@ class DeliverError(Generic[E]):
 
 @dataclass(frozen=True, slots=True)
 class DeliverLocal:
-    """An answer built here: a 200 (absorbed) or a 412 (rejected)."""
+    """An answer built here: a 200 (absorbed, handed off), a 412 (rejected) or a 429 (throttled)."""
 
     waiter: int
     outcome: OutcomeName
@@ -250,6 +287,18 @@ class _Flight:
     # A stop for the item passed through while this flight was out: its
     # answer may predate the stop, so it must not be kept as known state.
     after_stop: bool = False
+    # The lease's epoch when sent: if a side flight may have moved the lease since, the answer is not kept.
+    epoch: int = 0
+    # None: the main lane; else the side lane of this identity.
+    side: Hashable | None = None
+
+
+@dataclass(slots=True)
+class _SideLane:
+    """The flight and queue of one credential nobody vouches for, on one lease."""
+
+    flight: _Flight | None = None
+    queue: deque[Beat] = field(default_factory=deque)
 
 
 @dataclass(slots=True)
@@ -271,6 +320,26 @@ class _Lease(Generic[R]):
     ended: bool = False  # stopped, lost or expired: kept only for the retention time
     # The one pending table check for this lease (the heap may hold stale ones).
     next_check: float | None = None
+    # The identity the upstream last accepted a beat from.
+    holder: Hashable | None = None
+    side: dict[Hashable, _SideLane] = field(default_factory=dict)
+    # Bumped whenever a side flight may have moved the lease.
+    epoch: int = 0
+    # The ttl_seconds of the last success a worker was given for this lease (sets its interval).
+    delivered_ttl: int | None = None
+
+    @property
+    def confirmed(self) -> bool:
+        """The upstream has accepted a beat for this lease: it belongs in the table."""
+        return self.last_success_sent_at is not None
+
+    @property
+    def side_in_flight(self) -> bool:
+        return any(lane.flight is not None for lane in self.side.values())
+
+    @property
+    def idle(self) -> bool:
+        return self.flight is None and not self.queue and not self.side
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +363,9 @@ class Coalescer(Generic[R, E]):
         self.tracking = tracking or TrackingPolicy()
         self._leases: dict[LeaseKey, _Lease[R]] = {}
         self._waiting: dict[int, LeaseKey] = {}
+        # When each waiting worker gives up on its beat (arrival plus its interval).
+        self._windows: dict[int, float] = {}
+        self._confirmed = 0
         self._flight_ids = itertools.count(1)
         # (when, key): times at which a lease may need expiring or forgetting.
         self._deadlines: list[tuple[float, LeaseKey]] = []
@@ -305,11 +377,16 @@ class Coalescer(Generic[R, E]):
         """A worker's heartbeat arrived."""
         lease = self._lease(beat.key, now)
         self._waiting[beat.waiter] = beat.key
+        self._windows[beat.waiter] = now + worker_interval(lease.delivered_ttl)
+        if not self._in_main_lane(lease, beat):
+            return self._submit_side(lease, beat, now)
         flight = lease.flight
         if flight is not None:
             if self._can_join(flight, beat) and not lease.queue:
                 flight.waiters.append(beat.waiter)
                 return []
+            if len(lease.queue) >= MAX_MAIN_QUEUE:
+                return self._throttled(lease, beat)
             lease.queue.append(beat)
             return []
         return self._decide_queue(lease, [beat], now)
@@ -317,11 +394,13 @@ class Coalescer(Generic[R, E]):
     def completed(self, key: LeaseKey, flight_id: int, outcome: Outcome[R, E], now: float) -> list[Action[R, E]]:
         """The upstream call of flight `flight_id` came back (after any retries)."""
         lease = self._leases.get(key)
-        if lease is None or lease.flight is None or lease.flight.id != flight_id:
+        if lease is None:
             return []
+        if lease.flight is None or lease.flight.id != flight_id:
+            return self._side_completed(lease, flight_id, outcome, now)
         flight, lease.flight = lease.flight, None
         lease.last_seen = now
-        waiting = [w for w in ([] if flight.owner_gone else [flight.owner]) + flight.waiters]
+        waiting = self._still_waiting(flight)
         actions: list[Action[R, E]] = []
         if isinstance(outcome, Succeeded):
             actions += self._succeeded(lease, flight, outcome, waiting, now)
@@ -333,10 +412,19 @@ class Coalescer(Generic[R, E]):
         else:
             self._failed(lease, outcome.may_have_applied)
             actions += [DeliverError(w, outcome.error) for w in waiting]
-        for w in waiting:
+        self._done_waiting(flight)
+        actions += self._decide_queue(lease, [], now)
+        self._forget_if_unconfirmed(lease)
+        return actions
+
+    def _done_waiting(self, flight: _Flight) -> None:
+        for w in (flight.owner, *flight.waiters):
             self._waiting.pop(w, None)
-        self._waiting.pop(flight.owner, None)
-        return actions + self._decide_queue(lease, [], now)
+            self._windows.pop(w, None)
+
+    @staticmethod
+    def _still_waiting(flight: _Flight) -> list[int]:
+        return [w for w in ([] if flight.owner_gone else [flight.owner]) + flight.waiters]
 
     @staticmethod
     def _failed(lease: _Lease[R], may_have_applied: bool) -> None:
@@ -349,19 +437,30 @@ class Coalescer(Generic[R, E]):
     def abandoned(self, waiter: int, now: float) -> list[Action[R, E]]:
         """A worker went away (disconnect or its own timeout) before it was answered."""
         key = self._waiting.pop(waiter, None)
+        self._windows.pop(waiter, None)
         lease = self._leases.get(key) if key is not None else None
         if lease is None:
             return []
         lease.last_seen = now
-        flight = lease.flight
-        if flight is not None and flight.owner == waiter:
-            # The call goes on: it may already have been applied. Its answer is kept for a retry.
-            flight.owner_gone = True
-        elif flight is not None and waiter in flight.waiters:
-            flight.waiters.remove(waiter)
-        else:
-            # Never sent: nobody asks for it any more, so it never will be.
-            lease.queue = deque(b for b in lease.queue if b.waiter != waiter)
+        lanes = [(lease.flight, lease.queue)] + [(lane.flight, lane.queue) for lane in lease.side.values()]
+        for flight, queue in lanes:
+            if flight is not None and flight.owner == waiter:
+                # The call goes on: it may already have been applied. Its answer is kept for a retry.
+                flight.owner_gone = True
+                return []
+            if flight is not None and waiter in flight.waiters:
+                flight.waiters.remove(waiter)
+                return []
+            if any(b.waiter == waiter for b in queue):
+                # Never sent: nobody asks for it any more, so it never will be.
+                remaining = [b for b in queue if b.waiter != waiter]
+                queue.clear()
+                queue.extend(remaining)
+                break
+        for identity, lane in list(lease.side.items()):
+            if lane.flight is None and not lane.queue:
+                del lease.side[identity]
+        self._forget_if_unconfirmed(lease)
         return []
 
     def unwritten(self, waiter: int, key: LeaseKey, now: float) -> None:
@@ -379,8 +478,9 @@ class Coalescer(Generic[R, E]):
         if lease is not None:
             lease.known = lease.undelivered = None
             lease.last_seen = now
-            if lease.flight is not None:
-                lease.flight.after_stop = True
+            for flight in (lease.flight, *(lane.flight for lane in lease.side.values())):
+                if flight is not None:
+                    flight.after_stop = True
 
     def tick(self, now: float) -> list[Action[R, E]]:
         """Time passed: record leases that lapsed unrenewed, forget ended ones, enforce the size cap."""
@@ -400,14 +500,38 @@ class Coalescer(Generic[R, E]):
     # -- queries ------------------------------------------------------------------
 
     def in_flight(self, key: LeaseKey) -> int:
+        """Flights out for the lease: its main lane's, plus one per side lane."""
         lease = self._leases.get(key)
-        return 1 if lease is not None and lease.flight is not None else 0
+        if lease is None:
+            return 0
+        return (lease.flight is not None) + sum(lane.flight is not None for lane in lease.side.values())
+
+    def _flight(self, key: LeaseKey, flight_id: int) -> _Flight | None:
+        lease = self._leases.get(key)
+        if lease is None:
+            return None
+        for flight in (lease.flight, *(lane.flight for lane in lease.side.values())):
+            if flight is not None and flight.id == flight_id:
+                return flight
+        return None
 
     def flight_wanted(self, key: LeaseKey, flight_id: int) -> bool:
         """Whether any worker still waits for flight `flight_id`: retries need one."""
+        flight = self._flight(key, flight_id)
+        return flight is not None and (not flight.owner_gone or bool(flight.waiters))
+
+    def retry_deadline(self, key: LeaseKey, flight_id: int) -> float | None:
+        """The time by which the flight's answer must be back for every worker still waiting on it to use it."""
+        flight = self._flight(key, flight_id)
+        if flight is None:
+            return None
+        windows = [self._windows[w] for w in self._still_waiting(flight) if w in self._windows]
+        return min(windows, default=None)
+
+    def holder(self, key: LeaseKey) -> Hashable | None:
+        """The identity the upstream last accepted on the lease."""
         lease = self._leases.get(key)
-        flight = lease.flight if lease is not None else None
-        return flight is not None and flight.id == flight_id and (not flight.owner_gone or bool(flight.waiters))
+        return lease.holder if lease is not None else None
 
     def lease_time_left(self, key: LeaseKey, now: float) -> float | None:
         """Seconds the lease is surely still held, if this gateway knows it."""
@@ -429,8 +553,10 @@ class Coalescer(Generic[R, E]):
                 ttl_seconds=lease.ttl_seconds,
                 seconds_left=left,
                 last_outcome=lease.last_outcome,
-                in_flight=lease.flight is not None,
-                waiting=len(lease.queue) + (len(lease.flight.waiters) + 1 if lease.flight else 0),
+                in_flight=lease.flight is not None or lease.side_in_flight,
+                waiting=len(lease.queue)
+                + (len(lease.flight.waiters) + 1 if lease.flight else 0)
+                + sum(len(lane.queue) + (lane.flight is not None) for lane in lease.side.values()),
             )
 
     def __len__(self) -> int:
@@ -441,11 +567,100 @@ class Coalescer(Generic[R, E]):
     def _lease(self, key: LeaseKey, now: float) -> _Lease[R]:
         lease = self._leases.get(key)
         if lease is None:
-            self._evict_if_full()
+            # Unconfirmed until the upstream accepts a beat: it costs no confirmed lease its row.
             lease = self._leases[key] = _Lease(key, last_seen=now)
             self._schedule(lease, now + self.tracking.retention)
         lease.last_seen = now
         return lease
+
+    def _forget_if_unconfirmed(self, lease: _Lease[R]) -> None:
+        """A lease no upstream answer confirmed leaves the table as soon as nothing waits on it."""
+        if not lease.confirmed and lease.idle and self._leases.get(lease.key) is lease:
+            del self._leases[lease.key]
+
+    def _in_main_lane(self, lease: _Lease[R], beat: Beat) -> bool:
+        return beat.vouched or (lease.holder is not None and beat.identity == lease.holder)
+
+    def _submit_side(self, lease: _Lease[R], beat: Beat, now: float) -> list[Action[R, E]]:
+        """A beat with a credential nobody vouches for: its own lane, never in the main lane's way."""
+        lane = lease.side.get(beat.identity)
+        if lane is None:
+            if len(lease.side) >= MAX_SIDE_CREDENTIALS:
+                return self._throttled(lease, beat)
+            lane = lease.side[beat.identity] = _SideLane()
+        if lane.flight is not None:
+            if len(lane.queue) >= MAX_SIDE_QUEUE:
+                return self._throttled(lease, beat)
+            lane.queue.append(beat)
+            return []
+        return [self._send_side(lease, lane, beat, now)]
+
+    def _send_side(self, lease: _Lease[R], lane: _SideLane, beat: Beat, now: float) -> Send:
+        flight = _Flight(next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [], epoch=lease.epoch)
+        flight.side = beat.identity
+        lane.flight = flight
+        return Send(flight.id, lease.key, beat.waiter, main=False)
+
+    def _side_completed(
+        self, lease: _Lease[R], flight_id: int, outcome: Outcome[R, E], now: float
+    ) -> list[Action[R, E]]:
+        identity, lane = next(
+            ((i, lane) for i, lane in lease.side.items() if lane.flight is not None and lane.flight.id == flight_id),
+            (None, None),
+        )
+        if lane is None or lane.flight is None:
+            return []
+        flight, lane.flight = lane.flight, None
+        lease.last_seen = now
+        waiting = self._still_waiting(flight)
+        actions: list[Action[R, E]] = []
+        if isinstance(outcome, Succeeded):
+            # The upstream accepted this credential: it is the holder's now. The answer goes
+            # to its worker, but is not kept: main-lane flights may have overlapped it.
+            answer = outcome.answer
+            actions += self._observe_success(lease, flight, answer)
+            self._supersede(lease, flight, answer)
+            lease.holder = flight.identity
+            lease.known = lease.undelivered = None
+            lease.epoch += 1
+            if answer.holds_lease:
+                lease.delivered_ttl = answer.ttl_seconds
+            actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+        elif isinstance(outcome, Rejected):
+            if outcome.current_state != "active" or (
+                lease.known is not None and outcome.current_last_heartbeat != lease.known.answer.last_heartbeat
+            ):
+                lease.known = lease.undelivered = None
+            actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+        else:
+            if outcome.may_have_applied:
+                lease.known = lease.undelivered = None
+                lease.epoch += 1
+            if isinstance(outcome, Unsuccessful):
+                actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+            else:
+                actions += [DeliverError(w, outcome.error) for w in waiting]
+        self._done_waiting(flight)
+        if lane.queue:
+            actions.append(self._send_side(lease, lane, lane.queue.popleft(), now))
+        else:
+            del lease.side[identity]
+        self._forget_if_unconfirmed(lease)
+        return actions
+
+    def _throttled(self, lease: _Lease[R], beat: Beat) -> list[Action[R, E]]:
+        """Too many beats waiting on this lease: refused here, as the API refuses a flood."""
+        self._waiting.pop(beat.waiter, None)
+        self._windows.pop(beat.waiter, None)
+        self._forget_if_unconfirmed(lease)
+        body = {
+            "type": "error",
+            "error": {
+                "type": "rate_limit_error",
+                "message": "too many heartbeats are waiting for this work item; retry after the current one",
+            },
+        }
+        return [DeliverLocal(beat.waiter, "throttled", 429, body)]
 
     @staticmethod
     def _can_join(flight: _Flight, beat: Beat) -> bool:
@@ -462,8 +677,11 @@ class Coalescer(Generic[R, E]):
                 actions.append(local)
                 lease.last_outcome = local.outcome
                 self._waiting.pop(beat.waiter, None)
+                self._windows.pop(beat.waiter, None)
                 continue
-            flight = _Flight(next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [])
+            flight = _Flight(
+                next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [], epoch=lease.epoch
+            )
             lease.flight = flight
             lease.last_outcome = "forwarded"
             # Unconditional beats right behind it ride along.
@@ -473,6 +691,9 @@ class Coalescer(Generic[R, E]):
         return actions
 
     def _answer_locally(self, lease: _Lease[R], beat: Beat, now: float) -> Deliver[R] | DeliverLocal | None:
+        if lease.side_in_flight:
+            # Another credential's beat is out and may move the lease: only the upstream can tell.
+            return None
         undelivered = lease.undelivered
         if (
             undelivered is not None
@@ -483,14 +704,18 @@ class Coalescer(Generic[R, E]):
             # The lost answer finds its worker: once, with only the time surely left.
             lease.undelivered = None
             undelivered.delivered_to = beat.waiter
-            return DeliverLocal(beat.waiter, "handed_off", 200, self._answer_body(undelivered, now))
+            body = self._answer_body(undelivered, now)
+            lease.delivered_ttl = body["ttl_seconds"]
+            return DeliverLocal(beat.waiter, "handed_off", 200, body)
         known = lease.known
         # Local answers only for the credential the upstream last accepted on
         # this lease: anyone else gets the upstream's own verdict (maybe a 401).
         if known is None or beat.identity != known.identity:
             return None
         if beat.expected == known.answer.last_heartbeat and self._absorbable(known, beat, now):
-            return DeliverLocal(beat.waiter, "absorbed", 200, self._answer_body(known, now))
+            body = self._answer_body(known, now)
+            lease.delivered_ttl = body["ttl_seconds"]
+            return DeliverLocal(beat.waiter, "absorbed", 200, body)
         if beat.expected is not None and beat.expected in lease.superseded:
             return self._rejected_locally(lease, beat, known)
         if beat.expected == NO_HEARTBEAT and now < known.surely_held_until():
@@ -551,15 +776,14 @@ class Coalescer(Generic[R, E]):
         answer = outcome.answer
         events = self._observe_success(lease, flight, answer)
         success = _Success(answer, outcome.response, flight.identity, flight.expected, flight.sent_at)
-        # Anything older is history now: its values can never match again.
-        for old in (lease.known, lease.undelivered):
-            if old is not None and old.answer.last_heartbeat != answer.last_heartbeat:
-                lease.superseded.append(old.answer.last_heartbeat)
-        if flight.expected not in (None, NO_HEARTBEAT) and flight.expected != answer.last_heartbeat:
-            lease.superseded.append(flight.expected)
+        self._supersede(lease, flight, answer)
         lease.undelivered = None
-        keep = answer.holds_lease and not flight.after_stop
+        lease.holder = flight.identity
+        # Not kept if a side flight that may have moved the lease came back while this one was out.
+        keep = answer.holds_lease and not flight.after_stop and flight.epoch == lease.epoch
         lease.known = success if keep else None
+        if answer.holds_lease and waiting:
+            lease.delivered_ttl = answer.ttl_seconds
         if flight.expected is not None:
             if waiting:
                 success.delivered_to = waiting[0]
@@ -568,6 +792,15 @@ class Coalescer(Generic[R, E]):
                 lease.undelivered = success
             return events
         return [*events, *(Deliver(w, self._name(flight, w), outcome.response) for w in waiting)]
+
+    @staticmethod
+    def _supersede(lease: _Lease[R], flight: _Flight, answer: HeartbeatAnswer) -> None:
+        """Anything older is history now: its values can never match again."""
+        for old in (lease.known, lease.undelivered):
+            if old is not None and old.answer.last_heartbeat != answer.last_heartbeat:
+                lease.superseded.append(old.answer.last_heartbeat)
+        if flight.expected not in (None, NO_HEARTBEAT) and flight.expected != answer.last_heartbeat:
+            lease.superseded.append(flight.expected)
 
     def _observe_success(self, lease: _Lease[R], flight: _Flight, answer: HeartbeatAnswer) -> list[Action[R, E]]:
         events: list[Action[R, E]] = []
@@ -580,6 +813,9 @@ class Coalescer(Generic[R, E]):
             events.append(LeaseEvent(lease.key, "stopped"))
         elif answer.state == "active" and not answer.lease_extended:
             events.append(LeaseEvent(lease.key, "lost", "not_extended"))
+        if not lease.confirmed:
+            self._evict_if_full()
+            self._confirmed += 1
         lease.state = answer.state
         lease.last_heartbeat = answer.last_heartbeat
         lease.ttl_seconds = answer.ttl_seconds
@@ -627,7 +863,7 @@ class Coalescer(Generic[R, E]):
         heapq.heappush(self._deadlines, (when, lease.key))
 
     def _check_lease(self, lease: _Lease[R], now: float) -> list[Action[R, E]]:
-        if lease.flight is not None or lease.queue:
+        if not lease.idle:
             self._schedule(lease, now + self.tracking.retention)
             return []
         sent, ttl = lease.last_success_sent_at, lease.ttl_seconds
@@ -642,21 +878,39 @@ class Coalescer(Generic[R, E]):
             return [LeaseEvent(lease.key, "expired")]
         # Ended, or never granted: forget it once it has been quiet for the retention time.
         if now - lease.last_seen >= self.tracking.retention:
-            del self._leases[lease.key]
+            self._remove(lease)
         else:
             self._schedule(lease, lease.last_seen + self.tracking.retention)
         return []
 
+    def _remove(self, lease: _Lease[R]) -> None:
+        del self._leases[lease.key]
+        if lease.confirmed:
+            self._confirmed -= 1
+
     def _evict_if_full(self) -> None:
-        if len(self._leases) < self.tracking.max_leases:
+        """Room for one more confirmed lease. Only confirmed ones count, and only they are evicted:
+        beats no upstream accepted (a junk credential's) never take a real lease's row."""
+        if self._confirmed < self.tracking.max_leases:
             return
         # Evict a batch, ended leases first, then the longest quiet, so the sort
         # is paid once per batch rather than once per new lease.
         batch = max(1, self.tracking.max_leases // 100)
         idle = sorted(
-            (lease for lease in self._leases.values() if lease.flight is None and not lease.queue),
+            (lease for lease in self._leases.values() if lease.idle and lease.confirmed),
             key=lambda lease: (not lease.ended, lease.last_seen),
         )
         for lease in idle[:batch]:
-            del self._leases[lease.key]
+            self._remove(lease)
             self.evictions += 1
+
+
+def worker_interval(ttl_seconds: int | None) -> float:
+    """How long an SDK worker waits between beats, and lets one beat run: clamp(ttl/2, 1, 30) s.
+
+    All three SDKs (environments-api.md §6.2) set it from the last answer's
+    `ttl_seconds`, whoever produced that answer, and start at 30 s.
+    """
+    if not ttl_seconds or ttl_seconds <= 0:
+        return SDK_MAX_INTERVAL
+    return max(SDK_MIN_INTERVAL, min(ttl_seconds / 2, SDK_MAX_INTERVAL))

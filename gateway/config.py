@@ -44,10 +44,13 @@ from .settings import (
     Limits,
     ListenAddress,
     LoggingSettings,
+    PoolName,
+    PoolSettings,
     RouteSettings,
     Secret,
     Settings,
     TtlOverride,
+    UpstreamPools,
     UpstreamSettings,
 )
 
@@ -372,10 +375,16 @@ class _Reader:
 
     def upstream(self, value: object) -> UpstreamSettings:
         d = UpstreamSettings()
+        if isinstance(value, dict) and "max_connections" in value:
+            self.problem(
+                "upstream.max_connections",
+                "replaced by upstream.pools.<lease|poll|stream|other>.max_connections: each class has its own",
+            )
+            value = {k: v for k, v in value.items() if k != "max_connections"}
         m = self.mapping(
             value,
             "upstream",
-            ("base_url", "connect_timeout_seconds", "request_timeout_seconds", "max_connections"),
+            ("base_url", "connect_timeout_seconds", "request_timeout_seconds", "pools"),
         )
         return UpstreamSettings(
             base_url=self.base_url(m.get("base_url", d.base_url), "upstream.base_url"),
@@ -389,7 +398,28 @@ class _Reader:
                 "upstream.request_timeout_seconds",
                 allow_zero=False,
             ),
-            max_connections=self.integer(m.get("max_connections", d.max_connections), "upstream.max_connections", 1),
+            pools=self.pools(m.get("pools"), d.pools),
+        )
+
+    def pools(self, value: object, default: UpstreamPools) -> UpstreamPools:
+        path = "upstream.pools"
+        m = self.mapping(value, path, tuple(p.value for p in PoolName))
+        return UpstreamPools(
+            **{p.value: self.pool(m.get(p.value), _join(path, p.value), default.of(p)) for p in PoolName}
+        )
+
+    def pool(self, value: object, path: str, default: PoolSettings) -> PoolSettings:
+        m = self.mapping(value, path, ("max_connections", "max_queued", "max_queue_seconds"))
+        return PoolSettings(
+            max_connections=self.integer(
+                m.get("max_connections", default.max_connections), _join(path, "max_connections"), 1, 100_000
+            ),
+            max_queued=self.integer(m.get("max_queued", default.max_queued), _join(path, "max_queued"), 0, 1_000_000),
+            max_queue_seconds=self.number(
+                m.get("max_queue_seconds", default.max_queue_seconds),
+                _join(path, "max_queue_seconds"),
+                allow_zero=False,
+            ),
         )
 
     def base_url(self, value: object, path: str) -> str:

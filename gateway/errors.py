@@ -14,7 +14,9 @@ so workers' SDKs parse them like any API error::
     │   └── RequestTooLarge         413 request_too_large
     └── UpstreamError               the upstream exchange failed (kind: connect, reset, timeout, other)
         ├── UpstreamUnavailable     502 api_error
-        └── UpstreamTimeout         504 timeout_error
+        ├── UpstreamTimeout         504 timeout_error
+        └── CapacityExceeded        503 overloaded_error, with retry-after (kind: capacity): the
+                                    gateway's own capacity for the class is used up; nothing was sent
 
 The status and type pairs follow the API's own error table
 (https://platform.claude.com/docs/en/api/errors). Messages never contain a
@@ -29,6 +31,7 @@ from typing import ClassVar, Literal
 
 __all__ = [
     "AuthenticationFailed",
+    "CapacityExceeded",
     "GatewayError",
     "InvalidRequest",
     "MethodNotAllowed",
@@ -43,7 +46,7 @@ __all__ = [
     "error_body",
 ]
 
-UpstreamErrorKind = Literal["connect", "reset", "timeout", "other"]
+UpstreamErrorKind = Literal["connect", "reset", "timeout", "other", "capacity"]
 
 
 class GatewayError(Exception):
@@ -117,6 +120,17 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "timeout_error"
+
+
+class CapacityExceeded(UpstreamError):
+    """No upstream connection of the request's class came free in time; the request was not sent."""
+
+    status = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, kind="capacity", may_have_reached_upstream=False)
+        self.retry_after = retry_after
 
 
 def error_body(error_type: str, message: str) -> bytes:

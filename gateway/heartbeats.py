@@ -20,8 +20,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from .coalescer import (
@@ -44,11 +45,11 @@ from .coalescer import (
     TrackingPolicy,
     Unsuccessful,
 )
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .errors import CapacityExceeded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .heartbeat_answer import AnswerSummary, read_answer
 from .heartbeat_query import HeartbeatQuery, without_param
 from .retry import retry_delay
-from .settings import HeartbeatSettings
+from .settings import HeartbeatSettings, PoolName
 from .upstream import BufferedResponse, Upstream, UpstreamRequest, fetch
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "HeartbeatObserver",
     "HeartbeatResult",
     "HeartbeatService",
+    "upstream_credential",
 ]
 
 log = logging.getLogger("gateway.leases")
@@ -78,6 +80,8 @@ class HeartbeatCall:
     query: HeartbeatQuery
     # Ready to send: credential injected, TTL applied.
     request: UpstreamRequest
+    # The gateway vouches for the credential (it injected it, or saw it issued for this item).
+    vouched: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,9 @@ class HeartbeatService(Protocol):
     def stop_seen(self, environment_id: str, work_id: str) -> None:
         """A stop for the item is passing through the gateway."""
 
+    def holds(self, environment_id: str, work_id: str, credential: tuple[str, ...]) -> bool:
+        """Whether the upstream last accepted `credential` on this lease (it vouches for an ack or stop)."""
+
     async def close(self) -> None: ...
 
 
@@ -113,8 +120,13 @@ class DirectHeartbeats:
         self._upstream = upstream
 
     async def heartbeat(self, call: HeartbeatCall) -> HeartbeatResult:
-        response = await fetch(self._upstream, call.request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
+        pool = PoolName.LEASE if call.vouched else PoolName.OTHER
+        request = dataclasses.replace(call.request, pool=pool)
+        response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
         return HeartbeatResult(response, "forwarded")
+
+    def holds(self, environment_id: str, work_id: str, credential: tuple[str, ...]) -> bool:
+        return False
 
     def unwritten(self, result: HeartbeatResult) -> None:
         pass
@@ -192,7 +204,7 @@ class CoalescingHeartbeats:
         self._futures[waiter] = future
         self._calls[waiter] = call
         key = (call.environment_id, call.work_id)
-        beat = Beat(waiter, key, call.query.expected_last_heartbeat, _identity(call.request))
+        beat = Beat(waiter, key, call.query.expected_last_heartbeat, _identity(call.request), call.vouched)
         now = self._clock()
         left = self.core.lease_time_left(key, now)
         if left is not None:
@@ -219,6 +231,11 @@ class CoalescingHeartbeats:
 
     def stop_seen(self, environment_id: str, work_id: str) -> None:
         self.core.stop_seen((environment_id, work_id), self._clock())
+
+    def holds(self, environment_id: str, work_id: str, credential: tuple[str, ...]) -> bool:
+        """Whether `credential` is the one the upstream last accepted on this lease."""
+        holder = self.core.holder((environment_id, work_id))
+        return isinstance(holder, tuple) and holder[: len(credential) + 1] == (*credential, "")
 
     def configure(self, settings: HeartbeatSettings) -> None:
         absorb, leases = settings.absorb, settings.leases
@@ -253,7 +270,11 @@ class CoalescingHeartbeats:
         for action in actions:
             if isinstance(action, Send):
                 call = self._calls[action.waiter]
-                self._spawn(self._fly(action.key, action.flight, call), f"heartbeat-flight-{action.flight}")
+                # The main lane draws on lease-critical capacity; a side lane (a credential
+                # nobody vouches for) on the general class, so it never takes a lease's connection.
+                pool = PoolName.LEASE if action.main else PoolName.OTHER
+                request = dataclasses.replace(call.request, pool=pool)
+                self._spawn(self._fly(action.key, action.flight, request), f"heartbeat-flight-{action.flight}")
             elif isinstance(action, Deliver):
                 self._resolve(action.waiter, action.response, action.outcome)
             elif isinstance(action, DeliverLocal):
@@ -292,11 +313,11 @@ class CoalescingHeartbeats:
             await asyncio.sleep(TICK_SECONDS)
             self._carry_out(self.core.tick(self._clock()))
 
-    async def _fly(self, key: LeaseKey, flight: int, call: HeartbeatCall) -> None:
+    async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest) -> None:
         """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter."""
         outcome: Outcome[BufferedResponse, UpstreamError]
         try:
-            outcome = await self._send(key, flight, call)
+            outcome = await self._send(key, flight, request)
         except Exception:
             # Whatever went wrong, the flight must end, or the lease's
             # heartbeats would wait behind it forever.
@@ -307,19 +328,29 @@ class CoalescingHeartbeats:
             outcome = Failed(error)
         self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
 
-    async def _send(self, key: LeaseKey, flight: int, call: HeartbeatCall) -> Outcome[BufferedResponse, UpstreamError]:
+    async def _send(
+        self, key: LeaseKey, flight: int, request: UpstreamRequest
+    ) -> Outcome[BufferedResponse, UpstreamError]:
         if not self.core.flight_wanted(key, flight):
             # The worker left before the task started: never send what nobody waits for.
             gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
             return Failed(gone, may_have_applied=False)
-        request = dataclasses.replace(call.request, timeout=self._timeout)
+        request = dataclasses.replace(request, timeout=self._timeout)
         attempt = 0
         while True:
             outcome, wait_hint, retryable = await self._attempt(request)
             if not retryable:
                 return outcome
-            time_left = self.core.lease_time_left(key, self._clock())
-            delay = retry_delay(attempt, retry_after=wait_hint, time_left=time_left, draw=self._rng.random())
+            now = self._clock()
+            time_left = self.core.lease_time_left(key, now)
+            deadline = self.core.retry_deadline(key, flight)
+            delay = retry_delay(
+                attempt,
+                retry_after=wait_hint,
+                time_left=time_left,
+                draw=self._rng.random(),
+                window_left=None if deadline is None else deadline - now,
+            )
             if delay is None:
                 return outcome
             attempt += 1
@@ -335,6 +366,9 @@ class CoalescingHeartbeats:
         self.upstream_calls += 1
         try:
             response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
+        except CapacityExceeded as error:
+            # The gateway's own capacity: handed back at once, so the worker's own retry decides.
+            return Failed(error, may_have_applied=False), None, False
         except UpstreamError as error:
             # Only a request that never left may be sent again: the first one may have been applied.
             failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
@@ -356,9 +390,14 @@ class CoalescingHeartbeats:
         log.info("lease %s", event.kind, extra={"fields": fields})
 
 
+def upstream_credential(headers: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """The credential the upstream will see, as header values."""
+    return tuple(v for k, v in headers if k.lower() in ("authorization", "x-api-key"))
+
+
 def _identity(request: UpstreamRequest) -> tuple[str, ...]:
     """Requests merge only if the upstream would see the same credential and the same parameters."""
-    credential = tuple(v for k, v in request.headers if k.lower() in ("authorization", "x-api-key"))
+    credential = upstream_credential(request.headers)
     _, _, query = request.target.partition("?")
     params = sorted(without_param(query, "expected_last_heartbeat").split("&"))
     return (*credential, "", *params)
@@ -384,10 +423,14 @@ def _retry_after(response: BufferedResponse) -> float | None:
     return None
 
 
+_LOCAL_REASONS = MappingProxyType({200: "OK", 412: "Precondition Failed", 429: "Too Many Requests"})
+
+
 def _local_response(action: DeliverLocal) -> BufferedResponse:
-    reason = "OK" if action.status == 200 else "Precondition Failed"
-    headers = (("Content-Type", "application/json"),)
-    return BufferedResponse(action.status, reason, headers, json.dumps(action.body).encode())
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    if action.status == 429:
+        headers += (("retry-after", "1"),)
+    return BufferedResponse(action.status, _LOCAL_REASONS[action.status], headers, json.dumps(action.body).encode())
 
 
 def _copy(error: UpstreamError) -> UpstreamError:

@@ -1,4 +1,6 @@
-"""Which environment a session, skill or memory store belongs to, learned from answers the gateway passed on.
+"""What the gateway learns from the API's answers it passes on: whose sessions, and whose tokens.
+
+Which environment a session, skill or memory store belongs to:
 
 A worker calls `/v1/sessions/{id}/...` with the credential it uses for the
 work item that names that session; directly, that is the environment key.
@@ -13,20 +15,38 @@ API's own answers said:
 Only links to served environments are kept, so a foreign credential's
 answers cannot fill the table. The table is bounded: least recently used
 links go first. A skill can serve several environments' sessions, so a link
-holds the few environments seen last. Pure: no I/O.
+holds the few environments seen last.
+
+And which sessions tokens the API issued for which work item: a poll's
+answer carries the item's `secret` (base64url JSON with a `sessions_token`),
+which the worker then uses on that item's heartbeats and stop. A credential
+the gateway saw issued for an item is one it can vouch for there
+(`gateway.capacity`: lease-critical capacity). Only a SHA-256 digest of the
+token is kept, bounded like the links. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import zlib
 from collections import OrderedDict
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .routing import Route, RouteName
 
-__all__ = ["LINKED_ROUTES", "Link", "Links", "decoded", "links_in_answer", "teaches_links"]
+__all__ = [
+    "LINKED_ROUTES",
+    "Link",
+    "Links",
+    "TokenIssued",
+    "decoded",
+    "links_in_answer",
+    "teaches_links",
+    "token_in_answer",
+]
 
 # The collections whose ids are linked to environments.
 LINKED_ROUTES = frozenset({RouteName.SESSIONS, RouteName.SKILLS, RouteName.MEMORY_STORES})
@@ -45,10 +65,34 @@ class Link:
     environment_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class TokenIssued:
+    environment_id: str
+    work_id: str
+    # SHA-256 of the sessions token: the token itself is never kept.
+    digest: str = field(repr=False)
+
+
 class Links:
     def __init__(self, max_links: int = DEFAULT_MAX_LINKS) -> None:
         self.max_links = max_links
         self._links: OrderedDict[tuple[RouteName, str], tuple[str, ...]] = OrderedDict()
+        self._issued: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
+
+    def learn_token(self, issued: TokenIssued) -> None:
+        key = (issued.environment_id, issued.work_id)
+        known = self._issued.pop(key, frozenset())
+        # A reclaimed item gets a new token per poll; a few are plenty.
+        self._issued[key] = frozenset((issued.digest, *list(known)[:3]))
+        while len(self._issued) > self.max_links:
+            self._issued.popitem(last=False)
+
+    def vouches(self, environment_id: str, work_id: str, bearer: str | None) -> bool:
+        """Whether `bearer` is a sessions token the API issued for this work item, as far as seen here."""
+        if not bearer:
+            return False
+        digests = self._issued.get((environment_id, work_id))
+        return digests is not None and _digest(bearer) in digests
 
     def learn(self, link: Link) -> None:
         key = (link.kind, link.resource_id)
@@ -147,3 +191,31 @@ def decoded(body: bytes, content_encoding: str | None) -> bytes | None:
         # Not whole (cut, or larger than what is worth reading): nothing to learn.
         return out if inflater.eof and not inflater.unconsumed_tail else None
     return None
+
+
+def token_in_answer(route: Route, body: bytes, served: Collection[str]) -> TokenIssued | None:
+    """The sessions token a poll's answer issues for its item, if any (only its digest is kept)."""
+    environment_id = route.environment_id
+    if route.name is not RouteName.POLL or environment_id is None or environment_id not in served:
+        return None
+    try:
+        item = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(item, dict) or item.get("environment_id") != environment_id:
+        return None
+    work_id, secret = item.get("id"), item.get("secret")
+    if not isinstance(work_id, str) or not isinstance(secret, str) or not secret:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    except (ValueError, RecursionError):
+        return None
+    token = payload.get("sessions_token") if isinstance(payload, dict) else None
+    if not isinstance(token, str) or not token:
+        return None
+    return TokenIssued(environment_id, work_id, _digest(token))
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

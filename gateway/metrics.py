@@ -32,7 +32,7 @@ from . import __version__
 from .coalescer import LeaseView
 from .errors import UpstreamErrorKind
 from .routing import RouteName
-from .settings import Settings
+from .settings import PoolName, Settings
 
 __all__ = ["GatewayMetrics"]
 
@@ -42,7 +42,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Lease time left when a worker beats: how close the fleet runs to expiry.
 REMAINING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ROUTES = tuple(r.value for r in RouteName)
-OUTCOMES = ("forwarded", "joined", "handed_off", "absorbed", "rejected")
+OUTCOMES = ("forwarded", "joined", "handed_off", "absorbed", "rejected", "throttled")
 LOST_REASONS = ("not_extended", "requeued", "conflict", "expired")
 STOP_STATES = ("stopping", "stopped")
 ERROR_KINDS: tuple[UpstreamErrorKind, ...] = ("timeout", "connect", "reset", "other")
@@ -51,6 +51,7 @@ LEASE_STATES = ("unknown", "starting", "active", "stopping", "stopped", "queued"
 CLIENT_CODES = ("200", "400", "401", "403", "404", "412", "413", "429", "500", "502", "504")
 UPSTREAM_CODES = ("200", "412", "429", "500", "503")
 DISCOVERY_RESULTS = ("found", "not_found", "error")
+POOL_REFUSALS = ("queue_full", "timeout")
 # The key a client token was swapped for: an environment's, or the organisation-scoped default.
 CREDENTIAL_KINDS = ("environment_key", "default_credential")
 OTHER = "other"
@@ -130,6 +131,34 @@ class GatewayMetrics:
             ["route", "credential"],
             registry=r,
         )
+        self.pool_in_use = Gauge(
+            f"{PREFIX}_upstream_pool_connections",
+            "Upstream exchanges in progress, by class of capacity.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_limit = Gauge(
+            f"{PREFIX}_upstream_pool_limit", "Upstream exchanges a class may have at once.", ["pool"], registry=r
+        )
+        self.pool_queued = Gauge(
+            f"{PREFIX}_upstream_pool_queued",
+            "Requests waiting for an upstream connection, by class.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_wait = Histogram(
+            f"{PREFIX}_upstream_pool_wait_seconds",
+            "Time a request waited for an upstream connection of its class (only those that waited).",
+            ["pool"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pool_refusals = Counter(
+            f"{PREFIX}_upstream_pool_refused",
+            "Requests answered 503 for want of an upstream connection of their class.",
+            ["pool", "reason"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Configuration reloads (SIGHUP), by result.",
@@ -142,6 +171,11 @@ class GatewayMetrics:
         GCCollector(registry=r)
         self._initialise()
         self.set_environments(settings)
+        self.set_pool_limits(settings)
+
+    def set_pool_limits(self, settings: Settings) -> None:
+        for pool in PoolName:
+            self.pool_limit.labels(pool.value).set(settings.upstream.pools.of(pool).max_connections)
 
     def set_environments(self, settings: Settings) -> None:
         """Name the configured environments (again, after a reload); new ones start at zero."""
@@ -173,6 +207,12 @@ class GatewayMetrics:
             self.config_reloads.labels(result)
         for result in DISCOVERY_RESULTS:
             self.session_discoveries.labels(result)
+        for pool in PoolName:
+            self.pool_in_use.labels(pool.value)
+            self.pool_queued.labels(pool.value)
+            self.pool_wait.labels(pool.value)
+            for reason in POOL_REFUSALS:
+                self.pool_refusals.labels(pool.value, reason)
         for route in ROUTES:
             for credential in CREDENTIAL_KINDS:
                 self.credentials_chosen.labels(route, credential)
@@ -216,6 +256,18 @@ class GatewayMetrics:
 
     def credential_injected(self, route: str, credential: str) -> None:
         self._child(self.credentials_chosen, route, credential).inc()
+
+    # -- CapacityObserver -------------------------------------------------------------
+
+    def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None:
+        self._child(self.pool_in_use, pool.value).set(in_use)
+        self._child(self.pool_queued, pool.value).set(queued)
+
+    def pool_waited(self, pool: PoolName, seconds: float) -> None:
+        self._child(self.pool_wait, pool.value).observe(seconds)
+
+    def pool_refused(self, pool: PoolName, reason: str) -> None:
+        self._child(self.pool_refusals, pool.value, reason).inc()
 
     # -- DiscoveryObserver ------------------------------------------------------------
 

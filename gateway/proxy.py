@@ -33,11 +33,11 @@ from .errors import (
 from .headers import request_headers, response_headers
 from .heartbeat_answer import read_answer
 from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
-from .heartbeats import HeartbeatCall, HeartbeatService
-from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links
+from .heartbeats import HeartbeatCall, HeartbeatService, upstream_credential
+from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
-from .routing import Route, RouteName, Target, classify, is_allowed, parse_target
-from .settings import LiveSettings, Settings
+from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool
+from .settings import LiveSettings, PoolName, Settings
 from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
 
 __all__ = ["PROXY", "ProxyContext", "handle"]
@@ -110,12 +110,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
         headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers))
     if isinstance(credential, Inject):
         ctx.metrics.credential_injected(exchange.route, credential.kind)
+    vouched = isinstance(credential, Inject) or _vouched_for(ctx, route, headers)
     if route.name is RouteName.HEARTBEAT:
-        return await _heartbeat(request, ctx, route, target, headers)
+        return await _heartbeat(request, ctx, route, target, headers, vouched=vouched)
     if route.name is RouteName.STOP and route.environment_id is not None and route.work_id is not None:
         # Whatever the gateway knew of this lease may be about to change.
         ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
-    return await _pass_through(request, ctx, route, target, headers)
+    pool = upstream_pool(route, target, vouched=vouched)
+    return await _pass_through(request, ctx, route, target, headers, pool)
+
+
+def _vouched_for(ctx: ProxyContext, route: Route, headers: tuple[tuple[str, str], ...]) -> bool:
+    """A credential passed through is vouched for on a work item if the API issued it for that
+    item (seen in a poll's answer), or last accepted it on the item's lease."""
+    if route.environment_id is None or route.work_id is None:
+        return False
+    credential = upstream_credential(headers)
+    bearer = next((v[7:] for v in credential if v[:7].lower() == "bearer "), None)
+    return ctx.links.vouches(route.environment_id, route.work_id, bearer) or ctx.heartbeats.holds(
+        route.environment_id, route.work_id, credential
+    )
 
 
 def _fallback(decision: Discover) -> Inject:
@@ -156,6 +170,8 @@ async def _heartbeat(
     route: Route,
     target: Target,
     headers: tuple[tuple[str, str], ...],
+    *,
+    vouched: bool,
 ) -> web.StreamResponse:
     assert route.environment_id is not None
     assert route.work_id is not None
@@ -170,6 +186,7 @@ async def _heartbeat(
         work_id=route.work_id,
         query=query,
         request=UpstreamRequest("POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value),
+        vouched=vouched,
     )
     result = await ctx.heartbeats.heartbeat(call)
     exchange = request[EXCHANGE]
@@ -195,13 +212,18 @@ async def _heartbeat(
 
 
 async def _pass_through(
-    request: web.Request, ctx: ProxyContext, route: Route, target: Target, headers: tuple[tuple[str, str], ...]
+    request: web.Request,
+    ctx: ProxyContext,
+    route: Route,
+    target: Target,
+    headers: tuple[tuple[str, str], ...],
+    pool: PoolName,
 ) -> web.StreamResponse:
     meter = _BodyMeter(ctx.settings.limits.max_body_bytes)
     body = meter.stream(request) if request.can_read_body else None
     exchange = request[EXCHANGE]
     try:
-        outbound = UpstreamRequest(request.method, target.raw, headers, body, route=exchange.route)
+        outbound = UpstreamRequest(request.method, target.raw, headers, body, route=exchange.route, pool=pool)
         async with ctx.upstream.exchange(outbound) as upstream:
             _note_upstream(exchange, upstream.status, upstream.headers)
             chunks = upstream.chunks()
@@ -222,6 +244,9 @@ def _learn(ctx: ProxyContext, route: Route, body: bytes | None) -> None:
     served = {env.id for env in ctx.settings.environments}
     for link in links_in_answer(route, body, served):
         ctx.links.learn(link)
+    issued = token_in_answer(route, body, served)
+    if issued is not None:
+        ctx.links.learn_token(issued)
 
 
 async def _learning(chunks: AsyncIterator[bytes], learn: Callable[[bytes], None]) -> AsyncIterator[bytes]:

@@ -21,8 +21,9 @@ from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
 
 from .errors import InvalidRequest
+from .settings import PoolName
 
-__all__ = ["Route", "RouteName", "Target", "classify", "is_allowed", "parse_target"]
+__all__ = ["Route", "RouteName", "Target", "classify", "is_allowed", "parse_target", "upstream_pool"]
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 3986 characters allowed raw in a path (unreserved, sub-delims, ':', '@', '/', '%').
@@ -154,3 +155,21 @@ def _classify_environment(method: str, env_id: str, rest: tuple[str, ...]) -> Ro
     if action is None or (action is RouteName.HEARTBEAT and method != "POST"):
         return Route(RouteName.WORK, _WORK + "/…", env_id, work_id)
     return Route(action, f"{_WORK}/{rest[2]}", env_id, work_id)
+
+
+_LEASE_CRITICAL = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP})
+
+
+def upstream_pool(route: Route, target: Target, *, vouched: bool) -> PoolName:
+    """The class of upstream capacity a request draws on (`gateway.capacity`).
+
+    Lease-critical calls get their own only with a credential the gateway
+    vouches for: a junk Bearer on a heartbeat path takes no lease capacity.
+    """
+    if route.name in _LEASE_CRITICAL:
+        return PoolName.LEASE if vouched else PoolName.OTHER
+    if route.name is RouteName.POLL:
+        return PoolName.POLL
+    if route.name is RouteName.SESSIONS and target.segments[-2:] == ("events", "stream"):
+        return PoolName.STREAM
+    return PoolName.OTHER

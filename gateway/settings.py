@@ -8,6 +8,7 @@ are named constants with the reason beside them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
 from typing import Any, Literal
 
 __all__ = [
@@ -24,10 +25,13 @@ __all__ = [
     "ListenAddress",
     "LiveSettings",
     "LoggingSettings",
+    "PoolName",
+    "PoolSettings",
     "RouteSettings",
     "Secret",
     "Settings",
     "TtlOverride",
+    "UpstreamPools",
     "UpstreamSettings",
 ]
 
@@ -36,9 +40,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 # A pass-through exchange includes SSE session streams, which stay open for
 # minutes; the SDK's own default request timeout is 10 minutes.
 DEFAULT_REQUEST_TIMEOUT = 600.0
-# aiohttp's TCPConnector defaults to 100; a fleet of long-polling workers
-# holds one upstream connection each, so the gateway needs more headroom.
-DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 # The beta every environments/work/sessions call of the SDK worker sends
 # (environments-api.md §1); it replaced `environments-2026-03-01`.
@@ -77,12 +78,49 @@ class ListenAddress:
     port: int
 
 
+class PoolName(StrEnum):
+    """The classes of upstream capacity (`gateway.capacity`)."""
+
+    LEASE = "lease"
+    POLL = "poll"
+    STREAM = "stream"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    # Upstream exchanges of this class at once: each holds one connection.
+    max_connections: int
+    # Requests that may wait for one of them, in arrival order; beyond that, 503 at once.
+    max_queued: int
+    # The longest one waits before it gets a 503.
+    max_queue_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPools:
+    """Sized for a replica serving 1,000 sessions and 2,000 idle workers (README, "Upstream capacity")."""
+
+    # Heartbeats, acks and stops: short exchanges, a few hundred at once even for 10,000 workers.
+    lease: PoolSettings = PoolSettings(512, 2048, 5.0)
+    # A long poll holds its connection up to 999 ms, then the worker sleeps 1-3 s.
+    poll: PoolSettings = PoolSettings(2048, 512, 1.0)
+    # One event stream per served session, open for as long as the session runs.
+    stream: PoolSettings = PoolSettings(1536, 256, 5.0)
+    # Session reads, tool results, skills and memory downloads, uploads, everything else.
+    other: PoolSettings = PoolSettings(512, 1024, 10.0)
+
+    def of(self, pool: PoolName) -> PoolSettings:
+        settings: PoolSettings = getattr(self, pool.value)
+        return settings
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     base_url: str = DEFAULT_BASE_URL
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    pools: UpstreamPools = UpstreamPools()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The upstream seam: one HTTP exchange with the API, and the one place its errors are translated.
 
 Handlers and the heartbeat path depend on the small `Upstream` protocol;
-production uses `HttpUpstream`, one long-lived `aiohttp.ClientSession`
-(aiohttp's advice: one session per application, never one per request).
+production uses `HttpUpstream`, long-lived `aiohttp.ClientSession`s, one per
+class of capacity (aiohttp's advice: sessions per application, never one per
+request).
 Every aiohttp and socket error of an exchange, whether it happens while
 sending, waiting or streaming the body back, is caught in `_translated` and
 re-raised as a `gateway.errors.UpstreamError` with its kind and whether the
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,8 +23,9 @@ from typing import Protocol
 import aiohttp
 from yarl import URL
 
+from .capacity import Gate
 from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
-from .settings import UpstreamSettings
+from .settings import PoolName, UpstreamSettings
 
 __all__ = [
     "BufferedResponse",
@@ -51,6 +53,8 @@ class UpstreamRequest:
     timeout: float | None = None
     # The route name it is counted under in metrics.
     route: str = "other"
+    # The class of upstream capacity it draws on (`gateway.capacity`).
+    pool: PoolName = PoolName.OTHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +124,31 @@ async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int)
 
 
 class HttpUpstream:
-    """`Upstream` over one pooled aiohttp `ClientSession`; create and close it inside the event loop."""
+    """`Upstream` over pooled aiohttp `ClientSession`s, one per capacity class; create and close it in the loop.
 
-    def __init__(self, settings: UpstreamSettings, *, observer: UpstreamObserver | None = None) -> None:
+    Each class has its own connector, limited to the class's `max_connections`,
+    behind its `capacity.Gate`: no class's connections can be taken by another's
+    traffic, and a request waits only in its own class's bounded queue.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        observer: UpstreamObserver | None = None,
+        gates: Mapping[PoolName, Gate] | None = None,
+    ) -> None:
         self._observer = observer or _Unobserved()
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
-        # The whole exchange, body streaming included; pool waits count too.
+        # The whole exchange, body streaming included.
         self._timeout = self._timeout_of(settings.request_timeout_seconds)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0),
+        self.gates = gates or {p: Gate(p, settings.pools.of(p)) for p in PoolName}
+        self._sessions = {p: self._session(self.gates[p].settings.max_connections) for p in PoolName}
+
+    def _session(self, limit: int) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0),
             timeout=self._timeout,
             # Bytes pass through as the upstream sent them: no decompression,
             # and no headers the client did not send (Accept-Encoding, User-Agent).
@@ -147,14 +166,20 @@ class HttpUpstream:
 
     @property
     def closed(self) -> bool:
-        return self._session.closed
+        return all(session.closed for session in self._sessions.values())
 
     @asynccontextmanager
     async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        # The class's slot is held until the answer is read or abandoned: it is the connection.
+        async with self.gates[request.pool].slot(), self._exchange(request) as response:
+            yield response
+
+    @asynccontextmanager
+    async def _exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         url = URL(self._base + request.target, encoded=True)
         started = time.monotonic()
         with self._observed(request.route):
-            response = await self._session.request(
+            response = await self._sessions[request.pool].request(
                 request.method,
                 url,
                 headers=list(request.headers),
@@ -177,7 +202,8 @@ class HttpUpstream:
                 response.close()
 
     async def close(self) -> None:
-        await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
 
     @contextmanager
     def _observed(self, route: str) -> Iterator[None]:

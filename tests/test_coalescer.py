@@ -431,3 +431,118 @@ def test_a_busy_lease_keeps_one_pending_check() -> None:
         last = f"T{i}"
         c.completed(KEY, send.flight, ok(last, ttl=2), t + 0.6)
     assert len(c._deadlines) < 10
+
+
+# -- lanes: no other credential delays the holder ---------------------------------------
+
+JUNK = "identity-junk-bearer"
+
+
+def junk(waiter: int, expected: str | None, identity: str = JUNK) -> Beat:
+    return Beat(waiter, KEY, expected, identity, vouched=False)
+
+
+def test_a_credential_nobody_vouches_for_gets_its_own_lane_and_never_delays_the_holder() -> None:
+    c = core()
+    claimed(c)
+    # A junk beat goes out at once, in a side lane...
+    (side,) = sends(c.submit(junk(2, "T1"), 1.0))
+    assert not side.main
+    # ...and the holder's beat does not wait for it.
+    (main,) = sends(c.submit(beat(3, "T1"), 1.1))
+    assert main.main
+    assert c.in_flight(KEY) == 2
+    junk_401 = Unsuccessful("401 junk")
+    assert replies(c.completed(KEY, side.flight, junk_401, 1.2)) == [(2, "forwarded", "401 junk")]
+    assert replies(c.completed(KEY, main.flight, ok("T2"), 1.3)) == [(3, "forwarded", "200 T2")]
+
+
+def test_side_lanes_are_bounded_per_credential_and_per_lease() -> None:
+    c = core()
+    claimed(c)
+    first = sends(c.submit(junk(10, "T1", "j0"), 1.0))
+    assert len(first) == 1
+    # One credential: one flight and a short queue, then local 429s.
+    assert sends(c.submit(junk(11, "T1", "j0"), 1.0)) == []
+    assert sends(c.submit(junk(12, "T1", "j0"), 1.0)) == []
+    assert replies(c.submit(junk(13, "T1", "j0"), 1.0)) == [(13, "throttled", 429)]
+    # A few credentials per lease, then local 429s for any other.
+    for n, identity in enumerate(("j1", "j2", "j3")):
+        assert len(sends(c.submit(junk(20 + n, "T1", identity), 1.0))) == 1
+    assert replies(c.submit(junk(30, "T1", "j4"), 1.0)) == [(30, "throttled", 429)]
+    # The holder is never throttled by any of this.
+    (main,) = sends(c.submit(beat(40, "T1"), 1.0))
+    assert main.main
+    # A queued side beat goes when its credential's flight comes back.
+    (following,) = sends(c.completed(KEY, first[0].flight, Unsuccessful("401"), 1.1))
+    assert (following.waiter, following.main) == (11, False)
+
+
+def test_the_main_lane_queue_is_bounded_too() -> None:
+    c = core()
+    claimed(c)
+    assert len(sends(c.submit(beat(2, "T1"), 1.0))) == 1
+    for n in range(32):
+        assert c.submit(beat(100 + n, "T1"), 1.0) == []
+    assert replies(c.submit(beat(200, "T1"), 1.0)) == [(200, "throttled", 429)]
+
+
+def test_nothing_is_answered_locally_while_a_side_flight_may_move_the_lease() -> None:
+    c = core(enabled=True, max_signal_delay=5.0, min_remaining_fraction=0.1)
+    claimed(c, ttl=10)
+    assert replies(c.submit(beat(2, "T1"), 0.5)) == [(2, "absorbed", 200)]
+    (side,) = sends(c.submit(junk(3, "T1", OTHER), 0.6))
+    # The other credential's beat may renew the lease for someone else: the holder's goes upstream.
+    (main,) = sends(c.submit(beat(4, "T1"), 0.7))
+    assert main.main
+    # It did: that credential holds the lease now, and nothing older is repeated locally.
+    assert replies(c.completed(KEY, side.flight, ok("T2"), 0.8)) == [(3, "forwarded", "200 T2")]
+    c.completed(KEY, main.flight, Rejected("412", "active", "T2"), 0.9)
+    (again,) = sends(c.submit(beat(5, "T2", OTHER), 1.0))
+    assert again.main  # the new holder's credential is in the main lane now
+    assert c.holder(KEY) == OTHER
+
+
+def test_a_main_success_that_overlapped_a_side_success_is_not_kept() -> None:
+    c = core(enabled=True, max_signal_delay=5.0, min_remaining_fraction=0.1)
+    claimed(c, ttl=10)
+    (main,) = sends(c.submit(beat(2, None), 1.0))  # an unconditional beat
+    (side,) = sends(c.submit(junk(3, None, OTHER), 1.0))
+    c.completed(KEY, side.flight, ok("T2"), 1.1)
+    c.completed(KEY, main.flight, ok("T3"), 1.2)
+    # Which of T2 and T3 the upstream holds now is not known here: no local answer on either.
+    assert len(sends(c.submit(beat(4, "T3"), 1.3))) == 1
+
+
+def test_leases_no_upstream_confirmed_leave_the_table_and_never_evict_real_ones() -> None:
+    c: Core = Coalescer(tracking=TrackingPolicy(max_leases=2))
+    for n in range(2):
+        key = ("env_1", f"real_{n}")
+        (send,) = sends(c.submit(Beat(n, key, "NO_HEARTBEAT", ME), 0.0))
+        c.completed(key, send.flight, ok(f"R{n}"), 0.1)
+    for n in range(50):
+        key = ("env_1", f"junk_{n}")
+        (send,) = sends(c.submit(Beat(100 + n, key, "NO_HEARTBEAT", JUNK, vouched=False), 1.0))
+        c.completed(key, send.flight, Unsuccessful("401"), 1.1)
+    assert sorted(v.work_id for v in c.leases(2.0)) == ["real_0", "real_1"]
+    assert c.evictions == 0
+
+
+def test_a_retry_must_come_back_within_the_waiting_workers_interval() -> None:
+    c = core()
+    claimed(c, ttl=8)  # the SDK then beats every 4 s, and gives a beat 4 s
+    (send,) = sends(c.submit(beat(2, "T1"), 10.0))
+    assert c.retry_deadline(KEY, send.flight) == pytest.approx(14.0)
+    # Nobody waits any more: no deadline, nothing to retry for.
+    c.abandoned(2, 11.0)
+    assert c.retry_deadline(KEY, send.flight) is None
+    # Before any answer the SDK gives a beat 30 s.
+    fresh = ("env_1", "work_new")
+    (claim,) = sends(c.submit(Beat(3, fresh, "NO_HEARTBEAT", ME), 0.0))
+    assert c.retry_deadline(fresh, claim.flight) == pytest.approx(30.0)
+
+
+def test_retry_delays_respect_the_window() -> None:
+    assert retry_delay(0, retry_after=1.0, time_left=None, draw=0.0, window_left=3.0) == 1.0
+    assert retry_delay(0, retry_after=1.0, time_left=None, draw=0.0, window_left=1.2) is None
+    assert retry_delay(0, retry_after=1.0, time_left=20.0, draw=0.0, window_left=None) == 1.0

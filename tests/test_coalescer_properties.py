@@ -6,8 +6,12 @@ mid-request; flights come back applied, failed before or after applying, or
 with upstream errors; operators stop items; time passes and leases lapse.
 Checked after every step:
 
-- one flight per lease, and every `Send` is for a worker that still waits
-  (nothing is ever sent that no worker asked for; time alone sends nothing);
+- one flight per lease in its main lane, one per credential in a side lane,
+  and every `Send` is for a worker that still waits (nothing is ever sent
+  that no worker asked for; time alone sends nothing);
+- a hostile credential (a junk Bearer the upstream refuses with 401, nobody
+  vouches for it) interleaved with the holder never delays the holder's
+  beats: they are sent at once whenever the main lane is free;
 - one holder: a success earned by a conditional request reaches at most one
   worker, and local answers never grant what the upstream would not: an
   absorbed answer repeats the upstream's current lease with no more time
@@ -59,6 +63,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 ENV = "env_1"
 TTL = 5
 IDENTITIES = ("shared-token", "sessions-token")
+# A credential the upstream refuses (401), and nobody vouches for.
+HOSTILE = "junk-bearer"
 WORKERS = 4
 MAX_SIGNAL_DELAY = 2.0
 
@@ -97,6 +103,8 @@ class CoalescerMachine(RuleBasedStateMachine):
         self.waiters: dict[int, Waiter] = {}
         self.next_waiter = 1
         self.flights: dict[int, tuple[tuple[str, str], int]] = {}
+        # Per flight: its lane, None for the main one, else the side lane's identity.
+        self.lanes: dict[int, str | None] = {}
         self.conditional_successes: dict[str, int] = {}
         self.holders: set[tuple[int, str]] = set()
         # When each item was first stopped, and whether the stop passed through the gateway.
@@ -124,8 +132,12 @@ class CoalescerMachine(RuleBasedStateMachine):
             if isinstance(action, Send):
                 waiter = self.waiters[action.waiter]
                 assert waiter.state == "waiting", "sent a request nobody waits for"
-                assert all(key != action.key for key, _ in self.flights.values()), "two flights for one lease"
+                lane = None if action.main else waiter.identity
+                assert waiter.identity != HOSTILE or lane == HOSTILE, "a hostile credential in the main lane"
+                busy = {(key, self.lanes[f]) for f, (key, _) in self.flights.items()}
+                assert (action.key, lane) not in busy, "two flights in one lane of a lease"
                 self.flights[action.flight] = (action.key, action.waiter)
+                self.lanes[action.flight] = lane
             elif isinstance(action, Deliver | DeliverError | DeliverLocal):
                 self.answered(action)
             else:
@@ -181,6 +193,8 @@ class CoalescerMachine(RuleBasedStateMachine):
             stopped_at = self.stopped_at.get(item.id)
             if stopped_at is not None:
                 assert self.now - stopped_at < MAX_SIGNAL_DELAY, "a stop took longer than the signal delay"
+        elif action.outcome == "throttled":
+            assert action.status == 429  # grants nothing; the worker's own retry decides
         else:
             assert action.outcome == "rejected"
             assert action.status == 412
@@ -208,10 +222,35 @@ class CoalescerMachine(RuleBasedStateMachine):
             "stale": "2000-01-01T00:00:00.000000Z",
         }[mode]
         identity = IDENTITIES[1] if other_identity and worker == WORKERS - 1 else IDENTITIES[0]
+        # The sessions token is one the gateway may not have seen issued: not always vouched for.
+        self.submit(worker, work_id, expected, identity, vouched=identity == IDENTITIES[0] or worker % 2 == 0)
+
+    def submit(self, worker: int, work_id: str, expected: str | None, identity: str, *, vouched: bool) -> int:
         waiter_id = self.next_waiter
         self.next_waiter += 1
         self.waiters[waiter_id] = Waiter(worker, (ENV, work_id), expected, identity)
-        self.carry_out(self.core.submit(Beat(waiter_id, (ENV, work_id), expected, identity), self.now))
+        beat = Beat(waiter_id, (ENV, work_id), expected, identity, vouched=vouched)
+        self.carry_out(self.core.submit(beat, self.now))
+        return waiter_id
+
+    @rule(item=st.integers(0, 1), mode=st.sampled_from(["echo", "claim", "unconditional"]))
+    def hostile_beat(self, item: int, mode: str) -> None:
+        """A junk credential beats on a held lease, presenting whatever it saw or guessed."""
+        work_id = self.items[item]
+        current = next(i for i in self.plane.items(ENV) if i.id == work_id).last_heartbeat
+        expected = {"echo": current or "NO_HEARTBEAT", "claim": "NO_HEARTBEAT", "unconditional": None}[mode]
+        main_busy = any(k == (ENV, work_id) and self.lanes[f] is None for f, (k, _) in self.flights.items())
+        waiter = self.submit(WORKERS, work_id, expected, HOSTILE, vouched=False)
+        if not main_busy:
+            # The holder's next beat must find the main lane free, whatever the junk does.
+            holder = next((w for w, wid in sorted(self.holders) if wid == work_id), None)
+            if holder is not None:
+                before = len(self.flights)
+                probe = self.submit(holder, work_id, self.last.get((holder, work_id)), IDENTITIES[0], vouched=True)
+                assert len(self.flights) == before + 1 or self.waiters[probe].state == "answered", (
+                    "the holder's beat waited behind a hostile credential"
+                )
+        del waiter
 
     @precondition(lambda self: bool(self.holders))
     @rule(choice=st.integers(0, 100))
@@ -242,6 +281,7 @@ class CoalescerMachine(RuleBasedStateMachine):
         self.waiters[before].state = "gone"
         self.carry_out(self.core.abandoned(before, self.now))
         self.flights.pop(flight)
+        self.lanes.pop(flight)
         expected = self.waiters[before].expected
         try:
             body = self.plane.heartbeat(ENV, work_id, self.now, expected=expected, desired_ttl=None)
@@ -267,9 +307,13 @@ class CoalescerMachine(RuleBasedStateMachine):
     def complete(self, choice: int, fate: str) -> None:
         flight = sorted(self.flights)[choice % len(self.flights)]
         key, owner = self.flights.pop(flight)
+        self.lanes.pop(flight)
         waiter = self.waiters[owner]
         outcome: Outcome[Response, str]
-        if fate == "not_sent":
+        if waiter.identity == HOSTILE:
+            # The upstream refuses the credential before looking at the lease.
+            outcome = Unsuccessful(Response(401, {"type": "error"}))
+        elif fate == "not_sent":
             outcome = Failed("connect")
         elif fate == "error":
             outcome = Unsuccessful(Response(500, {"type": "error"}))
@@ -326,11 +370,11 @@ class CoalescerMachine(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------------
 
     @invariant()
-    def one_flight_per_lease(self) -> None:
-        keys = [key for key, _ in self.flights.values()]
-        assert len(keys) == len(set(keys))
-        for key in keys:
-            assert self.core.in_flight(key) == 1
+    def one_flight_per_lane(self) -> None:
+        lanes = [(key, self.lanes[f]) for f, (key, _) in self.flights.items()]
+        assert len(lanes) == len(set(lanes))
+        for key in {key for key, _ in lanes}:
+            assert self.core.in_flight(key) == sum(1 for k, _ in lanes if k == key)
 
     @invariant()
     def nobody_is_answered_twice(self) -> None:
@@ -342,6 +386,7 @@ class CoalescerMachine(RuleBasedStateMachine):
         while self.flights:
             flight = min(self.flights)
             key, _ = self.flights.pop(flight)
+            self.lanes.pop(flight)
             self.carry_out(self.core.completed(key, flight, Failed("drained"), self.now))
         for waiter in self.waiters.values():
             assert waiter.state in ("answered", "gone")

@@ -35,7 +35,7 @@ def test_the_annotated_example_is_valid_and_matches_the_defaults() -> None:
     assert settings.clients.tokens[0].environments is None
     assert settings.routes.allow_prefixes == DEFAULT_ALLOW_PREFIXES
     assert settings.headers.anthropic_beta == ("managed-agents-2026-04-01",)
-    assert settings.upstream.max_connections == 256
+    assert settings.upstream.pools.stream.max_connections == 1536
     assert settings.heartbeat.desired_ttl_seconds is None
     assert settings.limits.max_body_bytes == 32 * 1024 * 1024
     minimal = load_settings(MINIMAL, {"K": "key", "T": "token"})
@@ -52,7 +52,7 @@ def test_every_problem_is_listed_with_its_key_path() -> None:
         """
 listen: {host: 1, port: yes}
 admin: {port: 70000}
-upstream: {base_url: "ftp://x", connect_timeout_seconds: 0, max_connections: 1.5, retries: 3}
+upstream: {base_url: "ftp://x", connect_timeout_seconds: 0, retries: 3, pools: {lease: {max_connections: 1.5}, bulk: 1}}
 headers: {anthropic_beta: ["a,b"]}
 environments:
   - {id: "bad id", key_env: K}
@@ -69,11 +69,11 @@ logging: {level: loud, format: xml}
         "listen.host: must be a string, not an integer",
         "listen.port: must be an integer, not a boolean",
         "admin.port: must be at most 65535, not 70000",
-        "upstream.retries: unknown key; allowed: base_url, connect_timeout_seconds, request_timeout_seconds, "
-        "max_connections",
+        "upstream.retries: unknown key; allowed: base_url, connect_timeout_seconds, request_timeout_seconds, pools",
         "upstream.base_url: must be an http:// or https:// URL with a host",
         "upstream.connect_timeout_seconds: must be greater than 0",
-        "upstream.max_connections: must be an integer, not a number",
+        "upstream.pools.bulk: unknown key; allowed: lease, poll, stream, other",
+        "upstream.pools.lease.max_connections: must be an integer, not a number",
         "headers.anthropic_beta[0]: must be a single header token (no commas or spaces)",
         "environments[0].id: must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW",
         "environments[1]: one of key_env or key_file is required",
@@ -86,6 +86,13 @@ logging: {level: loud, format: xml}
         "limits.shutdown_grace_seconds: must not be negative",
         "logging.level: must be one of debug, info, warning, error, not 'loud'",
         "logging.format: must be one of json, text, not 'xml'",
+    ]
+
+
+def test_the_single_connection_limit_is_gone_with_a_pointer_to_the_classes() -> None:
+    assert problems(MINIMAL + "upstream: {max_connections: 256}") == [
+        "upstream.max_connections: replaced by upstream.pools.<lease|poll|stream|other>.max_connections: "
+        "each class has its own"
     ]
 
 

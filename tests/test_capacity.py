@@ -1,0 +1,186 @@
+"""Upstream capacity by class: a bounded, timed queue per class, and no class waiting for another's connections."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.capacity import Gate
+from gateway.errors import CapacityExceeded
+from gateway.settings import PoolName, PoolSettings
+
+from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.changes: list[tuple[int, int]] = []
+        self.refused: list[str] = []
+        self.waits: list[float] = []
+
+    def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None:
+        self.changes.append((in_use, queued))
+
+    def pool_waited(self, pool: PoolName, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def pool_refused(self, pool: PoolName, reason: str) -> None:
+        self.refused.append(reason)
+
+
+async def hold(gate: Gate, release: asyncio.Event, order: list[int], n: int) -> None:
+    async with gate.slot():
+        order.append(n)
+        await release.wait()
+
+
+async def test_a_gate_admits_its_limit_queues_in_order_and_refuses_the_rest_at_once() -> None:
+    seen = Seen()
+    gate = Gate(PoolName.STREAM, PoolSettings(2, 2, 5.0), observer=seen)
+    release = asyncio.Event()
+    order: list[int] = []
+    holders = [asyncio.ensure_future(hold(gate, release, order, n)) for n in range(4)]
+    await asyncio.sleep(0.01)
+    assert (gate.in_use, gate.queued, order) == (2, 2, [0, 1])
+    started = time.monotonic()
+    with pytest.raises(CapacityExceeded) as refused:
+        async with gate.slot():
+            pass
+    assert time.monotonic() - started < 0.1  # at once: the queue is full
+    assert (refused.value.status, refused.value.error_type, refused.value.retry_after) == (503, "overloaded_error", 2)
+    assert not refused.value.may_have_reached_upstream
+    assert gate.saturated_for() > 0
+    release.set()
+    await asyncio.gather(*holders)
+    assert order == [0, 1, 2, 3]  # first come, first served
+    assert (gate.in_use, gate.queued, gate.saturated_for()) == (0, 0, 0.0)
+    assert seen.refused == ["queue_full"]
+    assert seen.changes[-1] == (0, 0)
+
+
+async def test_a_waiter_gets_a_503_after_its_queue_time() -> None:
+    seen = Seen()
+    gate = Gate(PoolName.POLL, PoolSettings(1, 10, 0.2), observer=seen)
+    release = asyncio.Event()
+    holder = asyncio.ensure_future(hold(gate, release, [], 0))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(CapacityExceeded, match=r"no connection came free in 0\.2 s"):
+        async with gate.slot():
+            pass
+    assert 0.2 <= time.monotonic() - started < 0.4
+    assert gate.queued == 0
+    release.set()
+    await holder
+    assert seen.refused == ["timeout"]
+    assert gate.in_use == 0
+
+
+async def test_a_waiter_that_leaves_takes_no_slot_and_loses_none() -> None:
+    gate = Gate(PoolName.OTHER, PoolSettings(1, 10, 5.0))
+    release = asyncio.Event()
+    holder = asyncio.ensure_future(hold(gate, release, [], 0))
+    await asyncio.sleep(0.01)
+    leaving = asyncio.ensure_future(hold(gate, asyncio.Event(), [], 1))
+    staying_order: list[int] = []
+    staying = asyncio.ensure_future(hold(gate, asyncio.Event(), staying_order, 2))
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert gate.queued == 1
+    release.set()
+    await holder
+    await asyncio.sleep(0.01)
+    assert staying_order == [2]  # the slot went past the one that left
+    assert gate.in_use == 1
+    staying.cancel()
+    await asyncio.gather(staying, return_exceptions=True)
+    assert (gate.in_use, gate.queued) == (0, 0)
+
+
+async def test_a_slot_handed_over_as_its_waiter_leaves_is_passed_on() -> None:
+    gate = Gate(PoolName.OTHER, PoolSettings(1, 10, 5.0))
+    release = asyncio.Event()
+    holder = asyncio.ensure_future(hold(gate, release, [], 0))
+    await asyncio.sleep(0.01)
+    racing = asyncio.ensure_future(hold(gate, asyncio.Event(), [], 1))
+    later_order: list[int] = []
+    later = asyncio.ensure_future(hold(gate, asyncio.Event(), later_order, 2))
+    await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.sleep(0)  # the holder releases: the slot is handed to `racing`...
+    racing.cancel()  # ...which leaves before it resumes
+    await asyncio.gather(holder, racing, return_exceptions=True)
+    await asyncio.sleep(0.01)
+    assert later_order == [2]
+    later.cancel()
+    await asyncio.gather(later, return_exceptions=True)
+    assert (gate.in_use, gate.queued) == (0, 0)
+
+
+# -- through the gateway -------------------------------------------------------------
+
+SMALL_POOLS = """upstream:
+  connect_timeout_seconds: 2
+  request_timeout_seconds: 30
+  pools:
+    stream: {max_connections: 3, max_queued: 1, max_queue_seconds: 0.3}
+    lease: {max_connections: 4, max_queued: 8, max_queue_seconds: 5}
+"""
+
+
+async def test_open_streams_fill_only_their_own_class(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    streams_open = asyncio.Event()
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/events/stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await streams_open.wait()
+            return response
+        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
+        return web.json_response({**answer, "ttl_seconds": 9})
+
+    rec.respond = respond
+    gateway = await make_gateway(url, SMALL_POOLS.replace("upstream:", f'upstream:\n  base_url: "{url}"'))
+    async with aiohttp.ClientSession() as http:
+
+        async def stream(n: int) -> tuple[int, str | None, str | None]:
+            target = f"{gateway.proxy_url}/v1/sessions/sesn_{n}/events/stream"
+            async with http.get(target, headers=worker_headers()) as r:
+                if r.status == 200:
+                    await streams_open.wait()
+                    return 200, None, None
+                return r.status, r.headers.get("retry-after"), (await r.json())["error"]["type"]
+
+        async def beat(n: int) -> int:
+            target = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/w{n}/heartbeat"
+            async with http.post(
+                target, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()
+            ) as r:
+                return r.status
+
+        streams = [asyncio.ensure_future(stream(n)) for n in range(6)]
+        await asyncio.sleep(0.1)
+        # Every stream connection is taken and its queue is full: heartbeats do not care.
+        started = time.monotonic()
+        assert await asyncio.gather(*(beat(n) for n in range(8))) == [200] * 8
+        assert time.monotonic() - started < 1.0
+        # The excess streams were answered fast: two at once, one after its queue time.
+        done, _ = await asyncio.wait(streams, timeout=1.0)
+        assert sorted(t.result() for t in done) == [(503, "1", "overloaded_error")] * 3
+        streams_open.set()
+        assert [status for status, _, _ in await asyncio.gather(*streams)].count(200) == 3
+    refusals = {
+        s.labels["reason"]: s.value
+        for s in gateway.metrics.pool_refusals.collect()[0].samples
+        if s.labels.get("pool") == "stream" and s.name.endswith("_total")
+    }
+    assert refusals == {"queue_full": 2.0, "timeout": 1.0}
