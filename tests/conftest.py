@@ -30,15 +30,23 @@ from .support import (
 
 @pytest.fixture
 def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
-    async def make(ttl: int = 60, environments: dict[str, str] | None = None, **kwargs: Any) -> SimHandle:
+    async def make(
+        ttl: int = 60,
+        environments: dict[str, str] | None = None,
+        seed: int = 1,
+        middleware: Any = None,
+        **kwargs: Any,
+    ) -> SimHandle:
         config = SimulatorConfig(
             environments or {ENV_ID: ENV_KEY, OTHER_ENV_ID: OTHER_ENV_KEY},
             ttl=TtlPolicy(default_seconds=ttl),
             org_api_keys=(API_KEY,),
-            seed=1,
+            seed=seed,
             **kwargs,
         )
         app = create_simulator_app(config)
+        if middleware is not None:
+            app.middlewares.insert(0, middleware)  # a test's own fault, ahead of everything
         server = await aiohttp_server(app)
         return SimHandle(server, app[SIMULATOR])
 

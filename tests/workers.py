@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import pytest
 from anthropic.lib.environments import EnvironmentWorker
@@ -232,3 +233,50 @@ class Served:
             upstream_412s=sim.requests["heartbeat"]["412"],
             credential_kinds=frozenset(kinds),
         )
+
+
+# -- a worker by the SDKs' rules, at any cadence ---------------------------------------------
+
+
+async def hold_lease(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    token: str,
+    environment_id: str,
+    work_id: str,
+    *,
+    interval_fraction: float = 0.5,
+    seconds: float,
+) -> str:
+    """Claim and beat one lease by the SDK workers' rules, but every `interval_fraction` of the TTL.
+
+    Each beat is bounded by the interval, and inside it the SDK's own client
+    retries a 429 twice, honouring `retry-after`; a 412 is a lost lease, and so
+    is a TTL without a success. Returns "kept", "lost" (412) or "assumed_lost".
+    """
+    url = f"{base_url}/v1/environments/{environment_id}/work/{work_id}/heartbeat"
+    headers = {"Authorization": f"Bearer {token}", "anthropic-beta": "managed-agents-2026-04-01"}
+    last, ttl, interval = "NO_HEARTBEAT", 90.0, 30.0
+    started = last_success = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            async with asyncio.timeout(interval):
+                for attempt in range(3):
+                    async with http.post(url, params={"expected_last_heartbeat": last}, headers=headers) as r:
+                        body = await r.json(content_type=None)
+                        if r.status == 429 and attempt < 2:
+                            await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                            continue
+                        break
+            if r.status == 412:
+                return "lost"
+            if r.status == 200:
+                last, last_success = body["last_heartbeat"], time.monotonic()
+                ttl = body["ttl_seconds"]
+                interval = max(1.0, min(ttl * interval_fraction, 30.0))
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        if time.monotonic() - last_success > ttl:
+            return "assumed_lost"
+        await asyncio.sleep(max(0.0, min(interval, seconds - (time.monotonic() - started))))
+    return "kept"
