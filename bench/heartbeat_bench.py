@@ -195,7 +195,7 @@ def gateway_config(sim_url: str, port: int, admin_port: int, args: argparse.Name
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
-upstream: {{base_url: "{sim_url}", max_connections: 1024}}
+upstream: {{base_url: "{sim_url}", pools: {{lease: {{max_connections: 1024}}}}}}
 environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}]
 clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 heartbeat: {{coalesce: {str(not args.no_coalesce).lower()}, {absorb}}}

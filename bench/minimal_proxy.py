@@ -4,7 +4,7 @@ No validation, no coalescing, no logging: swap the credential, forward, read,
 answer. `heartbeat_bench.py --baseline` runs it in place of the gateway, so
 the gateway's own cost can be told apart from aiohttp's. Not for use.
 
-    python bench/minimal_proxy.py serve --config FILE   (the gateway's config format)
+    python bench/minimal_proxy.py serve --config FILE [--pool N]   (the gateway's config format; one pool of N)
 """
 
 from __future__ import annotations
@@ -25,15 +25,22 @@ from gateway import loop as event_loop
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
-def main(config_path: str) -> None:
+def main(config_path: str, pool: int) -> None:
     config = yaml.safe_load(open(config_path))  # noqa: SIM115 - read once at start
     upstream = config["upstream"]["base_url"]
     key = os.environ["BENCH_ENV_KEY"]
 
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         headers = {"Authorization": f"Bearer {key}", "anthropic-beta": "managed-agents-2026-04-01"}
         async with request.app[SESSION].request(request.method, upstream + request.raw_path, headers=headers) as r:
-            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            if r.content_type != "text/event-stream":
+                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            # Streamed, so a held-open event stream holds its connection as in any proxy.
+            response = web.StreamResponse(status=r.status, headers={"Content-Type": r.content_type})
+            await response.prepare(request)
+            async for chunk in r.content.iter_any():
+                await response.write(chunk)
+            return response
 
     async def ready(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -42,7 +49,7 @@ def main(config_path: str) -> None:
         app = web.Application()
 
         async def session(app: web.Application) -> AsyncIterator[None]:
-            app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024))
+            app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool))
             yield
             await app[SESSION].close()
 
@@ -55,6 +62,7 @@ def main(config_path: str) -> None:
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
         gc.freeze()
+        gc.set_threshold(50_000, 20, 100)  # as the gateway does
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
@@ -65,4 +73,5 @@ def main(config_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[sys.argv.index("--config") + 1])
+    argv = sys.argv
+    main(argv[argv.index("--config") + 1], int(argv[argv.index("--pool") + 1]) if "--pool" in argv else 1024)

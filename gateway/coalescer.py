@@ -291,6 +291,8 @@ class _Flight:
     epoch: int = 0
     # None: the main lane; else the side lane of this identity.
     side: Hashable | None = None
+    # Another flight of the lease was out at some point while this one was.
+    overlapped: bool = False
 
 
 @dataclass(slots=True)
@@ -598,8 +600,16 @@ class Coalescer(Generic[R, E]):
     def _send_side(self, lease: _Lease[R], lane: _SideLane, beat: Beat, now: float) -> Send:
         flight = _Flight(next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [], epoch=lease.epoch)
         flight.side = beat.identity
+        self._mark_overlaps(lease, flight)
         lane.flight = flight
         return Send(flight.id, lease.key, beat.waiter, main=False)
+
+    @staticmethod
+    def _mark_overlaps(lease: _Lease[R], sent: _Flight) -> None:
+        """`sent` is about to go out: every flight of the lease still out overlaps it, and it them."""
+        for other in (lease.flight, *(lane.flight for lane in lease.side.values())):
+            if other is not None and other is not sent:
+                other.overlapped = sent.overlapped = True
 
     def _side_completed(
         self, lease: _Lease[R], flight_id: int, outcome: Outcome[R, E], now: float
@@ -615,17 +625,25 @@ class Coalescer(Generic[R, E]):
         waiting = self._still_waiting(flight)
         actions: list[Action[R, E]] = []
         if isinstance(outcome, Succeeded):
-            # The upstream accepted this credential: it is the holder's now. The answer goes
-            # to its worker, but is not kept: main-lane flights may have overlapped it.
+            # The upstream accepted this credential: it is the holder's now.
             answer = outcome.answer
             actions += self._observe_success(lease, flight, answer)
             self._supersede(lease, flight, answer)
             lease.holder = flight.identity
             lease.known = lease.undelivered = None
             lease.epoch += 1
-            if answer.holds_lease:
+            if answer.holds_lease and waiting:
                 lease.delivered_ttl = answer.ttl_seconds
             actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+            if not flight.overlapped and not flight.after_stop and answer.holds_lease:
+                # Alone on the lease all along: the answer is as current as a main-lane one,
+                # and may be kept (for local answers to this, now the holder's, credential).
+                success = _Success(answer, outcome.response, flight.identity, flight.expected, flight.sent_at)
+                lease.known = success
+                if waiting:
+                    success.delivered_to = waiting[0]
+                elif flight.expected is not None:
+                    lease.undelivered = success
         elif isinstance(outcome, Rejected):
             if outcome.current_state != "active" or (
                 lease.known is not None and outcome.current_last_heartbeat != lease.known.answer.last_heartbeat
@@ -682,6 +700,7 @@ class Coalescer(Generic[R, E]):
             flight = _Flight(
                 next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [], epoch=lease.epoch
             )
+            self._mark_overlaps(lease, flight)
             lease.flight = flight
             lease.last_outcome = "forwarded"
             # Unconditional beats right behind it ride along.

@@ -546,3 +546,23 @@ def test_retry_delays_respect_the_window() -> None:
     assert retry_delay(0, retry_after=1.0, time_left=None, draw=0.0, window_left=3.0) == 1.0
     assert retry_delay(0, retry_after=1.0, time_left=None, draw=0.0, window_left=1.2) is None
     assert retry_delay(0, retry_after=1.0, time_left=20.0, draw=0.0, window_left=None) == 1.0
+
+
+def test_a_side_success_alone_on_the_lease_is_kept_for_its_now_holding_credential() -> None:
+    """A holder the gateway could not vouch for (a sessions token issued before a restart) loses nothing:
+    with no other flight out, its answer is as current as any, and is handed to its retry."""
+    c = core()
+    (claim,) = sends(c.submit(junk(1, "NO_HEARTBEAT", OTHER), 0.0))
+    assert not claim.main
+    c.abandoned(1, 0.5)  # the worker gave up before the answer came
+    c.completed(KEY, claim.flight, ok("T1", ttl=10), 0.6)
+    assert c.holder(KEY) == OTHER
+    # Its retry presents the same claim with the same credential: the lost answer, once.
+    assert replies(c.submit(junk(2, "NO_HEARTBEAT", OTHER), 0.7)) == [(2, "handed_off", 200)]
+    # Had another flight overlapped it, nothing would be kept.
+    d = core()
+    (first,) = sends(d.submit(junk(1, "NO_HEARTBEAT", OTHER), 0.0))
+    assert len(sends(d.submit(junk(2, "NO_HEARTBEAT", JUNK), 0.0))) == 1
+    d.abandoned(1, 0.5)
+    d.completed(KEY, first.flight, ok("T1", ttl=10), 0.6)
+    assert len(sends(d.submit(junk(3, "NO_HEARTBEAT", OTHER), 0.7))) == 1

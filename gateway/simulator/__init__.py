@@ -136,6 +136,8 @@ Simulator-only endpoints (no auth; never under /v1)
   worker ids.
 - `GET /_sim/sessions`: every session with its status, open streams and the tool
   results its worker sent back.
+- `POST /_sim/environments/{env}/sessions` `{"count": n}`: sessions without a queued
+  item (as if served elsewhere), for streams in benchmarks.
 - `GET|POST /_sim/faults`: read or replace the fault settings (`gateway.simulator.faults`);
   they apply to every /v1 endpoint by the names `/_sim/stats` uses (`poll`, `heartbeat`,
   `session`, `stream`, `send_events`, `memories`, ...).

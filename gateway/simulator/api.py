@@ -88,7 +88,8 @@ class Api:
         if block_ms:
             deadline = time.monotonic() + block_ms / 1000
             while result is None and (left := deadline - time.monotonic()) > 0:
-                await sim.wait_for_change(min(left, 0.05))
+                # Woken by any change to the queue; now and then regardless, for reclaims that time alone allows.
+                await sim.wait_for_change(min(left, 0.25))
                 result = sim.plane.poll(env_id, sim.now(), worker_id=worker_id, reclaim_older_than_ms=reclaim)
         # [SDK] an empty queue is 200 with a JSON null (a 204 breaks the Python worker).
         return json_response(request, result)

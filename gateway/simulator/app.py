@@ -79,6 +79,23 @@ async def _items(request: web.Request) -> web.Response:
     return _json({"data": items})
 
 
+async def _create_sessions(request: web.Request) -> web.Response:
+    """Sessions whose work items were served elsewhere (for streams and benchmarks): `{"count": n}`."""
+    sim = request.app[SIMULATOR]
+    env_id = request.match_info["env"]
+    if env_id not in sim.config.environments:
+        return _json({"error": f"unknown environment {env_id}"}, 404)
+    try:
+        body = json.loads(await request.read() or b"{}")
+        count = body.get("count", 1) if isinstance(body, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 100_000:
+            raise ValueError("count must be an integer from 1 to 100000")
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 400)
+    ids = [sim.sessions.create(env_id, sim.now()).id for _ in range(count)]
+    return _json({"ids": ids}, 201)
+
+
 async def _sessions(request: web.Request) -> web.Response:
     """Every session with its status and the tool results its worker sent back; no credentials."""
     sim = request.app[SIMULATOR]
@@ -141,6 +158,7 @@ def create_simulator_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/_sim/environments/{env}/work", _enqueue)
     app.router.add_get("/_sim/environments/{env}/work", _items)
     app.router.add_get("/_sim/sessions", _sessions)
+    app.router.add_post("/_sim/environments/{env}/sessions", _create_sessions)
     # Last: anything else under /v1 gets the API's error envelope, not aiohttp's text.
     app.router.add_route("*", "/v1/{tail:.*}", api.unknown, name="unknown")
     return app

@@ -77,8 +77,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     presented = _presented(request)
     for credential in presented.values():
         sim.fingerprints.add(fingerprint(credential))
-    # Leases lapse before anything looks at an item.
-    sim.plane.expire(sim.now())
+    # Leases lapse before anything looks at an item; a re-queued one may be what a long poll waits for.
+    if sim.plane.expire(sim.now()):
+        sim.notify()
     try:
         kind = sim.authority.check(endpoint, presented, request.match_info)
     except SimError as exc:
@@ -128,7 +129,8 @@ async def inject_faults(request: web.Request, handler: Handler) -> web.StreamRes
     response = await handler(request)
     if decision == "reset":
         _reset(request, endpoint)
-    sim.notify()
+    if endpoint.name == "stop":
+        sim.notify()  # a stopped item may leave the queue; nothing else a request does adds to it
     return response
 
 
