@@ -184,3 +184,41 @@ async def test_open_streams_fill_only_their_own_class(
         if s.labels.get("pool") == "stream" and s.name.endswith("_total")
     }
     assert refusals == {"queue_full": 2.0, "timeout": 1.0}
+
+
+async def test_readiness_reports_a_saturated_lease_class(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    release = asyncio.Event()
+
+    async def slow_beat(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
+        return web.json_response({**answer, "ttl_seconds": 60})
+
+    rec.respond = slow_beat
+    config = f'upstream: {{base_url: "{url}", pools: {{lease: {{max_connections: 1, max_queued: 4}}}}}}'
+    gateway = await make_gateway(url, config)
+    async with aiohttp.ClientSession() as http:
+
+        async def ready() -> tuple[int, str]:
+            async with http.get(f"{gateway.admin_url}/readyz") as r:
+                return r.status, (await r.json())["status"]
+
+        async def beat(n: int) -> int:
+            target = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/w{n}/heartbeat"
+            async with http.post(
+                target, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()
+            ) as r:
+                return r.status
+
+        assert await ready() == (200, "ready")
+        beats = [asyncio.ensure_future(beat(n)) for n in range(2)]  # one holds the connection, one waits
+        await asyncio.sleep(0.5)
+        assert await ready() == (200, "ready")  # a moment's wait is no saturation
+        await asyncio.sleep(0.8)
+        assert await ready() == (503, "saturated")
+        release.set()
+        assert await asyncio.gather(*beats) == [200, 200]
+        assert await ready() == (200, "ready")
