@@ -9,6 +9,9 @@ heartbeat service. Tests and the demo build it with their own upstream;
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,16 +20,21 @@ from aiohttp import web
 from .admin import Health, create_admin_app
 from .capacity import Gate
 from .coalescer import LeaseView
+from .credentials import RetiredTokens
 from .discovery import SessionDiscovery
 from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
-from .proxy import PROXY, ProxyContext, handle
+from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
+from .server import GatewayAppRunner
 from .settings import LiveSettings, PoolName, Settings, restart_needed
 from .upstream import HttpUpstream, Upstream
 
 __all__ = ["Gateway", "create_proxy_app"]
+
+# What is still running when the grace period ends is cut within this.
+CUT_SECONDS = 0.1
 
 
 @dataclass(slots=True)
@@ -47,6 +55,7 @@ def create_proxy_app(
     upstream: Upstream | None = None,
     heartbeats: HeartbeatService | None = None,
     running: _Running | None = None,
+    retired: RetiredTokens | None = None,
 ) -> web.Application:
     """The worker-facing app. Without `upstream`, one `HttpUpstream` is opened for the app's lifetime."""
     live = settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
@@ -54,8 +63,10 @@ def create_proxy_app(
     health = health or Health()
     metrics = metrics or GatewayMetrics(settings)
     running = running or _Running()
+    retired = retired or RetiredTokens()
     # Middleware order: the access log wraps the error renderer, so it logs the status the client got.
     app = web.Application(middlewares=[access_log_middleware, error_middleware])
+    app[INFLIGHT] = InFlight()
 
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         gates = {p: Gate(p, settings.upstream.pools.of(p), observer=metrics) for p in PoolName}
@@ -64,7 +75,7 @@ def create_proxy_app(
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()
         discovery = SessionDiscovery(up, links, observer=metrics)
-        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery)
+        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired)
         running.heartbeats = service
         health.upstream_ready = True
         try:
@@ -97,9 +108,20 @@ class Gateway:
         self.metrics = GatewayMetrics(settings)
         running = self._running = _Running()
         self.metrics.track_leases(running.leases)
-        grace = settings.limits.shutdown_grace_seconds
-        self._proxy = web.AppRunner(
-            create_proxy_app(self._live, health=self.health, metrics=self.metrics, upstream=upstream, running=running),
+        self._retired = RetiredTokens()
+        proxy_app = create_proxy_app(
+            self._live,
+            health=self.health,
+            metrics=self.metrics,
+            upstream=upstream,
+            running=running,
+            retired=self._retired,
+        )
+        self._inflight = proxy_app[INFLIGHT]
+        self._proxy = GatewayAppRunner(
+            proxy_app,
+            limits=lambda: self._live.current.limits,
+            observer=lambda status: self.metrics.request_refused("other", status, 0.0),
             # A client that disconnects cancels its handler, which closes the
             # upstream connection: abandoned streams and polls end upstream too.
             handler_cancellation=True,
@@ -107,7 +129,8 @@ class Gateway:
             # fewer bytes than the client's Content-Length announces, and the
             # upstream would read the next pooled request as the rest of this body.
             auto_decompress=False,
-            shutdown_timeout=grace,
+            # `stop` waits out the grace period itself; whatever is left then is cut at once.
+            shutdown_timeout=CUT_SECONDS,
             access_log=None,
         )
         admin = create_admin_app(self.health, live=self._live, metrics=self.metrics, leases_source=running.leases)
@@ -128,6 +151,10 @@ class Gateway:
         if problems:
             self.metrics.config_reloads.labels("failure").inc()
             return problems
+        kept = {t.token.value for t in settings.clients.tokens}
+        removed = {t.token.value for t in self._live.current.clients.tokens} - kept
+        self._retired.retire(removed, time.monotonic())
+        self._retired.restore(kept)
         self._live.current = settings
         self.metrics.set_environments(settings)
         if self._running.heartbeats is not None:
@@ -155,8 +182,21 @@ class Gateway:
         return _url(self._admin)
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, then close."""
+        """Stop accepting, let in-flight requests finish within the grace period, then cut the rest.
+
+        One grace period in all (aiohttp's own shutdown would wait it out twice:
+        once for handlers, and again after cancelling them).
+        """
         self.health.draining = True
+        grace = self.settings.limits.shutdown_grace_seconds
+        for site in list(self._proxy.sites):
+            await site.stop()
+        if self._proxy.server is not None:
+            # Idle keep-alive connections close now; busy ones after their current request.
+            self._proxy.server.pre_shutdown()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._inflight.idle()
         await self._proxy.cleanup()
         await self._admin.cleanup()
 

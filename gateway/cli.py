@@ -22,6 +22,7 @@ from . import loop as event_loop
 from .app import Gateway
 from .config import ConfigError, load_settings_file
 from .logs import configure_logging
+from .server import descriptor_budget, raise_descriptor_limit
 from .settings import LoggingSettings, Settings
 
 __all__ = ["main"]
@@ -171,6 +172,7 @@ def _serve(path: str) -> int:
 
 
 async def _serve_until_signal(settings: Settings, path: str) -> None:
+    soft, _ = raise_descriptor_limit()
     gateway = Gateway(settings)
     await gateway.start()
     # Everything built so far lives as long as the process: keep it out of the
@@ -189,6 +191,8 @@ async def _serve_until_signal(settings: Settings, path: str) -> None:
                 "proxy": gateway.proxy_url,
                 "admin": gateway.admin_url,
                 "event_loop": event_loop.loop_name(),
+                "file_descriptors": soft,
+                "max_client_connections": min(settings.limits.max_client_connections, descriptor_budget()),
             }
         },
     )

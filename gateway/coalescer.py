@@ -320,6 +320,8 @@ class _Lease(Generic[R]):
     last_seen: float = 0.0
     reported_stopping: bool = False
     ended: bool = False  # stopped, lost or expired: kept only for the retention time
+    # A stop for the item passed through: whatever happens to the lease now, it was let go, not lost.
+    stop_requested: bool = False
     # The one pending table check for this lease (the heap may hold stale ones).
     next_check: float | None = None
     # The identity the upstream last accepted a beat from.
@@ -480,6 +482,7 @@ class Coalescer(Generic[R, E]):
         if lease is not None:
             lease.known = lease.undelivered = None
             lease.last_seen = now
+            lease.stop_requested = lease.ended = True
             for flight in (lease.flight, *(lane.flight for lane in lease.side.values())):
                 if flight is not None:
                     flight.after_stop = True
@@ -839,7 +842,8 @@ class Coalescer(Generic[R, E]):
         lease.last_heartbeat = answer.last_heartbeat
         lease.ttl_seconds = answer.ttl_seconds
         lease.last_success_sent_at = flight.sent_at
-        lease.ended = answer.state == "stopped" or not answer.lease_extended
+        # A stopping lease is on its way out: if it lapses now, nothing was lost.
+        lease.ended = lease.stop_requested or answer.state in ("stopping", "stopped") or not answer.lease_extended
         self._schedule(lease, flight.sent_at + answer.ttl_seconds + self.tracking.expiry_grace)
         return events
 
@@ -856,7 +860,11 @@ class Coalescer(Generic[R, E]):
         if flight.expected is not None and flight.expected != NO_HEARTBEAT:
             lease.superseded.append(flight.expected)
         events: list[Action[R, E]] = []
-        if lease.state in ("active", "starting", "unknown") and outcome.current_last_heartbeat != lease.last_heartbeat:
+        if (
+            not lease.stop_requested
+            and lease.state in ("active", "starting", "unknown")
+            and outcome.current_last_heartbeat != lease.last_heartbeat
+        ):
             reason = "requeued" if outcome.current_state == "queued" else "conflict"
             events.append(LeaseEvent(lease.key, "lost", reason))
         if outcome.current_state is not None:

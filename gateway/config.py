@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .redaction import REDACTED
 from .settings import (
     DEFAULT_ALLOW_PREFIXES,
     DEFAULT_BETAS,
@@ -171,7 +172,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_shown(key)!r}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node)
 
@@ -205,7 +206,7 @@ class _Reader:
             if not isinstance(key, str):
                 self.problem(path, f"keys must be strings, not {_type_name(key)}")
             elif key not in allowed:
-                self.problem(_join(path, key), _unknown_key_message(key, allowed))
+                self.problem(_join(path, str(_shown(key))), _unknown_key_message(key, allowed))
         return {k: v for k, v in value.items() if k in allowed}
 
     def items(self, value: object, path: str) -> list[tuple[str, object]]:
@@ -266,7 +267,7 @@ class _Reader:
         for choice in choices:
             if value == choice:
                 return choice
-        self.problem(path, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+        self.problem(path, f"must be one of {', '.join(map(str, choices))}, not {_shown(value)!r}")
         return choices[0]
 
     # -- secrets ------------------------------------------------------------
@@ -626,7 +627,10 @@ class _Reader:
 
     def limits(self, value: object) -> Limits:
         d = Limits()
-        m = self.mapping(value, "limits", ("max_body_bytes", "shutdown_grace_seconds"))
+        timeouts = ("header_timeout_seconds", "idle_timeout_seconds", "body_timeout_seconds")
+        keys = ("max_body_bytes", "shutdown_grace_seconds", *timeouts, "max_client_connections")
+        m = self.mapping(value, "limits", keys)
+        seconds = {key: self.number(m.get(key, getattr(d, key)), f"limits.{key}", allow_zero=False) for key in timeouts}
         return Limits(
             max_body_bytes=self.integer(m.get("max_body_bytes", d.max_body_bytes), "limits.max_body_bytes", 1),
             shutdown_grace_seconds=self.number(
@@ -634,6 +638,10 @@ class _Reader:
                 "limits.shutdown_grace_seconds",
                 allow_zero=True,
             ),
+            max_client_connections=self.integer(
+                m.get("max_client_connections", d.max_client_connections), "limits.max_client_connections", 1
+            ),
+            **seconds,
         )
 
     def logging(self, value: object) -> LoggingSettings:
@@ -650,6 +658,25 @@ def _unknown_key_message(key: str, allowed: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key{hint}; allowed: {', '.join(allowed)}"
+
+
+# Something a config message would otherwise quote that may be a pasted secret.
+_SECRET_SHAPE = re.compile(r"[A-Za-z0-9_\-+/=.]{24,}\Z")
+
+
+def _shown(value: object) -> object:
+    """`value` as a message may quote it: a secret-shaped key or value becomes <redacted>.
+
+    A key is echoed in `key.path: unknown key`; an operator who pasted a key
+    where a key name goes must not find it printed in CI logs.
+    """
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_SECRET_PREFIXES) or (
+        _SECRET_SHAPE.match(value) and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+    ):
+        return REDACTED
+    return value
 
 
 def _join(path: str, key: str) -> str:

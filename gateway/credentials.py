@@ -22,6 +22,8 @@ called: the gateway is never an open proxy for the keys it holds.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ __all__ = [
     "Inject",
     "LinkLookup",
     "PassThrough",
+    "RetiredTokens",
     "decide_credential",
     "environment_key",
     "token_in_forwarded_request",
@@ -85,6 +88,38 @@ def environment_key(environment: Environment) -> Inject:
     return Inject("authorization", f"Bearer {environment.key.value}")
 
 
+class RetiredTokens:
+    """Client tokens a reload removed, remembered by SHA-256 digest for a day.
+
+    A worker still holding one is refused with 401, rather than having it
+    passed through to the API as if it were the worker's own credential.
+    """
+
+    def __init__(self, *, keep_seconds: float = 86_400.0, max_tokens: int = 10_000) -> None:
+        self.keep_seconds = keep_seconds
+        self.max_tokens = max_tokens
+        self._until: dict[str, float] = {}
+
+    def retire(self, tokens: Iterable[str], now: float) -> None:
+        for token in tokens:
+            self._until[_digest(token)] = now + self.keep_seconds
+        while len(self._until) > self.max_tokens:
+            del self._until[min(self._until, key=self._until.__getitem__)]
+
+    def restore(self, tokens: Iterable[str]) -> None:
+        """Tokens configured again are tokens again."""
+        for token in tokens:
+            self._until.pop(_digest(token), None)
+
+    def is_retired(self, presented: str, now: float) -> bool:
+        until = self._until.get(_digest(presented))
+        return until is not None and now < until
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def decide_credential(
     settings: Settings,
     route: Route,
@@ -92,6 +127,7 @@ def decide_credential(
     authorization: str | None,
     api_key: str | None,
     links: LinkLookup = lambda kind, resource_id: (),
+    retired: Callable[[str], bool] = lambda token: False,
 ) -> CredentialDecision:
     environment = None
     if route.environment_id is not None:
@@ -114,6 +150,9 @@ def decide_credential(
     else:
         token = _match(settings.clients.tokens, presented)
         if token is None:
+            basic = _basic_credentials(authorization or "").split(":", 1)
+            if any(retired(value) for value in (*presented, *basic) if value):
+                raise AuthenticationFailed("this client token is no longer accepted by the gateway")
             return PassThrough()
 
     if environment is not None:
@@ -191,7 +230,21 @@ def token_in_forwarded_request(
     the gateway's secret, never the API's."""
     haystacks = [value for _, value in headers]
     haystacks += [raw_target, unquote(raw_target)]
+    # A token wrapped in another scheme (Basic base64(user:token)) is still the token.
+    haystacks += [_basic_credentials(value) for name, value in headers if name.lower() == "authorization"]
     return any(t.token.value in h for t in tokens for h in haystacks)
+
+
+def _basic_credentials(authorization: str) -> str:
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        return base64.b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4), validate=False).decode(
+            "utf-8", "replace"
+        )
+    except ValueError:
+        return ""
 
 
 def _match(tokens: tuple[ClientToken, ...], presented: list[str]) -> ClientToken | None:

@@ -11,6 +11,7 @@ so workers' SDKs parse them like any API error::
     │   ├── PermissionDenied        403 permission_error
     │   ├── NotFound                404 not_found_error
     │   ├── MethodNotAllowed        405 invalid_request_error
+    │   ├── RequestTimedOut         408 timeout_error (the client's request body stalled)
     │   └── RequestTooLarge         413 request_too_large
     └── UpstreamError               the upstream exchange failed (kind: connect, reset, timeout, other)
         ├── UpstreamUnavailable     502 api_error
@@ -38,6 +39,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RequestRefused",
+    "RequestTimedOut",
     "RequestTooLarge",
     "UpstreamError",
     "UpstreamErrorKind",
@@ -89,6 +91,11 @@ class MethodNotAllowed(RequestRefused):
     # The API's table has no 405 type; it uses invalid_request_error for other 4xx.
     status = 405
     error_type = "invalid_request_error"
+
+
+class RequestTimedOut(RequestRefused):
+    status = 408
+    error_type = "timeout_error"
 
 
 class RequestTooLarge(RequestRefused):

@@ -16,11 +16,11 @@ from typing import TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .redaction import REDACTED, Redactor
 from .settings import LoggingSettings
 
 __all__ = ["Scrubber", "configure_logging"]
 
-REDACTED = "<redacted>"
 # Anthropic keys and tokens the gateway does not hold can still reach a log
 # line through a third-party library's message; scrub their shape too.
 _KEY_SHAPE = re.compile(r"sk-ant-[A-Za-z0-9_\-]+")
@@ -31,12 +31,10 @@ _CREDENTIAL_HEADER = re.compile(r"(?i)((?:x-api-key|authorization|proxy-authoriz
 
 class Scrubber:
     def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._redactor = Redactor(secrets)
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
+        text = self._redactor.text(text)
         text = _KEY_SHAPE.sub(REDACTED, text)
         text = _CREDENTIAL_HEADER.sub(lambda m: m.group(1) + REDACTED, text)
         return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)

@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .access_log import EXCHANGE, Exchange, log_exchange
-from .errors import CapacityExceeded, GatewayError, RequestTooLarge, UpstreamError, error_body
-from .proxy import PROXY
+from .errors import CapacityExceeded, GatewayError, RequestTimedOut, RequestTooLarge, UpstreamError, error_body
+from .proxy import INFLIGHT, PROXY
 
 __all__ = ["access_log_middleware", "error_middleware"]
 
@@ -33,6 +33,8 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     exchange = Exchange(method=request.method)
     request[EXCHANGE] = exchange
     started = time.monotonic()
+    inflight = request.app[INFLIGHT]
+    inflight.started()
     try:
         response = await handler(request)
         exchange.status = response.status
@@ -42,6 +44,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         exchange.error = exchange.error or "client_disconnected"
         raise
     finally:
+        inflight.finished()
         seconds = time.monotonic() - started
         exchange.duration_ms = round(seconds * 1000, 3)
         metrics = request.app[PROXY].metrics
@@ -77,7 +80,7 @@ def error_response(exc: GatewayError) -> web.Response:
     response = web.Response(status=exc.status, body=exc.body(), content_type="application/json")
     if isinstance(exc, CapacityExceeded):
         response.headers["retry-after"] = str(exc.retry_after)
-    if isinstance(exc, RequestTooLarge):
+    if isinstance(exc, RequestTooLarge | RequestTimedOut):
         # The rest of the body was never read; the connection cannot be reused.
         response.force_close()
     return response

@@ -11,14 +11,17 @@ Every refusal raises a `RequestRefused` before the upstream is called.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .access_log import EXCHANGE, Exchange
-from .credentials import Discover, Inject, decide_credential, token_in_forwarded_request
+from .credentials import Discover, Inject, RetiredTokens, decide_credential, token_in_forwarded_request
 from .discovery import SessionDiscovery
 from .errors import (
     AuthenticationFailed,
@@ -27,6 +30,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     RequestRefused,
+    RequestTimedOut,
     RequestTooLarge,
     UpstreamError,
 )
@@ -36,14 +40,17 @@ from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeats import HeartbeatCall, HeartbeatService, upstream_credential
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
+from .redaction import Redactor
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool
 from .settings import LiveSettings, PoolName, Settings
 from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
 
-__all__ = ["PROXY", "ProxyContext", "handle"]
+__all__ = ["INFLIGHT", "PROXY", "InFlight", "ProxyContext", "handle"]
 
 log = logging.getLogger("gateway.proxy")
 
+# A heartbeat's body, if it has one at all (the API reads its parameters from the query).
+MAX_HEARTBEAT_BODY_BYTES = 4096
 # Stands in for the credential a discovery will choose, while the request is checked.
 _CREDENTIAL_REPLACED = Inject("authorization", "")
 # What the API uses; TRACE and CONNECT are refused.
@@ -59,6 +66,8 @@ class ProxyContext:
     # Which environment each session, skill and memory store belongs to, as answers showed.
     links: Links
     discovery: SessionDiscovery
+    # Client tokens a reload removed: refused, never passed on.
+    retired: RetiredTokens
 
     @property
     def settings(self) -> Settings:
@@ -67,6 +76,30 @@ class ProxyContext:
 
 
 PROXY = web.AppKey("proxy", ProxyContext)
+
+
+class InFlight:
+    """Requests being handled on the worker-facing port, so a drain knows when it is done."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
+INFLIGHT = web.AppKey("inflight", InFlight)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -85,8 +118,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     exchange.counted_inflight = True
     incoming = _incoming_headers(request)
     authorization, api_key = _single_header(request, "Authorization"), _single_header(request, "x-api-key")
+    now = time.monotonic()
+    retired = functools.partial(_is_retired, ctx.retired, now)
     credential = decide_credential(
-        settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments
+        settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
     )
     limit = settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -103,7 +138,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # Decided again on what the lookup learned, with the settings in force now (a reload may have come).
         settings = ctx.settings
         credential = decide_credential(
-            settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments
+            settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
         )
         if isinstance(credential, Discover):
             credential = _fallback(credential)
@@ -130,6 +165,10 @@ def _vouched_for(ctx: ProxyContext, route: Route, headers: tuple[tuple[str, str]
     return ctx.links.vouches(route.environment_id, route.work_id, bearer) or ctx.heartbeats.holds(
         route.environment_id, route.work_id, credential
     )
+
+
+def _is_retired(retired: RetiredTokens, now: float, presented: str) -> bool:
+    return retired.is_retired(presented, now)
 
 
 def _fallback(decision: Discover) -> Inject:
@@ -176,7 +215,11 @@ async def _heartbeat(
     assert route.environment_id is not None
     assert route.work_id is not None
     query = parse_heartbeat_query(target.raw_query)
-    body = await _read_body(request, ctx.settings.limits.max_body_bytes) if request.can_read_body else None
+    # The API takes a heartbeat's parameters in its query: a body is at most a stray `{}`.
+    if request.content_length is not None and request.content_length > MAX_HEARTBEAT_BODY_BYTES:
+        raise RequestTooLarge(f"a heartbeat takes no body; at most {MAX_HEARTBEAT_BODY_BYTES} bytes are accepted")
+    timeout = ctx.settings.limits.body_timeout_seconds
+    body = await _read_body(request, MAX_HEARTBEAT_BODY_BYTES, timeout) if request.can_read_body else None
     # The body is sent as the bytes read; aiohttp frames it with their length.
     headers = tuple((k, v) for k, v in headers if k.lower() != "content-length")
     ttl, override = ctx.settings.desired_ttl(route.environment_id)
@@ -196,7 +239,7 @@ async def _heartbeat(
         _note_upstream(exchange, result.response.status, result.response.headers)
     answer = read_answer(result.response.status, result.response.body)
     ctx.metrics.heartbeat_answered(route.environment_id, result.outcome, answer.lost_reason)
-    response = _buffered_response(result.response)
+    response = _buffered_response(result.response, ctx.live.redactor)
     # Written here rather than by aiohttp after return, so a worker that is
     # gone by now is noticed: its answer can then go to its retry instead.
     try:
@@ -219,7 +262,8 @@ async def _pass_through(
     headers: tuple[tuple[str, str], ...],
     pool: PoolName,
 ) -> web.StreamResponse:
-    meter = _BodyMeter(ctx.settings.limits.max_body_bytes)
+    limits = ctx.settings.limits
+    meter = _BodyMeter(limits.max_body_bytes, limits.body_timeout_seconds)
     body = meter.stream(request) if request.can_read_body else None
     exchange = request[EXCHANGE]
     try:
@@ -227,10 +271,12 @@ async def _pass_through(
         async with ctx.upstream.exchange(outbound) as upstream:
             _note_upstream(exchange, upstream.status, upstream.headers)
             chunks = upstream.chunks()
+            encoding = next((v for k, v in upstream.headers if k.lower() == "content-encoding"), None)
             if upstream.status == 200 and teaches_links(request.method, route):
-                encoding = next((v for k, v in upstream.headers if k.lower() == "content-encoding"), None)
                 chunks = _learning(chunks, lambda body: _learn(ctx, route, decoded(body, encoding)))
-            return await _stream_back(request, upstream, chunks, exchange)
+            if upstream.status >= 400:
+                return await _error_back(request, ctx, upstream, chunks, encoding, exchange)
+            return await _stream_back(request, ctx, upstream, chunks, exchange)
     except UpstreamError:
         if meter.refusal is not None:
             # The upstream saw a cut-off body, which it cannot have applied.
@@ -274,11 +320,52 @@ async def _learning(chunks: AsyncIterator[bytes], learn: Callable[[bytes], None]
             yield piece
 
 
+async def _error_back(
+    request: web.Request,
+    ctx: ProxyContext,
+    upstream: UpstreamResponse,
+    chunks: AsyncIterator[bytes],
+    encoding: str | None,
+    exchange: Exchange,
+) -> web.StreamResponse:
+    """An upstream error answer, read whole (it is small) and cleared of any secret it echoes."""
+    held: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        held.append(chunk)
+        size += len(chunk)
+        if size > MAX_LEARNED_BODY_BYTES:
+            # Not an error answer worth reading: passed on as it is.
+            return await _stream_back(request, ctx, upstream, _chained(held, chunks), exchange)
+    body = b"".join(held)
+    plain = decoded(body, encoding)
+    redactor = ctx.live.redactor
+    drop = {"content-length", "transfer-encoding"} | ({"content-encoding"} if plain is not None else set())
+    response = web.Response(
+        status=upstream.status, reason=upstream.reason or None, body=redactor.body(plain if plain is not None else body)
+    )
+    for name, value in redactor.headers(response_headers(upstream.headers)):
+        if name.lower() not in drop:
+            response.headers.add(name, value)
+    return response
+
+
+async def _chained(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
 async def _stream_back(
-    request: web.Request, upstream: UpstreamResponse, chunks: AsyncIterator[bytes], exchange: Exchange
+    request: web.Request,
+    ctx: ProxyContext,
+    upstream: UpstreamResponse,
+    chunks: AsyncIterator[bytes],
+    exchange: Exchange,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for name, value in response_headers(upstream.headers):
+    for name, value in ctx.live.redactor.headers(response_headers(upstream.headers)):
         response.headers.add(name, value)
     await response.prepare(request)
     try:
@@ -302,41 +389,55 @@ def _note_upstream(exchange: Exchange, status: int, headers: tuple[tuple[str, st
     exchange.request_id = next((v for k, v in headers if k.lower() == "request-id"), None)
 
 
-def _buffered_response(answer: BufferedResponse) -> web.Response:
-    response = web.Response(status=answer.status, reason=answer.reason or None, body=answer.body)
-    for name, value in response_headers(answer.headers):
+def _buffered_response(answer: BufferedResponse, redactor: Redactor) -> web.Response:
+    response = web.Response(status=answer.status, reason=answer.reason or None, body=redactor.body(answer.body))
+    for name, value in redactor.headers(response_headers(answer.headers)):
         # The body is re-framed here; aiohttp sets Content-Length for it.
         if name.lower() != "content-length":
             response.headers.add(name, value)
     return response
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, stall_seconds: float) -> bytes:
     body = bytearray()
-    async for chunk in _BodyMeter(limit).stream(request):
+    async for chunk in _BodyMeter(limit, stall_seconds).stream(request):
         body += chunk
     return bytes(body)
 
 
 class _BodyMeter:
-    """Streams a request body, refusing it once it passes `limit` bytes.
+    """Streams a request body, refusing it once it passes `limit` bytes, stalls or breaks.
 
     A chunked upload has no Content-Length to check up front; it is streamed
-    and cut off at the limit. aiohttp wraps errors raised from a request body,
-    so `refusal` tells the handler afterwards why the upstream call failed.
+    and cut off at the limit. A body with no new bytes for `timeout` seconds
+    is refused with 408, and one the HTTP parser finds malformed or cut off
+    with 400, so the upstream exchange it feeds ends at once. aiohttp wraps
+    errors raised from a request body, so `refusal` tells the handler
+    afterwards why the upstream call failed. (The one place the server
+    side's body errors, aiohttp's `RequestPayloadError`, are translated.)
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, timeout: float) -> None:
         self.limit = limit
+        self.timeout = timeout
         self.refusal: RequestRefused | None = None
 
     def refuse(self, refusal: RequestRefused) -> RequestRefused:
         self.refusal = refusal
         return refusal
 
+    async def _next(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await request.content.read(CHUNK_SIZE)
+        except TimeoutError:
+            raise self.refuse(RequestTimedOut(f"no part of the request body arrived for {self.timeout:g} s")) from None
+        except RequestPayloadError:
+            raise self.refuse(InvalidRequest("the request body is malformed or was cut off")) from None
+
     async def stream(self, request: web.Request) -> AsyncIterator[bytes]:
         total = 0
-        while chunk := await request.content.read(CHUNK_SIZE):
+        while chunk := await self._next(request):
             total += len(chunk)
             if total > self.limit:
                 raise self.refuse(

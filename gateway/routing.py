@@ -3,8 +3,9 @@
 The gateway forwards the path and query exactly as received, so what it
 checks here must be what the upstream will see. Anything two HTTP servers
 could read differently is refused with 400 instead of guessed at: dot
-segments, encoded slashes, empty segments, malformed percent-encoding and
-non-UTF-8 paths. Otherwise `/v1/sessions/..%2F..%2Fenvironments/...` could
+segments, encoded slashes, empty segments, malformed percent-encoding,
+non-UTF-8 paths, and segments whose meaning would change if decoded a second
+time or normalised (NFKC). Otherwise `/v1/sessions/..%2F..%2Fenvironments/...` could
 pass the allow-list as a sessions path and reach the upstream as another
 environment's with the wrong key.
 
@@ -15,6 +16,7 @@ shape of the path for logs without carrying ids.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
@@ -109,6 +111,12 @@ def _decode_segment(segment: str) -> str:
     if not decoded.isprintable():
         # Control, format (bidi) and separator characters have no place in an id.
         raise InvalidRequest("malformed path: control characters are not allowed")
+    if "%" in decoded:
+        # `%252e%252e` is `%2e%2e` here and `..` to a server that decodes twice.
+        raise InvalidRequest("malformed path: double percent-encoding is not allowed")
+    if unicodedata.normalize("NFKC", decoded) != decoded:
+        # U+2024 ONE DOT LEADER is `.` to a server that normalises; so are many others.
+        raise InvalidRequest("malformed path: characters that Unicode normalisation changes are not allowed")
     return decoded
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
+from .redaction import REDACTED, Redactor
+
 __all__ = [
     "FALLBACK_ROUTES",
     "AbsorbSettings",
@@ -224,6 +226,16 @@ class HeartbeatSettings:
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE
+    # From the first byte of a request to the end of its headers (slow-header clients).
+    header_timeout_seconds: float = 10.0
+    # A keep-alive connection with no request in progress. The SDKs' HTTP
+    # clients let idle connections go after 5 s; nginx keeps them 75 s.
+    idle_timeout_seconds: float = 60.0
+    # The longest gap between two pieces of a request body (a stalled upload).
+    body_timeout_seconds: float = 30.0
+    # Open connections on the worker-facing port; beyond it a new one gets a 503 and is closed.
+    # Each may need an upstream connection too: keep twice this plus the pools under the fd limit.
+    max_client_connections: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +295,27 @@ class Settings:
         )
 
 
-@dataclass(slots=True)
 class LiveSettings:
-    """The settings in force, swapped whole by a reload; readers take `current` per request."""
+    """The settings in force, swapped whole by a reload; readers take `current` per request.
 
-    current: Settings
+    `redactor` knows every secret the gateway held since it started (a rotated-out
+    key is still redacted), for what goes back to workers.
+    """
+
+    __slots__ = ("_current", "redactor")
+
+    def __init__(self, current: Settings) -> None:
+        self.redactor = Redactor(())
+        self.current = current
+
+    @property
+    def current(self) -> Settings:
+        return self._current
+
+    @current.setter
+    def current(self, settings: Settings) -> None:
+        self._current = settings
+        self.redactor = self.redactor.with_(settings.secret_values())
 
 
 # Sections a running gateway cannot change: its sockets, its upstream client
@@ -306,9 +334,6 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
         if before != after:
             changed.append(f"{path}: changed; restart the gateway to apply it")
     return changed
-
-
-REDACTED = "<redacted>"
 
 
 def _redacted(value: object) -> object:

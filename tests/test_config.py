@@ -256,6 +256,18 @@ def test_the_organisation_key_is_used_only_where_listed() -> None:
     ]
 
 
+def test_the_edges_limits_are_checked() -> None:
+    assert problems(
+        MINIMAL + "limits: {header_timeout_seconds: 0, idle_timeout_seconds: -1, body_timeout_seconds: x, "
+        "max_client_connections: 0}"
+    ) == [
+        "limits.header_timeout_seconds: must be greater than 0",
+        "limits.idle_timeout_seconds: must be greater than 0",
+        "limits.body_timeout_seconds: must be a number, not a string",
+        "limits.max_client_connections: must be at least 1, not 0",
+    ]
+
+
 def test_the_admin_port_cannot_be_the_worker_port() -> None:
     assert problems(MINIMAL + "listen: {port: 8080}\nadmin: {port: 8080}") == [
         "admin.port: must differ from listen.port: the admin API must not share the worker port"

@@ -229,9 +229,9 @@ def test_the_pod_is_locked_down_probed_and_drains(helm: Helm) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["args"] == ["serve", "--config", "/etc/heartbeat-gateway/config.yaml"]
-    # The grace period covers the pre-stop sleep and the gateway's 40 s drain.
+    # The grace period covers the pre-stop sleep and the gateway's drain (40 s in these values).
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
-    assert pod["terminationGracePeriodSeconds"] > 5 + 40
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 40 + 5
     assert [c["topologyKey"] for c in pod["topologySpreadConstraints"]] == [
         "kubernetes.io/hostname",
         "topology.kubernetes.io/zone",
@@ -242,6 +242,23 @@ def test_the_pod_is_locked_down_probed_and_drains(helm: Helm) -> None:
     assert [p["name"] for p in service["ports"]] == ["proxy"]
     admin = one(docs, "Service", "-admin")["spec"]
     assert (admin["type"], [p["name"] for p in admin["ports"]]) == ("ClusterIP", ["admin"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "pre_stop", "grace"),
+    [
+        ([], 5, 20.0),
+        (["--set", "preStopSleepSeconds=15", "--set", "config.limits.shutdown_grace_seconds=45"], 15, 45.0),
+        (["--set", "preStopSleepSeconds=0", "--set-json", "config.limits.shutdown_grace_seconds=2.5"], 0, 2.5),
+    ],
+    ids=["defaults", "long-drain", "short-drain"],
+)
+def test_kubernetes_waits_for_the_pre_stop_sleep_and_one_drain_with_margin(
+    helm: Helm, flags: list[str], pre_stop: int, grace: float
+) -> None:
+    """The gateway drains for one grace period after SIGTERM; Kubernetes kills it termination-grace after."""
+    pod = one(render(helm, *flags), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + 5
 
 
 def test_the_admin_port_stays_internal_when_workers_get_a_load_balancer(helm: Helm) -> None:

@@ -1,0 +1,251 @@
+"""The worker-facing HTTP server's edges: timeouts, a connection cap, and refusals in the API's shape.
+
+aiohttp's own server answers what it cannot parse (a bad request line, a
+duplicate Content-Length, CL with TE, an oversized header...) with a plain
+text 400 that quotes the offending bytes, keeps idle connections for an
+hour, and has no deadline for a client that sends its headers a byte at a
+time. Here, on the worker-facing port only:
+
+- every refusal the HTTP layer makes is the API's JSON error
+  (`{"type": "error", "error": {"type", "message"}}`), naming what was wrong
+  and echoing no request bytes (they may hold a client token);
+- a request's headers must be complete `limits.header_timeout_seconds` after
+  its first byte, or the client gets a 408 and the connection closes;
+- a keep-alive connection with no request goes after
+  `limits.idle_timeout_seconds`;
+- beyond `limits.max_client_connections` open connections (or what the file
+  descriptor limit allows, if less: half of it, less a reserve, since each
+  client connection may need an upstream one), a new one gets a 503
+  `overloaded_error` at once and is closed, before the process runs out of
+  descriptors (which would take the admin port down too, and make asyncio
+  log an error for every refused accept).
+
+Timeouts and the cap are read from the live settings for each new
+connection, so a reload applies to connections opened after it. The body
+timeout is the request path's (`gateway.proxy`: it reads the body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from .settings import Limits
+
+__all__ = ["GatewayAppRunner", "RefusalObserver", "descriptor_budget", "raise_descriptor_limit"]
+
+log = logging.getLogger("gateway.proxy")
+
+# At most one log line per this many seconds for refusals of the HTTP layer: a flood of
+# garbage must not become a flood of log lines.
+_LOG_EVERY_SECONDS = 10.0
+
+RefusalObserver = Callable[[int], None]
+LINGER_SECONDS = 1.0
+# Descriptors kept for everything but client connections: the admin port and its
+# clients, logs, the upstream pools' spares, the event loop itself.
+RESERVED_DESCRIPTORS = 256
+
+
+def _raw_response(status: int, reason: str, error_type: str, message: str) -> bytes:
+    body = json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _QuietLog:
+    """Counts what it is told and says so at most every `_LOG_EVERY_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._unsaid = 0
+
+    def note(self, what: str) -> None:
+        self._unsaid += 1
+        now = time.monotonic()
+        if now >= self._next:
+            log.info(
+                "refused %d request(s) the HTTP layer could not accept; the last: %s",
+                self._unsaid,
+                what,
+                extra={"fields": {"event": "refused_by_http_layer", "count": self._unsaid, "reason": what}},
+            )
+            self._next, self._unsaid = now + _LOG_EVERY_SECONDS, 0
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, with the gateway's deadlines, cap and refusals."""
+
+    def __init__(self, manager: GatewayServer, *, limits: Limits, **kwargs: Any) -> None:
+        # A refused request's unread body is drained (so the client reads the refusal, not
+        # a reset) for a moment only: a stalled or huge body does not hold the connection.
+        kwargs.setdefault("lingering_time", LINGER_SECONDS)
+        super().__init__(manager, keepalive_timeout=limits.idle_timeout_seconds, **kwargs)
+        self._gateway = manager
+        self._header_timeout = limits.header_timeout_seconds
+        self._max_connections = min(limits.max_client_connections, manager.descriptor_budget)
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._refusing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self._gateway.connections) >= self._max_connections:
+            # Refused, not served: the 503 goes out at once, whatever the client sends is
+            # read and dropped for a moment (closing on unread data would reset the
+            # connection, and the client could lose the 503), then it closes.
+            self._refusing = True
+            self._gateway.refused(503, "too many open connections")
+            # uvloop's transports are not asyncio.Transport subclasses, but write and close alike.
+            transport = cast(asyncio.WriteTransport, transport)
+            transport.write(
+                _raw_response(
+                    503,
+                    "Service Unavailable",
+                    "overloaded_error",
+                    "the gateway has too many open connections; retry shortly",
+                )
+            )
+            self._loop.call_later(LINGER_SECONDS, transport.close)
+            return
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before:
+            self._cancel_header_deadline()  # the headers are complete
+        elif not self._request_in_progress and not self._messages and self._header_deadline is None:
+            # The first bytes of a request whose headers have not all come: they have until the deadline.
+            self._header_deadline = self._loop.call_later(self._header_timeout, self._headers_too_slow)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _process_keepalive(self) -> None:
+        if self._header_deadline is not None:
+            return  # a request's headers are coming in: their own deadline governs
+        super()._process_keepalive()
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        self._gateway.refused(408, "request headers too slow")
+        self.transport.write(
+            _raw_response(
+                408,
+                "Request Timeout",
+                "timeout_error",
+                f"the request headers did not arrive within {self._header_timeout:g} s",
+            )
+        )
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's error page, as the API's JSON error and without the request's bytes."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; the connection is cut instead")
+        what = type(exc).__name__ if exc is not None else "error"
+        self._gateway.refused(status, what)
+        if status >= 500:
+            log.error("the HTTP layer failed a request (%s)", what)
+            body = {"type": "error", "error": {"type": "api_error", "message": "internal gateway error"}}
+        else:
+            error_type = "request_too_large" if status in (413, 431) else "invalid_request_error"
+            text = f"the request is not valid HTTP/1.1 ({what}); nothing was forwarded"
+            body = {"type": "error", "error": {"type": error_type, "message": text}}
+        response = web.Response(status=status, text=json.dumps(body), content_type="application/json")
+        response.force_close()
+        return response
+
+
+def descriptor_budget() -> int:
+    """Client connections the process's file descriptor limit allows: each may need an upstream one too."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(16, (soft - RESERVED_DESCRIPTORS) // 2)
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Lift the soft file descriptor limit to the hard one (as Go's runtime does); returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+class GatewayServer(web.Server):
+    """aiohttp's server, making the gateway's connection handlers."""
+
+    def __init__(
+        self, handler: Any, *, limits: Callable[[], Limits], observer: RefusalObserver | None, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._limits = limits
+        self._observer = observer
+        self._quiet = _QuietLog()
+        self.descriptor_budget = descriptor_budget()
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, limits=self._limits(), loop=self._loop, **self._kwargs)
+
+    def refused(self, status: int, what: str) -> None:
+        self._quiet.note(what)
+        if self._observer is not None:
+            self._observer(status)
+
+
+class GatewayAppRunner(web.AppRunner):
+    """An `AppRunner` whose server is a `GatewayServer`."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        limits: Callable[[], Limits],
+        observer: RefusalObserver | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._limits = limits
+        self._observer = observer
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return GatewayServer(
+            made.request_handler,
+            limits=self._limits,
+            observer=self._observer,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
