@@ -95,11 +95,34 @@ class _ProtocolErrorFilter(logging.Filter):
         return True
 
 
+class _RepeatFilter(logging.Filter):
+    """asyncio logs every failed accept() when descriptors run out (hundreds a second
+    without uvloop): say it once every `every` seconds, with how often it happened."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._next = 0.0
+        self._unsaid = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "asyncio" or not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        self._unsaid += 1
+        if record.created < self._next:
+            return False
+        record.msg, record.args = "accept() failed %d time(s): out of file descriptors", (self._unsaid,)
+        record.exc_info = record.exc_text = None
+        self._next, self._unsaid = record.created + self.every, 0
+        return True
+
+
 def configure_logging(settings: LoggingSettings, secrets: Iterable[str], stream: TextIO | None = None) -> None:
     """Route every logger through one scrubbing handler on stderr."""
     scrub = Scrubber(secrets)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_ProtocolErrorFilter())
+    handler.addFilter(_RepeatFilter())
     handler.setFormatter(_JsonFormatter(scrub) if settings.format == "json" else _TextFormatter(scrub))
     root = logging.getLogger()
     for old in list(root.handlers):

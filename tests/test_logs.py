@@ -141,3 +141,14 @@ async def test_malformed_requests_do_not_put_header_values_in_the_log(
     await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert "PRIVATE_session_token" not in captured.getvalue()
+
+
+def test_running_out_of_descriptors_is_said_once_in_a_while_not_per_accept(captured: io.StringIO) -> None:
+    # What asyncio's own loop logs for each failed accept() when descriptors run out.
+    for _ in range(500):
+        logging.getLogger("asyncio").error(
+            "socket.accept() out of system resource", exc_info=OSError(24, "Too many open files")
+        )
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 1
+    assert "out of file descriptors" in json.loads(lines[0])["message"]
