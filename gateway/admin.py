@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .coalescer import LeaseView
 from .errors import error_body
+from .heartbeat.core import LeaseView
 from .metrics import GatewayMetrics
 from .settings import LiveSettings
 

@@ -19,10 +19,10 @@ from aiohttp import web
 
 from .admin import Health, create_admin_app
 from .capacity import Gate
-from .coalescer import LeaseView
 from .credentials import RetiredTokens
 from .discovery import SessionDiscovery
-from .heartbeats import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
+from .heartbeat.core import LeaseView
+from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware

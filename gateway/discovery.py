@@ -30,6 +30,7 @@ from .headers import merge_betas
 from .links import Links, links_in_answer
 from .routing import Route, RouteName
 from .settings import Environment, HeaderSettings
+from .tasks import Tasks
 from .upstream import Upstream, UpstreamRequest, fetch
 
 __all__ = ["DiscoveryObserver", "DiscoveryResult", "SessionDiscovery"]
@@ -71,6 +72,7 @@ class SessionDiscovery:
         # (session, environment) pairs whose key could not read the session, until when.
         self._misses: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_LOOKUPS)
+        self._tasks = Tasks()
 
     async def environment_of(
         self, session_id: str, candidates: tuple[Environment, ...], headers: HeaderSettings
@@ -86,11 +88,12 @@ class SessionDiscovery:
         lookup = self._lookups.get(key)
         if lookup is None:
             # Its own task: the worker that started it may leave; the others still wait for it.
-            lookup = asyncio.get_running_loop().create_task(
-                self._look_up(session_id, untried, headers), name="session-discovery"
+            lookup = self._tasks.spawn(
+                self._look_up(session_id, untried, headers),
+                name="session-discovery",
+                when_done=lambda task: self._finished(key, task),
             )
             self._lookups[key] = lookup
-            lookup.add_done_callback(lambda task: self._finished(key, task))
         found = await asyncio.shield(lookup)
         return next((e for e in candidates if e.id == found), None)
 
@@ -100,9 +103,7 @@ class SessionDiscovery:
             task.exception()  # retrieved here, whether or not a waiter is left to see it
 
     async def close(self) -> None:
-        for task in list(self._lookups.values()):
-            task.cancel()
-        await asyncio.gather(*self._lookups.values(), return_exceptions=True)
+        await self._tasks.close()
 
     async def _look_up(
         self, session_id: str, candidates: tuple[Environment, ...], headers: HeaderSettings

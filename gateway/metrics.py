@@ -29,8 +29,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 
 from . import __version__
-from .coalescer import LeaseView
 from .errors import UpstreamErrorKind
+from .heartbeat.core import LeaseView
+from .heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
 from .routing import RouteName
 from .settings import PoolName, Settings
 
@@ -42,11 +43,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Lease time left when a worker beats: how close the fleet runs to expiry.
 REMAINING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ROUTES = tuple(r.value for r in RouteName)
-OUTCOMES = ("forwarded", "joined", "handed_off", "absorbed", "rejected", "throttled")
-LOST_REASONS = ("not_extended", "requeued", "conflict", "expired")
-STOP_STATES = ("stopping", "stopped")
+OUTCOMES = tuple(o.value for o in Outcome)
+LOST_REASONS = tuple(r.value for r in LostReason)
+STOP_STATES = (LeaseEventKind.STOPPING, LeaseEventKind.STOPPED)
 ERROR_KINDS: tuple[UpstreamErrorKind, ...] = ("timeout", "connect", "reset", "other")
-LEASE_STATES = ("unknown", "starting", "active", "stopping", "stopped", "queued", "expired")
+LEASE_STATES = tuple(s.value for s in LeaseState)
 # Status codes worth a series from the start: what the gateway itself answers, and the lease protocol's.
 CLIENT_CODES = ("200", "400", "401", "403", "404", "412", "413", "429", "500", "502", "504")
 UPSTREAM_CODES = ("200", "412", "429", "500", "503")
@@ -246,12 +247,12 @@ class GatewayMetrics:
         self._child(self.requests, route, str(status)).inc()
         self._child(self.request_duration, route).observe(seconds)
 
-    def heartbeat_answered(self, environment_id: str, outcome: str, lost_reason: str | None) -> None:
+    def heartbeat_answered(self, environment_id: str, outcome: Outcome, lost_reason: LostReason | None) -> None:
         env = self.environment(environment_id)
         self._child(self.heartbeats, env, outcome).inc()
         if lost_reason is not None:
             self._child(self.leases_lost, env, lost_reason).inc()
-            if lost_reason != "not_extended":
+            if lost_reason is not LostReason.NOT_EXTENDED:
                 self._child(self.conflicts, env).inc()
 
     def credential_injected(self, route: str, credential: str) -> None:
@@ -288,13 +289,13 @@ class GatewayMetrics:
     def retried(self, route: str) -> None:
         self.upstream_retries.labels(route).inc()
 
-    def lease_event(self, environment_id: str, kind: str, reason: str | None) -> None:
+    def lease_event(self, environment_id: str, kind: LeaseEventKind, reason: LostReason | None) -> None:
         env = self.environment(environment_id)
         if kind in STOP_STATES:
             self.work_stops.labels(env, kind).inc()
-        elif kind == "expired":
-            self.leases_lost.labels(env, "expired").inc()
-        elif kind == "evicted":
+        elif kind is LeaseEventKind.EXPIRED:
+            self.leases_lost.labels(env, LostReason.EXPIRED).inc()
+        elif kind is LeaseEventKind.EVICTED:
             self.lease_evictions.inc()
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:

@@ -35,9 +35,9 @@ from .errors import (
     UpstreamError,
 )
 from .headers import request_headers, response_headers
-from .heartbeat_answer import read_answer
-from .heartbeat_query import apply_desired_ttl, parse_heartbeat_query
-from .heartbeats import HeartbeatCall, HeartbeatService, upstream_credential
+from .heartbeat.driver import HeartbeatCall, HeartbeatService, upstream_credential
+from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
+from .heartbeat.wire import Outcome
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
 from .redaction import Redactor
@@ -234,11 +234,10 @@ async def _heartbeat(
     result = await ctx.heartbeats.heartbeat(call)
     exchange = request[EXCHANGE]
     exchange.heartbeat_outcome = result.outcome
-    if result.outcome in ("forwarded", "joined"):
+    if result.outcome in (Outcome.FORWARDED, Outcome.JOINED):
         # Only these answers came from an upstream call made for this request.
         _note_upstream(exchange, result.response.status, result.response.headers)
-    answer = read_answer(result.response.status, result.response.body)
-    ctx.metrics.heartbeat_answered(route.environment_id, result.outcome, answer.lost_reason)
+    ctx.metrics.heartbeat_answered(route.environment_id, result.outcome, result.answer.lost_reason)
     response = _buffered_response(result.response, ctx.live.redactor)
     # Written here rather than by aiohttp after return, so a worker that is
     # gone by now is noticed: its answer can then go to its retry instead.

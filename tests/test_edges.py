@@ -355,7 +355,7 @@ async def test_leases_stopped_through_the_gateway_are_never_counted_as_expired_o
 
         for n, work_id in enumerate(work_ids):
             await churn(work_id, force=n % 2 == 0)  # force stops, and graceful ones the holder never finishes
-        await asyncio.sleep(2.5)  # every TTL and grace long past; the table's checks have run
+        await asyncio.sleep(1.5)  # every TTL (1 s) and grace (0.2 s) past: the core woke for each check
     metrics = gateway.metrics.leases_lost.collect()[0].samples
     lost = {s.labels["reason"]: s.value for s in metrics if s.name.endswith("_total") and s.value}
     assert lost == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.heartbeat_query import HeartbeatQuery, apply_desired_ttl, parse_heartbeat_query
+from gateway.heartbeat.query import HeartbeatQuery, apply_desired_ttl, parse_heartbeat_query
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -168,8 +169,16 @@ async def test_an_unrenewed_lease_is_counted_as_expired(
         url = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
         async with session.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r:
             assert r.status == 200
-    await asyncio.sleep(2.5)  # TTL 1 s + grace 0.2 s, and the table is checked every second
-    text = await scrape(gateway)
+        sent = time.monotonic()
+    # The lease may lapse 1 s (TTL) + 0.2 s (grace) after the claim was sent: the core asks to be
+    # woken then, so the loss is recorded then, not at some later tick.
+    while True:
+        text = await scrape(gateway)
+        if value(text, "heartbeat_gateway_leases_lost_total", environment="prod-sandboxes", reason="expired"):
+            break
+        assert time.monotonic() - sent < 1.2 + 0.5, "the expiry was not recorded when the lease lapsed"
+        await asyncio.sleep(0.02)
+    assert time.monotonic() - sent >= 1.2 - 0.05, "recorded as expired before the lease could have lapsed"
     assert value(text, "heartbeat_gateway_leases_lost_total", environment="prod-sandboxes", reason="expired") == 1
     assert value(text, "heartbeat_gateway_leases", environment="prod-sandboxes", state="expired") == 1
 

@@ -1,9 +1,10 @@
 """Lease-safe heartbeat coalescing, as a sans-IO state machine: time passed in, decisions out.
 
-Nothing here awaits, sleeps or reads a clock. The driver (`gateway.heartbeats`)
+Nothing here awaits, sleeps or reads a clock. The driver (`.driver`)
 feeds in what happened (a worker's heartbeat arrived, an upstream call came
 back, a worker went away, a stop passed through, time passed) and carries out
-the actions returned: send this request upstream, answer that worker.
+the actions returned: send this request upstream, answer that worker, a
+lease event happened, wake me at this time.
 
 Per lease, meaning one (environment id, work id):
 
@@ -70,11 +71,24 @@ import itertools
 from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
+
+from gateway.settings import AbsorbSettings, LeaseTrackingSettings
+
+from .wire import (
+    NO_HEARTBEAT,
+    HeartbeatAnswer,
+    LeaseEventKind,
+    LeaseState,
+    LostReason,
+    Outcome,
+    precondition_failed_body,
+    rejection_reason,
+    success_body,
+    throttled_body,
+)
 
 __all__ = [
-    "NO_HEARTBEAT",
-    "AbsorbPolicy",
     "Action",
     "Beat",
     "Coalescer",
@@ -82,21 +96,18 @@ __all__ = [
     "DeliverError",
     "DeliverLocal",
     "Failed",
-    "HeartbeatAnswer",
+    "FlightResult",
     "LeaseEvent",
     "LeaseKey",
     "LeaseView",
-    "Outcome",
-    "OutcomeName",
     "Rejected",
     "Send",
     "Succeeded",
-    "TrackingPolicy",
     "Unsuccessful",
+    "Wakeup",
     "worker_interval",
 ]
 
-NO_HEARTBEAT = "NO_HEARTBEAT"
 # How many superseded values per lease are remembered for local rejection.
 _SUPERSEDED_MEMORY = 8
 # Beats waiting in one lease's main lane: a worker beats once per interval, so
@@ -117,24 +128,6 @@ R = TypeVar("R")  # the driver's upstream response
 E = TypeVar("E")  # the driver's upstream error
 
 LeaseKey = tuple[str, str]
-OutcomeName = Literal["forwarded", "joined", "handed_off", "absorbed", "rejected", "throttled"]
-LeaseEventKind = Literal["claimed", "lost", "stopping", "stopped", "expired", "evicted"]
-
-
-@dataclass(frozen=True, slots=True)
-class AbsorbPolicy:
-    enabled: bool = False
-    max_signal_delay: float = 5.0
-    min_remaining_fraction: float = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class TrackingPolicy:
-    max_leases: int = 100_000
-    # How long a stopped, lost or expired lease stays visible.
-    retention: float = 300.0
-    # Slack before an unrenewed active lease counts as expired at the edge.
-    expiry_grace: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,20 +147,6 @@ class Beat:
     @property
     def conditional(self) -> bool:
         return self.expected is not None
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatAnswer:
-    """The fields of a 200 heartbeat answer the decisions use."""
-
-    last_heartbeat: str
-    state: str
-    lease_extended: bool
-    ttl_seconds: int
-
-    @property
-    def holds_lease(self) -> bool:
-        return self.state == "active" and self.lease_extended and self.ttl_seconds > 0
 
 
 # -- what the driver reports back about a flight ------------------------------
@@ -207,7 +186,7 @@ class Failed(Generic[E]):
     may_have_applied: bool = True
 
 
-Outcome = Succeeded[R] | Rejected[R] | Unsuccessful[R] | Failed[E]
+FlightResult = Succeeded[R] | Rejected[R] | Unsuccessful[R] | Failed[E]
 
 
 # -- actions for the driver -----------------------------------------------------
@@ -227,7 +206,7 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class Deliver(Generic[R]):
     waiter: int
-    outcome: OutcomeName
+    outcome: Outcome
     response: R
 
 
@@ -242,7 +221,7 @@ class DeliverLocal:
     """An answer built here: a 200 (absorbed, handed off), a 412 (rejected) or a 429 (throttled)."""
 
     waiter: int
-    outcome: OutcomeName
+    outcome: Outcome
     status: int
     body: dict[str, Any]
 
@@ -251,11 +230,22 @@ class DeliverLocal:
 class LeaseEvent:
     key: LeaseKey
     kind: LeaseEventKind
-    # For "lost": not_extended, requeued or conflict.
-    reason: str | None = None
+    # For LOST: not_extended, requeued or conflict.
+    reason: LostReason | None = None
 
 
-Action = Send | Deliver[R] | DeliverError[E] | DeliverLocal | LeaseEvent
+@dataclass(frozen=True, slots=True)
+class Wakeup:
+    """Call `tick` at `at` (or later): a lease may lapse or be due to leave the table then.
+
+    Emitted whenever the core's next deadline moves earlier than the last one
+    it asked for; a driver keeps one timer, moved to the earliest `at`.
+    """
+
+    at: float
+
+
+Action = Send | Deliver[R] | DeliverError[E] | DeliverLocal | LeaseEvent | Wakeup
 
 
 # -- state ------------------------------------------------------------------------
@@ -312,7 +302,7 @@ class _Lease(Generic[R]):
     queue: deque[Beat] = field(default_factory=deque)
     superseded: deque[str] = field(default_factory=lambda: deque(maxlen=_SUPERSEDED_MEMORY))
     # Observation, kept even when `known` is dropped: for the lease table and expiry.
-    state: str = "unknown"
+    state: str = LeaseState.UNKNOWN
     last_heartbeat: str | None = None
     ttl_seconds: int | None = None
     last_success_sent_at: float | None = None
@@ -362,9 +352,9 @@ class LeaseView:
 
 
 class Coalescer(Generic[R, E]):
-    def __init__(self, *, absorb: AbsorbPolicy | None = None, tracking: TrackingPolicy | None = None) -> None:
-        self.absorb = absorb or AbsorbPolicy()
-        self.tracking = tracking or TrackingPolicy()
+    def __init__(self, *, absorb: AbsorbSettings | None = None, tracking: LeaseTrackingSettings | None = None) -> None:
+        self.absorb = absorb or AbsorbSettings()
+        self.tracking = tracking or LeaseTrackingSettings()
         self._leases: dict[LeaseKey, _Lease[R]] = {}
         self._waiting: dict[int, LeaseKey] = {}
         # When each waiting worker gives up on its beat (arrival plus its interval).
@@ -373,12 +363,16 @@ class Coalescer(Generic[R, E]):
         self._flight_ids = itertools.count(1)
         # (when, key): times at which a lease may need expiring or forgetting.
         self._deadlines: list[tuple[float, LeaseKey]] = []
-        self.evictions = 0
+        # The earliest Wakeup asked for and not yet answered by a tick.
+        self._wakeup_asked: float | None = None
 
     # -- inputs -------------------------------------------------------------------
 
     def submit(self, beat: Beat, now: float) -> list[Action[R, E]]:
         """A worker's heartbeat arrived."""
+        return self._asking_wakeup(self._submit(beat, now))
+
+    def _submit(self, beat: Beat, now: float) -> list[Action[R, E]]:
         lease = self._lease(beat.key, now)
         self._waiting[beat.waiter] = beat.key
         self._windows[beat.waiter] = now + worker_interval(lease.delivered_ttl)
@@ -395,8 +389,11 @@ class Coalescer(Generic[R, E]):
             return []
         return self._decide_queue(lease, [beat], now)
 
-    def completed(self, key: LeaseKey, flight_id: int, outcome: Outcome[R, E], now: float) -> list[Action[R, E]]:
+    def completed(self, key: LeaseKey, flight_id: int, outcome: FlightResult[R, E], now: float) -> list[Action[R, E]]:
         """The upstream call of flight `flight_id` came back (after any retries)."""
+        return self._asking_wakeup(self._completed(key, flight_id, outcome, now))
+
+    def _completed(self, key: LeaseKey, flight_id: int, outcome: FlightResult[R, E], now: float) -> list[Action[R, E]]:
         lease = self._leases.get(key)
         if lease is None:
             return []
@@ -497,10 +494,28 @@ class Coalescer(Generic[R, E]):
                 continue  # forgotten, or superseded by an earlier check
             lease.next_check = None
             events += self._check_lease(lease, now)
-        return events
+        # Whatever wakeup was asked for is answered by this tick: ask for the next one afresh.
+        self._wakeup_asked = None
+        return self._asking_wakeup(events)
 
     def next_deadline(self) -> float | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        """When `tick` next has something to do (stale checks, superseded or forgotten, are skipped)."""
+        deadlines = self._deadlines
+        while deadlines:
+            when, key = deadlines[0]
+            lease = self._leases.get(key)
+            if lease is not None and lease.next_check == when:
+                return when
+            heapq.heappop(deadlines)
+        return None
+
+    def _asking_wakeup(self, actions: list[Action[R, E]]) -> list[Action[R, E]]:
+        """`actions`, plus a Wakeup if the next deadline is earlier than any asked for."""
+        when = self.next_deadline()
+        if when is not None and (self._wakeup_asked is None or when < self._wakeup_asked):
+            self._wakeup_asked = when
+            actions.append(Wakeup(when))
+        return actions
 
     # -- queries ------------------------------------------------------------------
 
@@ -574,7 +589,7 @@ class Coalescer(Generic[R, E]):
         if lease is None:
             # Unconfirmed until the upstream accepts a beat: it costs no confirmed lease its row.
             lease = self._leases[key] = _Lease(key, last_seen=now)
-            self._schedule(lease, now + self.tracking.retention)
+            self._schedule(lease, now + self.tracking.retention_seconds)
         lease.last_seen = now
         return lease
 
@@ -615,7 +630,7 @@ class Coalescer(Generic[R, E]):
                 other.overlapped = sent.overlapped = True
 
     def _side_completed(
-        self, lease: _Lease[R], flight_id: int, outcome: Outcome[R, E], now: float
+        self, lease: _Lease[R], flight_id: int, outcome: FlightResult[R, E], now: float
     ) -> list[Action[R, E]]:
         identity, lane = next(
             ((i, lane) for i, lane in lease.side.items() if lane.flight is not None and lane.flight.id == flight_id),
@@ -637,7 +652,7 @@ class Coalescer(Generic[R, E]):
             lease.epoch += 1
             if answer.holds_lease and waiting:
                 lease.delivered_ttl = answer.ttl_seconds
-            actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+            actions += [Deliver(w, Outcome.FORWARDED, outcome.response) for w in waiting]
             if not flight.overlapped and not flight.after_stop and answer.holds_lease:
                 # Alone on the lease all along: the answer is as current as a main-lane one,
                 # and may be kept (for local answers to this, now the holder's, credential).
@@ -648,17 +663,17 @@ class Coalescer(Generic[R, E]):
                 elif flight.expected is not None:
                     lease.undelivered = success
         elif isinstance(outcome, Rejected):
-            if outcome.current_state != "active" or (
+            if outcome.current_state != LeaseState.ACTIVE or (
                 lease.known is not None and outcome.current_last_heartbeat != lease.known.answer.last_heartbeat
             ):
                 lease.known = lease.undelivered = None
-            actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+            actions += [Deliver(w, Outcome.FORWARDED, outcome.response) for w in waiting]
         else:
             if outcome.may_have_applied:
                 lease.known = lease.undelivered = None
                 lease.epoch += 1
             if isinstance(outcome, Unsuccessful):
-                actions += [Deliver(w, "forwarded", outcome.response) for w in waiting]
+                actions += [Deliver(w, Outcome.FORWARDED, outcome.response) for w in waiting]
             else:
                 actions += [DeliverError(w, outcome.error) for w in waiting]
         self._done_waiting(flight)
@@ -674,14 +689,7 @@ class Coalescer(Generic[R, E]):
         self._waiting.pop(beat.waiter, None)
         self._windows.pop(beat.waiter, None)
         self._forget_if_unconfirmed(lease)
-        body = {
-            "type": "error",
-            "error": {
-                "type": "rate_limit_error",
-                "message": "too many heartbeats are waiting for this work item; retry after the current one",
-            },
-        }
-        return [DeliverLocal(beat.waiter, "throttled", 429, body)]
+        return [DeliverLocal(beat.waiter, Outcome.THROTTLED, 429, throttled_body())]
 
     @staticmethod
     def _can_join(flight: _Flight, beat: Beat) -> bool:
@@ -705,7 +713,7 @@ class Coalescer(Generic[R, E]):
             )
             self._mark_overlaps(lease, flight)
             lease.flight = flight
-            lease.last_outcome = "forwarded"
+            lease.last_outcome = Outcome.FORWARDED
             # Unconditional beats right behind it ride along.
             while lease.queue and self._can_join(flight, lease.queue[0]):
                 flight.waiters.append(lease.queue.popleft().waiter)
@@ -728,7 +736,7 @@ class Coalescer(Generic[R, E]):
             undelivered.delivered_to = beat.waiter
             body = self._answer_body(undelivered, now)
             lease.delivered_ttl = body["ttl_seconds"]
-            return DeliverLocal(beat.waiter, "handed_off", 200, body)
+            return DeliverLocal(beat.waiter, Outcome.HANDED_OFF, 200, body)
         known = lease.known
         # Local answers only for the credential the upstream last accepted on
         # this lease: anyone else gets the upstream's own verdict (maybe a 401).
@@ -737,11 +745,11 @@ class Coalescer(Generic[R, E]):
         if beat.expected == known.answer.last_heartbeat and self._absorbable(known, beat, now):
             body = self._answer_body(known, now)
             lease.delivered_ttl = body["ttl_seconds"]
-            return DeliverLocal(beat.waiter, "absorbed", 200, body)
+            return DeliverLocal(beat.waiter, Outcome.ABSORBED, 200, body)
         if beat.expected is not None and beat.expected in lease.superseded:
-            return self._rejected_locally(lease, beat, known)
+            return self._rejected_locally(beat, known)
         if beat.expected == NO_HEARTBEAT and now < known.surely_held_until():
-            return self._rejected_locally(lease, beat, known)
+            return self._rejected_locally(beat, known)
         return None
 
     def _absorbable(self, known: _Success[R], beat: Beat, now: float) -> bool:
@@ -750,47 +758,19 @@ class Coalescer(Generic[R, E]):
             return False
         left = known.surely_held_until() - now
         return (
-            now - known.sent_at < policy.max_signal_delay
+            now - known.sent_at < policy.max_signal_delay_seconds
             and left >= 1.0
             and left >= policy.min_remaining_fraction * known.answer.ttl_seconds
         )
 
     @staticmethod
     def _answer_body(success: _Success[R], now: float) -> dict[str, Any]:
-        answer = success.answer
-        return {
-            "type": "work_heartbeat",
-            "last_heartbeat": answer.last_heartbeat,
-            "lease_extended": answer.lease_extended,
-            "state": answer.state,
-            # Whole seconds surely left: never more than the upstream would say.
-            "ttl_seconds": int(success.surely_held_until() - now),
-        }
+        # Whole seconds surely left: never more than the upstream would say.
+        return success_body(success.answer, int(success.surely_held_until() - now))
 
     @staticmethod
-    def _rejected_locally(lease: _Lease[R], beat: Beat, known: _Success[R]) -> DeliverLocal:
-        actual = known.answer.last_heartbeat
-        state = known.answer.state
-        body = {
-            "type": "error",
-            "error": {
-                "type": "invalid_request_error",
-                "message": f"Heartbeat precondition failed: expected {beat.expected}, actual was {actual}",
-                "details": {
-                    "error_code": "heartbeat_precondition_failed",
-                    "error_visibility": "user_facing",
-                    "current_state": {
-                        "state": state,
-                        "last_heartbeat": actual,
-                        # ASSUMPTION: the lease was updated by the heartbeat that set last_heartbeat.
-                        "lease_updated_at": actual,
-                        "lease_extended": False,
-                        "ttl_seconds": known.answer.ttl_seconds,
-                    },
-                },
-            },
-        }
-        return DeliverLocal(beat.waiter, "rejected", 412, body)
+    def _rejected_locally(beat: Beat, known: _Success[R]) -> DeliverLocal:
+        return DeliverLocal(beat.waiter, Outcome.REJECTED, 412, precondition_failed_body(beat.expected, known.answer))
 
     def _succeeded(
         self, lease: _Lease[R], flight: _Flight, outcome: Succeeded[R], waiting: list[int], now: float
@@ -809,7 +789,7 @@ class Coalescer(Generic[R, E]):
         if flight.expected is not None:
             if waiting:
                 success.delivered_to = waiting[0]
-                return [*events, Deliver(waiting[0], "forwarded", outcome.response)]
+                return [*events, Deliver(waiting[0], Outcome.FORWARDED, outcome.response)]
             if keep:
                 lease.undelivered = success
             return events
@@ -827,24 +807,28 @@ class Coalescer(Generic[R, E]):
     def _observe_success(self, lease: _Lease[R], flight: _Flight, answer: HeartbeatAnswer) -> list[Action[R, E]]:
         events: list[Action[R, E]] = []
         if flight.expected == NO_HEARTBEAT and answer.holds_lease:
-            events.append(LeaseEvent(lease.key, "claimed"))
-        if answer.state == "stopping" and not lease.reported_stopping:
+            events.append(LeaseEvent(lease.key, LeaseEventKind.CLAIMED))
+        if answer.state == LeaseState.STOPPING and not lease.reported_stopping:
             lease.reported_stopping = True
-            events.append(LeaseEvent(lease.key, "stopping"))
-        elif answer.state == "stopped" and lease.state != "stopped":
-            events.append(LeaseEvent(lease.key, "stopped"))
-        elif answer.state == "active" and not answer.lease_extended:
-            events.append(LeaseEvent(lease.key, "lost", "not_extended"))
+            events.append(LeaseEvent(lease.key, LeaseEventKind.STOPPING))
+        elif answer.state == LeaseState.STOPPED and lease.state != LeaseState.STOPPED:
+            events.append(LeaseEvent(lease.key, LeaseEventKind.STOPPED))
+        elif answer.state == LeaseState.ACTIVE and not answer.lease_extended:
+            events.append(LeaseEvent(lease.key, LeaseEventKind.LOST, LostReason.NOT_EXTENDED))
         if not lease.confirmed:
-            self._evict_if_full()
+            events += self._evict_if_full()
             self._confirmed += 1
         lease.state = answer.state
         lease.last_heartbeat = answer.last_heartbeat
         lease.ttl_seconds = answer.ttl_seconds
         lease.last_success_sent_at = flight.sent_at
         # A stopping lease is on its way out: if it lapses now, nothing was lost.
-        lease.ended = lease.stop_requested or answer.state in ("stopping", "stopped") or not answer.lease_extended
-        self._schedule(lease, flight.sent_at + answer.ttl_seconds + self.tracking.expiry_grace)
+        lease.ended = (
+            lease.stop_requested
+            or answer.state in (LeaseState.STOPPING, LeaseState.STOPPED)
+            or not answer.lease_extended
+        )
+        self._schedule(lease, flight.sent_at + answer.ttl_seconds + self.tracking.expiry_grace_seconds)
         return events
 
     def _rejected(
@@ -853,7 +837,8 @@ class Coalescer(Generic[R, E]):
         lease.known = None
         undelivered = lease.undelivered
         if undelivered is not None and (
-            outcome.current_state != "active" or outcome.current_last_heartbeat != undelivered.answer.last_heartbeat
+            outcome.current_state != LeaseState.ACTIVE
+            or outcome.current_last_heartbeat != undelivered.answer.last_heartbeat
         ):
             # The 412 shows the lease has moved on from the answer nobody received.
             lease.undelivered = None
@@ -862,19 +847,18 @@ class Coalescer(Generic[R, E]):
         events: list[Action[R, E]] = []
         if (
             not lease.stop_requested
-            and lease.state in ("active", "starting", "unknown")
+            and lease.state in (LeaseState.ACTIVE, LeaseState.STARTING, LeaseState.UNKNOWN)
             and outcome.current_last_heartbeat != lease.last_heartbeat
         ):
-            reason = "requeued" if outcome.current_state == "queued" else "conflict"
-            events.append(LeaseEvent(lease.key, "lost", reason))
+            events.append(LeaseEvent(lease.key, LeaseEventKind.LOST, rejection_reason(outcome.current_state)))
         if outcome.current_state is not None:
             lease.state = outcome.current_state
         lease.last_outcome = "rejected_upstream"
         return [*events, *(Deliver(w, self._name(flight, w), outcome.response) for w in waiting)]
 
     @staticmethod
-    def _name(flight: _Flight, waiter: int) -> OutcomeName:
-        return "forwarded" if waiter == flight.owner else "joined"
+    def _name(flight: _Flight, waiter: int) -> Outcome:
+        return Outcome.FORWARDED if waiter == flight.owner else Outcome.JOINED
 
     # -- table upkeep -----------------------------------------------------------------
 
@@ -891,23 +875,23 @@ class Coalescer(Generic[R, E]):
 
     def _check_lease(self, lease: _Lease[R], now: float) -> list[Action[R, E]]:
         if not lease.idle:
-            self._schedule(lease, now + self.tracking.retention)
+            self._schedule(lease, now + self.tracking.retention_seconds)
             return []
         sent, ttl = lease.last_success_sent_at, lease.ttl_seconds
         if not lease.ended and sent is not None and ttl is not None:
-            if now < sent + ttl + self.tracking.expiry_grace:
-                self._schedule(lease, sent + ttl + self.tracking.expiry_grace)  # renewed since
+            if now < sent + ttl + self.tracking.expiry_grace_seconds:
+                self._schedule(lease, sent + ttl + self.tracking.expiry_grace_seconds)  # renewed since
                 return []
             # Nobody renewed it through this gateway: a loss no one else reports.
-            lease.state, lease.ended, lease.known = "expired", True, None
+            lease.state, lease.ended, lease.known = LeaseState.EXPIRED, True, None
             lease.last_seen = now
-            self._schedule(lease, now + self.tracking.retention)
-            return [LeaseEvent(lease.key, "expired")]
+            self._schedule(lease, now + self.tracking.retention_seconds)
+            return [LeaseEvent(lease.key, LeaseEventKind.EXPIRED)]
         # Ended, or never granted: forget it once it has been quiet for the retention time.
-        if now - lease.last_seen >= self.tracking.retention:
+        if now - lease.last_seen >= self.tracking.retention_seconds:
             self._remove(lease)
         else:
-            self._schedule(lease, lease.last_seen + self.tracking.retention)
+            self._schedule(lease, lease.last_seen + self.tracking.retention_seconds)
         return []
 
     def _remove(self, lease: _Lease[R]) -> None:
@@ -915,21 +899,21 @@ class Coalescer(Generic[R, E]):
         if lease.confirmed:
             self._confirmed -= 1
 
-    def _evict_if_full(self) -> None:
+    def _evict_if_full(self) -> list[Action[R, E]]:
         """Room for one more confirmed lease. Only confirmed ones count, and only they are evicted:
         beats no upstream accepted (a junk credential's) never take a real lease's row."""
-        if self._confirmed < self.tracking.max_leases:
-            return
+        if self._confirmed < self.tracking.max_tracked:
+            return []
         # Evict a batch, ended leases first, then the longest quiet, so the sort
         # is paid once per batch rather than once per new lease.
-        batch = max(1, self.tracking.max_leases // 100)
+        batch = max(1, self.tracking.max_tracked // 100)
         idle = sorted(
             (lease for lease in self._leases.values() if lease.idle and lease.confirmed),
             key=lambda lease: (not lease.ended, lease.last_seen),
         )
         for lease in idle[:batch]:
             self._remove(lease)
-            self.evictions += 1
+        return [LeaseEvent(lease.key, LeaseEventKind.EVICTED) for lease in idle[:batch]]
 
 
 def worker_interval(ttl_seconds: int | None) -> float:

@@ -4,29 +4,32 @@ The proxy validates a heartbeat, injects its credential and TTL, and hands a
 `HeartbeatCall` to a `HeartbeatService`, which returns one buffered answer per
 call (heartbeat answers are small JSON):
 
-- `CoalescingHeartbeats` (the default) drives the sans-IO `gateway.coalescer`:
+- `CoalescingHeartbeats` (the default) drives the sans-IO core (`.core`):
   it owns the futures the waiting handlers await, runs each upstream flight
   as its own task (no waiter's cancellation cancels it; it has its own
-  deadline), retries what surely never landed, and feeds every result back.
+  deadline), retries what surely never landed, keeps one timer for the
+  core's next `Wakeup`, and feeds every result back.
 - `DirectHeartbeats` forwards each call one for one (`heartbeat.coalesce: false`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import json
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
-from .coalescer import (
-    AbsorbPolicy,
+from gateway.errors import CapacityExceeded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.settings import HeartbeatSettings, PoolName
+from gateway.tasks import Tasks
+from gateway.upstream import BufferedResponse, Upstream, UpstreamRequest, fetch
+
+from .core import (
     Action,
     Beat,
     Coalescer,
@@ -34,23 +37,19 @@ from .coalescer import (
     DeliverError,
     DeliverLocal,
     Failed,
+    FlightResult,
     LeaseEvent,
     LeaseKey,
     LeaseView,
-    Outcome,
-    OutcomeName,
     Rejected,
     Send,
     Succeeded,
-    TrackingPolicy,
     Unsuccessful,
+    Wakeup,
 )
-from .errors import CapacityExceeded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from .heartbeat_answer import AnswerSummary, read_answer
-from .heartbeat_query import HeartbeatQuery, without_param
+from .query import HeartbeatQuery, without_param
 from .retry import retry_delay
-from .settings import HeartbeatSettings, PoolName
-from .upstream import BufferedResponse, Upstream, UpstreamRequest, fetch
+from .wire import Answer, LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 
 __all__ = [
     "MAX_HEARTBEAT_RESPONSE_BYTES",
@@ -69,8 +68,6 @@ log = logging.getLogger("gateway.leases")
 # A heartbeat answer is a few hundred bytes; anything near this is not one.
 MAX_HEARTBEAT_RESPONSE_BYTES = 1024 * 1024
 OUTCOME_HEADER = "heartbeat-gateway-outcome"
-# How often the lease table is checked for leases that lapsed unrenewed.
-TICK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +84,19 @@ class HeartbeatCall:
 @dataclass(frozen=True, slots=True)
 class HeartbeatResult:
     response: BufferedResponse
-    outcome: OutcomeName
+    outcome: Outcome
+    # What the answer says about the lease, read once.
+    answer: Answer
     # What the service needs to hear back if the answer could not be written.
     receipt: tuple[int, LeaseKey] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An upstream answer and what it says: the core's response type, read once when it arrives."""
+
+    response: BufferedResponse
+    answer: Answer
 
 
 class HeartbeatService(Protocol):
@@ -123,7 +130,8 @@ class DirectHeartbeats:
         pool = PoolName.LEASE if call.vouched else PoolName.OTHER
         request = dataclasses.replace(call.request, pool=pool)
         response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
-        return HeartbeatResult(response, "forwarded")
+        answer = read_answer(response.status, response.body)
+        return HeartbeatResult(_labelled(response, Outcome.FORWARDED), Outcome.FORWARDED, answer)
 
     def holds(self, environment_id: str, work_id: str, credential: tuple[str, ...]) -> bool:
         return False
@@ -149,7 +157,7 @@ class HeartbeatObserver(Protocol):
 
     def retried(self, route: str) -> None: ...
 
-    def lease_event(self, environment_id: str, kind: str, reason: str | None) -> None: ...
+    def lease_event(self, environment_id: str, kind: LeaseEventKind, reason: LostReason | None) -> None: ...
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None: ...
 
@@ -158,14 +166,14 @@ class _Unobserved:
     def retried(self, route: str) -> None:
         pass
 
-    def lease_event(self, environment_id: str, kind: str, reason: str | None) -> None:
+    def lease_event(self, environment_id: str, kind: LeaseEventKind, reason: LostReason | None) -> None:
         pass
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
         pass
 
 
-Core = Coalescer[BufferedResponse, UpstreamError]
+Core = Coalescer[Reply, UpstreamError]
 
 
 class CoalescingHeartbeats:
@@ -181,7 +189,6 @@ class CoalescingHeartbeats:
     ) -> None:
         self._upstream = upstream
         self._observer = observer or _Unobserved()
-        self._evictions_reported = 0
         self._label = label
         self._clock = clock
         self._rng = rng or random.Random()
@@ -190,15 +197,15 @@ class CoalescingHeartbeats:
         self._calls: dict[int, HeartbeatCall] = {}
         self._futures: dict[int, asyncio.Future[HeartbeatResult]] = {}
         self._waiters = iter(range(1, 2**63))
-        # Every task this driver starts, so none is dropped by the loop's weak references.
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._ticker: asyncio.Task[None] | None = None
+        self._flights = Tasks()
+        # The one timer for the core's earliest Wakeup, and when it is due.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self.upstream_calls = 0
 
     # -- the service -------------------------------------------------------------------
 
     async def heartbeat(self, call: HeartbeatCall) -> HeartbeatResult:
-        self._ensure_ticker()
         waiter = next(self._waiters)
         future: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
         self._futures[waiter] = future
@@ -211,7 +218,6 @@ class CoalescingHeartbeats:
             self._observer.lease_remaining_at_beat(call.environment_id, left)
         try:
             self._carry_out(self.core.submit(beat, now))
-            self._report_evictions()
             return await future
         except asyncio.CancelledError:
             # The worker went away. Its flight (if any) goes on without it.
@@ -225,7 +231,7 @@ class CoalescingHeartbeats:
             self._calls.pop(waiter, None)
 
     def unwritten(self, result: HeartbeatResult) -> None:
-        if result.receipt is not None and result.outcome in ("forwarded", "handed_off"):
+        if result.receipt is not None and result.outcome in (Outcome.FORWARDED, Outcome.HANDED_OFF):
             waiter, key = result.receipt
             self.core.unwritten(waiter, key, self._clock())
 
@@ -238,26 +244,23 @@ class CoalescingHeartbeats:
         return isinstance(holder, tuple) and holder[: len(credential) + 1] == (*credential, "")
 
     def configure(self, settings: HeartbeatSettings) -> None:
-        absorb, leases = settings.absorb, settings.leases
         self._timeout = settings.upstream_timeout_seconds
-        self.core.absorb = AbsorbPolicy(absorb.enabled, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction)
-        self.core.tracking = TrackingPolicy(leases.max_tracked, leases.retention_seconds, leases.expiry_grace_seconds)
-
-    def _report_evictions(self) -> None:
-        while self._evictions_reported < self.core.evictions:
-            self._evictions_reported += 1
-            self._observer.lease_event("", "evicted", None)
+        self.core.absorb = settings.absorb
+        self.core.tracking = settings.leases
 
     def leases(self) -> list[LeaseView]:
         return list(self.core.leases(self._clock()))
 
+    def wake(self) -> None:
+        """The core's wakeup time came: let it see the time (and carry out what it decides)."""
+        self._timer = self._timer_at = None
+        self._carry_out(self.core.tick(self._clock()))
+
     async def close(self) -> None:
-        tasks = [*self._tasks, *([self._ticker] if self._ticker else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        await self._flights.close()
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(
@@ -266,7 +269,7 @@ class CoalescingHeartbeats:
 
     # -- carrying out decisions ------------------------------------------------------
 
-    def _carry_out(self, actions: list[Action[BufferedResponse, UpstreamError]]) -> None:
+    def _carry_out(self, actions: list[Action[Reply, UpstreamError]]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 call = self._calls[action.waiter]
@@ -274,48 +277,42 @@ class CoalescingHeartbeats:
                 # nobody vouches for) on the general class, so it never takes a lease's connection.
                 pool = PoolName.LEASE if action.main else PoolName.OTHER
                 request = dataclasses.replace(call.request, pool=pool)
-                self._spawn(self._fly(action.key, action.flight, request), f"heartbeat-flight-{action.flight}")
+                self._flights.spawn(
+                    self._fly(action.key, action.flight, request), name=f"heartbeat-flight-{action.flight}"
+                )
             elif isinstance(action, Deliver):
                 self._resolve(action.waiter, action.response, action.outcome)
             elif isinstance(action, DeliverLocal):
-                self._resolve(action.waiter, _local_response(action), action.outcome)
+                self._resolve(action.waiter, _local_reply(action), action.outcome)
             elif isinstance(action, DeliverError):
                 future = self._futures.get(action.waiter)
                 if future is not None and not future.done():
                     future.set_exception(_copy(action.error))
             elif isinstance(action, LeaseEvent):
                 self._log_event(action)
+            elif isinstance(action, Wakeup):
+                self._wake_at(action.at)
 
-    def _resolve(self, waiter: int, response: BufferedResponse, outcome: OutcomeName) -> None:
+    def _wake_at(self, at: float) -> None:
+        """One timer, moved earlier when the core asks for an earlier wakeup."""
+        if self._timer_at is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()), self.wake)
+
+    def _resolve(self, waiter: int, reply: Reply, outcome: Outcome) -> None:
         future = self._futures.get(waiter)
         call = self._calls.get(waiter)
         if future is None or future.done() or call is None:
             return
-        headers = (*response.headers, (OUTCOME_HEADER, outcome))
         key = (call.environment_id, call.work_id)
-        future.set_result(
-            HeartbeatResult(
-                BufferedResponse(response.status, response.reason, headers, response.body), outcome, (waiter, key)
-            )
-        )
-
-    def _spawn(self, coroutine: Coroutine[object, object, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _ensure_ticker(self) -> None:
-        if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="lease-table-ticker")
-
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_SECONDS)
-            self._carry_out(self.core.tick(self._clock()))
+        future.set_result(HeartbeatResult(_labelled(reply.response, outcome), outcome, reply.answer, (waiter, key)))
 
     async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest) -> None:
         """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter."""
-        outcome: Outcome[BufferedResponse, UpstreamError]
+        outcome: FlightResult[Reply, UpstreamError]
         try:
             outcome = await self._send(key, flight, request)
         except Exception:
@@ -328,9 +325,7 @@ class CoalescingHeartbeats:
             outcome = Failed(error)
         self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
 
-    async def _send(
-        self, key: LeaseKey, flight: int, request: UpstreamRequest
-    ) -> Outcome[BufferedResponse, UpstreamError]:
+    async def _send(self, key: LeaseKey, flight: int, request: UpstreamRequest) -> FlightResult[Reply, UpstreamError]:
         if not self.core.flight_wanted(key, flight):
             # The worker left before the task started: never send what nobody waits for.
             gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
@@ -359,9 +354,7 @@ class CoalescingHeartbeats:
             if not self.core.flight_wanted(key, flight):
                 return outcome  # nobody waits any more: a retry now would renew what no one asked for
 
-    async def _attempt(
-        self, request: UpstreamRequest
-    ) -> tuple[Outcome[BufferedResponse, UpstreamError], float | None, bool]:
+    async def _attempt(self, request: UpstreamRequest) -> tuple[FlightResult[Reply, UpstreamError], float | None, bool]:
         """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""
         self.upstream_calls += 1
         try:
@@ -373,7 +366,7 @@ class CoalescingHeartbeats:
             # Only a request that never left may be sent again: the first one may have been applied.
             failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
             return failed, None, not error.may_have_reached_upstream
-        outcome = _classify(response, read_answer(response.status, response.body))
+        outcome = _classify(Reply(response, read_answer(response.status, response.body)))
         retry_after = _retry_after(response) if response.status in (429, 503) else None
         return outcome, retry_after, retry_after is not None
 
@@ -381,13 +374,21 @@ class CoalescingHeartbeats:
         environment_id, work_id = event.key
         self._observer.lease_event(environment_id, event.kind, event.reason)
         fields = {
-            "event": f"lease_{event.kind}",
+            "event": f"lease_{event.kind.value}",
             "environment": self._label(environment_id),
             "work_id": work_id,
         }
         if event.reason:
-            fields["reason"] = event.reason
-        log.info("lease %s", event.kind, extra={"fields": fields})
+            fields["reason"] = event.reason.value
+        # An eviction is routine upkeep of a full table (counted in a metric), not news about a lease.
+        level = logging.DEBUG if event.kind is LeaseEventKind.EVICTED else logging.INFO
+        log.log(level, "lease %s", event.kind.value, extra={"fields": fields})
+
+
+def _labelled(response: BufferedResponse, outcome: Outcome) -> BufferedResponse:
+    """The answer as the worker gets it: with how it was decided."""
+    headers = (*response.headers, (OUTCOME_HEADER, outcome.value))
+    return BufferedResponse(response.status, response.reason, headers, response.body)
 
 
 def upstream_credential(headers: Iterable[tuple[str, str]]) -> tuple[str, ...]:
@@ -403,13 +404,14 @@ def _identity(request: UpstreamRequest) -> tuple[str, ...]:
     return (*credential, "", *params)
 
 
-def _classify(response: BufferedResponse, summary: AnswerSummary) -> Outcome[BufferedResponse, UpstreamError]:
-    if response.status == 412:
-        return Rejected(response, summary.current_state, summary.current_last_heartbeat)
-    if summary.answer is not None:
-        return Succeeded(summary.answer, response)
+def _classify(reply: Reply) -> FlightResult[Reply, UpstreamError]:
+    answer = reply.answer
+    if answer.status == 412:
+        return Rejected(reply, answer.current_state, answer.current_last_heartbeat)
+    if answer.success is not None:
+        return Succeeded(answer.success, reply)
     # A server error may follow a write that landed; refusals (4xx, 503, 529) did not apply.
-    return Unsuccessful(response, may_have_applied=response.status >= 500 and response.status not in (503, 529))
+    return Unsuccessful(reply, may_have_applied=answer.status >= 500 and answer.status not in (503, 529))
 
 
 def _retry_after(response: BufferedResponse) -> float | None:
@@ -426,11 +428,13 @@ def _retry_after(response: BufferedResponse) -> float | None:
 _LOCAL_REASONS = MappingProxyType({200: "OK", 412: "Precondition Failed", 429: "Too Many Requests"})
 
 
-def _local_response(action: DeliverLocal) -> BufferedResponse:
+def _local_reply(action: DeliverLocal) -> Reply:
+    """The gateway's own answer, encoded once; what it says is read from the body before encoding."""
     headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
     if action.status == 429:
         headers += (("retry-after", "1"),)
-    return BufferedResponse(action.status, _LOCAL_REASONS[action.status], headers, json.dumps(action.body).encode())
+    response = BufferedResponse(action.status, _LOCAL_REASONS[action.status], headers, encode(action.body))
+    return Reply(response, read_body(action.status, action.body))
 
 
 def _copy(error: UpstreamError) -> UpstreamError:

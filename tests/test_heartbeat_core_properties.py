@@ -36,8 +36,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gateway.coalescer import (
-    AbsorbPolicy,
+from gateway.heartbeat.core import (
     Action,
     Beat,
     Coalescer,
@@ -45,15 +44,16 @@ from gateway.coalescer import (
     DeliverError,
     DeliverLocal,
     Failed,
-    HeartbeatAnswer,
+    FlightResult,
     LeaseEvent,
-    Outcome,
     Rejected,
     Send,
     Succeeded,
-    TrackingPolicy,
     Unsuccessful,
+    Wakeup,
 )
+from gateway.heartbeat.wire import HeartbeatAnswer
+from gateway.settings import AbsorbSettings, LeaseTrackingSettings
 from gateway.simulator import ControlPlane, SimError, TtlPolicy
 
 settings.register_profile("fast", max_examples=200, stateful_step_count=50, deadline=None)
@@ -95,8 +95,8 @@ class CoalescerMachine(RuleBasedStateMachine):
         self.plane = ControlPlane([ENV], ttl=TtlPolicy(default_seconds=TTL, min_seconds=1, max_seconds=TTL))
         self.items = [self._ready_item() for _ in range(2)]
         self.core: Coalescer[Response, str] = Coalescer(
-            absorb=AbsorbPolicy(enabled=True, max_signal_delay=MAX_SIGNAL_DELAY, min_remaining_fraction=0.3),
-            tracking=TrackingPolicy(max_leases=1000, retention=30.0, expiry_grace=1.0),
+            absorb=AbsorbSettings(enabled=True, max_signal_delay_seconds=MAX_SIGNAL_DELAY, min_remaining_fraction=0.3),
+            tracking=LeaseTrackingSettings(max_tracked=1000, retention_seconds=30.0, expiry_grace_seconds=1.0),
         )
         # What each worker would echo next, per item.
         self.last: dict[tuple[int, str], str] = {}
@@ -111,6 +111,7 @@ class CoalescerMachine(RuleBasedStateMachine):
         self.stopped_at: dict[str, float] = {}
         self.stop_seen: set[str] = set()
         self.outcomes: dict[str, int] = {}
+        self.wakeup: float | None = None
 
     @initialize()
     def claim_both_items(self) -> None:
@@ -140,6 +141,9 @@ class CoalescerMachine(RuleBasedStateMachine):
                 self.lanes[action.flight] = lane
             elif isinstance(action, Deliver | DeliverError | DeliverLocal):
                 self.answered(action)
+            elif isinstance(action, Wakeup):
+                # A driver keeps one timer, at the earliest wakeup asked for since its last tick.
+                self.wakeup = action.at if self.wakeup is None else min(self.wakeup, action.at)
             else:
                 assert isinstance(action, LeaseEvent)
 
@@ -309,7 +313,7 @@ class CoalescerMachine(RuleBasedStateMachine):
         key, owner = self.flights.pop(flight)
         self.lanes.pop(flight)
         waiter = self.waiters[owner]
-        outcome: Outcome[Response, str]
+        outcome: FlightResult[Response, str]
         if waiter.identity == HOSTILE:
             # The upstream refuses the credential before looking at the lease.
             outcome = Unsuccessful(Response(401, {"type": "error"}))
@@ -363,11 +367,21 @@ class CoalescerMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
         self.plane.expire(self.now)
+        # The timer fired (or time passed it): the tick answers it, and may ask for the next.
+        self.wakeup = None
         actions = self.core.tick(self.now)
         assert not any(isinstance(a, Send) for a in actions), "time alone sent a heartbeat"
         self.carry_out(actions)
 
     # -- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def no_deadline_without_a_wakeup(self) -> None:
+        """A driver that sleeps until the wakeups it was asked for never misses one of the core's deadlines."""
+        due = self.core.next_deadline()
+        if due is not None:
+            assert self.wakeup is not None, "a deadline the driver was never asked to wake for"
+            assert self.wakeup <= due, "the driver was asked to wake only after a deadline"
 
     @invariant()
     def one_flight_per_lane(self) -> None:

@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote_plus
 
-from .errors import InvalidRequest
+from gateway.errors import InvalidRequest
 
-__all__ = ["NO_HEARTBEAT", "HeartbeatQuery", "apply_desired_ttl", "parse_heartbeat_query", "without_param"]
+from .wire import NO_HEARTBEAT
 
-NO_HEARTBEAT = "NO_HEARTBEAT"
+__all__ = ["HeartbeatQuery", "apply_desired_ttl", "parse_heartbeat_query", "without_param"]
+
 _EXPECTED = "expected_last_heartbeat"
 _TTL = "desired_ttl_seconds"
 _DIGITS = re.compile(r"[0-9]{1,9}\Z")

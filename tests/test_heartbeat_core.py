@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.coalescer import (
-    AbsorbPolicy,
+from gateway.heartbeat.core import (
     Action,
     Beat,
     Coalescer,
@@ -19,15 +18,16 @@ from gateway.coalescer import (
     DeliverError,
     DeliverLocal,
     Failed,
-    HeartbeatAnswer,
     LeaseEvent,
     Rejected,
     Send,
     Succeeded,
-    TrackingPolicy,
     Unsuccessful,
+    Wakeup,
 )
-from gateway.retry import MAX_RETRIES, retry_delay
+from gateway.heartbeat.retry import MAX_RETRIES, retry_delay
+from gateway.heartbeat.wire import HeartbeatAnswer, LeaseEventKind
+from gateway.settings import AbsorbSettings, LeaseTrackingSettings
 
 KEY = ("env_1", "work_1")
 ME = "identity-shared-token"
@@ -37,7 +37,7 @@ Core = Coalescer[str, str]
 
 
 def core(**absorb: Any) -> Core:
-    return Coalescer(absorb=AbsorbPolicy(**absorb) if absorb else None)
+    return Coalescer(absorb=AbsorbSettings(**absorb) if absorb else None)
 
 
 def beat(waiter: int, expected: str | None, identity: str = ME, key: tuple[str, str] = KEY) -> Beat:
@@ -238,7 +238,7 @@ def test_a_joiner_that_leaves_is_not_answered_and_errors_reach_every_waiter() ->
 
 
 def test_absorption_answers_the_holder_locally_within_the_signal_delay() -> None:
-    c = core(enabled=True, max_signal_delay=2.0, min_remaining_fraction=0.5)
+    c = core(enabled=True, max_signal_delay_seconds=2.0, min_remaining_fraction=0.5)
     claimed(c, t=0.0, last="T1", ttl=10)
     actions = c.submit(beat(2, "T1"), 0.25)
     assert sends(actions) == []
@@ -257,14 +257,14 @@ def test_absorption_answers_the_holder_locally_within_the_signal_delay() -> None
 
 
 def test_absorption_forwards_when_too_little_of_the_lease_is_left() -> None:
-    c = core(enabled=True, max_signal_delay=60.0, min_remaining_fraction=0.5)
+    c = core(enabled=True, max_signal_delay_seconds=60.0, min_remaining_fraction=0.5)
     claimed(c, t=0.0, last="T1", ttl=10)
     assert replies(c.submit(beat(2, "T1"), 4.9))[0][1] == "absorbed"
     assert len(sends(c.submit(beat(3, "T1"), 5.1))) == 1  # 4.9 s left < half of 10
 
 
 def test_absorption_needs_the_current_value_and_the_same_identity() -> None:
-    c = core(enabled=True, max_signal_delay=5.0)
+    c = core(enabled=True, max_signal_delay_seconds=5.0)
     claimed(c, last="T1")
     assert len(sends(c.submit(beat(2, "T1", identity=OTHER), 0.1))) == 1
     off = core()
@@ -273,7 +273,7 @@ def test_absorption_needs_the_current_value_and_the_same_identity() -> None:
 
 
 def test_a_stopping_answer_is_never_absorbed() -> None:
-    c = core(enabled=True, max_signal_delay=0.5)
+    c = core(enabled=True, max_signal_delay_seconds=0.5)
     claimed(c, last="T1")
     (send,) = sends(c.submit(beat(2, "T1"), 1.0))
     actions = c.completed(KEY, send.flight, ok("T2", state="stopping"), 1.1)
@@ -283,7 +283,7 @@ def test_a_stopping_answer_is_never_absorbed() -> None:
 
 
 def test_a_stop_passing_through_drops_what_was_known() -> None:
-    c = core(enabled=True, max_signal_delay=5.0)
+    c = core(enabled=True, max_signal_delay_seconds=5.0)
     claimed(c, last="T1")
     c.stop_seen(KEY, 0.5)
     assert len(sends(c.submit(beat(2, "T1"), 0.6))) == 1
@@ -310,7 +310,7 @@ def test_nobody_waiting_means_nothing_is_sent() -> None:
 
 
 def test_412s_and_refused_renewals_pass_unchanged_and_drop_state() -> None:
-    c = core(enabled=True, max_signal_delay=0.5)
+    c = core(enabled=True, max_signal_delay_seconds=0.5)
     claimed(c, last="T1")
     (send,) = sends(c.submit(beat(2, "T1"), 1.0))
     actions = c.completed(KEY, send.flight, ok("T2", extended=False), 1.1)
@@ -318,7 +318,7 @@ def test_412s_and_refused_renewals_pass_unchanged_and_drop_state() -> None:
     assert events(actions) == [("lost", "not_extended")]
     assert len(sends(c.submit(beat(3, "T2"), 1.2))) == 1  # not absorbed: state dropped
 
-    c = core(enabled=True, max_signal_delay=0.5)
+    c = core(enabled=True, max_signal_delay_seconds=0.5)
     claimed(c, last="T1")
     (send,) = sends(c.submit(beat(2, "T1"), 1.0))
     actions = c.completed(KEY, send.flight, Rejected("412 body", "queued", None), 1.1)
@@ -328,7 +328,7 @@ def test_412s_and_refused_renewals_pass_unchanged_and_drop_state() -> None:
 
 def test_upstream_errors_drop_known_state() -> None:
     for outcome in (Unsuccessful("500 body"), Failed("timeout")):
-        c = core(enabled=True, max_signal_delay=5.0)
+        c = core(enabled=True, max_signal_delay_seconds=5.0)
         claimed(c, last="T1")
         (send,) = sends(c.submit(beat(2, None), 1.0))
         c.completed(KEY, send.flight, outcome, 1.1)
@@ -353,9 +353,12 @@ def test_retry_delays() -> None:
 
 
 def test_a_lease_nobody_renews_is_recorded_as_expired_then_forgotten() -> None:
-    c: Core = Coalescer(tracking=TrackingPolicy(max_leases=10, retention=60.0, expiry_grace=5.0))
+    c: Core = Coalescer(
+        tracking=LeaseTrackingSettings(max_tracked=10, retention_seconds=60.0, expiry_grace_seconds=5.0)
+    )
     claimed(c, t=0.0, ttl=10)
-    assert c.tick(14.9) == []
+    # Not lapsed yet: nothing happens, and the core asks again for the time it will have.
+    assert c.tick(14.9) == [Wakeup(15.0)]
     assert events(c.tick(15.0)) == [("expired", None)]
     (view,) = list(c.leases(15.0))
     assert (view.state, view.seconds_left) == ("expired", None)
@@ -366,11 +369,12 @@ def test_a_lease_nobody_renews_is_recorded_as_expired_then_forgotten() -> None:
 
 
 def test_a_renewed_lease_does_not_expire() -> None:
-    c: Core = Coalescer(tracking=TrackingPolicy(expiry_grace=1.0))
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(expiry_grace_seconds=1.0))
     claimed(c, t=0.0, last="T1", ttl=10)
     (send,) = sends(c.submit(beat(2, "T1"), 8.0))
     c.completed(KEY, send.flight, ok("T2", ttl=10), 8.1)
-    assert c.tick(12.0) == []
+    # Renewed: no event, and the next check moves to the new lease's end (sent 8 + 10 + grace 1).
+    assert c.tick(12.0) == [Wakeup(19.0)]
     (view,) = list(c.leases(12.0))
     assert view.state == "active"
     assert view.seconds_left == 6.0  # sent at 8 with 10 s
@@ -378,17 +382,22 @@ def test_a_renewed_lease_does_not_expire() -> None:
 
 
 def test_the_table_is_bounded_and_evictions_are_counted() -> None:
-    c: Core = Coalescer(tracking=TrackingPolicy(max_leases=100))
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(max_tracked=100))
+    evicted = []
     for i in range(250):
         key = ("env_1", f"work_{i}")
         (send,) = sends(c.submit(beat(i, None, key=key), float(i)))
-        c.completed(key, send.flight, ok(f"T{i}"), float(i))
+        actions = c.completed(key, send.flight, ok(f"T{i}"), float(i))
+        evicted += [a.key for a in actions if isinstance(a, LeaseEvent) and a.kind is LeaseEventKind.EVICTED]
     assert len(c) <= 100
-    assert c.evictions >= 150
+    # Each eviction is an event naming the lease, so the driver counts and logs it as it happens.
+    assert len(evicted) >= 150
+    assert len(set(evicted)) == len(evicted)
+    assert {v.work_id for v in c.leases(250.0)}.isdisjoint(work for _, work in evicted)
 
 
 def test_a_credential_that_never_succeeded_gets_no_local_answer() -> None:
-    c = core(enabled=True, max_signal_delay=5.0)
+    c = core(enabled=True, max_signal_delay_seconds=5.0)
     claimed(c, last="T1")
     # Same lease, another credential (perhaps one the upstream will refuse): upstream decides.
     assert len(sends(c.submit(beat(2, "NO_HEARTBEAT", identity=OTHER), 0.1))) == 1
@@ -412,7 +421,7 @@ def test_a_kept_answer_survives_only_errors_that_surely_did_not_apply(may_have_a
 
 
 def test_an_answer_to_a_beat_in_flight_during_a_stop_is_not_kept() -> None:
-    c = core(enabled=True, max_signal_delay=5.0)
+    c = core(enabled=True, max_signal_delay_seconds=5.0)
     claimed(c, last="T1")
     (send,) = sends(c.submit(beat(2, None), 1.0))
     c.stop_seen(KEY, 1.1)  # the stop passes through while the beat is out
@@ -421,7 +430,7 @@ def test_an_answer_to_a_beat_in_flight_during_a_stop_is_not_kept() -> None:
 
 
 def test_a_busy_lease_keeps_one_pending_check() -> None:
-    c: Core = Coalescer(tracking=TrackingPolicy(retention=1.0, expiry_grace=1.0))
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(retention_seconds=1.0, expiry_grace_seconds=1.0))
     claimed(c, t=0.0, last="T0", ttl=2)
     last = "T0"
     for i in range(1, 3000):
@@ -488,7 +497,7 @@ def test_the_main_lane_queue_is_bounded_too() -> None:
 
 
 def test_nothing_is_answered_locally_while_a_side_flight_may_move_the_lease() -> None:
-    c = core(enabled=True, max_signal_delay=5.0, min_remaining_fraction=0.1)
+    c = core(enabled=True, max_signal_delay_seconds=5.0, min_remaining_fraction=0.1)
     claimed(c, ttl=10)
     assert replies(c.submit(beat(2, "T1"), 0.5)) == [(2, "absorbed", 200)]
     (side,) = sends(c.submit(junk(3, "T1", OTHER), 0.6))
@@ -504,7 +513,7 @@ def test_nothing_is_answered_locally_while_a_side_flight_may_move_the_lease() ->
 
 
 def test_a_main_success_that_overlapped_a_side_success_is_not_kept() -> None:
-    c = core(enabled=True, max_signal_delay=5.0, min_remaining_fraction=0.1)
+    c = core(enabled=True, max_signal_delay_seconds=5.0, min_remaining_fraction=0.1)
     claimed(c, ttl=10)
     (main,) = sends(c.submit(beat(2, None), 1.0))  # an unconditional beat
     (side,) = sends(c.submit(junk(3, None, OTHER), 1.0))
@@ -515,17 +524,18 @@ def test_a_main_success_that_overlapped_a_side_success_is_not_kept() -> None:
 
 
 def test_leases_no_upstream_confirmed_leave_the_table_and_never_evict_real_ones() -> None:
-    c: Core = Coalescer(tracking=TrackingPolicy(max_leases=2))
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(max_tracked=2))
     for n in range(2):
         key = ("env_1", f"real_{n}")
         (send,) = sends(c.submit(Beat(n, key, "NO_HEARTBEAT", ME), 0.0))
         c.completed(key, send.flight, ok(f"R{n}"), 0.1)
+    actions: list[Action[str, str]] = []
     for n in range(50):
         key = ("env_1", f"junk_{n}")
         (send,) = sends(c.submit(Beat(100 + n, key, "NO_HEARTBEAT", JUNK, vouched=False), 1.0))
-        c.completed(key, send.flight, Unsuccessful("401"), 1.1)
+        actions += c.completed(key, send.flight, Unsuccessful("401"), 1.1)
     assert sorted(v.work_id for v in c.leases(2.0)) == ["real_0", "real_1"]
-    assert c.evictions == 0
+    assert events(actions) == []
 
 
 def test_a_retry_must_come_back_within_the_waiting_workers_interval() -> None:
@@ -566,3 +576,24 @@ def test_a_side_success_alone_on_the_lease_is_kept_for_its_now_holding_credentia
     d.abandoned(1, 0.5)
     d.completed(KEY, first.flight, ok("T1", ttl=10), 0.6)
     assert len(sends(d.submit(junk(3, "NO_HEARTBEAT", OTHER), 0.7))) == 1
+
+
+def test_the_core_asks_to_be_woken_when_a_lease_may_lapse_and_never_needs_polling() -> None:
+    """Every deadline the core keeps is announced as a Wakeup once, when it becomes the earliest."""
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(retention_seconds=60.0, expiry_grace_seconds=1.0))
+    # A first beat creates the lease's row: it is due a check after the retention time.
+    first = c.submit(beat(1, "NO_HEARTBEAT"), 0.0)
+    assert [a for a in first if isinstance(a, Wakeup)] == [Wakeup(60.0)]
+    (send,) = sends(first)
+    # Granted for 10 s: the lease may lapse at 0 + 10 + 1, earlier than any wakeup asked for.
+    granted = c.completed(KEY, send.flight, ok("T1", ttl=10), 0.2)
+    assert [a for a in granted if isinstance(a, Wakeup)] == [Wakeup(11.0)]
+    # A renewal pushes the lease's end later, but the wakeup at 11 stands: no new one is asked.
+    (send,) = sends(c.submit(beat(2, "T1"), 5.0))
+    assert not any(isinstance(a, Wakeup) for a in c.completed(KEY, send.flight, ok("T2", ttl=10), 5.1))
+    # At 11 the core sees the renewal and asks for the renewed lease's end; at that end it lapses.
+    assert c.tick(11.0) == [Wakeup(16.0)]
+    lapsed = c.tick(16.0)
+    assert events(lapsed) == [("expired", None)]
+    # Then only forgetting the row is left, after the retention time.
+    assert [a for a in lapsed if isinstance(a, Wakeup)] == [Wakeup(76.0)]

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.errors import UpstreamUnavailable
-from gateway.heartbeat_query import HeartbeatQuery
-from gateway.heartbeats import OUTCOME_HEADER, CoalescingHeartbeats, HeartbeatCall
+from gateway.heartbeat.driver import OUTCOME_HEADER, CoalescingHeartbeats, HeartbeatCall
+from gateway.heartbeat.query import HeartbeatQuery
 from gateway.settings import HeartbeatSettings
 from gateway.simulator import Faults
 from gateway.upstream import UpstreamRequest, UpstreamResponse
@@ -175,7 +175,7 @@ async def test_absorption_cuts_upstream_beats_never_overstates_the_ttl_and_passe
         assert time.monotonic() - stopped_at <= 1.0 + 0.25 + 0.2
         # The holder stops beating: nothing more goes upstream, no timer renews the lease.
         count = upstream_beats(sim)
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # past the lease's end: the core's wakeups may come, but send nothing
     assert upstream_beats(sim) == count
 
 
@@ -392,7 +392,7 @@ def _encoded(step: tuple[int, dict[str, Any]]) -> tuple[int, bytes]:
 
 
 async def test_a_worker_that_leaves_before_its_flight_starts_sends_nothing() -> None:
-    from gateway.coalescer import Beat, Send
+    from gateway.heartbeat.core import Beat, Send
 
     upstream = ScriptedUpstream(OK)
     service = CoalescingHeartbeats(upstream, HeartbeatSettings())
@@ -404,3 +404,38 @@ async def test_a_worker_that_leaves_before_its_flight_starts_sends_nothing() -> 
     await service.close()
     assert upstream.calls == 0
     assert service.core.in_flight(key) == 0
+
+
+async def test_coalesce_false_forwards_every_beat_one_for_one_and_keeps_no_lease_table(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    """The escape hatch: the gateway adds credentials and metrics, and decides nothing about leases."""
+    sim = await make_simulator(ttl=30)
+    gateway = await make_gateway(sim.url, "heartbeat: {coalesce: false, absorb: {enabled: true}}")
+    work_id = held_item(sim)
+    async with aiohttp.ClientSession() as session:
+        status, answer, outcome = await beat(session, gateway, work_id, "NO_HEARTBEAT")
+        assert (status, outcome) == (200, "forwarded")
+        last = answer["last_heartbeat"]
+        # Identical unconditional beats at once: each its own upstream call, none joined.
+        sim.sim.faults = SLOW_BEATS
+        before = upstream_beats(sim)
+        answers = await asyncio.gather(*(beat(session, gateway, work_id, None) for _ in range(5)))
+        assert [(s, o) for s, _, o in answers] == [(200, "forwarded")] * 5
+        assert upstream_beats(sim) - before == 5
+        sim.sim.faults = Faults()
+        last = answers[-1][1]["last_heartbeat"]
+        # The holder's echo, with absorption configured: still forwarded (nothing is answered here).
+        before = upstream_beats(sim)
+        status, answer, outcome = await beat(session, gateway, work_id, last)
+        assert (status, outcome, upstream_beats(sim) - before) == (200, "forwarded", 1)
+        # A stale value: the upstream's own 412, not one made up here.
+        status, answer, outcome = await beat(session, gateway, work_id, "stale-value")
+        assert (status, outcome) == (412, "forwarded")
+        assert answer["error"]["details"]["error_code"] == "heartbeat_precondition_failed"
+        assert upstream_beats(sim) - before == 2
+        async with session.get(gateway.admin_url + "/admin/leases") as r:
+            assert ((await r.json())["total"], (await r.json())["data"]) == (0, [])
+    # The 412 still counts as a conflict: the metrics read the answer, whoever decided it.
+    conflicts = gateway.metrics.conflicts.collect()[0].samples
+    assert sum(s.value for s in conflicts if s.name.endswith("_total")) == 1
