@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,40 @@ def test_one_composition_root() -> None:
         if "HttpUpstream(" in text and path.name != "upstream.py":
             builders.append(str(path.relative_to(PACKAGE)))
     assert builders == ["app.py"]
+
+
+def test_tasks_are_spawned_only_through_their_owner() -> None:
+    """No bare `create_task`: `gateway.tasks.Tasks` holds each task until done; a TaskGroup owns its own.
+
+    ruff bans `asyncio.create_task`; this also catches `loop.create_task` and
+    `get_running_loop().create_task`, which ruff cannot see through.
+    """
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE) == Path("tasks.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        groups = {
+            item.optional_vars.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.AsyncWith)
+            for item in node.items
+            if isinstance(item.optional_vars, ast.Name) and "TaskGroup" in ast.unparse(item.context_expr)
+        }
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("create_task", "ensure_future"):
+                continue
+            receiver = node.func.value
+            if not (isinstance(receiver, ast.Name) and receiver.id in groups):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_serving_never_loads_the_simulator_or_the_demo() -> None:
+    """`serve` in production imports only the gateway: the simulator's code is not even loaded."""
+    code = "import sys, gateway.cli; print(sorted(m for m in sys.modules if m.startswith('gateway.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = ast.literal_eval(out)
+    assert [m for m in loaded if m.startswith(("gateway.simulator", "gateway.demo"))] == []
