@@ -11,53 +11,51 @@ all that is wrong:
   A literal secret in the YAML is an error. Messages name the key, the
   variable or the file, never the value.
 
-Each reader below records a problem and returns a placeholder when a value
-is bad; `load_settings` raises if any problem was recorded, so placeholders
+The reader walks the settings classes (`gateway.settings`): a class is a
+mapping whose allowed keys are its fields, a field's type says how to read
+it and its `rule(...)` the range or format; only values that need more than
+that (the environment list, token scopes, checks across keys) have a reader
+method of their own. No key name, default or range is written down here.
+
+Each reader records a problem and returns a placeholder when a value is
+bad; `load_settings` raises if any problem was recorded, so placeholders
 never escape. Reading secret files goes through the `read_file` argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import re
+import types
 from collections.abc import Callable, Mapping
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
 
 from .redaction import REDACTED
 from .settings import (
-    DEFAULT_ALLOW_PREFIXES,
-    DEFAULT_BETAS,
     FALLBACK_ROUTES,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    AbsorbSettings,
     ClientSettings,
     ClientToken,
     DefaultCredential,
     Environment,
     HeaderSettings,
-    HeartbeatSettings,
-    LeaseTrackingSettings,
-    Limits,
     ListenAddress,
-    LoggingSettings,
-    PoolName,
-    PoolSettings,
-    RouteSettings,
+    Rule,
     Secret,
     Settings,
-    TtlOverride,
-    UpstreamPools,
-    UpstreamSettings,
 )
 
 __all__ = ["ConfigError", "Problem", "load_settings", "load_settings_file"]
 
 _T = TypeVar("_T")
+_D = TypeVar("_D")
 
 _ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ENVIRONMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
@@ -73,20 +71,6 @@ _PLACEHOLDER_SECRET = Secret("", "invalid")
 # scrubbed: visible ASCII only, no quotes or backslashes (JSON would escape them).
 _SECRET_CHARS = re.compile(r"[!#-\[\]-~]+\Z")
 _SECRET_CHARS_RULE = "the secret must be visible ASCII without spaces, quotes or backslashes"
-
-_ROOT_KEYS = (
-    "listen",
-    "admin",
-    "upstream",
-    "headers",
-    "environments",
-    "default_credential",
-    "clients",
-    "routes",
-    "heartbeat",
-    "limits",
-    "logging",
-)
 
 
 class Problem:
@@ -187,6 +171,8 @@ class _Reader:
         self.environ = environ
         self.read_file = read_file
         self.problems: list[Problem] = []
+        # Read before the client tokens that may name them.
+        self.known_environments: set[str] = set()
 
     def problem(self, path: str, message: str) -> None:
         path = path or "(root)"
@@ -246,13 +232,15 @@ class _Reader:
             return value
         return minimum
 
-    def number(self, value: object, path: str, *, allow_zero: bool) -> float:
+    def number(self, value: object, path: str, *, allow_zero: bool, maximum: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(path, f"must be a number, not {_type_name(value)}")
         elif value != value or abs(value) == float("inf"):
             self.problem(path, "must be a finite number")
         elif value < 0 or (value == 0 and not allow_zero):
             self.problem(path, "must not be negative" if allow_zero else "must be greater than 0")
+        elif maximum is not None and value > maximum:
+            self.problem(path, f"must be at most {maximum:g}, not {value:g}")
         else:
             return float(value)
         return 1.0
@@ -320,34 +308,165 @@ class _Reader:
             return Secret(secret, f"file:{file_path}")
         return _PLACEHOLDER_SECRET
 
-    # -- sections -----------------------------------------------------------
+    # -- sections, walked from the settings classes ---------------------------
 
     def settings(self, data: object) -> Settings:
-        root = self.mapping(data, "", _ROOT_KEYS)
+        # Unknown top-level keys first, then a pasted key anywhere, then each section in order.
+        self.mapping(data, "", _keys(Settings))
         self.scan_for_literal_secrets(data, "")
-        # Sections are read in the order the config documents them, so
-        # problems are listed in that order too.
-        listen = self.listen_address(root.get("listen"), "listen", ListenAddress("0.0.0.0", 8080))
-        admin = self.listen_address(root.get("admin"), "admin", ListenAddress("0.0.0.0", 9090))
-        upstream = self.upstream(root.get("upstream"))
-        headers = self.headers(root.get("headers"))
-        environments = self.environments(root.get("environments"))
-        settings = Settings(
-            listen=listen,
-            admin=admin,
-            upstream=upstream,
-            headers=headers,
-            environments=environments,
-            default_credential=self.default_credential(root.get("default_credential")),
-            clients=self.clients(root.get("clients"), {e.id for e in environments}),
-            routes=self.routes(root.get("routes")),
-            heartbeat=self.heartbeat(root.get("heartbeat")),
-            limits=self.limits(root.get("limits")),
-            logging=self.logging(root.get("logging")),
-        )
+        settings = self.section(data, "", Settings, None)
         self.check_ports(settings.listen, settings.admin)
         self.check_distinct_secrets(settings)
         return settings
+
+    def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
+        """One settings class read from a mapping: its fields are the allowed keys, in order."""
+        keys = _keys(cls)
+        retired = {k: v for k, v in _RETIRED.items() if k.rpartition(".")[0] == path}
+        if isinstance(value, dict) and retired:
+            for key, message in retired.items():
+                if key.rpartition(".")[2] in value:
+                    self.problem(key, message)
+            value = {k: v for k, v in value.items() if _join(path, k) not in retired}
+        m = self.mapping(value, path, keys)
+        hints = _hints(cast(type, cls))
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            fallback = getattr(default, f.name) if default is not None else f.default
+            values[f.name] = self.field(m, _join(path, f.name), f.name, hints[f.name], _rule(f), fallback)
+        return self.after(cls(**values), path, m)
+
+    def field(self, m: dict[str, Any], path: str, name: str, hint: Any, rule: Rule, default: Any) -> Any:
+        """One field's value; `default` is `dataclasses.MISSING` for a field that must be given."""
+        if rule.reader is not None:
+            read: Callable[[object, str, Any], Any] = getattr(self, rule.reader)
+            return read(m.get(name, _MISSING), path, default)
+        optional, hint = _unwrap_optional(hint)
+        if hint is Secret:
+            parent, _, _ = path.rpartition(".")
+            required = not optional
+            return self.secret(m, parent, f"{name}_env", f"{name}_file", required=required)
+        raw = m.get(name, _MISSING)
+        given = default is not dataclasses.MISSING
+        if isinstance(hint, type) and is_dataclass(hint):
+            return self.section(None if raw is _MISSING else raw, path, hint, default if given else None)
+        if raw is _MISSING and given:
+            return default
+        if raw in (None, _MISSING) and (optional or get_origin(hint) is tuple):
+            return default if given else None
+        # A required key that is absent reads as null: "is required", "must be ..., not null".
+        return self.scalar(None if raw is _MISSING else raw, path, hint, rule)
+
+    def scalar(self, raw: object, path: str, hint: Any, rule: Rule) -> Any:
+        if hint is bool:
+            return self.boolean(raw, path)
+        if hint is int:
+            assert rule.at_least is not None, f"{path}: an integer setting needs rule(at_least=...)"
+            return self.integer(raw, path, rule.at_least, None if rule.at_most is None else int(rule.at_most))
+        if hint is float:
+            return self.number(raw, path, allow_zero=rule.zero_ok, maximum=rule.at_most)
+        if hint is str:
+            return self.formatted(self.string(raw, path), path, rule.format)
+        if get_origin(hint) is Literal:
+            return self.choice(raw, path, get_args(hint))
+        if get_origin(hint) is tuple and get_args(hint) == (str, ...):
+            return tuple(
+                self.formatted(self.string(item, item_path), item_path, rule.format)
+                for item_path, item in self.items(raw, path)
+            )
+        raise TypeError(f"{path}: no reader for settings of type {hint!r}")  # a settings class bug, not a config one
+
+    # -- formats and checks that need more than one value ----------------------
+
+    def formatted(self, value: str, path: str, format: str | None) -> str:
+        """`value` checked against a named format (a bad value has been reported already when empty)."""
+        if not value or format is None:
+            return value
+        if format == "url":
+            return self.base_url(value, path)
+        if format == "header_token" and not _HEADER_TOKEN.match(value):
+            self.problem(path, "must be a single header token")
+        elif format == "beta_token" and not _HEADER_TOKEN.match(value):
+            self.problem(path, "must be a single header token (no commas or spaces)")
+        elif format == "environment_id" and not _ENVIRONMENT_ID.match(value):
+            self.problem(path, "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW")
+        elif format == "path_prefix":
+            if not value.startswith("/") or not value.endswith("/"):
+                self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
+            elif "%" in value or "//" in value or "/../" in value or "/./" in value:
+                self.problem(path, "must be a plain path without %, // or dot segments")
+        return value
+
+    def after(self, section: _D, path: str, given: dict[str, Any]) -> _D:
+        """Checks across a section's fields, once they are read; `given` is what the YAML had."""
+        if isinstance(section, HeaderSettings):
+            return cast(_D, dataclasses.replace(section, anthropic_beta=tuple(dict.fromkeys(section.anthropic_beta))))
+        if isinstance(section, DefaultCredential):
+            if section.api_key is not None and not given.get("use_for"):
+                self.problem(
+                    _join(path, "use_for"),
+                    "is required with a key: list where the gateway may send this organisation-scoped key when it "
+                    f"cannot tell a request's environment ({', '.join(FALLBACK_ROUTES)})",
+                )
+            elif section.api_key is None and given.get("use_for"):
+                self.problem(path, "use_for needs api_key_env or api_key_file")
+        if isinstance(section, ClientSettings) and not section.tokens and not section.allow_unauthenticated:
+            self.problem(
+                _join(path, "tokens"),
+                "is required: list at least one client token, or set clients.allow_unauthenticated: true",
+            )
+        return section
+
+    def listing(self, raw: object, path: str) -> list[tuple[str, object]]:
+        return [] if raw is _MISSING or raw is None else self.items(raw, path)
+
+    def environments(self, raw: object, path: str, default: object) -> tuple[Environment, ...]:
+        if raw is _MISSING or raw is None:
+            self.problem(path, "is required: list the environments this gateway serves")
+            return ()
+        result: list[Environment] = []
+        for item_path, item in self.items(raw, path):
+            env = self.section(item, item_path, Environment, None)
+            if env.id and any(e.id == env.id for e in result):
+                self.problem(_join(item_path, "id"), f"duplicate environment id {env.id}")
+            if env.name and any(e.name == env.name for e in result):
+                self.problem(_join(item_path, "name"), f"duplicate environment name {env.name}")
+            result.append(env)
+        if isinstance(raw, list) and not raw:
+            self.problem(path, "must list at least one environment")
+        self.known_environments = {e.id for e in result}
+        return tuple(result)
+
+    def fallback_routes(self, raw: object, path: str, default: frozenset[str]) -> frozenset[str]:
+        use_for: list[str] = []
+        for item_path, item in self.listing(raw, path):
+            route = self.choice(item, item_path, FALLBACK_ROUTES)
+            if item == route and route not in use_for:
+                use_for.append(route)
+        return frozenset(use_for)
+
+    def client_tokens(self, raw: object, path: str, default: tuple[ClientToken, ...]) -> tuple[ClientToken, ...]:
+        tokens: list[ClientToken] = []
+        for item_path, item in self.listing(raw, path):
+            token = self.section(item, item_path, ClientToken, None)
+            for j, earlier in enumerate(tokens):
+                if token.token.value and earlier.token.value == token.token.value:
+                    self.problem(item_path, f"holds the same token as {path}[{j}]")
+            tokens.append(token)
+        return tuple(tokens)
+
+    def token_scope(self, raw: object, path: str, default: frozenset[str] | None) -> frozenset[str] | None:
+        envs = self.strings(None if raw is _MISSING else raw, path, ("*",))
+        if not envs:
+            self.problem(path, 'must not be empty; use ["*"] for every environment')
+        if "*" in envs:
+            if len(envs) > 1:
+                self.problem(path, '"*" already means every environment; list nothing else')
+            return None
+        for i, env_id in enumerate(envs):
+            if env_id and env_id not in self.known_environments:
+                self.problem(f"{path}[{i}]", f"{env_id} is not a configured environment")
+        return frozenset(envs)
 
     def scan_for_literal_secrets(self, node: object, path: str) -> None:
         """Catch a pasted key anywhere, even under a key that is rejected anyway."""
@@ -362,71 +481,12 @@ class _Reader:
         elif isinstance(node, str) and node.startswith(_SECRET_PREFIXES):
             self.problem(path, _LITERAL_SECRET)
 
-    def listen_address(self, value: object, path: str, default: ListenAddress) -> ListenAddress:
-        m = self.mapping(value, path, ("host", "port"))
-        return ListenAddress(
-            host=self.string(m.get("host", default.host), _join(path, "host")),
-            port=self.integer(m.get("port", default.port), _join(path, "port"), 0, 65535),
-        )
-
     def check_ports(self, listen: ListenAddress, admin: ListenAddress) -> None:
         wildcard = "0.0.0.0" in (listen.host, admin.host) or "::" in (listen.host, admin.host)
         if listen.port and listen.port == admin.port and (listen.host == admin.host or wildcard):
             self.problem("admin.port", "must differ from listen.port: the admin API must not share the worker port")
 
-    def upstream(self, value: object) -> UpstreamSettings:
-        d = UpstreamSettings()
-        if isinstance(value, dict) and "max_connections" in value:
-            self.problem(
-                "upstream.max_connections",
-                "replaced by upstream.pools.<lease|poll|stream|other>.max_connections: each class has its own",
-            )
-            value = {k: v for k, v in value.items() if k != "max_connections"}
-        m = self.mapping(
-            value,
-            "upstream",
-            ("base_url", "connect_timeout_seconds", "request_timeout_seconds", "pools"),
-        )
-        return UpstreamSettings(
-            base_url=self.base_url(m.get("base_url", d.base_url), "upstream.base_url"),
-            connect_timeout_seconds=self.number(
-                m.get("connect_timeout_seconds", d.connect_timeout_seconds),
-                "upstream.connect_timeout_seconds",
-                allow_zero=False,
-            ),
-            request_timeout_seconds=self.number(
-                m.get("request_timeout_seconds", d.request_timeout_seconds),
-                "upstream.request_timeout_seconds",
-                allow_zero=False,
-            ),
-            pools=self.pools(m.get("pools"), d.pools),
-        )
-
-    def pools(self, value: object, default: UpstreamPools) -> UpstreamPools:
-        path = "upstream.pools"
-        m = self.mapping(value, path, tuple(p.value for p in PoolName))
-        return UpstreamPools(
-            **{p.value: self.pool(m.get(p.value), _join(path, p.value), default.of(p)) for p in PoolName}
-        )
-
-    def pool(self, value: object, path: str, default: PoolSettings) -> PoolSettings:
-        m = self.mapping(value, path, ("max_connections", "max_queued", "max_queue_seconds"))
-        return PoolSettings(
-            max_connections=self.integer(
-                m.get("max_connections", default.max_connections), _join(path, "max_connections"), 1, 100_000
-            ),
-            max_queued=self.integer(m.get("max_queued", default.max_queued), _join(path, "max_queued"), 0, 1_000_000),
-            max_queue_seconds=self.number(
-                m.get("max_queue_seconds", default.max_queue_seconds),
-                _join(path, "max_queue_seconds"),
-                allow_zero=False,
-            ),
-        )
-
-    def base_url(self, value: object, path: str) -> str:
-        url = self.string(value, path)
-        if not url:
-            return url
+    def base_url(self, url: str, path: str) -> str:
         parts = urlsplit(url)
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -441,108 +501,6 @@ class _Reader:
             self.problem(path, "must not have a query string or fragment")
         return url.rstrip("/")
 
-    def headers(self, value: object) -> HeaderSettings:
-        d = HeaderSettings()
-        m = self.mapping(value, "headers", ("anthropic_version", "anthropic_beta"))
-        version = self.string(m.get("anthropic_version", d.anthropic_version), "headers.anthropic_version")
-        if version and not _HEADER_TOKEN.match(version):
-            self.problem("headers.anthropic_version", "must be a single header token")
-        betas = self.strings(m.get("anthropic_beta"), "headers.anthropic_beta", DEFAULT_BETAS)
-        for i, beta in enumerate(betas):
-            if beta and not _HEADER_TOKEN.match(beta):
-                self.problem(f"headers.anthropic_beta[{i}]", "must be a single header token (no commas or spaces)")
-        return HeaderSettings(version, tuple(dict.fromkeys(betas)))
-
-    def environments(self, value: object) -> tuple[Environment, ...]:
-        if value is None:
-            self.problem("environments", "is required: list the environments this gateway serves")
-            return ()
-        result: list[Environment] = []
-        for path, item in self.items(value, "environments"):
-            env = self.environment(item, path)
-            if env.id and any(e.id == env.id for e in result):
-                self.problem(_join(path, "id"), f"duplicate environment id {env.id}")
-            if env.name and any(e.name == env.name for e in result):
-                self.problem(_join(path, "name"), f"duplicate environment name {env.name}")
-            result.append(env)
-        if isinstance(value, list) and not value:
-            self.problem("environments", "must list at least one environment")
-        return tuple(result)
-
-    def environment(self, item: object, path: str) -> Environment:
-        m = self.mapping(item, path, ("id", "name", "key_env", "key_file", "heartbeat"))
-        env_id = self.string(m.get("id"), _join(path, "id"))
-        if env_id and not _ENVIRONMENT_ID.match(env_id):
-            self.problem(_join(path, "id"), "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW")
-        name = None if m.get("name") is None else self.string(m["name"], _join(path, "name"))
-        key = self.secret(m, path, "key_env", "key_file", required=True) or _PLACEHOLDER_SECRET
-        hb_path = _join(path, "heartbeat")
-        hb = self.mapping(m.get("heartbeat"), hb_path, ("desired_ttl_seconds", "override"))
-        ttl = hb.get("desired_ttl_seconds")
-        override = hb.get("override")
-        return Environment(
-            env_id,
-            name,
-            key,
-            TtlOverride(
-                None if ttl is None else self.integer(ttl, _join(hb_path, "desired_ttl_seconds"), 1),
-                None if override is None else self.boolean(override, _join(hb_path, "override")),
-            ),
-        )
-
-    def default_credential(self, value: object) -> DefaultCredential:
-        path = "default_credential"
-        m = self.mapping(value, path, ("api_key_env", "api_key_file", "use_for"))
-        key = self.secret(m, path, "api_key_env", "api_key_file", required=False)
-        use_for: list[str] = []
-        for item_path, item in self.items(m.get("use_for") or [], _join(path, "use_for")):
-            route = self.choice(item, item_path, FALLBACK_ROUTES)
-            if item == route and route not in use_for:
-                use_for.append(route)
-        if key is not None and not m.get("use_for"):
-            self.problem(
-                _join(path, "use_for"),
-                "is required with a key: list where the gateway may send this organisation-scoped key when it "
-                f"cannot tell a request's environment ({', '.join(FALLBACK_ROUTES)})",
-            )
-        elif key is None and m.get("use_for"):
-            self.problem(path, "use_for needs api_key_env or api_key_file")
-        return DefaultCredential(key, frozenset(use_for))
-
-    def clients(self, value: object, known: set[str]) -> ClientSettings:
-        m = self.mapping(value, "clients", ("tokens", "allow_unauthenticated", "discover_sessions"))
-        allow = self.boolean(m.get("allow_unauthenticated", False), "clients.allow_unauthenticated")
-        discover = self.boolean(m.get("discover_sessions", True), "clients.discover_sessions")
-        tokens: list[ClientToken] = []
-        for path, item in self.items(m.get("tokens") or [], "clients.tokens"):
-            token = self.client_token(item, path, known)
-            for j, earlier in enumerate(tokens):
-                if token.token.value and earlier.token.value == token.token.value:
-                    self.problem(path, f"holds the same token as clients.tokens[{j}]")
-            tokens.append(token)
-        if not tokens and not allow:
-            self.problem(
-                "clients.tokens",
-                "is required: list at least one client token, or set clients.allow_unauthenticated: true",
-            )
-        return ClientSettings(tuple(tokens), allow, discover)
-
-    def client_token(self, item: object, path: str, known: set[str]) -> ClientToken:
-        m = self.mapping(item, path, ("token_env", "token_file", "environments"))
-        token = self.secret(m, path, "token_env", "token_file", required=True) or _PLACEHOLDER_SECRET
-        envs_path = _join(path, "environments")
-        envs = self.strings(m.get("environments"), envs_path, ("*",))
-        if not envs:
-            self.problem(envs_path, 'must not be empty; use ["*"] for every environment')
-        if "*" in envs:
-            if len(envs) > 1:
-                self.problem(envs_path, '"*" already means every environment; list nothing else')
-            return ClientToken(token, None)
-        for i, env_id in enumerate(envs):
-            if env_id and env_id not in known:
-                self.problem(f"{envs_path}[{i}]", f"{env_id} is not a configured environment")
-        return ClientToken(token, frozenset(envs))
-
     def check_distinct_secrets(self, settings: Settings) -> None:
         """A client token equal to a real key would hand that key to every worker."""
         real: dict[str, str] = {}
@@ -554,102 +512,56 @@ class _Reader:
             if token.token.value and token.token.value in real:
                 self.problem(f"clients.tokens[{i}]", f"holds the same value as the key of {real[token.token.value]}")
 
-    def routes(self, value: object) -> RouteSettings:
-        m = self.mapping(value, "routes", ("allow_prefixes",))
-        prefixes = self.strings(m.get("allow_prefixes"), "routes.allow_prefixes", DEFAULT_ALLOW_PREFIXES)
-        for i, prefix in enumerate(prefixes):
-            path = f"routes.allow_prefixes[{i}]"
-            if not prefix:
-                continue
-            if not prefix.startswith("/") or not prefix.endswith("/"):
-                self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
-            elif "%" in prefix or "//" in prefix or "/../" in prefix or "/./" in prefix:
-                self.problem(path, "must be a plain path without %, // or dot segments")
-        return RouteSettings(prefixes)
 
-    def heartbeat(self, value: object) -> HeartbeatSettings:
-        d = HeartbeatSettings()
-        m = self.mapping(
-            value,
-            "heartbeat",
-            ("desired_ttl_seconds", "override", "coalesce", "upstream_timeout_seconds", "absorb", "leases"),
-        )
-        ttl = m.get("desired_ttl_seconds")
-        return HeartbeatSettings(
-            desired_ttl_seconds=None if ttl is None else self.integer(ttl, "heartbeat.desired_ttl_seconds", 1),
-            override=self.boolean(m.get("override", d.override), "heartbeat.override"),
-            coalesce=self.boolean(m.get("coalesce", d.coalesce), "heartbeat.coalesce"),
-            upstream_timeout_seconds=self.number(
-                m.get("upstream_timeout_seconds", d.upstream_timeout_seconds),
-                "heartbeat.upstream_timeout_seconds",
-                allow_zero=False,
-            ),
-            absorb=self.absorb(m.get("absorb")),
-            leases=self.lease_tracking(m.get("leases")),
-        )
+# Keys that once existed, with where their setting went: a clear pointer beats "unknown key".
+_RETIRED = MappingProxyType(
+    {
+        "upstream.max_connections": (
+            "replaced by upstream.pools.<lease|poll|stream|other>.max_connections: each class has its own"
+        ),
+    }
+)
 
-    def absorb(self, value: object) -> AbsorbSettings:
-        d = AbsorbSettings()
-        path = "heartbeat.absorb"
-        m = self.mapping(value, path, ("enabled", "max_signal_delay_seconds", "min_remaining_fraction"))
-        fraction = self.number(
-            m.get("min_remaining_fraction", d.min_remaining_fraction),
-            _join(path, "min_remaining_fraction"),
-            allow_zero=False,
-        )
-        if fraction > 1:
-            self.problem(_join(path, "min_remaining_fraction"), f"must be at most 1, not {fraction:g}")
-        return AbsorbSettings(
-            enabled=self.boolean(m.get("enabled", d.enabled), _join(path, "enabled")),
-            max_signal_delay_seconds=self.number(
-                m.get("max_signal_delay_seconds", d.max_signal_delay_seconds),
-                _join(path, "max_signal_delay_seconds"),
-                allow_zero=False,
-            ),
-            min_remaining_fraction=fraction,
-        )
 
-    def lease_tracking(self, value: object) -> LeaseTrackingSettings:
-        d = LeaseTrackingSettings()
-        path = "heartbeat.leases"
-        m = self.mapping(value, path, ("max_tracked", "retention_seconds", "expiry_grace_seconds"))
-        return LeaseTrackingSettings(
-            max_tracked=self.integer(m.get("max_tracked", d.max_tracked), _join(path, "max_tracked"), 1),
-            retention_seconds=self.number(
-                m.get("retention_seconds", d.retention_seconds), _join(path, "retention_seconds"), allow_zero=True
-            ),
-            expiry_grace_seconds=self.number(
-                m.get("expiry_grace_seconds", d.expiry_grace_seconds),
-                _join(path, "expiry_grace_seconds"),
-                allow_zero=True,
-            ),
-        )
+class _Missing:
+    """A key absent from the YAML (unlike one given as null)."""
 
-    def limits(self, value: object) -> Limits:
-        d = Limits()
-        timeouts = ("header_timeout_seconds", "idle_timeout_seconds", "body_timeout_seconds")
-        keys = ("max_body_bytes", "shutdown_grace_seconds", *timeouts, "max_client_connections")
-        m = self.mapping(value, "limits", keys)
-        seconds = {key: self.number(m.get(key, getattr(d, key)), f"limits.{key}", allow_zero=False) for key in timeouts}
-        return Limits(
-            max_body_bytes=self.integer(m.get("max_body_bytes", d.max_body_bytes), "limits.max_body_bytes", 1),
-            shutdown_grace_seconds=self.number(
-                m.get("shutdown_grace_seconds", d.shutdown_grace_seconds),
-                "limits.shutdown_grace_seconds",
-                allow_zero=True,
-            ),
-            max_client_connections=self.integer(
-                m.get("max_client_connections", d.max_client_connections), "limits.max_client_connections", 1
-            ),
-            **seconds,
-        )
 
-    def logging(self, value: object) -> LoggingSettings:
-        m = self.mapping(value, "logging", ("level", "format"))
-        return LoggingSettings(
-            level=self.choice(m.get("level", "info"), "logging.level", LOG_LEVELS),
-            format=self.choice(m.get("format", "json"), "logging.format", LOG_FORMATS),
-        )
+_MISSING = _Missing()
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    """The YAML keys of a settings class: its fields, a secret as `<name>_env` and `<name>_file`."""
+    hints = _hints(cls)
+    keys: list[str] = []
+    for f in fields(cls):
+        if _unwrap_optional(hints[f.name])[1] is Secret:
+            keys += [f"{f.name}_env", f"{f.name}_file"]
+        else:
+            keys.append(f.name)
+    return tuple(keys)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _rule(f: dataclasses.Field[Any]) -> Rule:
+    found = f.metadata.get("rule")
+    return found if isinstance(found, Rule) else _NO_RULE
+
+
+_NO_RULE = Rule()
+
+
+def _unwrap_optional(hint: Any) -> tuple[bool, Any]:
+    """(whether None is allowed, the type without None)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        rest = [a for a in get_args(hint) if a is not type(None)]
+        if len(rest) == 1 and len(get_args(hint)) == 2:
+            return True, rest[0]
+    return False, hint
 
 
 def _unknown_key_message(key: str, allowed: tuple[str, ...]) -> str:

@@ -1,14 +1,23 @@
-"""The gateway's settings as a frozen, typed tree.
+"""The gateway's settings as a frozen, typed tree: the one place a setting is declared.
 
-Built only by `gateway.config.load_settings`, which validates the YAML; the
-rest of the gateway reads these values and never re-checks them. Defaults
-are named constants with the reason beside them.
+Each field is a config key: its name is the YAML key, its type the YAML
+type, its default the default, and its `rule(...)` metadata the range or
+format it must have. `gateway.config` walks these classes to read and
+validate YAML, and to name the allowed keys in its messages; nothing else
+lists them. Adding a setting is one field here and one row in the README's
+configuration reference (a test checks the row is there).
+
+Built only by `gateway.config.load_settings`; the rest of the gateway reads
+these values and never re-checks them. Defaults are named constants with
+the reason beside them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Literal
 
 from .redaction import REDACTED, Redactor
@@ -35,6 +44,7 @@ __all__ = [
     "TtlOverride",
     "UpstreamPools",
     "UpstreamSettings",
+    "rule",
 ]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -61,6 +71,26 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("json", "text")
 
 
 @dataclass(frozen=True, slots=True)
+class Rule:
+    """What a value must be, beyond its type; read by `gateway.config`."""
+
+    # Integers: the smallest and largest allowed. Numbers: the largest.
+    at_least: int | None = None
+    at_most: float | None = None
+    # Numbers: whether 0 is allowed (they are never negative).
+    zero_ok: bool = False
+    # A named format the config reader checks (e.g. "url", "header_token").
+    format: str | None = None
+    # A value that needs more than a field-by-field reading: the reader method that reads it.
+    reader: str | None = None
+
+
+def rule(**constraints: Any) -> Mapping[str, Rule]:
+    """Field metadata: `field(default=..., metadata=rule(at_least=1))`."""
+    return MappingProxyType({"rule": Rule(**constraints)})
+
+
+@dataclass(frozen=True, slots=True)
 class Secret:
     """A secret value with the place it came from; never shown by repr or str."""
 
@@ -77,7 +107,7 @@ class Secret:
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
     host: str
-    port: int
+    port: int = field(metadata=rule(at_least=0, at_most=65535))
 
 
 class PoolName(StrEnum):
@@ -92,9 +122,9 @@ class PoolName(StrEnum):
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
     # Upstream exchanges of this class at once: each holds one connection.
-    max_connections: int
+    max_connections: int = field(metadata=rule(at_least=1, at_most=100_000))
     # Requests that may wait for one of them, in arrival order; beyond that, 503 at once.
-    max_queued: int
+    max_queued: int = field(metadata=rule(at_least=0, at_most=1_000_000))
     # The longest one waits before it gets a 503.
     max_queue_seconds: float
 
@@ -119,7 +149,7 @@ class UpstreamPools:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = field(default=DEFAULT_BASE_URL, metadata=rule(format="url"))
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
     pools: UpstreamPools = UpstreamPools()
@@ -127,21 +157,23 @@ class UpstreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class HeaderSettings:
-    anthropic_version: str = DEFAULT_ANTHROPIC_VERSION
-    anthropic_beta: tuple[str, ...] = DEFAULT_BETAS
+    anthropic_version: str = field(default=DEFAULT_ANTHROPIC_VERSION, metadata=rule(format="header_token"))
+    # Listed once each, in the order given.
+    anthropic_beta: tuple[str, ...] = field(default=DEFAULT_BETAS, metadata=rule(format="beta_token"))
 
 
 @dataclass(frozen=True, slots=True)
 class TtlOverride:
     """A per-environment `desired_ttl_seconds`; None fields fall back to `heartbeat.*`."""
 
-    desired_ttl_seconds: int | None = None
+    desired_ttl_seconds: int | None = field(default=None, metadata=rule(at_least=1))
     override: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Environment:
-    id: str
+    id: str = field(metadata=rule(format="environment_id"))
+    # The label in logs and metrics.
     name: str | None
     key: Secret
     heartbeat: TtlOverride = TtlOverride()
@@ -163,14 +195,14 @@ class DefaultCredential:
     api_key: Secret | None = None
     # The routes (of FALLBACK_ROUTES) where a client token may go upstream with
     # this key when the gateway cannot tell which environment the request is for.
-    use_for: frozenset[str] = frozenset()
+    use_for: frozenset[str] = field(default=frozenset(), metadata=rule(reader="fallback_routes"))
 
 
 @dataclass(frozen=True, slots=True)
 class ClientToken:
     token: Secret
     # None means every configured environment ("*").
-    environments: frozenset[str] | None
+    environments: frozenset[str] | None = field(default=None, metadata=rule(reader="token_scope"))
 
     def allows(self, environment_id: str) -> bool:
         return self.environments is None or environment_id in self.environments
@@ -178,7 +210,7 @@ class ClientToken:
 
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
-    tokens: tuple[ClientToken, ...] = ()
+    tokens: tuple[ClientToken, ...] = field(default=(), metadata=rule(reader="client_tokens"))
     allow_unauthenticated: bool = False
     # For a token of several environments on a session the gateway has not seen:
     # ask the API (GET /v1/sessions/{id}) with each of the token's environment keys.
@@ -187,7 +219,7 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class RouteSettings:
-    allow_prefixes: tuple[str, ...] = DEFAULT_ALLOW_PREFIXES
+    allow_prefixes: tuple[str, ...] = field(default=DEFAULT_ALLOW_PREFIXES, metadata=rule(format="path_prefix"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,19 +230,21 @@ class AbsorbSettings:
     # A stop reaches the holder at most this long after it happened (plus one beat).
     max_signal_delay_seconds: float = DEFAULT_MAX_SIGNAL_DELAY
     # Forward instead once less than this share of the TTL is surely left.
-    min_remaining_fraction: float = 0.5
+    min_remaining_fraction: float = field(default=0.5, metadata=rule(at_most=1))
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseTrackingSettings:
-    max_tracked: int = 100_000
-    retention_seconds: float = 300.0
-    expiry_grace_seconds: float = 5.0
+    max_tracked: int = field(default=100_000, metadata=rule(at_least=1))
+    # How long a stopped, lost or expired lease stays visible.
+    retention_seconds: float = field(default=300.0, metadata=rule(zero_ok=True))
+    # Slack before an unrenewed active lease counts as expired at the edge.
+    expiry_grace_seconds: float = field(default=5.0, metadata=rule(zero_ok=True))
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatSettings:
-    desired_ttl_seconds: int | None = None
+    desired_ttl_seconds: int | None = field(default=None, metadata=rule(at_least=1))
     # True: desired_ttl_seconds replaces the client's own value; False: it only fills in.
     override: bool = False
     # False: every heartbeat is forwarded one for one (an escape hatch).
@@ -224,8 +258,8 @@ class HeartbeatSettings:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata=rule(at_least=1))
+    shutdown_grace_seconds: float = field(default=DEFAULT_SHUTDOWN_GRACE, metadata=rule(zero_ok=True))
     # From the first byte of a request to the end of its headers (slow-header clients).
     header_timeout_seconds: float = 10.0
     # A keep-alive connection with no request in progress. The SDKs' HTTP
@@ -235,7 +269,7 @@ class Limits:
     body_timeout_seconds: float = 30.0
     # Open connections on the worker-facing port; beyond it a new one gets a 503 and is closed.
     # Each may need an upstream connection too: keep twice this plus the pools under the fd limit.
-    max_client_connections: int = 10_000
+    max_client_connections: int = field(default=10_000, metadata=rule(at_least=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,15 +278,17 @@ class LoggingSettings:
     format: LogFormat = "json"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    environments: tuple[Environment, ...]
-    clients: ClientSettings = ClientSettings()
+    # In the order the config documents them (and problems are listed).
     listen: ListenAddress = ListenAddress("0.0.0.0", 8080)
     admin: ListenAddress = ListenAddress("0.0.0.0", 9090)
     upstream: UpstreamSettings = UpstreamSettings()
     headers: HeaderSettings = HeaderSettings()
+    # Required: the only environments served.
+    environments: tuple[Environment, ...] = field(metadata=rule(reader="environments"))
     default_credential: DefaultCredential = DefaultCredential()
+    clients: ClientSettings = ClientSettings()
     routes: RouteSettings = RouteSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     limits: Limits = Limits()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_settings, load_settings_file
-from gateway.settings import DEFAULT_ALLOW_PREFIXES, Settings
+from gateway.settings import DEFAULT_ALLOW_PREFIXES, Secret, Settings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
 # The README's two exports, nothing else.
@@ -78,8 +78,9 @@ logging: {level: loud, format: xml}
         "environments[0].id: must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW",
         "environments[1]: one of key_env or key_file is required",
         "environments[2].key_env: environment variable MISSING_VAR is not set",
-        "clients.allow_unauthenticated: must be true or false, not a string",
+        # Within a section, in the order its keys are declared (and listed as allowed).
         "clients.tokens[0].environments[0]: env_9 is not a configured environment",
+        "clients.allow_unauthenticated: must be true or false, not a string",
         "routes.allow_prefixes[0]: must start and end with / (e.g. /v1/sessions/)",
         "heartbeat.desired_ttl_seconds: must be at least 1, not -5",
         "limits.max_body_bytes: must be at least 1, not 0",
@@ -325,3 +326,39 @@ def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings_file(tmp_path / "nope.yaml", {})
     assert str(caught.value) == f"{tmp_path / 'nope.yaml'}: cannot read the config file: No such file or directory"
+
+
+def setting_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every config key the settings classes declare, as README paths (`environments[].id`)."""
+    from dataclasses import fields, is_dataclass
+    from typing import get_args, get_type_hints
+
+    paths = []
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        items = [a for a in get_args(hint) if isinstance(a, type) and is_dataclass(a)]
+        if isinstance(hint, type) and is_dataclass(hint) and hint is not Secret:
+            paths += setting_paths(hint, f"{path}.")
+        elif len(items) == 1 and items[0] is not Secret:  # a list of sections: tuple[Environment, ...]
+            paths += setting_paths(items[0], f"{path}[].")
+        else:
+            paths.append(path)
+    return paths
+
+
+def test_every_setting_has_a_row_in_the_readme_reference() -> None:
+    """Adding a setting is one field in settings.py and one README row: this finds a missing row."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    missing = []
+    for path in setting_paths(Settings):
+        parent, _, leaf = path.rpartition(".")
+        # A row names the key itself, or its section with the key (`listen.host`, `listen.port`; `.override`).
+        named = any(f"`{path}" in row or (parent and f"`{parent}" in row and leaf in row) for row in rows)
+        if not named:
+            missing.append(path)
+    assert missing == []
+    assert len(setting_paths(Settings)) > 40
