@@ -7,19 +7,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest node-deps tools clean
+.PHONY: demo test lint typecheck coverage pytest node-deps tools clean
 
 demo: $(STAMP)
 	$(BIN)/heartbeat-gateway demo
 
-test: lint typecheck pytest
+test: lint typecheck coverage pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict gateway
+	$(BIN)/mypy --strict gateway tests bench
+
+# The pure modules (pyproject.toml, [tool.coverage.run]) under their own fast
+# tests, held to the floor in [tool.coverage.report].
+UNIT_TESTS := tests/test_config.py tests/test_credentials.py tests/test_headers.py \
+	tests/test_heartbeat_core.py tests/test_heartbeat_core_properties.py tests/test_heartbeat_query.py \
+	tests/test_heartbeat_wire.py tests/test_routing.py tests/test_links.py tests/test_simulator_sessions.py \
+	tests/test_edges.py::test_the_redactor_replaces_every_secret_whole_in_text_bytes_and_headers
+
+coverage: $(STAMP)
+	$(BIN)/coverage run -m pytest -q -W error -p no:cacheprovider $(UNIT_TESTS)
+	$(BIN)/coverage report
 
 pytest: $(STAMP) node-deps
 	$(BIN)/pytest -W error
@@ -51,4 +62,4 @@ tools:
 	scripts/fetch-helm
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis tests/node/node_modules
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis .coverage tests/node/node_modules

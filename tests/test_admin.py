@@ -41,7 +41,7 @@ async def claim_items(gateway: Gateway, sim: Any, env_id: str, count: int) -> li
             headers = worker_headers()
             async with session.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=headers) as r:
                 assert r.status == 200
-    return ids
+    return list(ids)
 
 
 async def test_the_lease_table_filters_and_pages(make_simulator: SimFactory, make_gateway: GatewayFactory) -> None:
@@ -70,7 +70,7 @@ async def test_the_lease_table_filters_and_pages(make_simulator: SimFactory, mak
     assert body["data"] == []
     # Pages of two.
     seen: list[str] = []
-    cursor = "0"
+    cursor: str | None = "0"
     while cursor is not None:
         status, body = await get(gateway.admin_url + f"/admin/leases?limit=2&cursor={cursor}")
         assert len(body["data"]) <= 2

@@ -180,7 +180,7 @@ async def test_open_streams_fill_only_their_own_class(
         assert [status for status, _, _ in await asyncio.gather(*streams)].count(200) == 3
     refusals = {
         s.labels["reason"]: s.value
-        for s in gateway.metrics.pool_refusals.collect()[0].samples
+        for s in next(iter(gateway.metrics.pool_refusals.collect())).samples
         if s.labels.get("pool") == "stream" and s.name.endswith("_total")
     }
     assert refusals == {"queue_full": 2.0, "timeout": 1.0}

@@ -356,7 +356,7 @@ async def test_leases_stopped_through_the_gateway_are_never_counted_as_expired_o
         for n, work_id in enumerate(work_ids):
             await churn(work_id, force=n % 2 == 0)  # force stops, and graceful ones the holder never finishes
         await asyncio.sleep(1.5)  # every TTL (1 s) and grace (0.2 s) past: the core woke for each check
-    metrics = gateway.metrics.leases_lost.collect()[0].samples
+    metrics = next(iter(gateway.metrics.leases_lost.collect())).samples
     lost = {s.labels["reason"]: s.value for s in metrics if s.name.endswith("_total") and s.value}
     assert lost == {}
 
@@ -473,3 +473,20 @@ async def test_under_a_low_descriptor_limit_the_cap_follows_it_and_health_stays_
     started = next(json.loads(line) for line in lines if '"event": "started"' in line)
     assert (started["file_descriptors"], started["max_client_connections"]) == (320, 32)
     assert len(lines) < 20  # one summary line for the refusals, not one per connection
+
+
+def test_the_redactor_replaces_every_secret_whole_in_text_bytes_and_headers() -> None:
+    from gateway.redaction import Redactor
+
+    redactor = Redactor(["sk-short", "sk-short-and-longer", ""])
+    # The longer secret that contains the shorter one goes whole, not as "<redacted>-and-longer".
+    assert redactor.text("a sk-short-and-longer b sk-short") == "a <redacted> b <redacted>"
+    assert redactor.body(b'{"echo": "Bearer sk-short-and-longer"}') == b'{"echo": "Bearer <redacted>"}'
+    assert redactor.headers([("x-echo", "sk-short"), ("x-other", "fine")]) == [
+        ("x-echo", "<redacted>"),
+        ("x-other", "fine"),
+    ]
+    # A reload adds the new secrets and keeps the old ones.
+    rotated = redactor.with_(["sk-new"])
+    assert rotated.text("sk-new sk-short") == "<redacted> <redacted>"
+    assert redactor.text("sk-new") == "sk-new"

@@ -400,7 +400,7 @@ async def test_a_worker_that_leaves_before_its_flight_starts_sends_nothing() -> 
     # The decision to send is taken; the worker leaves before the flight task gets to run.
     (send,) = [a for a in service.core.submit(Beat(1, key, "NO_HEARTBEAT", ("id",)), 0.0) if isinstance(a, Send)]
     service.core.abandoned(1, 0.0)
-    await service._fly(key, send.flight, call())
+    await service._fly(key, send.flight, call().request)
     await service.close()
     assert upstream.calls == 0
     assert service.core.in_flight(key) == 0
@@ -437,5 +437,5 @@ async def test_coalesce_false_forwards_every_beat_one_for_one_and_keeps_no_lease
         async with session.get(gateway.admin_url + "/admin/leases") as r:
             assert ((await r.json())["total"], (await r.json())["data"]) == (0, [])
     # The 412 still counts as a conflict: the metrics read the answer, whoever decided it.
-    conflicts = gateway.metrics.conflicts.collect()[0].samples
+    conflicts = next(iter(gateway.metrics.conflicts.collect())).samples
     assert sum(s.value for s in conflicts if s.name.endswith("_total")) == 1

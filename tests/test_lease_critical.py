@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.app import Gateway
 from gateway.config import load_settings
@@ -222,11 +223,11 @@ def storm(share: float) -> Any:
     attempts: dict[tuple[str, int], int] = {}
 
     @web.middleware
-    async def rate_limit(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.endswith("/heartbeat"):
             return await handler(request)
         work_id = request.match_info.get("work", request.path.split("/")[-2])
-        (item,) = [i for i in request.app[SIMULATOR].plane.items(ENV_ID) if i.id == work_id] or [None]
+        item = next((i for i in request.app[SIMULATOR].plane.items(ENV_ID) if i.id == work_id), None)
         beat = (work_id, item.beats if item is not None else 0)
         attempt = attempts.get(beat, 0)
         attempts[beat] = attempt + 1

@@ -150,7 +150,7 @@ async def test_an_unseen_session_is_looked_up_with_the_tokens_keys_once_for_all_
     assert sim.sim.requests["session"] == {"404": 1, "200": 1}
     assert sim.sim.credentials_by_endpoint["events"] == {"environment_key": 10}
     assert fingerprint(TOKEN) not in sim.sim.stats_json()["credential_fingerprints"]
-    metrics = gateway.metrics.session_discoveries.collect()[0].samples
+    metrics = next(iter(gateway.metrics.session_discoveries.collect())).samples
     assert {s.labels["result"]: s.value for s in metrics if s.name.endswith("_total")}["found"] == 1
     # Learned: the next call needs no lookup.
     await get(url, worker_headers())

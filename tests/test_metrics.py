@@ -57,9 +57,9 @@ def value(text: str, name: str, **labels: str) -> float:
 async def test_every_contract_metric_is_exported_with_its_labels_and_starts_at_zero(gateway: Gateway) -> None:
     text = await scrape(gateway)
     names: dict[str, set[str]] = {}
-    for (name, labels), _ in samples(text).items():
+    for (name, label_pairs), _ in samples(text).items():
         base = re.sub(r"_(bucket|count|sum|created)$", "", name)
-        names.setdefault(base, set()).update(k for k, _ in labels if k != "le")
+        names.setdefault(base, set()).update(k for k, _ in label_pairs if k != "le")
     for metric, labels in CONTRACT.items():
         assert metric in names, metric
         assert names[metric] == labels, metric

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -290,7 +291,7 @@ async def test_chunked_upload_over_the_limit_is_cut_off(
     rec.respond = slurp
     gateway = await make_gateway(url, "limits: {max_body_bytes: 100000, shutdown_grace_seconds: 1}")
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b"x" * 50_000
 
@@ -323,7 +324,7 @@ async def test_large_upload_is_streamed_not_buffered(
     gateway = await make_gateway(url)
     finished_sending: list[float] = []
 
-    async def slow_body():  # type: ignore[no-untyped-def]
+    async def slow_body() -> AsyncIterator[bytes]:
         for _ in range(20):
             yield b"y" * 256 * 1024
             await asyncio.sleep(0.05)

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDictProxy
 
 from gateway.simulator import ControlPlane, Faults, FaultsError, SimError, TtlPolicy, fingerprint
 from gateway.simulator.control_plane import rfc3339
@@ -238,7 +239,7 @@ HEADERS = {"Authorization": f"Bearer {ENV_KEY}", "anthropic-beta": BETA}
 
 async def request(
     sim: SimHandle, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
-) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
     async with (
         aiohttp.ClientSession() as session,
         session.request(method, sim.url + path, headers=HEADERS if headers is None else headers, **kwargs) as r,

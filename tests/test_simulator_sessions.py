@@ -70,7 +70,7 @@ def test_each_tool_result_moves_the_script_on_until_the_turn_ends() -> None:
 def test_terminate_after_turn_ends_the_session() -> None:
     store = SessionStore(AgentScript(terminate_after_turn=True))
     session = store.create(E, 0.0)
-    result = {"type": "user.tool_result", "tool_use_id": session.pending_tool_use, "content": []}
+    result: dict[str, Any] = {"type": "user.tool_result", "tool_use_id": session.pending_tool_use, "content": []}
     _, appended = store.send(session, [result], 1.0)
     assert types(appended)[-1] == "session.status_terminated"
     assert session.status == "terminated"

@@ -339,7 +339,7 @@ async def test_with_absorption_the_python_worker_keeps_its_lease_and_learns_of_a
         await asyncio.sleep(2 * ttl + 0.5)
         (item,) = sim.sim.plane.items(ENV_ID)
         assert item.state == "active"
-        answered = gateway.metrics.heartbeats.collect()[0].samples
+        answered = next(iter(gateway.metrics.heartbeats.collect())).samples
         worker_beats = sum(s.value for s in answered if s.name.endswith("_total"))
         absorbed = sum(s.value for s in answered if s.labels.get("outcome") == "absorbed")
         assert absorbed >= 1
