@@ -106,3 +106,17 @@ def test_serving_never_loads_the_simulator_or_the_demo() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = ast.literal_eval(out)
     assert [m for m in loaded if m.startswith(("gateway.simulator", "gateway.demo"))] == []
+
+
+def test_the_readme_architecture_names_every_module() -> None:
+    """The layout is documented where a newcomer looks: a module missing there is a module nobody can find."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py", "py.typed")
+        and f"`{path.name}" not in section
+        and f"{path.stem}." not in section
+    ]
+    assert missing == []
