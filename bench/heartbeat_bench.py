@@ -280,7 +280,8 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=500)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between one worker's beats")
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--ttl", type=int, default=60, help="the simulator's lease TTL")
+    # Absorbed answers must keep the SDK workers' pace, which takes leases of more than 90 s.
+    parser.add_argument("--ttl", type=int, default=300, help="the simulator's lease TTL")
     parser.add_argument("--absorb", action="store_true")
     parser.add_argument("--signal-delay", type=float, default=5.0)
     parser.add_argument("--min-remaining-fraction", type=float, default=0.5)

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .heartbeat.worker_model import absorption_blocker
 from .redaction import REDACTED
 from .settings import (
     FALLBACK_ROUTES,
@@ -317,6 +318,7 @@ class _Reader:
         settings = self.section(data, "", Settings, None)
         self.check_ports(settings.listen, settings.admin)
         self.check_distinct_secrets(settings)
+        self.check_absorption(settings)
         return settings
 
     def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
@@ -500,6 +502,32 @@ class _Reader:
         elif parts.query or parts.fragment:
             self.problem(path, "must not have a query string or fragment")
         return url.rstrip("/")
+
+    def check_absorption(self, settings: Settings) -> None:
+        """Absorption that could never answer an SDK worker's beat is a config error, not a silent no-op.
+
+        Only configured TTLs can be judged: without one, the lease is the API's default (the SDK
+        workers send none) and the core's own rule decides beat by beat.
+        """
+        heartbeat = settings.heartbeat
+        absorb = heartbeat.absorb
+        if not absorb.enabled:
+            return
+        leases = [("heartbeat", heartbeat.desired_ttl_seconds)]
+        leases += [
+            (f"environments[{i}].heartbeat", env.heartbeat.desired_ttl_seconds)
+            for i, env in enumerate(settings.environments)
+            if env.heartbeat.desired_ttl_seconds is not None
+        ]
+        for path, ttl in leases:
+            blocker = (
+                None
+                if ttl is None
+                else absorption_blocker(ttl, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction)
+            )
+            if blocker is not None:
+                key, why = blocker
+                self.problem(f"{path}.{key}" if key == "desired_ttl_seconds" else f"heartbeat.absorb.{key}", why)
 
     def check_distinct_secrets(self, settings: Settings) -> None:
         """A client token equal to a real key would hand that key to every worker."""

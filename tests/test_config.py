@@ -362,3 +362,34 @@ def test_every_setting_has_a_row_in_the_readme_reference() -> None:
             missing.append(path)
     assert missing == []
     assert len(setting_paths(Settings)) > 40
+
+
+def test_absorption_that_could_never_answer_an_sdk_workers_beat_is_refused_with_why() -> None:
+    absorbing = MINIMAL + "heartbeat: {desired_ttl_seconds: %s, absorb: {enabled: true, %s}}\n"
+    assert problems(absorbing % (60, "max_signal_delay_seconds: 60")) == [
+        "heartbeat.desired_ttl_seconds: 60 s is too short a lease to absorb: after one 30 s beat interval only "
+        "29 s are left to promise, which would shorten the workers' interval and per-beat timeout below what a "
+        "forwarded answer gives them; use at least 91 (300 is recommended)"
+    ]
+    assert problems(absorbing % (300, "max_signal_delay_seconds: 30")) == [
+        "heartbeat.absorb.max_signal_delay_seconds: must be more than 30 s, the workers' beat interval at a 300 s "
+        "lease: the first beat after a forwarded one comes that late, so none could ever be answered locally"
+    ]
+    assert problems(absorbing % (300, "max_signal_delay_seconds: 60, min_remaining_fraction: 0.95")) == [
+        "heartbeat.absorb.min_remaining_fraction: must be at most 0.90 at a 300 s lease: one beat interval after a "
+        "forwarded beat only 269 s are left, so no beat could ever be answered locally"
+    ]
+    # Per environment too, at the key that sets the short lease.
+    per_environment = """
+environments: [{id: env_1, key_env: K, heartbeat: {desired_ttl_seconds: 20}}]
+clients: {tokens: [{token_env: T}]}
+heartbeat: {desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}}
+"""
+    (problem,) = problems(per_environment)
+    assert problem.startswith("environments[0].heartbeat.desired_ttl_seconds: 20 s is too short a lease to absorb")
+    # The recommended settings pass; so does absorption with the API's own (unknown) TTL, judged beat by beat.
+    for ok in (
+        "desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}",
+        "absorb: {enabled: true}",
+    ):
+        load_settings(MINIMAL + f"heartbeat: {{{ok}}}\n", {"K": "key", "T": "token"})

@@ -239,28 +239,56 @@ def test_a_joiner_that_leaves_is_not_answered_and_errors_reach_every_waiter() ->
 
 def test_absorption_answers_the_holder_locally_within_the_signal_delay() -> None:
     c = core(enabled=True, max_signal_delay_seconds=2.0, min_remaining_fraction=0.5)
-    claimed(c, t=0.0, last="T1", ttl=10)
+    claimed(c, t=0.0, last="T1", ttl=300)
     actions = c.submit(beat(2, "T1"), 0.25)
     assert sends(actions) == []
     (local,) = [a for a in actions if isinstance(a, DeliverLocal)]
     assert (local.outcome, local.status) == ("absorbed", 200)
-    # Sent at t=0 with a 10 s TTL: 9.75 s surely left, reported as 9 whole seconds.
+    # Sent at t=0 with a 300 s TTL: 299.75 s surely left, reported as 299 whole seconds.
     assert local.body == {
         "type": "work_heartbeat",
         "last_heartbeat": "T1",
         "lease_extended": True,
         "state": "active",
-        "ttl_seconds": 9,
+        "ttl_seconds": 299,
     }
     # At t=2 the last upstream success is as old as the allowed signal delay: forwarded.
     assert len(sends(c.submit(beat(3, "T1"), 2.0))) == 1
 
 
 def test_absorption_forwards_when_too_little_of_the_lease_is_left() -> None:
-    c = core(enabled=True, max_signal_delay_seconds=60.0, min_remaining_fraction=0.5)
-    claimed(c, t=0.0, last="T1", ttl=10)
-    assert replies(c.submit(beat(2, "T1"), 4.9))[0][1] == "absorbed"
-    assert len(sends(c.submit(beat(3, "T1"), 5.1))) == 1  # 4.9 s left < half of 10
+    c = core(enabled=True, max_signal_delay_seconds=400.0, min_remaining_fraction=0.5)
+    claimed(c, t=0.0, last="T1", ttl=300)
+    assert replies(c.submit(beat(2, "T1"), 149.9))[0][1] == "absorbed"
+    assert len(sends(c.submit(beat(3, "T1"), 150.1))) == 1  # 149.9 s left < half of 300
+
+
+def test_absorption_never_shortens_an_sdk_workers_pace() -> None:
+    """An absorbed answer sets the worker's next interval and per-beat timeout (clamp(ttl/2, 1, 30)):
+    it is given only where that is no shorter than the upstream's own answer would set."""
+    # A 10 s lease: the upstream's answer gives a 5 s interval; 9 s left would give 4.5 s. Forwarded.
+    short = core(enabled=True, max_signal_delay_seconds=5.0, min_remaining_fraction=0.1)
+    claimed(short, ttl=10)
+    assert len(sends(short.submit(beat(2, "T1"), 0.5))) == 1
+    # A 100 s lease: 30 s either way while at least 60 s are left to promise, then forwarded.
+    long = core(enabled=True, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+    claimed(long, ttl=100)
+    assert replies(long.submit(beat(2, "T1"), 39.0)) == [(2, "absorbed", 200)]
+    assert len(sends(long.submit(beat(3, "T1"), 40.5))) == 1  # 59 s left would mean a 29.5 s interval
+
+
+def test_a_slow_upstream_widens_the_margin_absorption_leaves() -> None:
+    """After the worker's next interval, an absorbed lease must leave twice the recent upstream latency."""
+    fast = core(enabled=True, max_signal_delay_seconds=300.0, min_remaining_fraction=0.1)
+    claimed(fast, ttl=300)  # answered in 10 ms
+    assert replies(fast.submit(beat(2, "T1"), 151.0)) == [(2, "absorbed", 200)]
+    slow = core(enabled=True, max_signal_delay_seconds=300.0, min_remaining_fraction=0.1)
+    (send,) = sends(slow.submit(beat(1, "NO_HEARTBEAT"), 0.0))
+    slow.completed(KEY, send.flight, ok("T1", ttl=300), 60.0)  # answered in 60 s: the margin is 120 s
+    # 170 s left at 130: 140 s after the worker's next 30 s interval, more than 120. Absorbed.
+    assert replies(slow.submit(beat(2, "T1"), 130.0)) == [(2, "absorbed", 200)]
+    # 149 s left at 151: 119 s after the interval, less than 120. Forwarded.
+    assert len(sends(slow.submit(beat(3, "T1"), 151.0))) == 1
 
 
 def test_absorption_needs_the_current_value_and_the_same_identity() -> None:
@@ -498,7 +526,7 @@ def test_the_main_lane_queue_is_bounded_too() -> None:
 
 def test_nothing_is_answered_locally_while_a_side_flight_may_move_the_lease() -> None:
     c = core(enabled=True, max_signal_delay_seconds=5.0, min_remaining_fraction=0.1)
-    claimed(c, ttl=10)
+    claimed(c, ttl=300)
     assert replies(c.submit(beat(2, "T1"), 0.5)) == [(2, "absorbed", 200)]
     (side,) = sends(c.submit(junk(3, "T1", OTHER), 0.6))
     # The other credential's beat may renew the lease for someone else: the holder's goes upstream.

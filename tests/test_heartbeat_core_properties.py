@@ -61,7 +61,8 @@ settings.register_profile("deep", max_examples=5000, stateful_step_count=80, dea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 ENV = "env_1"
-TTL = 5
+# Long enough for absorbed answers to keep the SDK workers' 30 s pace (more than 90 s).
+TTL = 100
 IDENTITIES = ("shared-token", "sessions-token")
 # A credential the upstream refuses (401), and nobody vouches for.
 HOSTILE = "junk-bearer"
@@ -363,7 +364,7 @@ class CoalescerMachine(RuleBasedStateMachine):
             self.plane.stop(ENV, work_id, self.now, force=action == "force_stop")
             self.stopped_at.setdefault(work_id, self.now)
 
-    @rule(seconds=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 6.0]))
+    @rule(seconds=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 6.0, 45.0, 110.0]))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
         self.plane.expire(self.now)

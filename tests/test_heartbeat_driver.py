@@ -16,7 +16,8 @@ from gateway.app import Gateway
 from gateway.errors import UpstreamUnavailable
 from gateway.heartbeat.driver import OUTCOME_HEADER, CoalescingHeartbeats, HeartbeatCall
 from gateway.heartbeat.query import HeartbeatQuery
-from gateway.settings import HeartbeatSettings
+from gateway.heartbeat.wire import LeaseEventKind, LostReason
+from gateway.settings import HeartbeatSettings, LeaseTrackingSettings
 from gateway.simulator import Faults
 from gateway.upstream import UpstreamRequest, UpstreamResponse
 
@@ -136,12 +137,14 @@ async def test_a_timed_out_beat_is_handed_to_its_retry_and_only_once(
 
 
 ABSORB = "heartbeat: {absorb: {enabled: true, max_signal_delay_seconds: 1.0, min_remaining_fraction: 0.5}}"
+# Absorbed answers must keep an SDK worker's pace: only leases of more than 90 s can be absorbed.
+LONG_TTL = 120
 
 
 async def test_absorption_cuts_upstream_beats_never_overstates_the_ttl_and_passes_stops(
     make_simulator: SimFactory, make_gateway: GatewayFactory
 ) -> None:
-    sim = await make_simulator(ttl=10)
+    sim = await make_simulator(ttl=LONG_TTL)
     gateway = await make_gateway(sim.url, ABSORB)
     work_id = held_item(sim)
     outcomes: list[str] = []
@@ -175,14 +178,14 @@ async def test_absorption_cuts_upstream_beats_never_overstates_the_ttl_and_passe
         assert time.monotonic() - stopped_at <= 1.0 + 0.25 + 0.2
         # The holder stops beating: nothing more goes upstream, no timer renews the lease.
         count = upstream_beats(sim)
-        await asyncio.sleep(2.5)  # past the lease's end: the core's wakeups may come, but send nothing
+        await asyncio.sleep(2.5)
     assert upstream_beats(sim) == count
 
 
 async def test_a_stop_through_the_gateway_ends_absorption_at_once(
     make_simulator: SimFactory, make_gateway: GatewayFactory
 ) -> None:
-    sim = await make_simulator(ttl=30)
+    sim = await make_simulator(ttl=LONG_TTL)
     gateway = await make_gateway(sim.url, ABSORB)
     work_id = held_item(sim)
     async with aiohttp.ClientSession() as session:
@@ -439,3 +442,43 @@ async def test_coalesce_false_forwards_every_beat_one_for_one_and_keeps_no_lease
     # The 412 still counts as a conflict: the metrics read the answer, whoever decided it.
     conflicts = next(iter(gateway.metrics.conflicts.collect())).samples
     assert sum(s.value for s in conflicts if s.name.endswith("_total")) == 1
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+
+    def retried(self, route: str) -> None:
+        pass
+
+    def lease_event(self, environment_id: str, kind: LeaseEventKind, reason: LostReason | None) -> None:
+        self.seen.append((kind.value, reason))
+
+    def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
+        pass
+
+
+async def test_the_driver_wakes_when_the_core_asks_and_keeps_no_ticker() -> None:
+    """With an injected clock: an unrenewed lease is recorded as expired at its end, by the core's Wakeup."""
+    now = [1000.0]
+    events = _Events()
+    settings = HeartbeatSettings(leases=LeaseTrackingSettings(expiry_grace_seconds=5.0))
+    service = CoalescingHeartbeats(ScriptedUpstream(OK), settings, observer=events, clock=lambda: now[0])
+    try:
+        result = await service.heartbeat(call())
+        assert (result.response.status, result.answer.lost_reason) == (200, None)
+        assert events.seen == [("claimed", None)]
+        # Nothing runs in the background but the flight tasks (finished) and one timer.
+        assert [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+        # The clock jumps to just before the lease's end (sent at 1000, TTL 30 s, grace 5 s): a wake-up
+        # that comes early finds nothing to do and asks again.
+        now[0] = 1034.9
+        service.wake()
+        assert events.seen == [("claimed", None)]
+        now[0] = 1035.0
+        service.wake()
+        assert events.seen == [("claimed", None), ("expired", None)]
+        (row,) = service.leases()
+        assert row.state == "expired"
+    finally:
+        await service.close()

@@ -12,18 +12,20 @@ the organisation key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.app import Gateway
 from gateway.config import load_settings
-from gateway.simulator import AgentScript, fingerprint
+from gateway.simulator import AgentScript, Faults, fingerprint
 
-from .support import API_KEY, ENV_ID, ENV_KEY, ENVIRON, OTHER_ENV_ID, TOKEN, SimFactory, SimHandle
+from .support import API_KEY, ENV_ID, ENV_KEY, ENVIRON, OTHER_ENV_ID, TOKEN, SimFactory, SimHandle, worker_headers
 from .workers import (
     NodeWorker,
     Served,
@@ -324,29 +326,121 @@ async def test_a_gateway_restart_mid_session_keeps_the_session_and_the_lease(
         assert fingerprint(API_KEY) not in stats["credential_fingerprints"]
 
 
-async def test_with_absorption_the_python_worker_keeps_its_lease_and_learns_of_a_stop_within_the_delay(
+def claimed(sim: SimHandle, count: int) -> Callable[[], bool]:
+    return lambda: sum(i.beats > 0 for i in sim.sim.plane.items(ENV_ID)) == count
+
+
+def force_stopped(item: Any) -> Callable[[], bool]:
+    return lambda: bool(item.force_stops == 1)
+
+
+async def test_absorption_on_a_short_lease_with_a_slow_upstream_costs_no_lease(
     make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
 ) -> None:
-    ttl, delay = 4, 3.0  # the SDK beats every 2 s; a 3 s signal delay lets the gateway answer every other beat
-    sim = await make_simulator(ttl=ttl, script=SCRIPT)
-    absorbing = MINIMAL + (
-        f"heartbeat: {{absorb: {{enabled: true, max_signal_delay_seconds: {delay}, min_remaining_fraction: 0.3}}}}\n"
+    """The measured failure: 6 s leases, heartbeats answered in 1.1 s, `min_remaining_fraction: 0.25` (and the
+    default 5 s signal delay).
+
+    Absorbed answers used to promise the few whole seconds left, which set the
+    SDK's interval and per-beat timeout to ~1 s: both workers gave up leases
+    they held. Now an answer that would shorten their pace is never given.
+    """
+    slow = Faults(latency_seconds=1.1, endpoints=("heartbeat",))
+    behind = await make_simulator(ttl=6, script=SCRIPT, faults=slow)
+    direct = await make_simulator(ttl=6, script=SCRIPT, faults=slow)
+    for sim in (behind, direct):
+        sim.sim.enqueue(ENV_ID, count=2)
+    absorbing = MINIMAL + "heartbeat: {absorb: {enabled: true, min_remaining_fraction: 0.25}}\n"
+    gateway = await start_gateway(behind.url, absorbing)
+    with sdk_log() as log:
+        async with contextlib.AsyncExitStack() as stack:
+            for n, (url, key) in enumerate(((gateway.proxy_url, TOKEN), (direct.url, ENV_KEY)) * 2):
+                worker = await stack.enter_async_context(
+                    python_worker(url, key, ENV_ID, tmp_path / str(n), max_idle=None)
+                )
+                await stack.enter_async_context(running(worker))
+            for sim in (behind, direct):
+                await wait_for(claimed(sim, 2), 20, "both items to be claimed")
+            await asyncio.sleep(14)  # about four beats each at the SDK's 3 s interval
+            for sim in (behind, direct):
+                sim.sim.plane.expire(sim.sim.now())
+                assert [i.state for i in sim.sim.plane.items(ENV_ID)] == ["active", "active"]
+                assert sim.sim.requests["heartbeat"].get("412", 0) == 0
+    assert not [m for m in log.messages if "lost" in m], log.messages
+    # No beat was answered locally: every answer the workers paced themselves by came from the API.
+    answered = next(iter(gateway.metrics.heartbeats.collect())).samples
+    assert sum(s.value for s in answered if s.labels.get("outcome") == "absorbed" and s.name.endswith("_total")) == 0
+
+
+async def test_the_recommended_absorption_setting_saves_half_the_beats_and_stops_still_arrive(
+    make_simulator: SimFactory, start_gateway: Started, tmp_path: Path
+) -> None:
+    """300 s leases (`desired_ttl_seconds`) and a 60 s signal delay, three Python SDK workers beating every
+    30 s, side by side with the same workers going direct to an API whose leases are 300 s too.
+
+    Item A is stopped on the API right after its claim: the holder hears of it within the signal delay.
+    Item B is stopped through the gateway: absorption ends for it at once, so its holder hears of it at its
+    next beat, as it would directly. Item C runs on: of its two beats after the claim, one is absorbed.
+    """
+    behind = await make_simulator(ttl=30, script=SCRIPT)  # the API's own default: the gateway asks for 300
+    direct = await make_simulator(ttl=300, script=SCRIPT)
+    for sim in (behind, direct):
+        sim.sim.enqueue(ENV_ID, count=3)
+    recommended = (
+        MINIMAL + "heartbeat: {desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}}\n"
     )
-    gateway = await start_gateway(sim.url, absorbing)
-    sim.sim.enqueue(ENV_ID)
-    async with python_worker(gateway.proxy_url, TOKEN, ENV_ID, tmp_path, max_idle=None) as worker, running(worker):
-        await wait_for(lambda: any(s.tool_results for s in sim.sim.sessions.all()), 15, "the tool to run")
-        await asyncio.sleep(2 * ttl + 0.5)
-        (item,) = sim.sim.plane.items(ENV_ID)
-        assert item.state == "active"
+    gateway = await start_gateway(behind.url, recommended)
+    loop = asyncio.get_running_loop()
+
+    def absorbed() -> float:
         answered = next(iter(gateway.metrics.heartbeats.collect())).samples
-        worker_beats = sum(s.value for s in answered if s.name.endswith("_total"))
-        absorbed = sum(s.value for s in answered if s.labels.get("outcome") == "absorbed")
-        assert absorbed >= 1
-        assert sim.sim.count("heartbeat") < worker_beats
-        stopped_at = asyncio.get_running_loop().time()
-        sim.sim.plane.stop(ENV_ID, item.id, sim.sim.now(), force=False)
-        await wait_for(lambda: item.force_stops == 1, delay + ttl / 2 + 2, "the worker to see the stop")
-        # Within the signal delay plus one beat interval.
-        assert asyncio.get_running_loop().time() - stopped_at <= delay + ttl / 2 + 0.5
-    assert sim.sim.requests["heartbeat"].get("412", 0) == 0
+        return sum(s.value for s in answered if s.labels.get("outcome") == "absorbed" and s.name.endswith("_total"))
+
+    with sdk_log() as log:
+        async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as http:
+            for n, (url, key) in enumerate(((gateway.proxy_url, TOKEN), (direct.url, ENV_KEY)) * 3):
+                worker = await stack.enter_async_context(
+                    python_worker(url, key, ENV_ID, tmp_path / str(n), max_idle=None)
+                )
+                await stack.enter_async_context(running(worker))
+            for sim in (behind, direct):
+                await wait_for(claimed(sim, 3), 20, "all three items to be claimed")
+            assert [i.ttl_seconds for i in behind.sim.plane.items(ENV_ID)] == [300] * 3
+            stopped: dict[tuple[int, str], float] = {}
+            for sim, base, key in ((behind, gateway.proxy_url, TOKEN), (direct, direct.url, ENV_KEY)):
+                a, b, _ = sim.sim.plane.items(ENV_ID)
+                sim.sim.plane.stop(ENV_ID, a.id, sim.sim.now(), force=False)  # on the API
+                stopped[(id(sim), "a")] = loop.time()
+                async with http.post(
+                    f"{base}/v1/environments/{ENV_ID}/work/{b.id}/stop",
+                    json={"force": False},
+                    headers=worker_headers(key),
+                ) as r:
+                    assert r.status == 200
+                stopped[(id(sim), "b")] = loop.time()
+
+            async def heard(sim: SimHandle, which: str, index: int) -> float:
+                """Seconds from the stop until the holder ended the item (its own force-stop)."""
+                await wait_for(force_stopped(sim.sim.plane.items(ENV_ID)[index]), 60 + 5, f"{which}'s holder")
+                return loop.time() - stopped[(id(sim), which)]
+
+            delays = await asyncio.gather(
+                *(heard(sim, w, i) for sim in (behind, direct) for w, i in (("a", 0), ("b", 1)))
+            )
+            through_a, through_b, direct_a, direct_b = delays
+            # Stopped through the gateway: heard at the next beat (one 30 s interval), as directly.
+            assert through_b <= 30 + 3
+            assert direct_b <= 30 + 3
+            # Stopped on the API: directly at the next beat; through the gateway within the signal delay.
+            assert direct_a <= 30 + 3
+            assert 30 < through_a <= 60 + 3
+            # C's second beat after its claim (60 s on) goes upstream.
+            await wait_for(lambda: behind.sim.count("heartbeat") >= 3 + 3, 10, "the beats due at 60 s")
+            for sim in (behind, direct):
+                assert sim.sim.plane.items(ENV_ID)[2].state == "active"
+    # C: two beats after its claim, one absorbed (1 in 2 saved); A: its beat at 30 s absorbed too.
+    # Upstream after the claims: B's at 30 s, A's and C's at 60 s. Directly every beat goes upstream.
+    assert absorbed() == 2
+    assert behind.sim.count("heartbeat") - 3 == 3
+    for sim in (behind, direct):
+        assert sim.sim.requests["heartbeat"].get("412", 0) == 0
+    assert not [m for m in log.messages if "lost" in m], log.messages

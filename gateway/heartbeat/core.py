@@ -26,8 +26,11 @@ Per lease, meaning one (environment id, work id):
   - *absorbed*: it presents the current `last_heartbeat` with the same
     credential and TTL, the last upstream success is younger than
     `max_signal_delay` and at least `min_remaining_fraction` of its TTL is
-    left. The answer repeats that success with `ttl_seconds` cut to the whole
-    seconds left.
+    left, and the answer keeps the SDK workers' pace (`worker_model`): the
+    seconds it can promise give the worker an interval and per-beat timeout
+    no shorter than the upstream's answer would, and leave twice the recent
+    upstream heartbeat latency after that interval. The answer repeats that
+    success with `ttl_seconds` cut to the whole seconds left.
   - *rejected*: it presents a value this gateway saw superseded (heartbeat
     values are unique and only move forward, so it can never match again),
     or claims with `NO_HEARTBEAT` while a lease this gateway saw granted is
@@ -87,6 +90,7 @@ from .wire import (
     success_body,
     throttled_body,
 )
+from .worker_model import keeps_pace, worker_interval
 
 __all__ = [
     "Action",
@@ -105,7 +109,6 @@ __all__ = [
     "Succeeded",
     "Unsuccessful",
     "Wakeup",
-    "worker_interval",
 ]
 
 # How many superseded values per lease are remembered for local rejection.
@@ -117,9 +120,10 @@ MAX_MAIN_QUEUE = 32
 # beats each may queue behind its flight.
 MAX_SIDE_CREDENTIALS = 4
 MAX_SIDE_QUEUE = 2
-# The SDK workers' beat interval: clamp(ttl/2, 1, 30) s, 30 s before any answer.
-SDK_MAX_INTERVAL = 30.0
-SDK_MIN_INTERVAL = 1.0
+# How many recent upstream heartbeat round trips the absorption margin looks at.
+LATENCY_MEMORY = 32
+# The margin is this many times the slowest of them.
+LATENCY_MARGIN_FACTOR = 2.0
 # A kept answer is handed over only with at least this much lease surely left:
 # less would give the worker a lease that lapses before it can beat again.
 MIN_HANDOFF_SECONDS = 1.0
@@ -365,6 +369,8 @@ class Coalescer(Generic[R, E]):
         self._deadlines: list[tuple[float, LeaseKey]] = []
         # The earliest Wakeup asked for and not yet answered by a tick.
         self._wakeup_asked: float | None = None
+        # Recent upstream heartbeat round trips (main lane, retries included): the absorption margin.
+        self._latencies: deque[float] = deque(maxlen=LATENCY_MEMORY)
 
     # -- inputs -------------------------------------------------------------------
 
@@ -401,6 +407,7 @@ class Coalescer(Generic[R, E]):
             return self._side_completed(lease, flight_id, outcome, now)
         flight, lease.flight = lease.flight, None
         lease.last_seen = now
+        self._latencies.append(now - flight.sent_at)
         waiting = self._still_waiting(flight)
         actions: list[Action[R, E]] = []
         if isinstance(outcome, Succeeded):
@@ -759,9 +766,14 @@ class Coalescer(Generic[R, E]):
         left = known.surely_held_until() - now
         return (
             now - known.sent_at < policy.max_signal_delay_seconds
-            and left >= 1.0
             and left >= policy.min_remaining_fraction * known.answer.ttl_seconds
+            # The SDK workers pace themselves by the answer: only what keeps their pace is absorbed.
+            and keeps_pace(known.answer.ttl_seconds, int(left), self.latency_margin())
         )
+
+    def latency_margin(self) -> float:
+        """Lease time an absorbed answer must leave after the worker's next interval, for a forwarded beat."""
+        return LATENCY_MARGIN_FACTOR * max(self._latencies, default=0.0)
 
     @staticmethod
     def _answer_body(success: _Success[R], now: float) -> dict[str, Any]:
@@ -914,14 +926,3 @@ class Coalescer(Generic[R, E]):
         for lease in idle[:batch]:
             self._remove(lease)
         return [LeaseEvent(lease.key, LeaseEventKind.EVICTED) for lease in idle[:batch]]
-
-
-def worker_interval(ttl_seconds: int | None) -> float:
-    """How long an SDK worker waits between beats, and lets one beat run: clamp(ttl/2, 1, 30) s.
-
-    All three SDKs (environments-api.md §6.2) set it from the last answer's
-    `ttl_seconds`, whoever produced that answer, and start at 30 s.
-    """
-    if not ttl_seconds or ttl_seconds <= 0:
-        return SDK_MAX_INTERVAL
-    return max(SDK_MIN_INTERVAL, min(ttl_seconds / 2, SDK_MAX_INTERVAL))
