@@ -21,7 +21,7 @@ from .admin import Health, create_admin_app
 from .capacity import Gate
 from .credentials import RetiredTokens
 from .discovery import SessionDiscovery
-from .heartbeat.core import LeaseView
+from .heartbeat.core import LeaseView, TableCounts
 from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from .links import Links
 from .metrics import GatewayMetrics
@@ -45,6 +45,9 @@ class _Running:
 
     def leases(self) -> list[LeaseView]:
         return self.heartbeats.leases() if self.heartbeats is not None else []
+
+    def table_counts(self) -> TableCounts:
+        return self.heartbeats.table_counts() if self.heartbeats is not None else ({}, {})
 
 
 def create_proxy_app(
@@ -107,7 +110,7 @@ class Gateway:
         self.health = Health()
         self.metrics = GatewayMetrics(settings)
         running = self._running = _Running()
-        self.metrics.track_leases(running.leases)
+        self.metrics.track_leases(running.table_counts)
         self._retired = RetiredTokens()
         proxy_app = create_proxy_app(
             self._live,

@@ -513,19 +513,25 @@ class _Reader:
         absorb = heartbeat.absorb
         if not absorb.enabled:
             return
-        leases = [("heartbeat", heartbeat.desired_ttl_seconds)]
-        leases += [
+        # Each environment's lease as configured: its own TTL, else the global one (None: the API's default).
+        leases = [
             (f"environments[{i}].heartbeat", env.heartbeat.desired_ttl_seconds)
-            for i, env in enumerate(settings.environments)
             if env.heartbeat.desired_ttl_seconds is not None
+            else ("heartbeat", heartbeat.desired_ttl_seconds)
+            for i, env in enumerate(settings.environments)
         ]
-        for path, ttl in leases:
-            blocker = (
-                None
-                if ttl is None
-                else absorption_blocker(ttl, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction)
-            )
-            if blocker is not None:
+        if any(ttl is None for _, ttl in leases):
+            return  # a lease of unknown length: the core judges each beat
+        # Absorption is one switch for every environment: a lease too short to absorb is simply forwarded,
+        # so the config is refused only when no environment's lease could ever be absorbed.
+        blockers = {
+            path: absorption_blocker(ttl, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction)
+            for path, ttl in leases
+            if ttl is not None
+        }
+        if all(blocker is not None for blocker in blockers.values()):
+            for path, blocker in blockers.items():
+                assert blocker is not None
                 key, why = blocker
                 self.problem(f"{path}.{key}" if key == "desired_ttl_seconds" else f"heartbeat.absorb.{key}", why)
 

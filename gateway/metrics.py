@@ -13,7 +13,7 @@ driver report to, so neither imports prometheus_client.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -30,7 +30,7 @@ from prometheus_client.platform_collector import PlatformCollector
 
 from . import __version__
 from .errors import UpstreamErrorKind
-from .heartbeat.core import LeaseView
+from .heartbeat.core import TableCounts
 from .heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
 from .routing import RouteName
 from .settings import PoolName, Settings
@@ -221,9 +221,9 @@ class GatewayMetrics:
     def environment(self, environment_id: str | None) -> str:
         return self._labels.get(environment_id or "", OTHER)
 
-    def track_leases(self, leases: Callable[[], Iterable[LeaseView]]) -> None:
-        """Export the lease table as gauges, computed at each scrape."""
-        self.registry.register(_LeaseTableCollector(leases, self))
+    def track_leases(self, counts: Callable[[], TableCounts]) -> None:
+        """Export the lease table as gauges, from counts the core keeps as leases change."""
+        self.registry.register(_LeaseTableCollector(counts, self))
 
     # -- the client-facing side -------------------------------------------------------
 
@@ -305,19 +305,20 @@ class GatewayMetrics:
 class _LeaseTableCollector:
     """`heartbeat_gateway_leases{environment,state}` and the shortest lease TTL seen, per environment."""
 
-    def __init__(self, leases: Callable[[], Iterable[LeaseView]], metrics: GatewayMetrics) -> None:
-        self._leases = leases
+    def __init__(self, table: Callable[[], TableCounts], metrics: GatewayMetrics) -> None:
+        self._table = table
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        # A few rows per environment id, whatever the number of leases: a scrape costs nothing per lease.
+        by_state, active_ttls = self._table()
         counts: Tally[tuple[str, str]] = Tally()
         shortest: dict[str, int] = {}
-        for lease in self._leases():
-            env = self._metrics.environment(lease.environment_id)
-            state = lease.state if lease.state in LEASE_STATES else "unknown"
-            counts[(env, state)] += 1
-            if state == "active" and lease.ttl_seconds:
-                shortest[env] = min(shortest.get(env, lease.ttl_seconds), lease.ttl_seconds)
+        for (environment_id, state), rows in by_state.items():
+            counts[(self._metrics.environment(environment_id), state)] += rows
+        for environment_id, seconds in active_ttls.items():
+            env = self._metrics.environment(environment_id)
+            shortest[env] = min(shortest.get(env, seconds), seconds)
         leases = GaugeMetricFamily(
             f"{PREFIX}_leases", "Leases in the gateway's table.", labels=["environment", "state"]
         )

@@ -371,22 +371,31 @@ def test_absorption_that_could_never_answer_an_sdk_workers_beat_is_refused_with_
         "29 s are left to promise, which would shorten the workers' interval and per-beat timeout below what a "
         "forwarded answer gives them; use at least 91 (300 is recommended)"
     ]
-    assert problems(absorbing % (300, "max_signal_delay_seconds: 30")) == [
-        "heartbeat.absorb.max_signal_delay_seconds: must be more than 30 s, the workers' beat interval at a 300 s "
-        "lease: the first beat after a forwarded one comes that late, so none could ever be answered locally"
+    assert problems(absorbing % (300, "max_signal_delay_seconds: 30.5")) == [
+        "heartbeat.absorb.max_signal_delay_seconds: must be more than 31 s at a 300 s lease: the first beat after "
+        "a forwarded one comes one 30 s interval and a round trip later, so none could ever be answered locally"
     ]
     assert problems(absorbing % (300, "max_signal_delay_seconds: 60, min_remaining_fraction: 0.95")) == [
         "heartbeat.absorb.min_remaining_fraction: must be at most 0.90 at a 300 s lease: one beat interval after a "
         "forwarded beat only 269 s are left, so no beat could ever be answered locally"
     ]
-    # Per environment too, at the key that sets the short lease.
+    # Per environment too, at the key that sets the short lease, when no environment could absorb.
     per_environment = """
-environments: [{id: env_1, key_env: K, heartbeat: {desired_ttl_seconds: 20}}]
+environments: [{id: env_1, key_env: K, heartbeat: {desired_ttl_seconds: 20}}, {id: env_2, key_env: K2%s}]
 clients: {tokens: [{token_env: T}]}
-heartbeat: {desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}}
+heartbeat: {desired_ttl_seconds: 60, absorb: {enabled: true, max_signal_delay_seconds: 60}}
 """
-    (problem,) = problems(per_environment)
-    assert problem.startswith("environments[0].heartbeat.desired_ttl_seconds: 20 s is too short a lease to absorb")
+    environ = {"K": "key", "K2": "key2", "T": "token"}
+    found = problems(per_environment % "", environ)
+    assert [p.split(":")[0] for p in found] == [
+        "environments[0].heartbeat.desired_ttl_seconds",
+        "heartbeat.desired_ttl_seconds",
+    ]
+    assert found[0].startswith("environments[0].heartbeat.desired_ttl_seconds: 20 s is too short a lease to absorb")
+    # One environment with a long lease: absorption is useful there; the short ones are simply forwarded.
+    load_settings(per_environment % ", heartbeat: {desired_ttl_seconds: 300}", environ)
+    # An environment whose lease is the API's own (unknown here): judged beat by beat, not refused.
+    load_settings((per_environment % "").replace("desired_ttl_seconds: 60, ", ""), environ)
     # The recommended settings pass; so does absorption with the API's own (unknown) TTL, judged beat by beat.
     for ok in (
         "desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}",

@@ -503,10 +503,14 @@ def test_side_lanes_are_bounded_per_credential_and_per_lease() -> None:
     assert sends(c.submit(junk(11, "T1", "j0"), 1.0)) == []
     assert sends(c.submit(junk(12, "T1", "j0"), 1.0)) == []
     assert replies(c.submit(junk(13, "T1", "j0"), 1.0)) == [(13, "throttled", 429)]
-    # A few credentials per lease, then local 429s for any other.
+    # A few credentials per lease get a lane; any other beat is sent on its own (no lane, no queue),
+    # as it would go directly, on the general capacity class.
     for n, identity in enumerate(("j1", "j2", "j3")):
         assert len(sends(c.submit(junk(20 + n, "T1", identity), 1.0))) == 1
-    assert replies(c.submit(junk(30, "T1", "j4"), 1.0)) == [(30, "throttled", 429)]
+    (alone,) = sends(c.submit(junk(30, "T1", "j4"), 1.0))
+    assert not alone.main
+    (again,) = sends(c.submit(junk(31, "T1", "j4"), 1.0))  # not queued behind its first: nothing is kept
+    assert again.flight != alone.flight
     # The holder is never throttled by any of this.
     (main,) = sends(c.submit(beat(40, "T1"), 1.0))
     assert main.main
@@ -609,9 +613,9 @@ def test_a_side_success_alone_on_the_lease_is_kept_for_its_now_holding_credentia
 def test_the_core_asks_to_be_woken_when_a_lease_may_lapse_and_never_needs_polling() -> None:
     """Every deadline the core keeps is announced as a Wakeup once, when it becomes the earliest."""
     c: Core = Coalescer(tracking=LeaseTrackingSettings(retention_seconds=60.0, expiry_grace_seconds=1.0))
-    # A first beat creates the lease's row: it is due a check after the retention time.
+    # A first beat creates the lease's row, unconfirmed: nothing to wake for (it goes when idle).
     first = c.submit(beat(1, "NO_HEARTBEAT"), 0.0)
-    assert [a for a in first if isinstance(a, Wakeup)] == [Wakeup(60.0)]
+    assert [a for a in first if isinstance(a, Wakeup)] == []
     (send,) = sends(first)
     # Granted for 10 s: the lease may lapse at 0 + 10 + 1, earlier than any wakeup asked for.
     granted = c.completed(KEY, send.flight, ok("T1", ttl=10), 0.2)
@@ -625,3 +629,40 @@ def test_the_core_asks_to_be_woken_when_a_lease_may_lapse_and_never_needs_pollin
     assert events(lapsed) == [("expired", None)]
     # Then only forgetting the row is left, after the retention time.
     assert [a for a in lapsed if isinstance(a, Wakeup)] == [Wakeup(76.0)]
+
+
+def test_junk_credentials_filling_the_side_lanes_never_lock_out_an_honest_unvouched_worker() -> None:
+    """A worker sending its own environment key (passed through, so not vouched for) while four junk
+    Bearers keep their lanes busy: its claim goes upstream, and once accepted it is the holder."""
+    c = core()
+    key = ("env_1", "work_honest")
+    for n in range(4):
+        assert len(sends(c.submit(Beat(100 + n, key, "NO_HEARTBEAT", f"junk-{n}", vouched=False), 0.0))) == 1
+    (claim,) = sends(c.submit(Beat(1, key, "NO_HEARTBEAT", "own-key", vouched=False), 0.1))
+    assert replies(c.completed(key, claim.flight, ok("T1", ttl=300), 0.2)) == [(1, "forwarded", "200 T1")]
+    assert c.holder(key) == "own-key"
+    (echo,) = sends(c.submit(Beat(2, key, "T1", "own-key", vouched=False), 30.0))
+    assert echo.main  # the holder's credential: the main lane, whatever the junk does
+
+
+def test_a_junk_flood_leaves_nothing_behind_in_the_table_or_its_schedule() -> None:
+    c = core()
+    claimed(c, ttl=300)
+    for n in range(5000):
+        key = ("env_1", f"junk_{n}")
+        (send,) = sends(c.submit(Beat(10 + n, key, "NO_HEARTBEAT", JUNK, vouched=False), 1.0))
+        c.completed(key, send.flight, Unsuccessful("401"), 1.01)
+    assert len(c) == 1
+    assert len(c._deadlines) <= 2  # the real lease's own checks only
+
+
+def test_a_lapse_is_recorded_even_while_other_credentials_keep_beating_the_lease() -> None:
+    c = core()
+    claimed(c, t=0.0, ttl=10)
+    lapsed = []
+    for t in range(1, 40):
+        # A junk Bearer beats the held work id every second; the holder has stopped beating.
+        (send,) = sends(c.submit(junk(100 + t, "T1", "junk"), float(t)))
+        lapsed += events(c.completed(KEY, send.flight, Unsuccessful("401"), t + 0.01))
+        lapsed += events(c.tick(t + 0.5))
+    assert lapsed == [("expired", None)]

@@ -377,6 +377,20 @@ class CoalescerMachine(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------------
 
     @invariant()
+    def the_table_counts_are_the_rows(self) -> None:
+        """The counts the metrics read at no cost per lease are what counting the rows gives."""
+        rows: dict[tuple[str, str], int] = {}
+        shortest: dict[str, int] = {}
+        for view in self.core.leases(self.now):
+            rows[(view.environment_id, view.state)] = rows.get((view.environment_id, view.state), 0) + 1
+            if view.state == "active" and view.ttl_seconds:
+                env = view.environment_id
+                shortest[env] = min(shortest.get(env, view.ttl_seconds), view.ttl_seconds)
+        by_state, active_ttls = self.core.table_counts()
+        assert dict(by_state) == rows
+        assert dict(active_ttls) == shortest
+
+    @invariant()
     def no_deadline_without_a_wakeup(self) -> None:
         """A driver that sleeps until the wakeups it was asked for never misses one of the core's deadlines."""
         due = self.core.next_deadline()

@@ -46,8 +46,9 @@ Per lease, meaning one (environment id, work id):
   or a sessions token it saw issued for the item) or the one the upstream
   last accepted on the lease (the holder's). Any other credential (a junk
   Bearer, a foreign key) gets a *side lane* of its own: its own flight, one
-  at a time, its own short queue, at most a few side credentials per lease,
-  and the excess answered locally with a 429. A side flight never waits for
+  at a time, its own short queue (the excess answered locally with a 429),
+  for up to a few side credentials per lease; beyond them, each beat is sent
+  on its own, as it would go directly. A side flight never waits for
   the main lane nor makes it wait, so no other credential can delay the
   holder's beats. Side beats are never answered locally, and while a side
   flight is out (it may move the lease) nothing is answered locally at all;
@@ -71,9 +72,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
-from collections.abc import Hashable, Iterator
+from collections import Counter, deque
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from gateway.settings import AbsorbSettings, LeaseTrackingSettings
@@ -107,18 +109,24 @@ __all__ = [
     "Rejected",
     "Send",
     "Succeeded",
+    "TableCounts",
     "Unsuccessful",
     "Wakeup",
 ]
 
+_STATES = frozenset(s.value for s in LeaseState)
+# A lapsed lease whose holder's beat is in flight is looked at again this much later.
+EXPIRY_RECHECK_SECONDS = 1.0
 # How many superseded values per lease are remembered for local rejection.
 _SUPERSEDED_MEMORY = 8
 # Beats waiting in one lease's main lane: a worker beats once per interval, so
 # more than a few means a flood, not a fleet.
 MAX_MAIN_QUEUE = 32
 # Credentials nobody vouches for, per lease, each with its own lane, and the
-# beats each may queue behind its flight.
+# beats each may queue behind its flight. Beyond that many credentials, a beat
+# goes out on its own (no queue, no lane kept after it).
 MAX_SIDE_CREDENTIALS = 4
+_UNLANED = object()
 MAX_SIDE_QUEUE = 2
 # How many recent upstream heartbeat round trips the absorption margin looks at.
 LATENCY_MEMORY = 32
@@ -132,6 +140,8 @@ R = TypeVar("R")  # the driver's upstream response
 E = TypeVar("E")  # the driver's upstream error
 
 LeaseKey = tuple[str, str]
+# Rows by (environment id, state), and the shortest active TTL by environment id.
+TableCounts = tuple[Mapping[tuple[str, str], int], Mapping[str, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +304,8 @@ class _SideLane:
     """The flight and queue of one credential nobody vouches for, on one lease."""
 
     flight: _Flight | None = None
-    queue: deque[Beat] = field(default_factory=deque)
+    # Lists, not deques: at most a few beats wait, and an empty deque costs ten times an empty list.
+    queue: list[Beat] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -303,8 +314,10 @@ class _Lease(Generic[R]):
     known: _Success[R] | None = None
     undelivered: _Success[R] | None = None
     flight: _Flight | None = None
-    queue: deque[Beat] = field(default_factory=deque)
-    superseded: deque[str] = field(default_factory=lambda: deque(maxlen=_SUPERSEDED_MEMORY))
+    # Lists, not deques (a lease row should cost little; see `_SideLane.queue`).
+    queue: list[Beat] = field(default_factory=list)
+    # The last few values seen superseded, newest last.
+    superseded: list[str] = field(default_factory=list)
     # Observation, kept even when `known` is dropped: for the lease table and expiry.
     state: str = LeaseState.UNKNOWN
     last_heartbeat: str | None = None
@@ -369,6 +382,12 @@ class Coalescer(Generic[R, E]):
         self._deadlines: list[tuple[float, LeaseKey]] = []
         # The earliest Wakeup asked for and not yet answered by a tick.
         self._wakeup_asked: float | None = None
+        # Rows of the table by (environment id, state), and the TTLs of active ones by environment:
+        # kept as leases change, so reading them (a metrics scrape) costs nothing per lease.
+        self._by_state: Counter[tuple[str, str]] = Counter()
+        # Ended leases, in the order they ended (the table itself is in the order leases were beaten).
+        self._ended: dict[LeaseKey, None] = {}
+        self._active_ttls: dict[str, Counter[int]] = {}
         # Recent upstream heartbeat round trips (main lane, retries included): the absorption margin.
         self._latencies: deque[float] = deque(maxlen=LATENCY_MEMORY)
 
@@ -486,7 +505,8 @@ class Coalescer(Generic[R, E]):
         if lease is not None:
             lease.known = lease.undelivered = None
             lease.last_seen = now
-            lease.stop_requested = lease.ended = True
+            lease.stop_requested = True
+            self._mark_ended(lease, True)
             for flight in (lease.flight, *(lane.flight for lane in lease.side.values())):
                 if flight is not None:
                     flight.after_stop = True
@@ -589,14 +609,47 @@ class Coalescer(Generic[R, E]):
     def __len__(self) -> int:
         return len(self._leases)
 
+    def table_counts(self) -> TableCounts:
+        """Rows by (environment id, state), and the shortest TTL among active leases per environment.
+
+        States outside `LeaseState` count as unknown. Constant time in the table's size.
+        """
+        shortest = {env: min(ttls) for env, ttls in self._active_ttls.items() if ttls}
+        return MappingProxyType(self._by_state), shortest
+
+    def _observed(self, lease: _Lease[R], state: str, ttl_seconds: int | None) -> None:
+        """The lease's state or TTL changed: the counts follow."""
+        self._count(lease, -1)
+        lease.state, lease.ttl_seconds = state, ttl_seconds
+        self._count(lease, 1)
+
+    def _count(self, lease: _Lease[R], sign: int) -> None:
+        env = lease.key[0]
+        state = lease.state if lease.state in _STATES else LeaseState.UNKNOWN
+        key = (env, str(state))
+        self._by_state[key] += sign
+        if not self._by_state[key]:
+            del self._by_state[key]
+        if state == LeaseState.ACTIVE and lease.ttl_seconds:
+            ttls = self._active_ttls.setdefault(env, Counter())
+            ttls[lease.ttl_seconds] += sign
+            if not ttls[lease.ttl_seconds]:
+                del ttls[lease.ttl_seconds]
+                if not ttls:
+                    del self._active_ttls[env]
+
     # -- decisions ------------------------------------------------------------------
 
     def _lease(self, key: LeaseKey, now: float) -> _Lease[R]:
-        lease = self._leases.get(key)
+        lease = self._leases.pop(key, None)
         if lease is None:
             # Unconfirmed until the upstream accepts a beat: it costs no confirmed lease its row.
-            lease = self._leases[key] = _Lease(key, last_seen=now)
-            self._schedule(lease, now + self.tracking.retention_seconds)
+            # No check is scheduled yet: an unconfirmed row leaves as soon as nothing waits on it
+            # (a junk flood must not leave a heap entry per beat), a confirmed one schedules its own.
+            lease = _Lease(key, last_seen=now)
+            self._count(lease, 1)
+        # Re-inserted last: the table's order is the order leases were last beaten, oldest first.
+        self._leases[key] = lease
         lease.last_seen = now
         return lease
 
@@ -604,6 +657,8 @@ class Coalescer(Generic[R, E]):
         """A lease no upstream answer confirmed leaves the table as soon as nothing waits on it."""
         if not lease.confirmed and lease.idle and self._leases.get(lease.key) is lease:
             del self._leases[lease.key]
+            self._ended.pop(lease.key, None)
+            self._count(lease, -1)
 
     def _in_main_lane(self, lease: _Lease[R], beat: Beat) -> bool:
         return beat.vouched or (lease.holder is not None and beat.identity == lease.holder)
@@ -613,7 +668,11 @@ class Coalescer(Generic[R, E]):
         lane = lease.side.get(beat.identity)
         if lane is None:
             if len(lease.side) >= MAX_SIDE_CREDENTIALS:
-                return self._throttled(lease, beat)
+                # No lane of its own: sent as it comes, as the worker would send it directly. Refusing it
+                # would let a few junk credentials lock out an honest one (its own key, passed through);
+                # what bounds these flights is the general capacity class they draw on.
+                lane = lease.side[(_UNLANED, beat.waiter)] = _SideLane()
+                return [self._send_side(lease, lane, beat, now)]
             lane = lease.side[beat.identity] = _SideLane()
         if lane.flight is not None:
             if len(lane.queue) >= MAX_SIDE_QUEUE:
@@ -685,7 +744,7 @@ class Coalescer(Generic[R, E]):
                 actions += [DeliverError(w, outcome.error) for w in waiting]
         self._done_waiting(flight)
         if lane.queue:
-            actions.append(self._send_side(lease, lane, lane.queue.popleft(), now))
+            actions.append(self._send_side(lease, lane, lane.queue.pop(0), now))
         else:
             del lease.side[identity]
         self._forget_if_unconfirmed(lease)
@@ -707,7 +766,7 @@ class Coalescer(Generic[R, E]):
         lease.queue.extend(arrivals)
         actions: list[Action[R, E]] = []
         while lease.queue and lease.flight is None:
-            beat = lease.queue.popleft()
+            beat = lease.queue.pop(0)
             local = self._answer_locally(lease, beat, now)
             if local is not None:
                 actions.append(local)
@@ -723,7 +782,7 @@ class Coalescer(Generic[R, E]):
             lease.last_outcome = Outcome.FORWARDED
             # Unconditional beats right behind it ride along.
             while lease.queue and self._can_join(flight, lease.queue[0]):
-                flight.waiters.append(lease.queue.popleft().waiter)
+                flight.waiters.append(lease.queue.pop(0).waiter)
             actions.append(Send(flight.id, lease.key, beat.waiter))
         return actions
 
@@ -812,9 +871,9 @@ class Coalescer(Generic[R, E]):
         """Anything older is history now: its values can never match again."""
         for old in (lease.known, lease.undelivered):
             if old is not None and old.answer.last_heartbeat != answer.last_heartbeat:
-                lease.superseded.append(old.answer.last_heartbeat)
+                _supersede_value(lease, old.answer.last_heartbeat)
         if flight.expected not in (None, NO_HEARTBEAT) and flight.expected != answer.last_heartbeat:
-            lease.superseded.append(flight.expected)
+            _supersede_value(lease, flight.expected)
 
     def _observe_success(self, lease: _Lease[R], flight: _Flight, answer: HeartbeatAnswer) -> list[Action[R, E]]:
         events: list[Action[R, E]] = []
@@ -830,15 +889,15 @@ class Coalescer(Generic[R, E]):
         if not lease.confirmed:
             events += self._evict_if_full()
             self._confirmed += 1
-        lease.state = answer.state
+        self._observed(lease, answer.state, answer.ttl_seconds)
         lease.last_heartbeat = answer.last_heartbeat
-        lease.ttl_seconds = answer.ttl_seconds
         lease.last_success_sent_at = flight.sent_at
         # A stopping lease is on its way out: if it lapses now, nothing was lost.
-        lease.ended = (
+        self._mark_ended(
+            lease,
             lease.stop_requested
             or answer.state in (LeaseState.STOPPING, LeaseState.STOPPED)
-            or not answer.lease_extended
+            or not answer.lease_extended,
         )
         self._schedule(lease, flight.sent_at + answer.ttl_seconds + self.tracking.expiry_grace_seconds)
         return events
@@ -855,7 +914,7 @@ class Coalescer(Generic[R, E]):
             # The 412 shows the lease has moved on from the answer nobody received.
             lease.undelivered = None
         if flight.expected is not None and flight.expected != NO_HEARTBEAT:
-            lease.superseded.append(flight.expected)
+            _supersede_value(lease, flight.expected)
         events: list[Action[R, E]] = []
         if (
             not lease.stop_requested
@@ -864,7 +923,7 @@ class Coalescer(Generic[R, E]):
         ):
             events.append(LeaseEvent(lease.key, LeaseEventKind.LOST, rejection_reason(outcome.current_state)))
         if outcome.current_state is not None:
-            lease.state = outcome.current_state
+            self._observed(lease, outcome.current_state, lease.ttl_seconds)
         lease.last_outcome = "rejected_upstream"
         return [*events, *(Deliver(w, self._name(flight, w), outcome.response) for w in waiting)]
 
@@ -886,21 +945,27 @@ class Coalescer(Generic[R, E]):
         heapq.heappush(self._deadlines, (when, lease.key))
 
     def _check_lease(self, lease: _Lease[R], now: float) -> list[Action[R, E]]:
-        if not lease.idle:
-            self._schedule(lease, now + self.tracking.retention_seconds)
-            return []
         sent, ttl = lease.last_success_sent_at, lease.ttl_seconds
         if not lease.ended and sent is not None and ttl is not None:
             if now < sent + ttl + self.tracking.expiry_grace_seconds:
                 self._schedule(lease, sent + ttl + self.tracking.expiry_grace_seconds)  # renewed since
                 return []
+            if lease.flight is not None or lease.queue:
+                # The holder's beat is on its way and may renew it: look again shortly. (Side lanes,
+                # other credentials' beats, do not hold the check off: a junk stream must not hide a loss.)
+                self._schedule(lease, now + EXPIRY_RECHECK_SECONDS)
+                return []
             # Nobody renewed it through this gateway: a loss no one else reports.
-            lease.state, lease.ended, lease.known = LeaseState.EXPIRED, True, None
+            self._observed(lease, LeaseState.EXPIRED, lease.ttl_seconds)
+            self._mark_ended(lease, True)
+            lease.known = None
             lease.last_seen = now
             self._schedule(lease, now + self.tracking.retention_seconds)
             return [LeaseEvent(lease.key, LeaseEventKind.EXPIRED)]
         # Ended, or never granted: forget it once it has been quiet for the retention time.
-        if now - lease.last_seen >= self.tracking.retention_seconds:
+        if not lease.idle:
+            self._schedule(lease, now + self.tracking.retention_seconds)
+        elif now - lease.last_seen >= self.tracking.retention_seconds:
             self._remove(lease)
         else:
             self._schedule(lease, lease.last_seen + self.tracking.retention_seconds)
@@ -908,6 +973,8 @@ class Coalescer(Generic[R, E]):
 
     def _remove(self, lease: _Lease[R]) -> None:
         del self._leases[lease.key]
+        self._ended.pop(lease.key, None)
+        self._count(lease, -1)
         if lease.confirmed:
             self._confirmed -= 1
 
@@ -916,13 +983,26 @@ class Coalescer(Generic[R, E]):
         beats no upstream accepted (a junk credential's) never take a real lease's row."""
         if self._confirmed < self.tracking.max_tracked:
             return []
-        # Evict a batch, ended leases first, then the longest quiet, so the sort
-        # is paid once per batch rather than once per new lease.
-        batch = max(1, self.tracking.max_tracked // 100)
-        idle = sorted(
-            (lease for lease in self._leases.values() if lease.idle and lease.confirmed),
-            key=lambda lease: (not lease.ended, lease.last_seen),
-        )
-        for lease in idle[:batch]:
-            self._remove(lease)
-        return [LeaseEvent(lease.key, LeaseEventKind.EVICTED) for lease in idle[:batch]]
+        # One per new lease: ended leases first (longest ended), then the longest since a beat. Both
+        # orders are kept as leases change, so this costs the same at 100 or 100,000 leases.
+        for key in itertools.chain(self._ended, self._leases):
+            lease = self._leases[key]
+            if lease.idle and lease.confirmed:
+                self._remove(lease)
+                return [LeaseEvent(key, LeaseEventKind.EVICTED)]
+        return []
+
+    def _mark_ended(self, lease: _Lease[R], ended: bool) -> None:
+        """Stopped, lost or expired (or not): ended leases are the first to go from a full table."""
+        lease.ended = ended
+        if ended:
+            self._ended.setdefault(lease.key, None)
+        else:
+            self._ended.pop(lease.key, None)
+
+
+def _supersede_value(lease: _Lease[Any], value: str) -> None:
+    """Remember `value` as superseded: it can never match again. Only the last few are kept."""
+    lease.superseded.append(value)
+    if len(lease.superseded) > _SUPERSEDED_MEMORY:
+        del lease.superseded[0]

@@ -44,6 +44,7 @@ from .core import (
     Rejected,
     Send,
     Succeeded,
+    TableCounts,
     Unsuccessful,
     Wakeup,
 )
@@ -105,6 +106,9 @@ class HeartbeatService(Protocol):
     def leases(self) -> list[LeaseView]:
         """The lease table (empty when heartbeats are not coalesced)."""
 
+    def table_counts(self) -> TableCounts:
+        """The table's rows by (environment id, state) and shortest active TTLs, at no cost per lease."""
+
     def configure(self, settings: HeartbeatSettings) -> None:
         """Apply reloaded heartbeat settings to what comes next."""
 
@@ -144,6 +148,9 @@ class DirectHeartbeats:
 
     def leases(self) -> list[LeaseView]:
         return []
+
+    def table_counts(self) -> TableCounts:
+        return {}, {}
 
     def configure(self, settings: HeartbeatSettings) -> None:
         pass
@@ -251,6 +258,9 @@ class CoalescingHeartbeats:
     def leases(self) -> list[LeaseView]:
         return list(self.core.leases(self._clock()))
 
+    def table_counts(self) -> TableCounts:
+        return self.core.table_counts()
+
     def wake(self) -> None:
         """The core's wakeup time came: let it see the time (and carry out what it decides)."""
         self._timer = self._timer_at = None
@@ -270,6 +280,14 @@ class CoalescingHeartbeats:
     # -- carrying out decisions ------------------------------------------------------
 
     def _carry_out(self, actions: list[Action[Reply, UpstreamError]]) -> None:
+        try:
+            self._carry_out_each(actions)
+        finally:
+            # Should anything above fail part-way, a Wakeup it skipped must not be lost for good.
+            if self._timer is None and (due := self.core.next_deadline()) is not None:
+                self._wake_at(due)
+
+    def _carry_out_each(self, actions: list[Action[Reply, UpstreamError]]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 call = self._calls[action.waiter]

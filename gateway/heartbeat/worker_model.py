@@ -73,10 +73,11 @@ def absorption_blocker(
             f"timeout below what a forwarded answer gives them; use at least {3 * int(SDK_MAX_INTERVAL) + 1} "
             "(300 is recommended)"
         )
-    if max_signal_delay <= interval:
+    if max_signal_delay <= interval + MIN_MARGIN_SECONDS:
         return "max_signal_delay_seconds", (
-            f"must be more than {interval:g} s, the workers' beat interval at a {ttl_seconds} s lease: "
-            "the first beat after a forwarded one comes that late, so none could ever be answered locally"
+            f"must be more than {interval + MIN_MARGIN_SECONDS:g} s at a {ttl_seconds} s lease: the first beat "
+            f"after a forwarded one comes one {interval:g} s interval and a round trip later, so none could "
+            "ever be answered locally"
         )
     if promised < min_remaining_fraction * ttl_seconds:
         return "min_remaining_fraction", (
