@@ -26,6 +26,7 @@ from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatS
 from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
+from .polls import PollAdmission
 from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
 from .server import GatewayAppRunner
 from .settings import LiveSettings, PoolName, Settings, restart_needed
@@ -78,7 +79,8 @@ def create_proxy_app(
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()
         discovery = SessionDiscovery(up, links, observer=metrics)
-        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired)
+        polls = PollAdmission(lambda: live.current.polls, observer=metrics)
+        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired, polls)
         running.heartbeats = service
         health.upstream_ready = True
         try:

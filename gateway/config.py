@@ -354,7 +354,9 @@ class _Reader:
             return self.section(None if raw is _MISSING else raw, path, hint, default if given else None)
         if raw is _MISSING and given:
             return default
-        if raw in (None, _MISSING) and (optional or get_origin(hint) is tuple):
+        if raw in (None, _MISSING) and optional:
+            return None  # null where null is allowed means none, whatever the default
+        if raw in (None, _MISSING) and get_origin(hint) is tuple:
             return default if given else None
         # A required key that is absent reads as null: "is required", "must be ..., not null".
         return self.scalar(None if raw is _MISSING else raw, path, hint, rule)

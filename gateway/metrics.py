@@ -32,6 +32,7 @@ from . import __version__
 from .errors import UpstreamErrorKind
 from .heartbeat.core import TableCounts
 from .heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
+from .polls import PollOutcome
 from .routing import RouteName
 from .settings import PoolName, Settings
 
@@ -52,6 +53,7 @@ LEASE_STATES = tuple(s.value for s in LeaseState)
 CLIENT_CODES = ("200", "400", "401", "403", "404", "412", "413", "429", "500", "502", "504")
 UPSTREAM_CODES = ("200", "412", "429", "500", "503")
 DISCOVERY_RESULTS = ("found", "not_found", "error")
+POLL_OUTCOMES: tuple[PollOutcome, ...] = ("forwarded", "held", "answered_empty")
 POOL_REFUSALS = ("queue_full", "timeout")
 # The key a client token was swapped for: an environment's, or the organisation-scoped default.
 CREDENTIAL_KINDS = ("environment_key", "default_credential")
@@ -119,6 +121,19 @@ class GatewayMetrics:
         )
         self.lease_evictions = Counter(
             f"{PREFIX}_lease_evictions", "Leases dropped from the full lease table.", registry=r
+        )
+        self.polls = Counter(
+            f"{PREFIX}_polls",
+            "Long polls, by what admission did: forwarded upstream, held at the gateway (then forwarded or "
+            "answered), answered empty at the gateway.",
+            ["environment", "outcome"],
+            registry=r,
+        )
+        self.polls_waiting = Gauge(
+            f"{PREFIX}_polls_waiting",
+            "Long polls held at the gateway for an upstream slot.",
+            ["environment"],
+            registry=r,
         )
         self.session_discoveries = Counter(
             f"{PREFIX}_session_discoveries",
@@ -191,6 +206,9 @@ class GatewayMetrics:
                 self.work_stops.labels(env, state)
             self.conflicts.labels(env)
             self.lease_remaining.labels(env)
+            for poll_outcome in POLL_OUTCOMES:
+                self.polls.labels(env, poll_outcome)
+            self.polls_waiting.labels(env)
 
     def _initialise(self) -> None:
         for route in ROUTES:
@@ -269,6 +287,13 @@ class GatewayMetrics:
 
     def pool_refused(self, pool: PoolName, reason: str) -> None:
         self._child(self.pool_refusals, pool.value, reason).inc()
+
+    # -- PollObserver -------------------------------------------------------------------
+
+    def poll_admitted(self, environment_id: str, outcome: PollOutcome, held: int) -> None:
+        env = self.environment(environment_id)
+        self._child(self.polls, env, outcome).inc()
+        self._child(self.polls_waiting, env).set(held)
 
     # -- DiscoveryObserver ------------------------------------------------------------
 

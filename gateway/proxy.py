@@ -11,6 +11,7 @@ Every refusal raises a `RequestRefused` before the upstream is called.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -40,6 +41,7 @@ from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeat.wire import Outcome
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
+from .polls import PollAdmission, block_seconds, with_block_ms
 from .redaction import Redactor
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool
 from .settings import LiveSettings, PoolName, Settings
@@ -68,6 +70,7 @@ class ProxyContext:
     discovery: SessionDiscovery
     # Client tokens a reload removed: refused, never passed on.
     retired: RetiredTokens
+    polls: PollAdmission
 
     @property
     def settings(self) -> Settings:
@@ -152,7 +155,40 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # Whatever the gateway knew of this lease may be about to change.
         ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
     pool = upstream_pool(route, target, vouched=vouched)
+    if route.name is RouteName.POLL and route.environment_id is not None:
+        return await _poll(request, ctx, route, target, headers, pool, route.environment_id)
     return await _pass_through(request, ctx, route, target, headers, pool)
+
+
+async def _poll(
+    request: web.Request,
+    ctx: ProxyContext,
+    route: Route,
+    target: Target,
+    headers: tuple[tuple[str, str], ...],
+    pool: PoolName,
+    environment_id: str,
+) -> web.StreamResponse:
+    """A long poll, admitted upstream or held here (`gateway.polls`)."""
+    block = block_seconds(target.raw_query)
+    waited = await ctx.polls.admit(environment_id, _single_header(request, "Anthropic-Worker-ID"), block)
+    if waited is None:
+        return _empty_queue()
+    try:
+        if waited > 0:
+            left_ms = int((block - waited) * 1000)
+            if left_ms < 1:
+                return _empty_queue()
+            # Upstream on the worker's behalf, for the block time it has left.
+            target = dataclasses.replace(target, raw_query=with_block_ms(target.raw_query, left_ms))
+        return await _pass_through(request, ctx, route, target, headers, pool)
+    finally:
+        ctx.polls.release(environment_id)
+
+
+def _empty_queue() -> web.Response:
+    """What the API answers a poll when no work is queued."""
+    return web.Response(status=200, body=b"null", content_type="application/json")
 
 
 def _vouched_for(ctx: ProxyContext, route: Route, headers: tuple[tuple[str, str], ...]) -> bool:

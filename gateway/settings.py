@@ -36,6 +36,7 @@ __all__ = [
     "ListenAddress",
     "LiveSettings",
     "LoggingSettings",
+    "PollSettings",
     "PoolName",
     "PoolSettings",
     "RouteSettings",
@@ -224,6 +225,19 @@ class RouteSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PollSettings:
+    """Poll admission (`gateway.polls`): idle long polls held at the gateway."""
+
+    # Long polls one environment may have upstream at once; beyond, a poll waits here for up to its
+    # own block time and, if no slot frees, is answered `null` as the API answers an empty queue.
+    # One open poll picks up a new item as fast as a thousand; None: every poll goes upstream.
+    max_upstream_per_environment: int | None = field(default=256, metadata=rule(at_least=1))
+    # A worker id not seen upstream for this long goes up at once, slot or not, so the API's
+    # `workers_polling` (ids seen in the last 30 s) counts every worker. None: off.
+    refresh_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AbsorbSettings:
     """Answering the holder's beats locally; off by default (it delays stop signals)."""
 
@@ -291,6 +305,7 @@ class Settings:
     default_credential: DefaultCredential = DefaultCredential()
     clients: ClientSettings = ClientSettings()
     routes: RouteSettings = RouteSettings()
+    polls: PollSettings = PollSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     limits: Limits = Limits()
     logging: LoggingSettings = LoggingSettings()

@@ -100,7 +100,7 @@ def test_the_single_connection_limit_is_gone_with_a_pointer_to_the_classes() -> 
 def test_typos_are_errors_with_a_suggestion() -> None:
     assert problems(MINIMAL + "limts: {}\n") == [
         "limts: unknown key (did you mean 'limits'?); allowed: listen, admin, upstream, headers, environments, "
-        "default_credential, clients, routes, heartbeat, limits, logging"
+        "default_credential, clients, routes, polls, heartbeat, limits, logging"
     ]
 
 
@@ -402,3 +402,14 @@ heartbeat: {desired_ttl_seconds: 60, absorb: {enabled: true, max_signal_delay_se
         "absorb: {enabled: true}",
     ):
         load_settings(MINIMAL + f"heartbeat: {{{ok}}}\n", {"K": "key", "T": "token"})
+
+
+def test_null_means_none_where_none_is_allowed_and_a_missing_key_means_the_default() -> None:
+    environ = {"K": "key", "T": "token"}
+    assert load_settings(MINIMAL, environ).polls.max_upstream_per_environment == 256
+    off = load_settings(MINIMAL + "polls: {max_upstream_per_environment: null}", environ)
+    assert off.polls.max_upstream_per_environment is None
+    assert problems(MINIMAL + "polls: {max_upstream_per_environment: 0, refresh_seconds: -1}") == [
+        "polls.max_upstream_per_environment: must be at least 1, not 0",
+        "polls.refresh_seconds: must be greater than 0",
+    ]

@@ -1,0 +1,182 @@
+"""Poll admission: idle long polls held at the gateway, so a fleet's polls cost few upstream calls.
+
+An SDK worker polls with `block_ms=999` and, when the answer is `null`,
+sleeps 1-3 s and polls again (environments-api.md §6.1): 10,000 idle
+workers keep ~3,000 long polls open upstream, each holding a connection,
+although one open poll per environment would pick up a new item as fast.
+Per environment, at most `polls.max_upstream_per_environment` polls go
+upstream at once. A poll beyond that waits here, in arrival order, for up to
+its own block time; if a slot frees while it has at least half a second of
+that left, it goes upstream for that worker (its own `Anthropic-Worker-ID`,
+the block time it has left), else it is
+answered as the API answers an empty queue: 200 with JSON `null`, with no
+upstream call. An item is only ever fetched by a poll a worker still waits
+for: a worker that leaves while held never goes upstream.
+
+The API counts `workers_polling` (worker ids seen polling in the last 30 s).
+With `polls.refresh_seconds` set, a worker id not seen upstream for that
+long goes up at once, slot or not, so every polling worker is counted; the
+cost is one upstream poll per worker per window (README, "Poll admission").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+from urllib.parse import parse_qsl
+
+from .heartbeat.query import without_param
+from .settings import PollSettings
+
+__all__ = ["PollAdmission", "PollObserver", "block_seconds", "with_block_ms"]
+
+# The API's cap on a long poll.
+MAX_BLOCK_MS = 999
+# A freed slot goes to a held poll only with at least this much of its block time left: shorter
+# upstream polls would cost more upstream calls for the same open-poll coverage.
+MIN_FORWARDED_BLOCK = 0.5
+# Worker ids remembered for `refresh_seconds`: beyond this many, the longest unseen are forgotten.
+MAX_REMEMBERED_WORKERS = 100_000
+
+PollOutcome = Literal["forwarded", "held", "answered_empty"]
+
+
+class PollObserver(Protocol):
+    def poll_admitted(self, environment_id: str, outcome: PollOutcome, held: int) -> None: ...
+
+
+class _Unobserved:
+    def poll_admitted(self, environment_id: str, outcome: PollOutcome, held: int) -> None:
+        pass
+
+
+def block_seconds(raw_query: str | None) -> float:
+    """The poll's own block time (0 when it does not block, as the API reads `block_ms`)."""
+    values = [v for k, v in parse_qsl(raw_query or "", keep_blank_values=True) if k == "block_ms"]
+    if len(values) != 1 or not values[0].isdigit():
+        return 0.0  # absent, repeated or malformed: the upstream judges it; held for no time here
+    return min(int(values[0]), MAX_BLOCK_MS) / 1000
+
+
+def with_block_ms(raw_query: str | None, milliseconds: int) -> str:
+    """The query with `block_ms` set to what is left of the worker's block time; the rest kept as sent."""
+    rest = without_param(raw_query, "block_ms")
+    return f"{rest}&block_ms={milliseconds}" if rest else f"block_ms={milliseconds}"
+
+
+@dataclass(slots=True)
+class _Waiter:
+    slot: asyncio.Future[bool]
+    # When its block time runs out.
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Environment:
+    in_flight: int = 0
+    # Held polls in arrival order; one that left or timed out stays until passed over (or pruned).
+    waiting: deque[_Waiter] = field(default_factory=deque)
+    held: int = 0
+
+
+class PollAdmission:
+    """Per environment: how many polls are upstream, and who waits for a slot, first come first served."""
+
+    def __init__(
+        self,
+        settings: Callable[[], PollSettings],
+        *,
+        observer: PollObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # The settings in force (a reload swaps them): read per poll.
+        self._settings = settings
+        self._observer = observer or _Unobserved()
+        self._clock = clock
+        self._environments: dict[str, _Environment] = {}
+        # Worker id -> when its poll last went upstream (for `refresh_seconds`), oldest first.
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    async def admit(self, environment_id: str, worker_id: str | None, block: float) -> float | None:
+        """Wait for a slot for up to `block` seconds: the seconds waited, or None to answer empty here.
+
+        When it returns a number, the caller owns a slot and must `release` it.
+        """
+        limit = self._settings().max_upstream_per_environment
+        env = self._environments.setdefault(environment_id, _Environment())
+        if limit is None or (env.in_flight < limit and not env.held) or self._due_refresh(worker_id):
+            env.in_flight += 1
+            self._forwarded(worker_id)
+            self._observer.poll_admitted(environment_id, "forwarded", env.held)
+            return 0.0
+        started = self._clock()
+        slot: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        env.waiting.append(_Waiter(slot, started + block))
+        env.held += 1
+        self._observer.poll_admitted(environment_id, "held", env.held)
+        try:
+            # Awaited bare (no shield, no wait_for, which may swallow a cancellation): a worker
+            # leaving is always seen here, even when a slot was handed to it at that moment.
+            async with asyncio.timeout(block):
+                await slot
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            # The worker left while held: it never goes upstream; a slot handed to it goes on.
+            self._leave(environment_id, env, slot)
+            raise
+        if slot.done() and not slot.cancelled():
+            self._forwarded(worker_id)
+            self._observer.poll_admitted(environment_id, "forwarded", env.held)
+            return self._clock() - started
+        self._leave(environment_id, env, slot)
+        self._observer.poll_admitted(environment_id, "answered_empty", env.held)
+        return None
+
+    def release(self, environment_id: str) -> None:
+        """A poll admitted upstream came back: its slot goes to the longest-waiting worker still there."""
+        env = self._environments[environment_id]
+        now = self._clock()
+        while env.waiting:
+            waiter = env.waiting.popleft()
+            # One with too little block time left is not sent up: it is answered empty when its time is up.
+            if not waiter.slot.done() and waiter.deadline - now >= MIN_FORWARDED_BLOCK:
+                waiter.slot.set_result(True)  # the slot passes on: in_flight stays
+                env.held -= 1
+                return
+        env.in_flight -= 1
+        if not env.in_flight:
+            del self._environments[environment_id]
+
+    def held(self, environment_id: str) -> int:
+        env = self._environments.get(environment_id)
+        return env.held if env is not None else 0
+
+    def _leave(self, environment_id: str, env: _Environment, slot: asyncio.Future[bool]) -> None:
+        if slot.done() and not slot.cancelled():
+            self.release(environment_id)  # handed a slot as it left: pass it on
+            return
+        slot.cancel()
+        env.held -= 1
+        # Left in place (removing from the middle costs a pass); pruned once most entries are gone.
+        if len(env.waiting) > 2 * env.held + 64:
+            env.waiting = deque(w for w in env.waiting if not w.slot.done())
+
+    def _due_refresh(self, worker_id: str | None) -> bool:
+        window = self._settings().refresh_seconds
+        if window is None or worker_id is None:
+            return False
+        last = self._seen.get(worker_id)
+        return last is None or self._clock() - last >= window
+
+    def _forwarded(self, worker_id: str | None) -> None:
+        if self._settings().refresh_seconds is None or worker_id is None:
+            return
+        self._seen[worker_id] = self._clock()
+        self._seen.move_to_end(worker_id)
+        while len(self._seen) > MAX_REMEMBERED_WORKERS:
+            self._seen.popitem(last=False)
