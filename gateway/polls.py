@@ -108,7 +108,8 @@ class PollAdmission:
         """
         limit = self._settings().max_upstream_per_environment
         env = self._environments.setdefault(environment_id, _Environment())
-        if limit is None or (env.in_flight < limit and not env.held) or self._due_refresh(worker_id):
+        # A free slot is taken at once: any held poll that could use it was handed one as it freed.
+        if limit is None or env.in_flight < limit or self._due_refresh(worker_id):
             env.in_flight += 1
             self._forwarded(worker_id)
             self._observer.poll_admitted(environment_id, "forwarded", env.held)

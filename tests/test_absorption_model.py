@@ -11,9 +11,10 @@ time, and outages where every beat gets a 503) is played to the worker
 going direct and to the same worker through the sans-IO core with
 absorption on; hypothesis draws the weather and the settings.
 
-The weather the property is claimed for: latencies up to 1.6 times the
-workers' per-beat timeout (a beat past it is aborted, directly and through
-the gateway alike), and outages shorter than the slack absorption keeps,
+The weather the property is claimed for: latencies within the workers'
+per-beat timeout, and windows in which no beat can succeed (outages, or
+latency past the timeout, up to 1.6 times it: beats are aborted, directly
+and through the gateway alike) shorter than the slack absorption keeps,
 `ttl - max_signal_delay - 2 x 30 s` (absorption
 defers renewals by up to `max_signal_delay`, so a longer outage that starts
 right then can outlast a lease that direct renewals would have stretched;
@@ -52,8 +53,13 @@ class Weather:
 
     latency: list[tuple[float, float]]  # (from, seconds), sorted
     outages: list[tuple[float, float]]  # (start, end)
+    # Windows of latency past the workers' per-beat timeout: (start, end, seconds).
+    spikes: list[tuple[float, float, float]] = field(default_factory=list)
 
     def latency_at(self, t: float) -> float:
+        for start, end, seconds in self.spikes:
+            if start <= t < end:
+                return seconds
         current = self.latency[0][1]
         for start, seconds in self.latency:
             if start <= t:
@@ -210,17 +216,26 @@ def scenarios(draw: st.DrawFn) -> tuple[int, float, float, Weather]:
     # Signal delays past the point where the pace rule, not the delay, stops absorption.
     delay = draw(st.floats(interval + 0.5, 2 * ttl + 1))
     fraction = draw(st.sampled_from([0.01, 0.05, 0.1, 0.25, 0.5]))
-    # Latency mostly within the per-beat timeout, sometimes past it (the worker aborts; the gateway's
-    # flight goes on, and its answer may be handed to the retry).
-    changes = draw(st.lists(st.tuples(st.floats(0, RUN_SECONDS), st.floats(0.005, 1.6 * interval)), max_size=8))
+    # Latency within the per-beat timeout, changing now and then.
+    changes = draw(st.lists(st.tuples(st.floats(0, RUN_SECONDS), st.floats(0.005, 0.9 * interval)), max_size=8))
     latency = sorted([(0.0, draw(st.floats(0.005, 0.9 * interval))), *changes])
+    # Outages (503s), and spikes past the per-beat timeout (the worker aborts; the gateway's flight goes
+    # on, and its answer may be handed to the retry). While one lasts no beat succeeds, so it is bounded
+    # like an outage, and spaced so that the lease can recover in between.
     slack = ttl - delay - 2 * interval
     outages: list[tuple[float, float]] = []
-    for start in sorted(draw(st.lists(st.floats(1, RUN_SECONDS), max_size=4))):
+    spikes: list[tuple[float, float, float]] = []
+    last_end = -float(ttl)
+    for start in sorted(draw(st.lists(st.floats(1, RUN_SECONDS - ttl), max_size=4))):
         length = draw(st.floats(0, max(0.0, slack - 1)))
-        if not outages or start > outages[-1][1] + ttl:
+        if start <= last_end + ttl:
+            continue
+        if draw(st.booleans()):
             outages.append((start, start + length))
-    return ttl, delay, fraction, Weather(latency, outages)
+        else:
+            spikes.append((start, start + length, draw(st.floats(interval, 1.6 * interval))))
+        last_end = start + length
+    return ttl, delay, fraction, Weather(latency, outages, spikes)
 
 
 @settings(settings.get_profile(PROFILE))
