@@ -326,6 +326,16 @@ async def test_a_gateway_restart_mid_session_keeps_the_session_and_the_lease(
         assert fingerprint(API_KEY) not in stats["credential_fingerprints"]
 
 
+async def side_by_side(
+    stack: contextlib.AsyncExitStack, gateway: Gateway, direct: SimHandle, tmp_path: Path, *, workers_each: int
+) -> None:
+    """Python SDK workers running until the stack closes: `workers_each` through the gateway with the client
+    token, as many directly with the environment key; sessions are held (no idle limit)."""
+    for n, (url, key) in enumerate(((gateway.proxy_url, TOKEN), (direct.url, ENV_KEY)) * workers_each):
+        worker = await stack.enter_async_context(python_worker(url, key, ENV_ID, tmp_path / str(n), max_idle=None))
+        await stack.enter_async_context(running(worker))
+
+
 def claimed(sim: SimHandle, count: int) -> Callable[[], bool]:
     return lambda: sum(i.beats > 0 for i in sim.sim.plane.items(ENV_ID)) == count
 
@@ -353,11 +363,7 @@ async def test_absorption_on_a_short_lease_with_a_slow_upstream_costs_no_lease(
     gateway = await start_gateway(behind.url, absorbing)
     with sdk_log() as log:
         async with contextlib.AsyncExitStack() as stack:
-            for n, (url, key) in enumerate(((gateway.proxy_url, TOKEN), (direct.url, ENV_KEY)) * 2):
-                worker = await stack.enter_async_context(
-                    python_worker(url, key, ENV_ID, tmp_path / str(n), max_idle=None)
-                )
-                await stack.enter_async_context(running(worker))
+            await side_by_side(stack, gateway, direct, tmp_path, workers_each=2)
             for sim in (behind, direct):
                 await wait_for(claimed(sim, 2), 20, "both items to be claimed")
             await asyncio.sleep(14)  # about four beats each at the SDK's 3 s interval
@@ -397,11 +403,7 @@ async def test_the_recommended_absorption_setting_saves_half_the_beats_and_stops
 
     with sdk_log() as log:
         async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as http:
-            for n, (url, key) in enumerate(((gateway.proxy_url, TOKEN), (direct.url, ENV_KEY)) * 3):
-                worker = await stack.enter_async_context(
-                    python_worker(url, key, ENV_ID, tmp_path / str(n), max_idle=None)
-                )
-                await stack.enter_async_context(running(worker))
+            await side_by_side(stack, gateway, direct, tmp_path, workers_each=3)
             for sim in (behind, direct):
                 await wait_for(claimed(sim, 3), 20, "all three items to be claimed")
             assert [i.ttl_seconds for i in behind.sim.plane.items(ENV_ID)] == [300] * 3
