@@ -186,6 +186,11 @@ async def run_phase(
 
 
 def gateway_config(sim_url: str, port: int, admin_port: int, args: argparse.Namespace) -> str:
+    logging = (
+        "{level: warning, format: json}"
+        if args.access_log is None
+        else f"{{level: info, format: json, sample_routine: {args.access_log}}}"
+    )
     absorb = (
         f"absorb: {{enabled: true, max_signal_delay_seconds: {args.signal_delay}, "
         f"min_remaining_fraction: {args.min_remaining_fraction}}}"
@@ -199,7 +204,7 @@ upstream: {{base_url: "{sim_url}", pools: {{lease: {{max_connections: 1024}}}}}}
 environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}]
 clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 heartbeat: {{coalesce: {str(not args.no_coalesce).lower()}, {absorb}}}
-logging: {{level: warning, format: json}}
+logging: {logging}
 """
 
 
@@ -289,6 +294,12 @@ if __name__ == "__main__":
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     parser.add_argument("--profile", metavar="FILE", help="run the gateway under cProfile, writing FILE")
     parser.add_argument("--baseline", action="store_true", help="run bench/minimal_proxy.py in place of the gateway")
+    parser.add_argument(
+        "--access-log",
+        type=float,
+        metavar="SAMPLE",
+        help="log requests (level info) with logging.sample_routine SAMPLE; default: level warning, no access log",
+    )
     arguments = parser.parse_args()
     outcome = event_loop.run(lambda: main(arguments))
     print_table(outcome)

@@ -9,6 +9,7 @@ raw paths, query strings or header values.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, fields
 
 from aiohttp import web
@@ -39,8 +40,15 @@ EXCHANGE = web.RequestKey("exchange", Exchange)
 _FIELDS = tuple(f.name for f in fields(Exchange) if f.name != "counted_inflight")
 
 
-def log_exchange(exchange: Exchange) -> None:
+# Routes whose successful requests are routine: a fleet sends them all the time.
+ROUTINE_ROUTES = frozenset({"heartbeat", "poll"})
+
+
+def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
     if not log.isEnabledFor(logging.INFO):
+        return
+    routine = exchange.route in ROUTINE_ROUTES and exchange.error is None and (exchange.status or 500) < 400
+    if routine and sample_routine < 1.0 and random.random() >= sample_routine:
         return
     fields = {name: value for name in _FIELDS if (value := getattr(exchange, name)) is not None}
     log.info(

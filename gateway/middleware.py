@@ -47,12 +47,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         inflight.finished()
         seconds = time.monotonic() - started
         exchange.duration_ms = round(seconds * 1000, 3)
-        metrics = request.app[PROXY].metrics
+        proxy = request.app[PROXY]
+        metrics = proxy.metrics
         if exchange.counted_inflight:
             metrics.request_finished(exchange.route, exchange.status or 500, seconds)
         else:
             metrics.request_refused(exchange.route, exchange.status or 500, seconds)
-        log_exchange(exchange)
+        log_exchange(exchange, proxy.settings.logging.sample_routine)
 
 
 @web.middleware

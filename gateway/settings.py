@@ -291,6 +291,9 @@ class Limits:
 class LoggingSettings:
     level: LogLevel = "info"
     format: LogFormat = "json"
+    # The share of successful heartbeats and polls with an access-log line (the bulk of a fleet's
+    # requests); errors, and every other request, always get one.
+    sample_routine: float = field(default=1.0, metadata=rule(zero_ok=True, at_most=1))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -152,3 +152,25 @@ def test_running_out_of_descriptors_is_said_once_in_a_while_not_per_accept(captu
     lines = captured.getvalue().splitlines()
     assert len(lines) == 1
     assert "out of file descriptors" in json.loads(lines[0])["message"]
+
+
+async def test_routine_successes_can_be_sampled_and_errors_are_always_logged(
+    captured: io.StringIO, simulator: SimHandle, make_gateway: GatewayFactory
+) -> None:
+    """`logging.sample_routine: 0`: no line for a successful heartbeat or poll; every error, and every
+    other request, still gets one."""
+    gateway = await make_gateway(simulator.url, "logging: {sample_routine: 0}")
+    (work_id,) = simulator.sim.enqueue(ENV_ID)
+    base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/poll", headers=worker_headers()) as r:
+            assert r.status == 200
+        async with session.post(f"{base}/{work_id}/ack", headers=worker_headers()) as r:
+            assert r.status == 200
+        params = {"expected_last_heartbeat": "NO_HEARTBEAT"}
+        async with session.post(f"{base}/{work_id}/heartbeat", params=params, headers=worker_headers()) as r:
+            assert r.status == 200
+        async with session.post(f"{base}/{work_id}/heartbeat", params=params, headers=worker_headers()) as r:
+            assert r.status == 412  # claimed already: an error, always logged
+    requests = [json.loads(line) for line in captured.getvalue().splitlines() if '"event": "request"' in line]
+    assert [(r["route"], r["status"]) for r in requests] == [("ack", 200), ("heartbeat", 412)]
