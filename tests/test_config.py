@@ -40,7 +40,17 @@ def test_the_annotated_example_is_valid_and_matches_the_defaults() -> None:
     assert settings.limits.max_body_bytes == 32 * 1024 * 1024
     minimal = load_settings(MINIMAL, {"K": "key", "T": "token"})
     # Everything the example spells out is also the default.
-    sections = ("listen", "admin", "upstream", "headers", "default_credential", "routes", "heartbeat", "limits")
+    sections = (
+        "listen",
+        "admin",
+        "upstream",
+        "headers",
+        "default_credential",
+        "routes",
+        "polls",
+        "heartbeat",
+        "limits",
+    )
     for section in (*sections, "logging"):
         assert getattr(minimal, section) == getattr(settings, section), section
     assert minimal.clients.allow_unauthenticated == settings.clients.allow_unauthenticated
