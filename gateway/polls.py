@@ -22,6 +22,7 @@ cost is one upstream poll per worker per window (README, "Poll admission").
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -54,12 +55,16 @@ class _Unobserved:
         pass
 
 
-def block_seconds(raw_query: str | None) -> float:
-    """The poll's own block time (0 when it does not block, as the API reads `block_ms`)."""
+def block_seconds(raw_query: str | None) -> float | None:
+    """The poll's own block time, or None when it is not a long poll the API would accept.
+
+    Absent (the API does not block then), repeated or out of 1..999: such a poll is not held but
+    sent on as it came, so the API answers it as it would (a 400 for a bad value).
+    """
     values = [v for k, v in parse_qsl(raw_query or "", keep_blank_values=True) if k == "block_ms"]
-    if len(values) != 1 or not values[0].isdigit():
-        return 0.0  # absent, repeated or malformed: the upstream judges it; held for no time here
-    return min(int(values[0]), MAX_BLOCK_MS) / 1000
+    if len(values) != 1 or not values[0].isdigit() or not 1 <= int(values[0]) <= MAX_BLOCK_MS:
+        return None
+    return int(values[0]) / 1000
 
 
 def with_block_ms(raw_query: str | None, milliseconds: int) -> str:
@@ -98,8 +103,9 @@ class PollAdmission:
         self._observer = observer or _Unobserved()
         self._clock = clock
         self._environments: dict[str, _Environment] = {}
-        # Worker id -> when its poll last went upstream (for `refresh_seconds`), oldest first.
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        # Worker id (a digest: ids are the client's to choose, of any length) -> when its poll last went
+        # upstream (for `refresh_seconds`), oldest first.
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
 
     async def admit(self, environment_id: str, worker_id: str | None, block: float) -> float | None:
         """Wait for a slot for up to `block` seconds: the seconds waited, or None to answer empty here.
@@ -108,8 +114,10 @@ class PollAdmission:
         """
         limit = self._settings().max_upstream_per_environment
         env = self._environments.setdefault(environment_id, _Environment())
-        # A free slot is taken at once: any held poll that could use it was handed one as it freed.
-        if limit is None or env.in_flight < limit or self._due_refresh(worker_id):
+        # Slots a reload freed (a higher limit, or none) go to those already waiting, first.
+        self._fill(env, limit)
+        refresh = self._due_refresh(worker_id)
+        if limit is None or env.in_flight < limit or refresh:
             env.in_flight += 1
             self._forwarded(worker_id)
             self._observer.poll_admitted(environment_id, "forwarded", env.held)
@@ -139,8 +147,28 @@ class PollAdmission:
         return None
 
     def release(self, environment_id: str) -> None:
-        """A poll admitted upstream came back: its slot goes to the longest-waiting worker still there."""
+        """A poll admitted upstream came back: its slot goes to the longest-waiting worker still there.
+
+        Unless there are more slots out than the limit allows (a refresh went up beyond it, or a reload
+        lowered it): then the slot is given back.
+        """
         env = self._environments[environment_id]
+        limit = self._settings().max_upstream_per_environment
+        if limit is None or env.in_flight <= limit:
+            self._hand_over(env)
+        else:
+            env.in_flight -= 1
+        if not env.in_flight and not env.held:
+            del self._environments[environment_id]
+
+    def _fill(self, env: _Environment, limit: int | None) -> None:
+        while env.held and (limit is None or env.in_flight < limit):
+            env.in_flight += 1
+            if not self._hand_over(env):
+                return
+
+    def _hand_over(self, env: _Environment) -> bool:
+        """One slot (counted in `in_flight`) to the longest-waiting poll that can use it; or given back."""
         now = self._clock()
         while env.waiting:
             waiter = env.waiting.popleft()
@@ -148,10 +176,9 @@ class PollAdmission:
             if not waiter.slot.done() and waiter.deadline - now >= MIN_FORWARDED_BLOCK:
                 waiter.slot.set_result(True)  # the slot passes on: in_flight stays
                 env.held -= 1
-                return
+                return True
         env.in_flight -= 1
-        if not env.in_flight:
-            del self._environments[environment_id]
+        return False
 
     def held(self, environment_id: str) -> int:
         env = self._environments.get(environment_id)
@@ -171,13 +198,18 @@ class PollAdmission:
         window = self._settings().refresh_seconds
         if window is None or worker_id is None:
             return False
-        last = self._seen.get(worker_id)
+        last = self._seen.get(_worker_key(worker_id))
         return last is None or self._clock() - last >= window
 
     def _forwarded(self, worker_id: str | None) -> None:
         if self._settings().refresh_seconds is None or worker_id is None:
             return
-        self._seen[worker_id] = self._clock()
-        self._seen.move_to_end(worker_id)
+        key = _worker_key(worker_id)
+        self._seen[key] = self._clock()
+        self._seen.move_to_end(key)
         while len(self._seen) > MAX_REMEMBERED_WORKERS:
             self._seen.popitem(last=False)
+
+
+def _worker_key(worker_id: str) -> bytes:
+    return hashlib.blake2b(worker_id.encode(), digest_size=16).digest()

@@ -156,7 +156,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
     pool = upstream_pool(route, target, vouched=vouched)
     if route.name is RouteName.POLL and route.environment_id is not None:
-        return await _poll(request, ctx, route, target, headers, pool, route.environment_id)
+        injected = isinstance(credential, Inject)
+        return await _poll(request, ctx, route, target, headers, pool, route.environment_id, injected=injected)
     return await _pass_through(request, ctx, route, target, headers, pool)
 
 
@@ -168,9 +169,16 @@ async def _poll(
     headers: tuple[tuple[str, str], ...],
     pool: PoolName,
     environment_id: str,
+    *,
+    injected: bool,
 ) -> web.StreamResponse:
     """A long poll, admitted upstream or held here (`gateway.polls`)."""
     block = block_seconds(target.raw_query)
+    if block is None or not injected or request.can_read_body:
+        # Not one of the fleet's long polls the slots are for: a poll that does not block (or that the
+        # API would refuse), one with a credential the gateway did not inject (it must not take the
+        # slots honest workers wait for), or one with a body (which could hold a slot while it trickles).
+        return await _pass_through(request, ctx, route, target, headers, pool)
     waited = await ctx.polls.admit(environment_id, _single_header(request, "Anthropic-Worker-ID"), block)
     if waited is None:
         return _empty_queue()

@@ -22,8 +22,9 @@ def admission(limit: int | None = 1, refresh: float | None = None) -> PollAdmiss
 def test_the_block_time_is_read_as_the_api_reads_it() -> None:
     assert block_seconds("block_ms=999") == 0.999
     assert block_seconds("beta=true&block_ms=250") == 0.25
-    assert block_seconds("block_ms=5000") == 0.999  # the API's cap
-    assert block_seconds(None) == block_seconds("block_ms=x") == block_seconds("block_ms=1&block_ms=2") == 0.0
+    # Not a long poll the API would accept as one: sent on as it came, never held.
+    for query in (None, "block_ms=x", "block_ms=0", "block_ms=5000", "block_ms=1&block_ms=2"):
+        assert block_seconds(query) is None
     assert with_block_ms("beta=true&block_ms=999", 420) == "beta=true&block_ms=420"
     assert with_block_ms(None, 7) == "block_ms=7"
 
@@ -164,3 +165,65 @@ async def test_a_freed_slot_skips_a_held_poll_with_too_little_block_time_left() 
     polls.release(ENV_ID)
     assert await long is not None
     assert await short is None
+
+
+async def test_a_raised_limit_serves_those_already_waiting_before_a_newcomer() -> None:
+    current = [PollSettings(max_upstream_per_environment=1)]
+    polls = PollAdmission(lambda: current[0])
+    await polls.admit(ENV_ID, "a", 0.999)
+    waiting = asyncio.ensure_future(polls.admit(ENV_ID, "b", 0.999))
+    await asyncio.sleep(0.01)
+    current[0] = PollSettings(max_upstream_per_environment=2)  # a reload
+    newcomer = asyncio.ensure_future(polls.admit(ENV_ID, "c", 0.3))
+    assert await waiting is not None  # the freed slot went to b, who was first
+    assert await newcomer is None
+
+
+async def test_slots_beyond_the_limit_are_given_back_not_passed_on() -> None:
+    """A refresh (or a reload that lowered the limit) put more polls upstream than allowed: as they
+    come back the count falls to the limit, and only then do slots pass to those waiting."""
+    now = [0.0]
+    settings = PollSettings(max_upstream_per_environment=1, refresh_seconds=30)
+    polls = PollAdmission(lambda: settings, clock=lambda: now[0])
+    for worker in ("a", "b", "c"):
+        assert await polls.admit(ENV_ID, worker, 0.999) == 0.0  # each new worker id goes up once
+    waiting = asyncio.ensure_future(polls.admit(ENV_ID, "a", 0.999))  # seen: waits
+    await asyncio.sleep(0.01)
+    polls.release(ENV_ID)
+    polls.release(ENV_ID)
+    assert not waiting.done()  # two of three slots given back, not passed on
+    polls.release(ENV_ID)
+    assert await waiting is not None  # the last one, within the limit, passes on
+
+
+async def test_worker_ids_are_remembered_by_a_small_digest_whatever_their_length() -> None:
+    settings = PollSettings(max_upstream_per_environment=1, refresh_seconds=30)
+    polls = PollAdmission(lambda: settings)
+    for n in range(200):
+        await polls.admit(ENV_ID, f"{n}-" + "x" * 8000, 0.001)
+    assert {len(key) for key in polls._seen} == {16}
+
+
+async def test_polls_the_slots_are_not_for_go_straight_upstream(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    """A credential the gateway did not inject (here the environment key itself, passed through) or a poll
+    that does not block never waits for a slot: junk credentials cannot take honest workers' slots."""
+    from .support import ENV_KEY
+
+    sim = await make_simulator()
+    gateway = await make_gateway(sim.url, "polls: {max_upstream_per_environment: 1}")
+    async with aiohttp.ClientSession() as session:
+        holder = asyncio.ensure_future(session.get(poll_url(gateway), headers=worker_headers()))
+        await asyncio.sleep(0.1)  # the only slot is taken
+        started = time.monotonic()
+        own_key = {"Authorization": f"Bearer {ENV_KEY}", "anthropic-beta": "managed-agents-2026-04-01"}
+        async with session.get(poll_url(gateway, 300), headers=own_key) as r:
+            assert (r.status, await r.json()) == (200, None)
+        assert 0.25 < time.monotonic() - started < 0.6  # blocked upstream for its own 300 ms, not held
+        async with session.get(
+            f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/poll", headers=worker_headers()
+        ) as r:
+            assert (r.status, await r.json()) == (200, None)  # no block_ms: straight up, at once
+        (await holder).close()
+    assert sim.sim.count("poll") == 3
