@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import parse_qsl
 
-from .heartbeat.query import without_param
 from .settings import PollSettings
 
-__all__ = ["PollAdmission", "PollObserver", "block_seconds", "with_block_ms"]
+__all__ = ["PollAdmission", "PollObserver", "block_seconds"]
 
 # The API's cap on a long poll.
 MAX_BLOCK_MS = 999
@@ -65,12 +64,6 @@ def block_seconds(raw_query: str | None) -> float | None:
     if len(values) != 1 or not values[0].isdigit() or not 1 <= int(values[0]) <= MAX_BLOCK_MS:
         return None
     return int(values[0]) / 1000
-
-
-def with_block_ms(raw_query: str | None, milliseconds: int) -> str:
-    """The query with `block_ms` set to what is left of the worker's block time; the rest kept as sent."""
-    rest = without_param(raw_query, "block_ms")
-    return f"{rest}&block_ms={milliseconds}" if rest else f"block_ms={milliseconds}"
 
 
 @dataclass(slots=True)

@@ -41,9 +41,9 @@ from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeat.wire import Outcome
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
-from .polls import PollAdmission, block_seconds, with_block_ms
+from .polls import PollAdmission, block_seconds
 from .redaction import Redactor
-from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool
+from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool, with_param
 from .settings import LiveSettings, PoolName, Settings
 from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
 
@@ -188,7 +188,7 @@ async def _poll(
             if left_ms < 1:
                 return _empty_queue()
             # Upstream on the worker's behalf, for the block time it has left.
-            target = dataclasses.replace(target, raw_query=with_block_ms(target.raw_query, left_ms))
+            target = dataclasses.replace(target, raw_query=with_param(target.raw_query, "block_ms", left_ms))
         return await _pass_through(request, ctx, route, target, headers, pool)
     finally:
         ctx.polls.release(environment_id)

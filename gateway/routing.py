@@ -20,12 +20,22 @@ import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 from .errors import InvalidRequest
 from .settings import PoolName
 
-__all__ = ["Route", "RouteName", "Target", "classify", "is_allowed", "parse_target", "upstream_pool"]
+__all__ = [
+    "Route",
+    "RouteName",
+    "Target",
+    "classify",
+    "is_allowed",
+    "parse_target",
+    "upstream_pool",
+    "with_param",
+    "without_param",
+]
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 3986 characters allowed raw in a path (unreserved, sub-delims, ':', '@', '/', '%').
@@ -181,3 +191,16 @@ def upstream_pool(route: Route, target: Target, *, vouched: bool) -> PoolName:
     if route.name is RouteName.SESSIONS and target.segments[-2:] == ("events", "stream"):
         return PoolName.STREAM
     return PoolName.OTHER
+
+
+def without_param(raw_query: str | None, name: str) -> str:
+    """`raw_query` minus every `name=...` pair, the other pairs untouched."""
+    pairs = (raw_query or "").split("&")
+    return "&".join(p for p in pairs if p and unquote_plus(p.partition("=")[0]) != name)
+
+
+def with_param(raw_query: str | None, name: str, value: object) -> str:
+    """`raw_query` with `name=value` last, in place of any `name` pairs; without one, kept byte for byte."""
+    present = any(unquote_plus(p.partition("=")[0]) == name for p in (raw_query or "").split("&") if p)
+    rest = without_param(raw_query, name) if present else raw_query
+    return f"{rest}&{name}={value}" if rest else f"{name}={value}"

@@ -68,8 +68,6 @@ DEFAULT_SHUTDOWN_GRACE = 20.0
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
-LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
-LOG_FORMATS: tuple[LogFormat, ...] = ("json", "text")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.polls import PollAdmission, block_seconds, with_block_ms
+from gateway.polls import PollAdmission, block_seconds
+from gateway.routing import with_param
 from gateway.settings import PollSettings
 
 from .support import ENV_ID, GatewayFactory, SimFactory, worker_headers
@@ -25,8 +26,8 @@ def test_the_block_time_is_read_as_the_api_reads_it() -> None:
     # Not a long poll the API would accept as one: sent on as it came, never held.
     for query in (None, "block_ms=x", "block_ms=0", "block_ms=5000", "block_ms=1&block_ms=2"):
         assert block_seconds(query) is None
-    assert with_block_ms("beta=true&block_ms=999", 420) == "beta=true&block_ms=420"
-    assert with_block_ms(None, 7) == "block_ms=7"
+    assert with_param("beta=true&block_ms=999", "block_ms", 420) == "beta=true&block_ms=420"
+    assert with_param(None, "block_ms", 7) == "block_ms=7"
 
 
 async def test_beyond_the_limit_a_poll_waits_its_block_time_then_is_answered_empty() -> None:

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from gateway.errors import CapacityExceeded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.routing import without_param
 from gateway.settings import HeartbeatSettings, PoolName
 from gateway.tasks import Tasks
 from gateway.upstream import BufferedResponse, Upstream, UpstreamRequest, fetch
@@ -48,7 +49,7 @@ from .core import (
     Unsuccessful,
     Wakeup,
 )
-from .query import HeartbeatQuery, without_param
+from .query import HeartbeatQuery
 from .retry import retry_delay
 from .wire import Answer, LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl
 
 from gateway.errors import InvalidRequest
+from gateway.routing import with_param
 
 from .wire import NO_HEARTBEAT
 
-__all__ = ["HeartbeatQuery", "apply_desired_ttl", "parse_heartbeat_query", "without_param"]
+__all__ = ["HeartbeatQuery", "apply_desired_ttl", "parse_heartbeat_query"]
 
 _EXPECTED = "expected_last_heartbeat"
 _TTL = "desired_ttl_seconds"
@@ -68,11 +69,4 @@ def apply_desired_ttl(raw_query: str | None, query: HeartbeatQuery, ttl: int | N
     or in place of the client's when `override`; the rest kept byte for byte."""
     if ttl is None or (query.desired_ttl_seconds is not None and not override):
         return raw_query
-    rest = without_param(raw_query, _TTL) if query.desired_ttl_seconds is not None else raw_query
-    return f"{rest}&{_TTL}={ttl}" if rest else f"{_TTL}={ttl}"
-
-
-def without_param(raw_query: str | None, name: str) -> str:
-    """`raw_query` minus every `name=...` pair, the other pairs untouched."""
-    pairs = (raw_query or "").split("&")
-    return "&".join(p for p in pairs if p and unquote_plus(p.partition("=")[0]) != name)
+    return with_param(raw_query, _TTL, ttl)
