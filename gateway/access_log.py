@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 
 from aiohttp import web
 
+from .logs import direct_lines
+
 __all__ = ["EXCHANGE", "Exchange", "log_exchange"]
 
 log = logging.getLogger("gateway.access")
@@ -50,11 +52,12 @@ def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
     routine = exchange.route in ROUTINE_ROUTES and exchange.error is None and (exchange.status or 500) < 400
     if routine and sample_routine < 1.0 and random.random() >= sample_routine:
         return
-    fields = {name: value for name in _FIELDS if (value := getattr(exchange, name)) is not None}
-    log.info(
-        "%s %s %s",
-        exchange.method,
-        exchange.path_template,
-        exchange.status,
-        extra={"fields": {"event": "request", **fields}},
-    )
+    fields: dict[str, object] = {"event": "request"}
+    for name in _FIELDS:
+        if (value := getattr(exchange, name)) is not None:
+            fields[name] = value
+    direct = direct_lines()
+    if direct is not None:
+        direct.write(log.name, f"{exchange.method} {exchange.path_template} {exchange.status}", fields)
+        return
+    log.info("%s %s %s", exchange.method, exchange.path_template, exchange.status, extra={"fields": fields})

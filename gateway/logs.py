@@ -6,10 +6,12 @@ of defence, applied to the final line, exception text included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TextIO
@@ -19,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .redaction import REDACTED, Redactor
 from .settings import LoggingSettings
 
-__all__ = ["Scrubber", "configure_logging"]
+__all__ = ["DirectLines", "Scrubber", "configure_logging", "direct_lines"]
 
 # Anthropic keys and tokens the gateway does not hold can still reach a log
 # line through a third-party library's message; scrub their shape too.
@@ -28,6 +30,9 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",]+")
 # A header line quoted in a parser's error message: keep the name, drop the value.
 _CREDENTIAL_HEADER = re.compile(r"(?i)((?:x-api-key|authorization|proxy-authorization|cookie)\s*[:=]\s*)[^\r\n'\",]+")
 
+# Whether any of the three can match, in one pass.
+_ANY_SHAPE = re.compile(r"sk-ant-|(?i:bearer\s|x-api-key|authorization|cookie)")
+
 
 class Scrubber:
     def __init__(self, secrets: Iterable[str]) -> None:
@@ -35,6 +40,8 @@ class Scrubber:
 
     def __call__(self, text: str) -> str:
         text = self._redactor.text(text)
+        if _ANY_SHAPE.search(text) is None:
+            return text  # the common case, one scan instead of three substitutions
         text = _KEY_SHAPE.sub(REDACTED, text)
         text = _CREDENTIAL_HEADER.sub(lambda m: m.group(1) + REDACTED, text)
         return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
@@ -46,19 +53,72 @@ class _JsonFormatter(logging.Formatter):
         self._scrub = scrub
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            fields if isinstance(fields, dict) else None,
+            exception,
+        )
+
+    def line(
+        self,
+        created: float,
+        level: str,
+        logger: str,
+        message: str,
+        fields: dict[str, object] | None,
+        exception: str | None = None,
+    ) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+            "level": level.lower(),
+            "logger": logger,
+            "message": message,
+        }
+        if fields:
             entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if exception is not None:
+            entry["exception"] = exception
         # ASCII escapes keep control and bidi characters from a request out of terminals.
         return self._scrub(json.dumps(entry, default=str))
+
+
+class DirectLines:
+    """Info lines written straight to the handler's stream, in the JSON formatter's own shape.
+
+    For the access log, one line per request: `logging`'s record, caller
+    lookup and handler chain cost more than the line itself (the profile in
+    docs/benchmarks.md). The line is the formatter's, scrubbed the same way;
+    only the filters (which never touch these records) are skipped.
+    """
+
+    def __init__(self, handler: logging.StreamHandler[TextIO], formatter: _JsonFormatter) -> None:
+        self._handler = handler
+        self._formatter = formatter
+
+    def installed(self) -> bool:
+        """Still the root logger's handler (nothing, a test say, has put another in its place)."""
+        return self._handler in logging.getLogger().handlers
+
+    def write(self, logger: str, message: str, fields: dict[str, object]) -> None:
+        line = self._formatter.line(time.time(), "info", logger, message, fields)
+        with self._handler.lock or contextlib.nullcontext():
+            self._handler.stream.write(line + self._handler.terminator)
+            self._handler.flush()
+
+
+_direct: DirectLines | None = None
+
+
+def direct_lines() -> DirectLines | None:
+    """Where request lines go without `logging`'s machinery, when the log is JSON (else None: use `logging`)."""
+    if _direct is not None and _direct.installed():
+        return _direct
+    return None
 
 
 class _TextFormatter(logging.Formatter):
@@ -123,7 +183,10 @@ def configure_logging(settings: LoggingSettings, secrets: Iterable[str], stream:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_ProtocolErrorFilter())
     handler.addFilter(_RepeatFilter())
-    handler.setFormatter(_JsonFormatter(scrub) if settings.format == "json" else _TextFormatter(scrub))
+    formatter = _JsonFormatter(scrub) if settings.format == "json" else _TextFormatter(scrub)
+    handler.setFormatter(formatter)
+    global _direct
+    _direct = DirectLines(handler, formatter) if isinstance(formatter, _JsonFormatter) else None
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -407,8 +407,17 @@ async def _stream_back(
     chunks: AsyncIterator[bytes],
     exchange: Exchange,
 ) -> web.StreamResponse:
+    headers = ctx.live.redactor.headers(response_headers(upstream.headers))
+    if _small_and_framed(request, headers):
+        # A poll's or a retrieve's answer: read whole, written once, framed by its length.
+        whole = web.Response(status=upstream.status, reason=upstream.reason or None)
+        for name, value in headers:
+            if name.lower() != "content-length":
+                whole.headers.add(name, value)
+        whole.body = b"".join([chunk async for chunk in chunks])
+        return whole
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for name, value in ctx.live.redactor.headers(response_headers(upstream.headers)):
+    for name, value in headers:
         response.headers.add(name, value)
     await response.prepare(request)
     try:
@@ -425,6 +434,15 @@ async def _stream_back(
         return response
     await response.write_eof()
     return response
+
+
+def _small_and_framed(request: web.Request, headers: list[tuple[str, str]]) -> bool:
+    """An answer with a small Content-Length that is no event stream: nothing is gained by streaming it."""
+    if request.method == "HEAD":
+        return False  # its Content-Length describes a body that is not sent
+    length = next((v for k, v in headers if k.lower() == "content-length"), None)
+    kind = next((v for k, v in headers if k.lower() == "content-type"), "")
+    return length is not None and length.isdigit() and int(length) <= CHUNK_SIZE and "event-stream" not in kind
 
 
 def _note_upstream(exchange: Exchange, status: int, headers: tuple[tuple[str, str], ...]) -> None:

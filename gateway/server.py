@@ -101,7 +101,7 @@ class _Handler(RequestHandler):
         self._refusing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._gateway.connections) >= self._max_connections:
+        if self._gateway.open_connections() >= self._max_connections:
             # Refused, not served: the 503 goes out at once, whatever the client sends is
             # read and dropped for a moment (closing on unread data would reset the
             # connection, and the client could lose the 503), then it closes.
@@ -216,6 +216,10 @@ class GatewayServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _Handler(self, limits=self._limits(), loop=self._loop, **self._kwargs)
+
+    def open_connections(self) -> int:
+        # Counted, not listed: aiohttp's `connections` copies every handler, on each new connection.
+        return len(self._connections)
 
     def refused(self, status: int, what: str) -> None:
         self._quiet.note(what)

@@ -5,7 +5,7 @@ production uses `HttpUpstream`, long-lived `aiohttp.ClientSession`s, one per
 class of capacity (aiohttp's advice: sessions per application, never one per
 request).
 Every aiohttp and socket error of an exchange, whether it happens while
-sending, waiting or streaming the body back, is caught in `_translated` and
+sending, waiting or streaming the body back, is caught in `translate` and
 re-raised as a `gateway.errors.UpstreamError` with its kind and whether the
 request may have reached the API. Nothing else in the gateway catches
 aiohttp client errors.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import aiohttp
 from yarl import URL
@@ -178,7 +178,7 @@ class HttpUpstream:
     async def _exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         url = URL(self._base + request.target, encoded=True)
         started = time.monotonic()
-        with self._observed(request.route):
+        try:
             response = await self._sessions[request.pool].request(
                 request.method,
                 url,
@@ -189,10 +189,12 @@ class HttpUpstream:
                 compress=None,
                 timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
             )
+        except Exception as exc:
+            self._raise_translated(request.route, exc)
         self._observer.upstream_answered(request.route, response.status, time.monotonic() - started)
         complete = False
         try:
-            yield _HttpResponse(response, lambda: self._observed(request.route))
+            yield _HttpResponse(response, functools.partial(self._raise_translated, request.route))
             complete = response.content.at_eof()
         finally:
             if complete:
@@ -205,20 +207,20 @@ class HttpUpstream:
         for session in self._sessions.values():
             await session.close()
 
-    @contextmanager
-    def _observed(self, route: str) -> Iterator[None]:
-        try:
-            with _translated():
-                yield
-        except UpstreamError as exc:
-            self._observer.upstream_failed(route, exc.kind)
-            raise
+    def _raise_translated(self, route: str, exc: Exception) -> NoReturn:
+        """Raised again as the `UpstreamError` it means (and counted); a bug of ours is raised as it is."""
+        translated = translate(exc)
+        if isinstance(translated, UpstreamError):
+            self._observer.upstream_failed(route, translated.kind)
+        if translated is exc:
+            raise exc
+        raise translated from exc
 
 
 class _HttpResponse:
-    def __init__(self, response: aiohttp.ClientResponse, observed: Callable[[], AbstractContextManager[None]]) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, failed: Callable[[Exception], NoReturn]) -> None:
         self._response = response
-        self._observed = observed
+        self._failed = failed
         self.status = response.status
         self.reason = response.reason or ""
         self.headers = tuple((_text(name), _text(value)) for name, value in response.raw_headers)
@@ -226,8 +228,10 @@ class _HttpResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._response.content
         while True:
-            with self._observed():
+            try:
                 chunk = await content.readany()
+            except Exception as exc:
+                self._failed(exc)
             if not chunk:
                 return
             yield chunk
@@ -241,40 +245,54 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-@contextmanager
-def _translated() -> Iterator[None]:
-    """Re-raise aiohttp and socket errors as `UpstreamError`, most specific first."""
-    try:
-        yield
-    except UpstreamError:
-        raise
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamTimeout(
+# What each aiohttp or socket error of an exchange means, most specific first.
+_MEANINGS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[], UpstreamError]], ...] = (
+    (
+        aiohttp.ConnectionTimeoutError,
+        lambda: UpstreamTimeout(
             "timed out connecting to the upstream", kind="timeout", may_have_reached_upstream=False
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailable(
-            "cannot connect to the upstream", kind="connect", may_have_reached_upstream=False
-        ) from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout(
-            "the upstream did not answer in time", kind="timeout", may_have_reached_upstream=True
-        ) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise UpstreamUnavailable(
-            "the upstream closed the connection", kind="reset", may_have_reached_upstream=True
-        ) from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise UpstreamUnavailable(
-            "the upstream response was cut off", kind="reset", may_have_reached_upstream=True
-        ) from exc
-    except aiohttp.ClientResponseError as exc:
-        raise UpstreamUnavailable(
+        ),
+    ),
+    (
+        aiohttp.ClientConnectorError,
+        lambda: UpstreamUnavailable("cannot connect to the upstream", kind="connect", may_have_reached_upstream=False),
+    ),
+    (
+        (TimeoutError, aiohttp.ServerTimeoutError),
+        lambda: UpstreamTimeout("the upstream did not answer in time", kind="timeout", may_have_reached_upstream=True),
+    ),
+    (
+        aiohttp.ServerDisconnectedError,
+        lambda: UpstreamUnavailable("the upstream closed the connection", kind="reset", may_have_reached_upstream=True),
+    ),
+    (
+        aiohttp.ClientPayloadError,
+        lambda: UpstreamUnavailable("the upstream response was cut off", kind="reset", may_have_reached_upstream=True),
+    ),
+    (
+        aiohttp.ClientResponseError,
+        lambda: UpstreamUnavailable(
             "the upstream sent an invalid HTTP response", kind="other", may_have_reached_upstream=True
-        ) from exc
-    except (aiohttp.ClientOSError, ConnectionError) as exc:
-        raise UpstreamUnavailable(
+        ),
+    ),
+    (
+        (aiohttp.ClientOSError, ConnectionError),
+        lambda: UpstreamUnavailable(
             "the connection to the upstream was reset", kind="reset", may_have_reached_upstream=True
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable("the upstream exchange failed", kind="other", may_have_reached_upstream=True) from exc
+        ),
+    ),
+    (
+        aiohttp.ClientError,
+        lambda: UpstreamUnavailable("the upstream exchange failed", kind="other", may_have_reached_upstream=True),
+    ),
+)
+
+
+def translate(exc: Exception) -> Exception:
+    """The `UpstreamError` an exception of an exchange means; anything that is no upstream error as it is."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    for kinds, meaning in _MEANINGS:
+        if isinstance(exc, kinds):
+            return meaning()
+    return exc

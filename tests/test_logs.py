@@ -174,3 +174,19 @@ async def test_routine_successes_can_be_sampled_and_errors_are_always_logged(
             assert r.status == 412  # claimed already: an error, always logged
     requests = [json.loads(line) for line in captured.getvalue().splitlines() if '"event": "request"' in line]
     assert [(r["route"], r["status"]) for r in requests] == [("ack", 200), ("heartbeat", 412)]
+
+
+async def test_a_secret_sent_in_a_path_is_redacted_in_the_request_line(
+    captured: io.StringIO, simulator: SimHandle, make_gateway: GatewayFactory
+) -> None:
+    """Request lines are written straight to the log stream (not through `logging`), scrubbed all the same."""
+    gateway = await make_gateway(simulator.url)
+    async with aiohttp.ClientSession() as session:
+        target = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{TOKEN}/heartbeat"
+        async with session.post(target, params={"expected_last_heartbeat": "x"}, headers=worker_headers()) as r:
+            await r.read()
+    (line,) = [json.loads(line) for line in captured.getvalue().splitlines() if '"event": "request"' in line]
+    assert line["work_id"] == "<redacted>"
+    assert line["logger"] == "gateway.access"
+    assert line["level"] == "info"
+    assert TOKEN not in captured.getvalue()

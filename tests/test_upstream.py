@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.settings import UpstreamSettings
-from gateway.upstream import HttpUpstream, UpstreamRequest, _translated, fetch
+from gateway.upstream import HttpUpstream, UpstreamRequest, fetch, translate
 
 from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
 
@@ -183,10 +183,33 @@ async def test_oversized_heartbeat_answer_is_refused(recorder: tuple[Recorder, s
     ],
 )
 def test_client_errors_are_translated_most_specific_first(
-    raised: BaseException, expected: type[UpstreamError], kind: str, may_have_reached: bool
+    raised: Exception, expected: type[UpstreamError], kind: str, may_have_reached: bool
 ) -> None:
-    with pytest.raises(expected) as caught, _translated():
-        raise raised
-    assert caught.value.kind == kind
-    assert caught.value.may_have_reached_upstream is may_have_reached
-    assert caught.value.__cause__ is raised
+    translated = translate(raised)
+    assert type(translated) is expected
+    assert isinstance(translated, UpstreamError)
+    assert translated.kind == kind
+    assert translated.may_have_reached_upstream is may_have_reached
+
+
+def test_an_error_that_is_no_upstream_error_is_not_dressed_up_as_one() -> None:
+    bug = KeyError("a bug of ours")
+    assert translate(bug) is bug
+
+
+async def test_a_translated_error_keeps_the_client_error_as_its_cause() -> None:
+    """The upstream refuses connections: the gateway raises `UpstreamUnavailable`, caused by aiohttp's error."""
+    upstream = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{_closed_port()}"))
+    try:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await fetch(upstream, UpstreamRequest("GET", "/x", ()), max_bytes=100)
+        assert caught.value.kind == "connect"
+        assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+    finally:
+        await upstream.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,392 @@
+"""What the throughput and scale benchmarks share: a fake API, the proxies under test, pinning, and a lean client.
+
+The proxy under test runs alone on one core (`PROXY_CORE`); the fake API and
+the load generator share the other (`LOAD_CORE`), so the load generator never
+competes with what it measures. The fake API is nginx answering as the
+environments API does (a 128-byte heartbeat answer; a long poll that waits its
+`block_ms` and answers `null`; a work item on GET): it costs next to nothing,
+so what a proxy adds is the proxy's own.
+
+Needs nginx with the echo module (`apt-get install nginx libnginx-mod-http-echo`)
+and, for the closed-loop rows, wrk (`apt-get install wrk`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+ENV_ID = "env_bench00000000000000001"
+BETA = "managed-agents-2026-04-01"
+PROXY_CORE = 0
+LOAD_CORE = 1
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+# What the fake API answers every heartbeat with: 128 bytes, as the API's own answer.
+# The TTL is the one asked for (`desired_ttl_seconds`), else 10 s.
+HEARTBEAT_ANSWER = (
+    '{"type":"work_heartbeat","last_heartbeat":"2026-12-02T00:00:00.000000Z",'
+    '"lease_extended":true,"state":"active","ttl_seconds":$ttl}'
+)
+WORK_ANSWER = (
+    '{"type":"work","id":"work_bench","environment_id":"' + ENV_ID + '","state":"active",'
+    '"data":{"type":"session","id":"sesn_bench"}}'
+)
+TARGETS = ("direct", "nginx", "minimal", "gateway")
+
+_NGINX_COMMON = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {tmp}/{name}-error.log warn;
+pid {tmp}/{name}.pid;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 30000; }}
+"""
+_TEMP_PATHS = (
+    "client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;"
+    " uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;"
+)
+FAKE_API = (
+    "load_module {module};\n"
+    + _NGINX_COMMON
+    + """
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 600s;
+  """
+    + _TEMP_PATHS
+    + """
+  default_type application/json;
+  # A long poll waits its own block_ms (the SDK sends 999), then the queue is empty.
+  map $arg_block_ms $poll_wait {{ "~^(\\d)$" "0.00$1"; "~^(\\d\\d)$" "0.0$1"; "~^(\\d\\d\\d)$" "0.$1"; default "1"; }}
+  map $arg_desired_ttl_seconds $ttl {{ "~^\\d+$" $arg_desired_ttl_seconds; default 10; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=16384;
+    location ~ /work/poll$ {{ echo_sleep $poll_wait; echo_exec /_empty; }}
+    location = /_empty {{ internal; return 200 "null"; }}
+    location ~ /heartbeat$ {{ return 200 '{heartbeat}'; }}
+    location / {{ return 200 '{work}'; }}
+  }}
+}}
+"""
+)
+NGINX_PROXY = (
+    _NGINX_COMMON
+    + """
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 600s;
+  """
+    + _TEMP_PATHS
+    + """
+  upstream api {{ server 127.0.0.1:{upstream_port}; keepalive 1024; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=16384;
+    location / {{
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {key}";
+      proxy_set_header anthropic-beta "{beta}";
+      proxy_buffering off;
+      proxy_read_timeout 600s;
+    }}
+  }}
+}}
+"""
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin_this_process_to_load_core() -> None:
+    os.sched_setaffinity(0, {LOAD_CORE})
+
+
+def check_tools(*tools: str) -> None:
+    missing = [t for t in tools if subprocess.run(["which", t], capture_output=True).returncode]
+    if not ECHO_MODULE.exists():
+        missing.append("libnginx-mod-http-echo")
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)} (apt-get install nginx libnginx-mod-http-echo wrk)")
+
+
+@dataclass
+class Process:
+    """A process of the benchmark, pinned to one core, measured from /proc."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    stop_signal: int = signal.SIGTERM
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(match.group(1)) / 1024 if match else 0.0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(self.stop_signal)
+        try:
+            self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def start(name: str, command: list[str], core: int, env: dict[str, str] | None = None) -> Process:
+    popen = subprocess.Popen(
+        ["taskset", "-c", str(core), *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # nginx, run with `master_process off`, ends on SIGQUIT after its requests (SIGTERM cuts them).
+    return Process(name, popen, signal.SIGQUIT if command[0] == "nginx" else signal.SIGTERM)
+
+
+def profile(process: Process | None, seconds: float, path: str) -> subprocess.Popen[bytes]:
+    """py-spy samples the process for `seconds`, from the load core, writing collapsed stacks to `path`."""
+    assert process is not None
+    spy = Path(sys.executable).with_name("py-spy")
+    command = ["taskset", "-c", str(LOAD_CORE), str(spy), "record", "-p", str(process.pid), "-d", str(int(seconds)),
+               "-r", "200", "-f", "raw", "-o", path, "--nonblocking"]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_for_port(port: int, patience: float = 20.0) -> None:
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclass
+class Credentials:
+    key: str
+    token: str
+
+    @classmethod
+    def fresh(cls) -> Credentials:
+        return cls("bench-env-key-" + secrets.token_urlsafe(16), "bench-token-" + secrets.token_urlsafe(16))
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "BENCH_ENV_KEY": self.key, "BENCH_TOKEN": self.token}
+
+
+def start_fake_api(tmp: Path, port: int) -> Process:
+    conf = tmp / "fake-api.conf"
+    conf.write_text(
+        FAKE_API.format(
+            module=ECHO_MODULE, tmp=tmp, name="fake-api", port=port, heartbeat=HEARTBEAT_ANSWER, work=WORK_ANSWER
+        )
+    )
+    return start("fake-api", ["nginx", "-c", str(conf)], LOAD_CORE)
+
+
+def gateway_yaml(upstream_port: int, port: int, admin_port: int, extra: str = "") -> str:
+    """The README's minimal config, pointed at the fake API, plus what a benchmark sets."""
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin_port}}}
+upstream: {{base_url: "http://127.0.0.1:{upstream_port}"}}
+environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}]
+clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
+{extra}
+"""
+
+
+async def start_target(
+    target: str, tmp: Path, upstream_port: int, credentials: Credentials, gateway_extra: str = "", pool: int = 0
+) -> tuple[Process | None, int]:
+    """The proxy under test on its own core, or none for `direct`; and the port workers call."""
+    if target == "direct":
+        return None, upstream_port
+    port, admin_port = free_port(), free_port()
+    if target == "nginx":
+        conf = tmp / "nginx-proxy.conf"
+        conf.write_text(
+            NGINX_PROXY.format(
+                tmp=tmp, name="nginx-proxy", port=port, upstream_port=upstream_port, key=credentials.key, beta=BETA
+            )
+        )
+        process = start("nginx", ["nginx", "-c", str(conf)], PROXY_CORE)
+    else:
+        config = tmp / f"{target}.yaml"
+        config.write_text(gateway_yaml(upstream_port, port, admin_port, gateway_extra if target == "gateway" else ""))
+        if target == "gateway":
+            command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        else:
+            minimal = str(Path(__file__).with_name("minimal_proxy.py"))
+            command = [sys.executable, minimal, "--pool", str(pool), "--config", str(config)]
+        process = start(target, command, PROXY_CORE, credentials.env())
+    await wait_for_port(port)
+    if target in ("gateway", "minimal"):
+        await wait_for_port(admin_port)
+    return process, port
+
+
+def admin_port(tmp: Path, target: str) -> int:
+    """The gateway's admin port, from the config `start_target` wrote; 0 for any other target."""
+    if target != "gateway":
+        return 0
+    match = re.search(r"admin: \{host: 127.0.0.1, port: (\d+)\}", (tmp / "gateway.yaml").read_text())
+    return int(match.group(1)) if match else 0
+
+
+async def metric_totals(admin_port: int, name: str, label: str) -> Counter[str]:
+    """`heartbeat_gateway_<name>_total` summed by one label, from the gateway's admin port."""
+    conn = await Connection.open(admin_port)
+    try:
+        _, body = await conn.request(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    finally:
+        conn.close()
+    found: Counter[str] = Counter()
+    pattern = rf'^heartbeat_gateway_{name}_total\{{[^}}]*{label}="([a-z_]+)"[^}}]*\}} ([0-9.e+]+)$'
+    for m in re.finditer(pattern, body.decode(), re.M):
+        found[m.group(1)] += int(float(m.group(2)))
+    return found
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3) if ordered else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    """A median with its range, as the benchmarks report every figure: `m [min..max]`."""
+    ordered = sorted(values)
+    if not ordered:
+        return "-"
+    mid = ordered[len(ordered) // 2]
+    return f"{_figure(mid)} [{_figure(ordered[0])}..{_figure(ordered[-1])}]"
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time.
+
+    The least a load generator in Python can spend per request (aiohttp's
+    client costs several times more), so one core drives 10,000 workers.
+    Understands Content-Length and chunked answers; nothing else is needed here.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._answer: asyncio.Future[tuple[int, bytes]] | None = None
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    opened = 0  # by this process, to tell a keep-alive proxy from one that closes connections
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        cls.opened += 1
+        _, protocol = await asyncio.get_running_loop().create_connection(cls, "127.0.0.1", port)
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass, but has the methods
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(ConnectionResetError("closed by the server"))
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._answer is not None and not self._answer.done():
+            self._parse()
+
+    def _parse(self) -> None:
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buffer[:end]).lower()
+        match = re.search(rb"\r\ncontent-length: *(\d+)", head)
+        if match:
+            total = end + 4 + int(match.group(1))
+            if len(buffer) < total:
+                return
+            body = bytes(buffer[end + 4 : total])
+        else:  # chunked
+            tail = buffer.find(b"\r\n0\r\n\r\n", end)
+            if tail < 0 and not buffer.startswith(b"0\r\n\r\n", end + 4):
+                return
+            total = (tail + 7) if tail >= 0 else end + 9
+            body = bytes(_dechunk(bytes(buffer[end + 4 : total])))
+        status = int(head[9:12])
+        del buffer[:total]
+        assert self._answer is not None
+        self._answer.set_result((status, body))
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        assert self._transport is not None
+        if self.closed:
+            raise ConnectionResetError("closed by the server")
+        self._answer = asyncio.get_running_loop().create_future()
+        self._transport.write(data)
+        return await self._answer
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while True:
+        line_end = data.index(b"\r\n", i)
+        size = int(data[i:line_end].split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[line_end + 2 : line_end + 2 + size]
+        i = line_end + 4 + size
+
+
+def heartbeat_request(work_id: str, expected: str, credential: str) -> bytes:
+    return (
+        f"POST /v1/environments/{ENV_ID}/work/{work_id}/heartbeat?beta=true&expected_last_heartbeat={expected} "
+        f"HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {credential}\r\nanthropic-beta: {BETA}\r\n"
+        "anthropic-version: 2023-06-01\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def poll_request(worker_id: str, credential: str, block_ms: int = 999) -> bytes:
+    return (
+        f"GET /v1/environments/{ENV_ID}/work/poll?beta=true&block_ms={block_ms} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {credential}\r\nanthropic-beta: {BETA}\r\nanthropic-version: 2023-06-01\r\n"
+        f"Anthropic-Worker-ID: {worker_id}\r\n\r\n"
+    ).encode()
