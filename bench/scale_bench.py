@@ -11,7 +11,8 @@ Each size runs against each target in turn, each on fresh processes: the
 fake API alone (`direct`), then nginx, `bench/minimal_proxy.py` (one
 unlimited pool) and heartbeat-gateway (the README's minimal config; poll
 admission at its default; `limits.max_client_connections` raised to fit
-the workers' connections) in front of it. The proxy is pinned to core 0,
+the workers' connections), and the same gateway logging one routine success
+in a hundred (`gateway-sampled`, `logging.sample_routine: 0.01`) in front of it. The proxy is pinned to core 0,
 the fake API and this load generator to core 1 (`bench/rig.py`).
 
 Reported per size and target, over the window after the ramp-up: heartbeat
@@ -119,7 +120,9 @@ async def busy_worker(n: int, port: int, credential: str, until: float, tally: T
         conn.close()
 
 
-async def run_one(target: str, workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+async def run_one(name: str, workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    # `gateway-sampled`: the gateway logging one routine success in a hundred (`logging.sample_routine`).
+    target = "gateway" if name.startswith("gateway") else name
     credentials = rig.Credentials.fresh()
     api_port = rig.free_port()
     api = rig.start_fake_api(tmp, api_port)
@@ -127,7 +130,11 @@ async def run_one(target: str, workers: int, args: argparse.Namespace, tmp: Path
     try:
         await rig.wait_for_port(api_port)
         # Room for every worker's connections (one for polls, one more for a lease), as a replica sized for them has.
-        extra = f"limits: {{max_client_connections: {workers * 2 + 100}}}\nlogging: {{level: {args.log_level}}}"
+        sample = 0.01 if name == "gateway-sampled" else 1.0
+        extra = (
+            f"limits: {{max_client_connections: {workers * 2 + 100}}}\n"
+            f"logging: {{level: {args.log_level}, sample_routine: {sample}}}"
+        )
         proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra)
         credential = credentials.token if target == "gateway" else credentials.key
         admin_port = rig.admin_port(tmp, target)
@@ -163,7 +170,7 @@ async def run_one(target: str, workers: int, args: argparse.Namespace, tmp: Path
             if process is not None:
                 process.stop()
     outcome: dict[str, Any] = {
-        "target": target,
+        "target": name,
         "workers": workers,
         "leases": len(busy),
         "polls_per_s": round(tally.polls / window),
@@ -216,9 +223,9 @@ def print_table(outcome: dict[str, Any]) -> None:
     keys = ("workers", "polls_per_s", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms", "added_p50_ms",
             "added_p99_ms", "errors", "proxy_cpu_percent", "proxy_peak_rss_mib", "answered_locally_share")  # fmt: skip
     rows = outcome["results"]
-    print(f"{'':24}" + "".join(f"{r['target']:>11}" for r in rows))
+    print(f"{'':24}" + "".join(f"{r['target']:>16}" for r in rows))
     for key in keys:
-        print(f"{key:24}" + "".join(f"{json.dumps(r.get(key, '')):>11}" for r in rows))
+        print(f"{key:24}" + "".join(f"{json.dumps(r.get(key, '')):>16}" for r in rows))
 
 
 if __name__ == "__main__":
@@ -227,7 +234,7 @@ if __name__ == "__main__":
     parser.add_argument("--busy-every", type=int, default=6, help="one worker in this many also holds a lease")
     parser.add_argument("--duration", type=float, default=30.0, help="the measured window, after the ramp-up")
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds of load before measuring")
-    parser.add_argument("--targets", default=",".join(rig.TARGETS))
+    parser.add_argument("--targets", default=",".join((*rig.TARGETS, "gateway-sampled")))
     parser.add_argument("--log-level", default="info", help="the gateway's logging.level (info: as shipped)")
     parser.add_argument("--profile", metavar="FILE", help="py-spy the gateway in the window (collapsed stacks)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")

@@ -109,6 +109,12 @@ def parse_target(raw: str) -> Target:
 def _decode_segment(segment: str) -> str:
     if not segment:
         raise InvalidRequest("malformed path: empty path segment")
+    if "%" not in segment:
+        # Nothing encoded: `_PATH_CHARS` has let through only printable ASCII other than `\`,
+        # which decodes to itself, is no control character and which NFKC leaves alone.
+        if segment.split(";", 1)[0] in (".", ".."):
+            raise InvalidRequest("malformed path: dot segments are not allowed")
+        return segment
     try:
         decoded = unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
