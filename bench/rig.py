@@ -14,8 +14,10 @@ and, for the closed-loop rows, wrk (`apt-get install wrk`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -42,6 +44,7 @@ WORK_ANSWER = (
     '{"type":"work","id":"work_bench","environment_id":"' + ENV_ID + '","state":"active",'
     '"data":{"type":"session","id":"sesn_bench"}}'
 )
+DESCRIPTORS = 65_536
 TARGETS = ("direct", "nginx", "minimal", "gateway")
 
 _NGINX_COMMON = """
@@ -159,9 +162,24 @@ class Process:
             self.popen.wait()
 
 
+def _more_descriptors() -> None:
+    """In the child: descriptors for 10,000 workers' connections and their upstream ones, where
+    allowed (root here; a pod's limit is usually 1,048,576). The gateway sizes its connection cap
+    by this limit, so a low one would refuse workers before the CPU is the limit."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, DESCRIPTORS))
+
+
 def start(name: str, command: list[str], core: int, env: dict[str, str] | None = None) -> Process:
+    # Output is dropped (a log pipe's reader would compete for the load core); BENCH_LOGS=DIR keeps it.
+    keep = os.environ.get("BENCH_LOGS")
+    output = open(Path(keep) / f"{name}.log", "ab") if keep else subprocess.DEVNULL  # noqa: SIM115
     popen = subprocess.Popen(
-        ["taskset", "-c", str(core), *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["taskset", "-c", str(core), *command],
+        env=env,
+        stdout=output,
+        stderr=output,
+        preexec_fn=_more_descriptors,
     )
     # nginx, run with `master_process off`, ends on SIGQUIT after its requests (SIGTERM cuts them).
     return Process(name, popen, signal.SIGQUIT if command[0] == "nginx" else signal.SIGTERM)

@@ -56,7 +56,7 @@ def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
     for name in _FIELDS:
         if (value := getattr(exchange, name)) is not None:
             fields[name] = value
-    direct = direct_lines()
+    direct = direct_lines(log)
     if direct is not None:
         direct.write(log.name, f"{exchange.method} {exchange.path_template} {exchange.status}", fields)
         return

@@ -100,23 +100,35 @@ class DirectLines:
         self._handler = handler
         self._formatter = formatter
 
-    def installed(self) -> bool:
-        """Still the root logger's handler (nothing, a test say, has put another in its place)."""
-        return self._handler in logging.getLogger().handlers
+    def serves(self, logger: logging.Logger) -> bool:
+        """Whether `logging` would send this logger's records to this handler and nowhere else
+        (no handler put beside it or in its place, a test's capture or an error tracker say)."""
+        current: logging.Logger | None = logger
+        while current is not None and current.parent is not None:
+            if current.handlers or not current.propagate:
+                return False
+            current = current.parent
+        return current is not None and current.handlers == [self._handler]
 
     def write(self, logger: str, message: str, fields: dict[str, object]) -> None:
-        line = self._formatter.line(time.time(), "info", logger, message, fields)
-        with self._handler.lock or contextlib.nullcontext():
-            self._handler.stream.write(line + self._handler.terminator)
-            self._handler.flush()
+        created = time.time()
+        line = self._formatter.line(created, "info", logger, message, fields)
+        try:
+            with self._handler.lock or contextlib.nullcontext():
+                self._handler.stream.write(line + self._handler.terminator)
+                self._handler.flush()
+        except Exception:
+            # As `logging` does: a log that cannot be written never fails the request.
+            self._handler.handleError(logging.makeLogRecord({"name": logger, "msg": message, "created": created}))
 
 
 _direct: DirectLines | None = None
 
 
-def direct_lines() -> DirectLines | None:
-    """Where request lines go without `logging`'s machinery, when the log is JSON (else None: use `logging`)."""
-    if _direct is not None and _direct.installed():
+def direct_lines(logger: logging.Logger) -> DirectLines | None:
+    """Where this logger's info lines can go without `logging`'s machinery (else None: use `logging`):
+    when the log is JSON and `configure_logging`'s handler is the only one they would reach."""
+    if _direct is not None and _direct.serves(logger):
         return _direct
     return None
 

@@ -408,31 +408,53 @@ async def _stream_back(
     exchange: Exchange,
 ) -> web.StreamResponse:
     headers = ctx.live.redactor.headers(response_headers(upstream.headers))
+    read: list[bytes] = []
     if _small_and_framed(request, headers):
         # A poll's or a retrieve's answer: read whole, written once, framed by its length.
+        try:
+            async for chunk in chunks:
+                read.append(chunk)
+        except UpstreamError as exc:
+            # Cut off: the worker must see it cut off too (the API answered and may have acted).
+            response = await _started(request, upstream, headers)
+            await response.write(b"".join(read))
+            return _cut(request, exchange, exc, response)
         whole = web.Response(status=upstream.status, reason=upstream.reason or None)
         for name, value in headers:
             if name.lower() != "content-length":
                 whole.headers.add(name, value)
-        whole.body = b"".join([chunk async for chunk in chunks])
+        whole.body = b"".join(read)
         return whole
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for name, value in headers:
-        response.headers.add(name, value)
-    await response.prepare(request)
+    response = await _started(request, upstream, headers)
     try:
         async for chunk in chunks:
             # Each chunk goes out as it arrives: SSE events are not held back.
             await response.write(chunk)
     except UpstreamError as exc:
-        # The status line has gone out; the only honest signal left is to cut
-        # the connection so the client sees a truncated body, not a clean end.
-        exchange.error = f"{exc.kind}_mid_stream"
-        log.warning("upstream stream broke after the response started: %s", exc.message)
-        if request.transport is not None:
-            request.transport.close()
-        return response
+        return _cut(request, exchange, exc, response)
     await response.write_eof()
+    return response
+
+
+async def _started(
+    request: web.Request, upstream: UpstreamResponse, headers: list[tuple[str, str]]
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for name, value in headers:
+        response.headers.add(name, value)
+    await response.prepare(request)
+    return response
+
+
+def _cut(
+    request: web.Request, exchange: Exchange, exc: UpstreamError, response: web.StreamResponse
+) -> web.StreamResponse:
+    """The status line has gone out; the only honest signal left is to cut the connection,
+    so the client sees a truncated body, not a clean end."""
+    exchange.error = f"{exc.kind}_mid_stream"
+    log.warning("upstream stream broke after the response started: %s", exc.message)
+    if request.transport is not None:
+        request.transport.close()
     return response
 
 
@@ -442,7 +464,7 @@ def _small_and_framed(request: web.Request, headers: list[tuple[str, str]]) -> b
         return False  # its Content-Length describes a body that is not sent
     length = next((v for k, v in headers if k.lower() == "content-length"), None)
     kind = next((v for k, v in headers if k.lower() == "content-type"), "")
-    return length is not None and length.isdigit() and int(length) <= CHUNK_SIZE and "event-stream" not in kind
+    return length is not None and length.isdigit() and int(length) <= CHUNK_SIZE and "event-stream" not in kind.lower()
 
 
 def _note_upstream(exchange: Exchange, status: int, headers: tuple[tuple[str, str], ...]) -> None:

@@ -190,3 +190,54 @@ async def test_a_secret_sent_in_a_path_is_redacted_in_the_request_line(
     assert line["logger"] == "gateway.access"
     assert line["level"] == "info"
     assert TOKEN not in captured.getvalue()
+
+
+class _BrokenStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("the log's reader is gone")
+
+
+async def test_a_log_that_cannot_be_written_never_fails_a_request(
+    simulator: SimHandle, make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(LoggingSettings("info", "json"), SECRETS, _BrokenStream())
+    try:
+        gateway = await make_gateway(simulator.url)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/poll?block_ms=10", headers=worker_headers()
+            ) as r,
+        ):
+            assert r.status == 200
+            assert await r.json() is None
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+    assert "BrokenPipeError" in capsys.readouterr().err  # said where logging says such things
+
+
+async def test_request_lines_reach_a_handler_put_beside_the_gateways(
+    captured: io.StringIO, simulator: SimHandle, make_gateway: GatewayFactory
+) -> None:
+    """An error tracker or a test's capture added to the root logger still gets every request line."""
+    records: list[logging.LogRecord] = []
+
+    class Beside(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logging.getLogger().addHandler(Beside())
+    gateway = await make_gateway(simulator.url)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/poll?block_ms=10", headers=worker_headers()
+        ) as r,
+    ):
+        assert r.status == 200
+    assert [r.name for r in records if r.name == "gateway.access"] == ["gateway.access"]
+    (line,) = [json.loads(line) for line in captured.getvalue().splitlines() if '"event": "request"' in line]
+    assert line["route"] == "poll"

@@ -213,3 +213,31 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_a_small_answer_cut_by_the_upstream_is_cut_for_the_client(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]], make_gateway: GatewayFactory
+) -> None:
+    """The API answered 200 (and may have acted) but the body broke off: the worker sees a broken
+    200, never a clean answer and never a gateway error that would invite a blind retry."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"type":')
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
+
+    url = await raw_upstream(handler)
+    gateway = await make_gateway(url, FAST_TIMEOUTS % url)
+    async with aiohttp.ClientSession() as session:
+        ack = f"/v1/environments/{ENV_ID}/work/work_1/ack"
+        response = await session.post(gateway.proxy_url + ack, headers=worker_headers())
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+        response.close()
+        async with session.get(gateway.admin_url + "/metrics") as scraped:
+            metrics = await scraped.text()
+    # Counted once, as the reset it was.
+    assert 'heartbeat_gateway_upstream_errors_total{kind="reset",route="ack"} 1.0' in metrics
