@@ -263,11 +263,13 @@ async def start_target(
         if target == "gateway":
             command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         else:
+            # `minimal-lean-client`, `minimal-low-level-server`: the minimal proxy's variants.
             minimal = str(Path(__file__).with_name("minimal_proxy.py"))
-            command = [sys.executable, minimal, "--pool", str(pool), "--config", str(config)]
+            variant = target.removeprefix("minimal").lstrip("-") or "aiohttp"
+            command = [sys.executable, minimal, "--pool", str(pool), "--variant", variant, "--config", str(config)]
         process = start(target, command, PROXY_CORE, credentials.env())
     await wait_for_port(port)
-    if target in ("gateway", "minimal"):
+    if target == "gateway" or target.startswith("minimal"):
         await wait_for_port(admin_port)
     return process, port
 
