@@ -65,7 +65,7 @@ end
 
 
 async def closed_loop(
-    kind: str, port: int, credential: str, proxy: rig.Process, args: Any, tmp: Path
+    kind: str, port: int, credential: str, proxy: rig.Process, args: Any, tmp: Path, *, profile: bool = False
 ) -> dict[str, Any]:
     script = tmp / f"{kind}.lua"
     script.write_text(WRK_SCRIPT.format(credential=credential, beta=rig.BETA, env=rig.ENV_ID, kind=kind))
@@ -75,8 +75,11 @@ async def closed_loop(
     warm = [*command[:6], "-d2s", *command[7:]]
     await asyncio.to_thread(subprocess.run, warm, capture_output=True, check=True)
     cpu_before = proxy.cpu_seconds()
+    spy = rig.profile(proxy, args.seconds, f"{args.profile}.{kind}") if profile else None
     done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=True)
     cpu = proxy.cpu_seconds() - cpu_before
+    if spy is not None:
+        spy.wait()
     requests = int(re.search(r"(\d+) requests in", done.stdout).group(1))  # type: ignore[union-attr]
     failures = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
     errors = re.search(r"Socket errors: (.*)", done.stdout)
@@ -147,8 +150,9 @@ async def one_round(n: int, args: Any, tmp: Path) -> list[dict[str, Any]]:
             credential = credentials.token if target == "gateway" else credentials.key
             row: dict[str, Any] = {"round": n, "target": target if mode == "forwarded" else "gateway absorbed"}
             if proxy is not None and mode == "forwarded":
-                row["heartbeat"] = await closed_loop("heartbeat", port, credential, proxy, args, tmp)
-                row["get"] = await closed_loop("get", port, credential, proxy, args, tmp)
+                profile = bool(args.profile) and target == "gateway" and n == 1
+                row["heartbeat"] = await closed_loop("heartbeat", port, credential, proxy, args, tmp, profile=profile)
+                row["get"] = await closed_loop("get", port, credential, proxy, args, tmp, profile=profile)
             before = (
                 await rig.metric_totals(rig.admin_port(tmp, target), "heartbeats", "outcome")
                 if target == "gateway"
@@ -241,6 +245,9 @@ if __name__ == "__main__":
     parser.add_argument("--pool", type=int, default=1024, help="the minimal proxy's one pool")
     parser.add_argument("--log-level", default="info", help="the gateway's logging.level (info: as shipped)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="py-spy the gateway in round 1's closed loops (FILE.heartbeat, FILE.get)"
+    )
     arguments = parser.parse_args()
     result = event_loop.run(lambda: main(arguments))
     print_table(result)

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
@@ -33,6 +34,37 @@ def test_scrubber_removes_known_secrets_and_key_shapes() -> None:
     assert scrub("token abc123secret and sk-ant-api03-XyZ_9 and Bearer opaque.value") == (
         "token <redacted> and <redacted> and Bearer <redacted>"
     )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "parser said: AUTHORIZATION: opaque-value",
+        "parser said: Cookie=opaque-value",
+        "parser said: x-api-key: opaque-value",
+        "upstream said: bEaReR opaque-value",
+        # Unicode case folding: the Kelvin sign is a `k` to a case-insensitive match.
+        "parser said: x-api-\u212aey: opaque-value",
+        "parser said: coo\u212aie: opaque-value",
+    ],
+)
+def test_a_credential_in_any_letter_case_is_scrubbed(line: str) -> None:
+    scrubbed = Scrubber([])(line)
+    assert "opaque-value" not in scrubbed
+    assert scrubbed.endswith("<redacted>")
+
+
+def test_json_lines_are_stamped_as_datetime_would_stamp_them(captured: io.StringIO) -> None:
+    # The time of day is formatted once a second; the milliseconds, rounded as datetime rounds, every line.
+    times = (1764670000.0, 1764670000.0009994, 1764670000.9999996, 1764670001.5004999, 1764670001.9995)
+    handler = logging.getLogger().handlers[0]
+    lines = [
+        json.loads(handler.format(logging.makeLogRecord({"name": "gateway.test", "msg": "tick", "created": created})))
+        for created in times
+    ]
+    assert [line["time"] for line in lines] == [
+        datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds") for created in times
+    ]
 
 
 def test_even_a_careless_log_call_is_scrubbed(captured: io.StringIO) -> None:

@@ -295,9 +295,8 @@ class CoalescingHeartbeats:
                 # The main lane draws on lease-critical capacity; a side lane (a credential
                 # nobody vouches for) on the general class, so it never takes a lease's connection.
                 pool = PoolName.LEASE if action.main else PoolName.OTHER
-                request = dataclasses.replace(call.request, pool=pool)
                 self._flights.spawn(
-                    self._fly(action.key, action.flight, request), name=f"heartbeat-flight-{action.flight}"
+                    self._fly(action.key, action.flight, call.request, pool), name=f"heartbeat-flight-{action.flight}"
                 )
             elif isinstance(action, Deliver):
                 self._resolve(action.waiter, action.response, action.outcome)
@@ -329,11 +328,11 @@ class CoalescingHeartbeats:
         key = (call.environment_id, call.work_id)
         future.set_result(HeartbeatResult(_labelled(reply.response, outcome), outcome, reply.answer, (waiter, key)))
 
-    async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest) -> None:
+    async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName) -> None:
         """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter."""
         outcome: FlightResult[Reply, UpstreamError]
         try:
-            outcome = await self._send(key, flight, request)
+            outcome = await self._send(key, flight, request, pool)
         except Exception:
             # Whatever went wrong, the flight must end, or the lease's
             # heartbeats would wait behind it forever.
@@ -344,12 +343,14 @@ class CoalescingHeartbeats:
             outcome = Failed(error)
         self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
 
-    async def _send(self, key: LeaseKey, flight: int, request: UpstreamRequest) -> FlightResult[Reply, UpstreamError]:
+    async def _send(
+        self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
+    ) -> FlightResult[Reply, UpstreamError]:
         if not self.core.flight_wanted(key, flight):
             # The worker left before the task started: never send what nobody waits for.
             gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
             return Failed(gone, may_have_applied=False)
-        request = dataclasses.replace(request, timeout=self._timeout)
+        request = dataclasses.replace(request, pool=pool, timeout=self._timeout)
         attempt = 0
         while True:
             outcome, wait_hint, retryable = await self._attempt(request)
