@@ -170,13 +170,16 @@ def _more_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, DESCRIPTORS))
 
 
-def start(name: str, command: list[str], core: int, env: dict[str, str] | None = None) -> Process:
+def start(
+    name: str, command: list[str], core: int, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Process:
     # Output is dropped (a log pipe's reader would compete for the load core); BENCH_LOGS=DIR keeps it.
     keep = os.environ.get("BENCH_LOGS")
     output = open(Path(keep) / f"{name}.log", "ab") if keep else subprocess.DEVNULL  # noqa: SIM115
     popen = subprocess.Popen(
         ["taskset", "-c", str(core), *command],
         env=env,
+        cwd=cwd,
         stdout=output,
         stderr=output,
         preexec_fn=_more_descriptors,
@@ -242,6 +245,29 @@ clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 """
 
 
+def is_gateway(target: str) -> bool:
+    """`gateway`, or `gateway@REV`: the gateway as committed at git revision REV, so that a change
+    and its parent are measured side by side in one run (`--targets gateway@HEAD~1,gateway`)."""
+    return target == "gateway" or target.startswith("gateway@")
+
+
+def _gateway_source(target: str, tmp: Path) -> Path | None:
+    """For `gateway@REV`: where that revision's `gateway` package is unpacked (once); run from
+    there, it is the one `python -m gateway` imports (the current directory comes first)."""
+    if target == "gateway":
+        return None
+    revision = target.removeprefix("gateway@")
+    source = tmp / f"source-{re.sub(r'[^A-Za-z0-9_.-]', '_', revision)}"
+    if not source.exists():
+        source.mkdir()
+        repo = Path(__file__).resolve().parent.parent
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", revision, "gateway"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    return source
+
+
 async def start_target(
     target: str, tmp: Path, upstream_port: int, credentials: Credentials, gateway_extra: str = "", pool: int = 0
 ) -> tuple[Process | None, int]:
@@ -259,26 +285,28 @@ async def start_target(
         process = start("nginx", ["nginx", "-c", str(conf)], PROXY_CORE)
     else:
         config = tmp / f"{target}.yaml"
-        config.write_text(gateway_yaml(upstream_port, port, admin_port, gateway_extra if target == "gateway" else ""))
-        if target == "gateway":
+        config.write_text(gateway_yaml(upstream_port, port, admin_port, gateway_extra if is_gateway(target) else ""))
+        cwd = None
+        if is_gateway(target):
+            cwd = _gateway_source(target, tmp)
             command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         else:
             # `minimal-lean-client`, `minimal-low-level-server`: the minimal proxy's variants.
             minimal = str(Path(__file__).with_name("minimal_proxy.py"))
             variant = target.removeprefix("minimal").lstrip("-") or "aiohttp"
             command = [sys.executable, minimal, "--pool", str(pool), "--variant", variant, "--config", str(config)]
-        process = start(target, command, PROXY_CORE, credentials.env())
+        process = start(target, command, PROXY_CORE, credentials.env(), cwd)
     await wait_for_port(port)
-    if target == "gateway" or target.startswith("minimal"):
+    if is_gateway(target) or target.startswith("minimal"):
         await wait_for_port(admin_port)
     return process, port
 
 
 def admin_port(tmp: Path, target: str) -> int:
     """The gateway's admin port, from the config `start_target` wrote; 0 for any other target."""
-    if target != "gateway":
+    if not is_gateway(target):
         return 0
-    match = re.search(r"admin: \{host: 127.0.0.1, port: (\d+)\}", (tmp / "gateway.yaml").read_text())
+    match = re.search(r"admin: \{host: 127.0.0.1, port: (\d+)\}", (tmp / f"{target}.yaml").read_text())
     return int(match.group(1)) if match else 0
 
 

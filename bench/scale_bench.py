@@ -122,7 +122,7 @@ async def busy_worker(n: int, port: int, credential: str, until: float, tally: T
 
 async def run_one(name: str, workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # `gateway-sampled`: the gateway logging one routine success in a hundred (`logging.sample_routine`).
-    target = "gateway" if name.startswith("gateway") else name
+    target = "gateway" if name == "gateway-sampled" else name
     credentials = rig.Credentials.fresh()
     api_port = rig.free_port()
     api = rig.start_fake_api(tmp, api_port)
@@ -136,7 +136,7 @@ async def run_one(name: str, workers: int, args: argparse.Namespace, tmp: Path) 
             f"logging: {{level: {args.log_level}, sample_routine: {sample}}}"
         )
         proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra)
-        credential = credentials.token if target == "gateway" else credentials.key
+        credential = credentials.token if rig.is_gateway(target) else credentials.key
         admin_port = rig.admin_port(tmp, target)
         polls_before = await rig.metric_totals(admin_port, "polls", "outcome") if admin_port else Counter[str]()
         tally = Tally()

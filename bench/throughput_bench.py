@@ -19,7 +19,11 @@ one round:
 
 Targets: `direct` (the fake API; latency rows only), `nginx` (1.22,
 upstream keepalive), `minimal` (`bench/minimal_proxy.py`, the least an
-aiohttp proxy does), `gateway` (the README's minimal config; `--log-level`).
+aiohttp proxy does; `minimal-lean-client` and `minimal-low-level-server`, its
+variants), `gateway` (the README's minimal config; `--log-level`) and
+`gateway@REV`, the gateway as committed at git revision REV, so a change is
+measured beside its parent in the same rounds (`--targets
+minimal,gateway@HEAD~1,gateway`).
 
     .venv/bin/python bench/throughput_bench.py --rounds 3
 
@@ -131,8 +135,7 @@ async def open_loop(port: int, credential: str, args: Any) -> dict[str, Any]:
 async def one_round(n: int, args: Any, tmp: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     modes = [(t, "forwarded") for t in args.targets.split(",")]
-    if "gateway" in args.targets.split(","):
-        modes.append(("gateway", "absorbed"))
+    modes += [(t, "absorbed") for t in args.targets.split(",") if rig.is_gateway(t)]
     for target, mode in modes:
         credentials = rig.Credentials.fresh()
         api_port = rig.free_port()
@@ -147,15 +150,15 @@ async def one_round(n: int, args: Any, tmp: Path) -> list[dict[str, Any]]:
                     "\nheartbeat: {desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}}"
                 )
             proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra, pool=args.pool)
-            credential = credentials.token if target == "gateway" else credentials.key
-            row: dict[str, Any] = {"round": n, "target": target if mode == "forwarded" else "gateway absorbed"}
+            credential = credentials.token if rig.is_gateway(target) else credentials.key
+            row: dict[str, Any] = {"round": n, "target": target if mode == "forwarded" else f"{target} absorbed"}
             if proxy is not None and mode == "forwarded":
                 profile = bool(args.profile) and target == "gateway" and n == 1
                 row["heartbeat"] = await closed_loop("heartbeat", port, credential, proxy, args, tmp, profile=profile)
                 row["get"] = await closed_loop("get", port, credential, proxy, args, tmp, profile=profile)
             before = (
                 await rig.metric_totals(rig.admin_port(tmp, target), "heartbeats", "outcome")
-                if target == "gateway"
+                if rig.is_gateway(target)
                 else None
             )
             row["open_loop"] = await open_loop(port, credential, args)
