@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -152,11 +153,11 @@ class Process:
         match = re.search(r"VmRSS:\s+(\d+) kB", status)
         return int(match.group(1)) / 1024 if match else 0.0
 
-    def stop(self) -> None:
+    def stop(self, patience: float = 30.0) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(self.stop_signal)
         try:
-            self.popen.wait(timeout=30)
+            self.popen.wait(timeout=patience)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
@@ -269,9 +270,20 @@ def _gateway_source(target: str, tmp: Path) -> Path | None:
 
 
 async def start_target(
-    target: str, tmp: Path, upstream_port: int, credentials: Credentials, gateway_extra: str = "", pool: int = 0
+    target: str,
+    tmp: Path,
+    upstream_port: int,
+    credentials: Credentials,
+    gateway_extra: str = "",
+    pool: int = 0,
+    *,
+    prefix: Sequence[str] = (),
+    patience: float = 20.0,
 ) -> tuple[Process | None, int]:
-    """The proxy under test on its own core, or none for `direct`; and the port workers call."""
+    """The proxy under test on its own core, or none for `direct`; and the port workers call.
+
+    `prefix` runs an aiohttp target under another program (valgrind, say), `patience` its start-up's bound.
+    """
     if target == "direct":
         return None, upstream_port
     port, admin_port = free_port(), free_port()
@@ -289,16 +301,17 @@ async def start_target(
         cwd = None
         if is_gateway(target):
             cwd = _gateway_source(target, tmp)
-            command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+            command = [*prefix, sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         else:
             # `minimal-lean-client`, `minimal-low-level-server`: the minimal proxy's variants.
             minimal = str(Path(__file__).with_name("minimal_proxy.py"))
             variant = target.removeprefix("minimal").lstrip("-") or "aiohttp"
-            command = [sys.executable, minimal, "--pool", str(pool), "--variant", variant, "--config", str(config)]
+            command = [*prefix, sys.executable, minimal, "--pool", str(pool), "--variant", variant]
+            command += ["--config", str(config)]
         process = start(target, command, PROXY_CORE, credentials.env(), cwd)
-    await wait_for_port(port)
+    await wait_for_port(port, patience)
     if is_gateway(target) or target.startswith("minimal"):
-        await wait_for_port(admin_port)
+        await wait_for_port(admin_port, patience)
     return process, port
 
 

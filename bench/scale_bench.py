@@ -12,8 +12,10 @@ fake API alone (`direct`), then nginx, `bench/minimal_proxy.py` (one
 unlimited pool) and heartbeat-gateway (the README's minimal config; poll
 admission at its default; `limits.max_client_connections` raised to fit
 the workers' connections), and the same gateway logging one routine success
-in a hundred (`gateway-sampled`, `logging.sample_routine: 0.01`) in front of it. The proxy is pinned to core 0,
-the fake API and this load generator to core 1 (`bench/rig.py`).
+in a hundred (`gateway-sampled`, `logging.sample_routine: 0.01`); and
+`gateway@REV`, the gateway as committed at REV, for a change beside its
+parent. The proxy is pinned to core 0, the fake API and this load
+generator to core 1 (`bench/rig.py`).
 
 Reported per size and target, over the window after the ramp-up: heartbeat
 p50/p99 and what the proxy added over direct, errors (any answer but 200,
