@@ -71,7 +71,7 @@ class _Clock:
     """ISO 8601 UTC times to the millisecond, the date and time of day formatted once a second."""
 
     def __init__(self) -> None:
-        self._second = -1
+        self._second: int | None = None
         self._prefix = ""
 
     def iso(self, created: float) -> str:
@@ -81,7 +81,9 @@ class _Clock:
         second = int(whole) + micros // 1_000_000
         micros %= 1_000_000
         if second != self._second:
-            self._second, self._prefix = second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            # isoformat, not strftime: its year is always four digits.
+            self._prefix = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds").removesuffix("+00:00")
+            self._second = second
         return f"{self._prefix}.{micros // 1000:03d}+00:00"
 
 
