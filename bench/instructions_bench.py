@@ -46,13 +46,10 @@ KINDS = ("heartbeat", "get")
 
 
 def request_of(kind: str, n: int, credential: str) -> bytes:
+    work_id = f"work_bench{n % 1000:016d}"
     if kind == "heartbeat":
-        return rig.heartbeat_request(f"work_bench{n % 1000:016d}", "2026-12-02T00:00:00.000000Z", credential)
-    return (
-        f"GET /v1/environments/{rig.ENV_ID}/work/work_bench{n % 1000:016d}?beta=true HTTP/1.1\r\n"
-        f"Host: 127.0.0.1\r\nAuthorization: Bearer {credential}\r\nanthropic-beta: {rig.BETA}\r\n"
-        "anthropic-version: 2023-06-01\r\n\r\n"
-    ).encode()
+        return rig.heartbeat_request(work_id, "2026-12-02T00:00:00.000000Z", credential)
+    return rig.retrieve_request(work_id, credential)
 
 
 async def send(port: int, kind: str, credential: str, count: int, first: int) -> None:
@@ -82,7 +79,7 @@ async def measure(target: str, kind: str, args: Any, tmp: Path) -> dict[str, Any
     credentials = rig.Credentials.fresh()
     api_port = rig.free_port()
     api = rig.start_fake_api(tmp, api_port)
-    out = tmp / f"callgrind-{re.sub(r'[^A-Za-z0-9_.-]', '_', target)}-{kind}.out"
+    out = tmp / f"callgrind-{rig.file_safe(target)}-{kind}.out"
     prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     proxy = None
     try:

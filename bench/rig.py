@@ -246,6 +246,11 @@ clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 """
 
 
+def file_safe(name: str) -> str:
+    """A target's or revision's name as part of a file name (`gateway@HEAD~1` → `gateway_HEAD_1`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 def is_gateway(target: str) -> bool:
     """`gateway`, or `gateway@REV`: the gateway as committed at git revision REV, so that a change
     and its parent are measured side by side in one run (`--targets gateway@HEAD~1,gateway`)."""
@@ -258,7 +263,7 @@ def _gateway_source(target: str, tmp: Path) -> Path | None:
     if target == "gateway":
         return None
     revision = target.removeprefix("gateway@")
-    source = tmp / f"source-{re.sub(r'[^A-Za-z0-9_.-]', '_', revision)}"
+    source = tmp / f"source-{file_safe(revision)}"
     if not source.exists():
         source.mkdir()
         repo = Path(__file__).resolve().parent.parent
@@ -442,6 +447,14 @@ def heartbeat_request(work_id: str, expected: str, credential: str) -> bytes:
         f"POST /v1/environments/{ENV_ID}/work/{work_id}/heartbeat?beta=true&expected_last_heartbeat={expected} "
         f"HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {credential}\r\nanthropic-beta: {BETA}\r\n"
         "anthropic-version: 2023-06-01\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def retrieve_request(work_id: str, credential: str) -> bytes:
+    """A work item's retrieve, which the gateway passes through."""
+    return (
+        f"GET /v1/environments/{ENV_ID}/work/{work_id}?beta=true HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {credential}\r\nanthropic-beta: {BETA}\r\nanthropic-version: 2023-06-01\r\n\r\n"
     ).encode()
 
 
