@@ -28,7 +28,7 @@ from a request.
 from __future__ import annotations
 
 import json
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
 __all__ = [
     "AuthenticationFailed",
@@ -61,6 +61,18 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.error_type, self.message)
+
+    def copy(self) -> Self:
+        """The same error as a fresh object, for each of several waiters to raise its own.
+
+        A shared exception object would share its traceback (each raise adds to
+        it). The copy is made without calling `__init__`, whose signature each
+        subclass chooses (`CapacityExceeded` takes `retry_after`, not `kind`):
+        every attribute comes across as it is, whatever the subclass.
+        """
+        clone = type(self).__new__(type(self), *self.args)
+        clone.__dict__.update(self.__dict__)
+        return clone
 
 
 class RequestRefused(GatewayError):

@@ -31,6 +31,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from . import __version__
 from .errors import UpstreamErrorKind
 from .heartbeat.core import TableCounts
+from .heartbeat.driver import FAILSAFE_POINTS, FailsafePoint
 from .heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
 from .polls import PollOutcome
 from .routing import RouteName
@@ -121,6 +122,13 @@ class GatewayMetrics:
         )
         self.lease_evictions = Counter(
             f"{PREFIX}_lease_evictions", "Leases dropped from the full lease table.", registry=r
+        )
+        self.internal_errors = Counter(
+            f"{PREFIX}_internal_errors",
+            "Heartbeat decisions or actions that failed unexpectedly (a bug): the failsafe answered the "
+            "lease's waiters with a 502 and reset the lease.",
+            ["where"],
+            registry=r,
         )
         self.polls = Counter(
             f"{PREFIX}_polls",
@@ -222,6 +230,8 @@ class GatewayMetrics:
             self.upstream_duration.labels(route)
             self.upstream_retries.labels(route)
             self.inflight.labels(route)
+        for where in FAILSAFE_POINTS:
+            self.internal_errors.labels(where)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
         for result in DISCOVERY_RESULTS:
@@ -325,6 +335,9 @@ class GatewayMetrics:
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
         self._child(self.lease_remaining, self.environment(environment_id)).observe(max(0.0, seconds))
+
+    def internal_error(self, where: FailsafePoint) -> None:
+        self.internal_errors.labels(where).inc()
 
 
 class _LeaseTableCollector:

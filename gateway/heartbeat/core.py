@@ -511,6 +511,26 @@ class Coalescer(Generic[R, E]):
                 if flight is not None:
                     flight.after_stop = True
 
+    def reset(self, key: LeaseKey) -> list[int]:
+        """Forget the lease and everyone waiting on it; returns those waiters, for the driver to answer.
+
+        The failsafe for a decision that could not be carried out (a bug, not
+        weather): whatever the lease's state was, nobody is left waiting on a
+        flight no one will finish, and the next beat starts from nothing known,
+        so nothing is answered locally until the upstream speaks again. A
+        flight still out comes back to a lease that no longer has it and is
+        ignored. Who waits is read from the waiter index, not from the lease's
+        lanes, which may be what went wrong.
+        """
+        waiters = [w for w, k in self._waiting.items() if k == key]
+        for waiter in waiters:
+            del self._waiting[waiter]
+            self._windows.pop(waiter, None)
+        lease = self._leases.get(key)
+        if lease is not None:
+            self._remove(lease)
+        return waiters
+
     def tick(self, now: float) -> list[Action[R, E]]:
         """Time passed: record leases that lapsed unrenewed, forget ended ones, enforce the size cap."""
         events: list[Action[R, E]] = []
@@ -545,6 +565,10 @@ class Coalescer(Generic[R, E]):
         return actions
 
     # -- queries ------------------------------------------------------------------
+
+    def is_waiting(self, waiter: int) -> bool:
+        """Whether the core still owes `waiter` an answer."""
+        return waiter in self._waiting
 
     def in_flight(self, key: LeaseKey) -> int:
         """Flights out for the lease: its main lane's, plus one per side lane."""

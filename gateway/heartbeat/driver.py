@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
-from gateway.errors import CapacityExceeded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import CapacityExceeded, UpstreamError, UpstreamUnavailable
 from gateway.routing import without_param
 from gateway.settings import HeartbeatSettings, PoolName
 from gateway.tasks import Tasks
@@ -54,10 +54,12 @@ from .retry import retry_delay
 from .wire import Answer, LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 
 __all__ = [
+    "FAILSAFE_POINTS",
     "MAX_HEARTBEAT_RESPONSE_BYTES",
     "OUTCOME_HEADER",
     "CoalescingHeartbeats",
     "DirectHeartbeats",
+    "FailsafePoint",
     "HeartbeatCall",
     "HeartbeatObserver",
     "HeartbeatResult",
@@ -70,6 +72,9 @@ log = logging.getLogger("gateway.leases")
 # A heartbeat answer is a few hundred bytes; anything near this is not one.
 MAX_HEARTBEAT_RESPONSE_BYTES = 1024 * 1024
 OUTCOME_HEADER = "heartbeat-gateway-outcome"
+# Where the failsafe may have to answer for a failed decision or action (a metric label).
+FailsafePoint = Literal["flight", "submit", "completed", "abandoned", "tick", "action"]
+FAILSAFE_POINTS: tuple[FailsafePoint, ...] = get_args(FailsafePoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +174,9 @@ class HeartbeatObserver(Protocol):
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None: ...
 
+    def internal_error(self, where: FailsafePoint) -> None:
+        """A decision or action failed unexpectedly and the failsafe answered for it (a bug, logged)."""
+
 
 class _Unobserved:
     def retried(self, route: str) -> None:
@@ -178,6 +186,9 @@ class _Unobserved:
         pass
 
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
+        pass
+
+    def internal_error(self, where: FailsafePoint) -> None:
         pass
 
 
@@ -225,14 +236,17 @@ class CoalescingHeartbeats:
         if left is not None:
             self._observer.lease_remaining_at_beat(call.environment_id, left)
         try:
-            self._carry_out(self.core.submit(beat, now))
+            self._decide(key, "submit", lambda: self.core.submit(beat, now))
+            if not future.done() and not self.core.is_waiting(waiter):
+                # The failsafe ran before the core took the beat in: nobody else will answer it.
+                self._fail(waiter, may_have_reached_upstream=False)
             return await future
         except asyncio.CancelledError:
             # The worker went away. Its flight (if any) goes on without it.
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.unwritten(future.result())
             else:
-                self._carry_out(self.core.abandoned(waiter, self._clock()))
+                self._decide(key, "abandoned", lambda: self.core.abandoned(waiter, self._clock()))
             raise
         finally:
             self._futures.pop(waiter, None)
@@ -265,7 +279,7 @@ class CoalescingHeartbeats:
     def wake(self) -> None:
         """The core's wakeup time came: let it see the time (and carry out what it decides)."""
         self._timer = self._timer_at = None
-        self._carry_out(self.core.tick(self._clock()))
+        self._decide(None, "tick", lambda: self.core.tick(self._clock()))
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -279,37 +293,103 @@ class CoalescingHeartbeats:
                 )
 
     # -- carrying out decisions ------------------------------------------------------
+    #
+    # Every decision goes through `_decide`, every action through `_carry_out`. Neither
+    # lets an exception escape: a lease whose flight nobody will finish waits forever
+    # (a worker's beats unanswered until the process restarts), which is worse than any
+    # error. So a failing decision resets its lease and answers its waiters with a 502
+    # (`_failsafe`), and a failing action is made good on its own, the rest still
+    # carried out. Both are logged and counted (`heartbeat_gateway_internal_errors_total`).
+
+    def _decide(
+        self, key: LeaseKey | None, where: FailsafePoint, decide: Callable[[], list[Action[Reply, UpstreamError]]]
+    ) -> None:
+        try:
+            actions = decide()
+        except Exception:
+            self._failsafe(key, where)
+        else:
+            self._carry_out(actions)
 
     def _carry_out(self, actions: list[Action[Reply, UpstreamError]]) -> None:
         try:
-            self._carry_out_each(actions)
+            for action in actions:
+                try:
+                    self._carry_out_one(action)
+                except Exception:
+                    self._action_failed(action)
         finally:
-            # Should anything above fail part-way, a Wakeup it skipped must not be lost for good.
+            # Should a Wakeup have been skipped, the lease table's upkeep must not stop for good.
             if self._timer is None and (due := self.core.next_deadline()) is not None:
                 self._wake_at(due)
 
-    def _carry_out_each(self, actions: list[Action[Reply, UpstreamError]]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                call = self._calls[action.waiter]
-                # The main lane draws on lease-critical capacity; a side lane (a credential
-                # nobody vouches for) on the general class, so it never takes a lease's connection.
-                pool = PoolName.LEASE if action.main else PoolName.OTHER
-                self._flights.spawn(
-                    self._fly(action.key, action.flight, call.request, pool), name=f"heartbeat-flight-{action.flight}"
-                )
-            elif isinstance(action, Deliver):
-                self._resolve(action.waiter, action.response, action.outcome)
-            elif isinstance(action, DeliverLocal):
-                self._resolve(action.waiter, _local_reply(action), action.outcome)
-            elif isinstance(action, DeliverError):
-                future = self._futures.get(action.waiter)
-                if future is not None and not future.done():
-                    future.set_exception(_copy(action.error))
-            elif isinstance(action, LeaseEvent):
-                self._log_event(action)
-            elif isinstance(action, Wakeup):
-                self._wake_at(action.at)
+    def _carry_out_one(self, action: Action[Reply, UpstreamError]) -> None:
+        if isinstance(action, Send):
+            call = self._calls[action.waiter]
+            # The main lane draws on lease-critical capacity; a side lane (a credential
+            # nobody vouches for) on the general class, so it never takes a lease's connection.
+            pool = PoolName.LEASE if action.main else PoolName.OTHER
+            flight = self._fly(action.key, action.flight, call.request, pool)
+            try:
+                self._flights.spawn(flight, name=f"heartbeat-flight-{action.flight}")
+            except BaseException:
+                flight.close()  # never started: nothing to warn about, and `_action_failed` ends it
+                raise
+        elif isinstance(action, Deliver):
+            self._resolve(action.waiter, action.response, action.outcome)
+        elif isinstance(action, DeliverLocal):
+            self._resolve(action.waiter, _local_reply(action), action.outcome)
+        elif isinstance(action, DeliverError):
+            future = self._futures.get(action.waiter)
+            if future is not None and not future.done():
+                future.set_exception(action.error.copy())
+        elif isinstance(action, LeaseEvent):
+            self._log_event(action)
+        elif isinstance(action, Wakeup):
+            self._wake_at(action.at)
+
+    def _action_failed(self, action: Action[Reply, UpstreamError]) -> None:
+        """One action could not be carried out: make good what it owed, so nobody waits on it."""
+        log.exception("a heartbeat action failed: %s", type(action).__name__)
+        self._observer.internal_error("action")
+        if isinstance(action, Send):
+            # The flight never started: it ends now, as a request that surely never left.
+            never_sent: Failed[UpstreamError] = Failed(
+                self._failure(may_have_reached_upstream=False), may_have_applied=False
+            )
+            now = self._clock()
+            self._decide(
+                action.key, "completed", lambda: self.core.completed(action.key, action.flight, never_sent, now)
+            )
+        elif isinstance(action, Deliver | DeliverLocal | DeliverError):
+            self._fail(action.waiter, may_have_reached_upstream=True)
+
+    def _failsafe(self, key: LeaseKey | None, where: FailsafePoint) -> None:
+        """The core failed to decide: answer everyone waiting on the lease, which starts afresh."""
+        log.exception("heartbeat %s failed unexpectedly; the lease starts afresh", where)
+        self._observer.internal_error(where)
+        if key is None:
+            return
+        try:
+            waiters = self.core.reset(key)
+        except Exception:
+            log.exception("the heartbeat failsafe could not reset the lease")
+            waiters = []
+        for waiter in waiters:
+            self._fail(waiter, may_have_reached_upstream=True)
+
+    def _fail(self, waiter: int, *, may_have_reached_upstream: bool) -> None:
+        future = self._futures.get(waiter)
+        if future is not None and not future.done():
+            future.set_exception(self._failure(may_have_reached_upstream=may_have_reached_upstream))
+
+    @staticmethod
+    def _failure(*, may_have_reached_upstream: bool) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            "the gateway could not complete the heartbeat",
+            kind="other",
+            may_have_reached_upstream=may_have_reached_upstream,
+        )
 
     def _wake_at(self, at: float) -> None:
         """One timer, moved earlier when the core asks for an earlier wakeup."""
@@ -329,19 +409,24 @@ class CoalescingHeartbeats:
         future.set_result(HeartbeatResult(_labelled(reply.response, outcome), outcome, reply.answer, (waiter, key)))
 
     async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName) -> None:
-        """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter."""
-        outcome: FlightResult[Reply, UpstreamError]
+        """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter.
+
+        However it ends (an answer, an error, an exception nobody expected, the task
+        cancelled at shutdown or by a library), the core hears that the flight is over:
+        otherwise the lease's beats would queue behind it forever.
+        """
+        outcome: FlightResult[Reply, UpstreamError] = Failed(
+            UpstreamUnavailable("the heartbeat was cancelled", kind="other", may_have_reached_upstream=True)
+        )
         try:
             outcome = await self._send(key, flight, request, pool)
         except Exception:
-            # Whatever went wrong, the flight must end, or the lease's
-            # heartbeats would wait behind it forever.
             log.exception("heartbeat flight failed unexpectedly")
-            error = UpstreamUnavailable(
-                "the heartbeat could not be completed", kind="other", may_have_reached_upstream=True
-            )
-            outcome = Failed(error)
-        self._carry_out(self.core.completed(key, flight, outcome, self._clock()))
+            self._observer.internal_error("flight")
+            outcome = Failed(self._failure(may_have_reached_upstream=True))
+        finally:
+            now = self._clock()
+            self._decide(key, "completed", lambda: self.core.completed(key, flight, outcome, now))
 
     async def _send(
         self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
@@ -455,9 +540,3 @@ def _local_reply(action: DeliverLocal) -> Reply:
         headers += (("retry-after", "1"),)
     response = BufferedResponse(action.status, _LOCAL_REASONS[action.status], headers, encode(action.body))
     return Reply(response, read_body(action.status, action.body))
-
-
-def _copy(error: UpstreamError) -> UpstreamError:
-    """Each waiter raises its own exception object: a shared one would share its traceback."""
-    cls = UpstreamTimeout if isinstance(error, UpstreamTimeout) else type(error)
-    return cls(error.message, kind=error.kind, may_have_reached_upstream=error.may_have_reached_upstream)
