@@ -28,7 +28,7 @@ from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
 from .polls import PollAdmission
 from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
-from .server import GatewayAppRunner
+from .server import GatewayAppRunner, descriptor_budget
 from .settings import LiveSettings, PoolName, Settings, restart_needed
 from .upstream import HttpUpstream, Upstream
 
@@ -73,7 +73,10 @@ def create_proxy_app(
     app[INFLIGHT] = InFlight()
 
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        gates = {p: Gate(p, settings.upstream.pools.of(p), observer=metrics) for p in PoolName}
+        # A class sized by the worker connections gets one for each the replica can accept.
+        clients = min(settings.limits.max_client_connections, descriptor_budget())
+        pools = settings.upstream.pools
+        gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
         up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates)
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         service = heartbeats or _heartbeat_service(settings, up, metrics)

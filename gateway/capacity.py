@@ -17,9 +17,14 @@ breakers and HAProxy with per-server `maxconn` and queues:
 Each `Gate` admits up to `max_connections` exchanges at once (its own aiohttp
 connector has the same limit, so aiohttp never queues behind it), queues at
 most `max_queued` more in arrival order, each for at most
-`max_queue_seconds`, and refuses the rest at once with a 503
-`overloaded_error` and `retry-after`: an overloaded class answers fast
-instead of letting requests pile up unbounded.
+`max_queue_seconds` (or less, when its request says its caller will not wait
+that long), and refuses the rest at once with a 503 `overloaded_error` and
+`retry-after`: an overloaded class answers fast instead of letting requests
+pile up unbounded, and never answers after the caller has given up.
+
+The `lease` class is sized by default to the worker connections the replica
+accepts (`PoolSettings.limit`): each carries one request at a time, so lease
+calls never wait for a connection unless an operator set a smaller number.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Protocol
 
 from .errors import CapacityExceeded
-from .settings import PoolName, PoolSettings
+from .settings import DEFAULT_MAX_CLIENT_CONNECTIONS, PoolName, PoolSettings
 
 __all__ = ["CapacityObserver", "Gate"]
 
@@ -47,6 +52,8 @@ class CapacityObserver(Protocol):
 
     def pool_refused(self, pool: PoolName, reason: str) -> None: ...
 
+    def pool_sized(self, pool: PoolName, limit: int) -> None: ...
+
 
 class _Unobserved:
     def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None:
@@ -58,12 +65,25 @@ class _Unobserved:
     def pool_refused(self, pool: PoolName, reason: str) -> None:
         pass
 
+    def pool_sized(self, pool: PoolName, limit: int) -> None:
+        pass
+
 
 class Gate:
-    def __init__(self, pool: PoolName, settings: PoolSettings, *, observer: CapacityObserver | None = None) -> None:
+    def __init__(
+        self,
+        pool: PoolName,
+        settings: PoolSettings,
+        *,
+        client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS,
+        observer: CapacityObserver | None = None,
+    ) -> None:
         self.pool = pool
         self.settings = settings
+        # Fixed at start: the connector behind the gate is built with it.
+        self.limit = settings.limit(client_connections)
         self._observer = observer or _Unobserved()
+        self._observer.pool_sized(pool, self.limit)
         self.in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         # Since when someone has been waiting without a break (None: nobody waits).
@@ -80,23 +100,31 @@ class Gate:
         return (time.monotonic() if now is None else now) - self._queued_since
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the class's connections for the block; raises `CapacityExceeded` when none comes."""
-        if self.in_use < self.settings.max_connections and not self._waiters:
+    async def slot(self, max_wait: float | None = None) -> AsyncIterator[None]:
+        """Hold one of the class's connections for the block; raises `CapacityExceeded` when none comes.
+
+        `max_wait`: the caller gives up sooner than the class's `max_queue_seconds` (a
+        heartbeat whose worker aborts it then); it is refused then rather than sent late.
+        """
+        if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
         else:
-            await self._wait()
+            await self._wait(max_wait)
         self._changed()
         try:
             yield
         finally:
             self._release()
 
-    async def _wait(self) -> None:
+    async def _wait(self, max_wait: float | None) -> None:
         settings = self.settings
         if len(self._waiters) >= settings.max_queued:
             self._observer.pool_refused(self.pool, "queue_full")
             raise self._refusal("its queue is full")
+        patience = settings.max_queue_seconds if max_wait is None else min(settings.max_queue_seconds, max_wait)
+        if patience <= 0:
+            self._observer.pool_refused(self.pool, "timeout")
+            raise self._refusal("no connection is free, and the request cannot wait")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
@@ -105,13 +133,13 @@ class Gate:
         self._changed()
         started = time.monotonic()
         # The deadline fails the future, not the task: a cancelled task means the client left.
-        timer = loop.call_later(settings.max_queue_seconds, _expire, waiter)
+        timer = loop.call_later(patience, _expire, waiter)
         try:
             await waiter
         except TimeoutError:
             self._forget(waiter)
             self._observer.pool_refused(self.pool, "timeout")
-            raise self._refusal(f"no connection came free in {settings.max_queue_seconds:g} s") from None
+            raise self._refusal(f"no connection came free in {patience:g} s") from None
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release()  # the slot was handed over just as the client left: pass it on

@@ -195,11 +195,6 @@ class GatewayMetrics:
         GCCollector(registry=r)
         self._initialise()
         self.set_environments(settings)
-        self.set_pool_limits(settings)
-
-    def set_pool_limits(self, settings: Settings) -> None:
-        for pool in PoolName:
-            self.pool_limit.labels(pool.value).set(settings.upstream.pools.of(pool).max_connections)
 
     def set_environments(self, settings: Settings) -> None:
         """Name the configured environments (again, after a reload); new ones start at zero."""
@@ -287,6 +282,9 @@ class GatewayMetrics:
         self._child(self.credentials_chosen, route, credential).inc()
 
     # -- CapacityObserver -------------------------------------------------------------
+
+    def pool_sized(self, pool: PoolName, limit: int) -> None:
+        self.pool_limit.labels(pool.value).set(limit)
 
     def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None:
         self._child(self.pool_in_use, pool.value).set(in_use)

@@ -65,6 +65,7 @@ DEFAULT_MAX_SIGNAL_DELAY = 60.0
 # Kubernetes' default terminationGracePeriodSeconds is 30 s; leave room for
 # a pre-stop delay and the process exit inside it.
 DEFAULT_SHUTDOWN_GRACE = 20.0
+DEFAULT_MAX_CLIENT_CONNECTIONS = 10_000
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
@@ -121,20 +122,33 @@ class PoolName(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    # Upstream exchanges of this class at once: each holds one connection.
-    max_connections: int = field(metadata=rule(at_least=1, at_most=100_000))
+    # Upstream exchanges of this class at once: each holds one connection. None: one for each
+    # worker connection the replica accepts (`limit`), so the class can never run short
+    # before the worker-facing port itself is full.
+    max_connections: int | None = field(metadata=rule(at_least=1, at_most=100_000))
     # Requests that may wait for one of them, in arrival order; beyond that, 503 at once.
     max_queued: int = field(metadata=rule(at_least=0, at_most=1_000_000))
     # The longest one waits before it gets a 503.
     max_queue_seconds: float
+
+    def limit(self, client_connections: int) -> int:
+        """The exchanges allowed at once, for a replica that accepts `client_connections` worker connections.
+
+        A worker connection carries one request at a time, so a class sized to them
+        (None) has a connection for every request that can arrive: it grows with
+        demand as far as the replica's descriptors go, and no further.
+        """
+        return client_connections if self.max_connections is None else self.max_connections
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamPools:
     """Sized for a replica serving 1,000 sessions and 2,000 idle workers (README, "Upstream capacity")."""
 
-    # Heartbeats, acks and stops: short exchanges, a few hundred at once even for 10,000 workers.
-    lease: PoolSettings = PoolSettings(512, 2048, 5.0)
+    # Heartbeats, acks and stops: one connection for each worker connection, as going direct. A few
+    # hundred at once serve 10,000 workers while the API is quick; when it slows to 3 s a beat, ten
+    # times that, and a fixed guess would queue beats until their workers gave up (issue 19).
+    lease: PoolSettings = PoolSettings(None, 2048, 5.0)
     # A long poll holds its connection up to 999 ms, then the worker sleeps 1-3 s.
     poll: PoolSettings = PoolSettings(2048, 512, 1.0)
     # One event stream per served session, open for as long as the session runs.
@@ -282,7 +296,7 @@ class Limits:
     body_timeout_seconds: float = 30.0
     # Open connections on the worker-facing port; beyond it a new one gets a 503 and is closed.
     # Each may need an upstream connection too: keep twice this plus the pools under the fd limit.
-    max_client_connections: int = field(default=10_000, metadata=rule(at_least=1))
+    max_client_connections: int = field(default=DEFAULT_MAX_CLIENT_CONNECTIONS, metadata=rule(at_least=1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,8 @@ class UpstreamRequest:
     route: str = "other"
     # The class of upstream capacity it draws on (`gateway.capacity`).
     pool: PoolName = PoolName.OTHER
+    # How long it may wait for a connection of its class, if less than the class allows.
+    max_queue_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +146,7 @@ class HttpUpstream:
         # The whole exchange, body streaming included.
         self._timeout = self._timeout_of(settings.request_timeout_seconds)
         self.gates = gates or {p: Gate(p, settings.pools.of(p)) for p in PoolName}
-        self._sessions = {p: self._session(self.gates[p].settings.max_connections) for p in PoolName}
+        self._sessions = {p: self._session(self.gates[p].limit) for p in PoolName}
 
     def _session(self, limit: int) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
@@ -171,7 +173,7 @@ class HttpUpstream:
     @asynccontextmanager
     async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         # The class's slot is held until the answer is read or abandoned: it is the connection.
-        async with self.gates[request.pool].slot(), self._exchange(request) as response:
+        async with self.gates[request.pool].slot(request.max_queue_seconds), self._exchange(request) as response:
             yield response
 
     @asynccontextmanager

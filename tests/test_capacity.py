@@ -31,11 +31,51 @@ class Seen:
     def pool_refused(self, pool: PoolName, reason: str) -> None:
         self.refused.append(reason)
 
+    def pool_sized(self, pool: PoolName, limit: int) -> None:
+        self.limit = limit
+
 
 async def hold(gate: Gate, release: asyncio.Event, order: list[int], n: int) -> None:
     async with gate.slot():
         order.append(n)
         await release.wait()
+
+
+async def test_a_request_that_cannot_wait_as_long_as_the_class_is_refused_when_its_caller_gives_up() -> None:
+    """A heartbeat whose worker aborts it in 0.2 s is not kept queued for the class's 5 s."""
+    seen = Seen()
+    gate = Gate(PoolName.LEASE, PoolSettings(1, 8, 5.0), observer=seen)
+    release = asyncio.Event()
+    holder = asyncio.ensure_future(hold(gate, release, [], 0))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(CapacityExceeded):
+        async with gate.slot(max_wait=0.2):
+            pass
+    assert 0.15 < time.monotonic() - started < 0.5
+    with pytest.raises(CapacityExceeded):  # no time left at all: refused at once
+        async with gate.slot(max_wait=0.0):
+            pass
+    assert seen.refused == ["timeout", "timeout"]
+    release.set()
+    await holder
+    async with gate.slot(max_wait=0.0):  # a free connection needs no wait
+        pass
+
+
+async def test_a_class_sized_by_worker_connections_has_one_for_each() -> None:
+    seen = Seen()
+    gate = Gate(PoolName.LEASE, PoolSettings(None, 0, 1.0), client_connections=300, observer=seen)
+    assert (gate.limit, seen.limit) == (300, 300)
+    release = asyncio.Event()
+    holders = [asyncio.ensure_future(hold(gate, release, [], n)) for n in range(300)]
+    await asyncio.sleep(0.01)
+    assert (gate.in_use, gate.queued) == (300, 0)
+    with pytest.raises(CapacityExceeded):  # the 301st: no queue configured, refused at once
+        async with gate.slot():
+            pass
+    release.set()
+    await asyncio.gather(*holders)
 
 
 async def test_a_gate_admits_its_limit_queues_in_order_and_refuses_the_rest_at_once() -> None:

@@ -457,6 +457,9 @@ class _Events:
     def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
         pass
 
+    def internal_error(self, where: str) -> None:
+        raise AssertionError(f"the failsafe stepped in at {where}")
+
 
 async def test_the_driver_wakes_when_the_core_asks_and_keeps_no_ticker() -> None:
     """With an injected clock: an unrenewed lease is recorded as expired at its end, by the core's Wakeup."""

@@ -856,7 +856,11 @@ class Coalescer(Generic[R, E]):
 
     def latency_margin(self) -> float:
         """Lease time an absorbed answer must leave after the worker's next interval, for a forwarded beat."""
-        return LATENCY_MARGIN_FACTOR * max(self._latencies, default=0.0)
+        return LATENCY_MARGIN_FACTOR * self.round_trip()
+
+    def round_trip(self) -> float:
+        """The slowest recent upstream heartbeat round trip (0 before the first)."""
+        return max(self._latencies, default=0.0)
 
     @staticmethod
     def _answer_body(success: _Success[R], now: float) -> dict[str, Any]:

@@ -438,7 +438,7 @@ class CoalescingHeartbeats:
         request = dataclasses.replace(request, pool=pool, timeout=self._timeout)
         attempt = 0
         while True:
-            outcome, wait_hint, retryable = await self._attempt(request)
+            outcome, wait_hint, retryable = await self._attempt(self._within_window(request, key, flight))
             if not retryable:
                 return outcome
             now = self._clock()
@@ -458,6 +458,19 @@ class CoalescingHeartbeats:
             self._observer.retried("heartbeat")
             if not self.core.flight_wanted(key, flight):
                 return outcome  # nobody waits any more: a retry now would renew what no one asked for
+
+    def _within_window(self, request: UpstreamRequest, key: LeaseKey, flight: int) -> UpstreamRequest:
+        """The request, waiting for a connection no longer than its answer can still reach its workers.
+
+        The SDK workers abort a beat after one interval: a beat that waited in the
+        lease class's queue past that, less a round trip, would be answered to nobody
+        (and might renew a lease no worker knows it holds). It gets a 503 while they wait.
+        """
+        deadline = self.core.retry_deadline(key, flight)
+        if deadline is None:
+            return request
+        patience = deadline - self._clock() - self.core.round_trip()
+        return dataclasses.replace(request, max_queue_seconds=max(0.0, patience))
 
     async def _attempt(self, request: UpstreamRequest) -> tuple[FlightResult[Reply, UpstreamError], float | None, bool]:
         """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""
