@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from .settings import Limits
@@ -128,9 +128,38 @@ class _Handler(RequestHandler):
         super().data_received(data)
         if self._request_count > before:
             self._cancel_header_deadline()  # the headers are complete
+            self._fail_broken_body()
         elif not self._request_in_progress and not self._messages and self._header_deadline is None:
             # The first bytes of a request whose headers have not all come: they have until the deadline.
             self._header_deadline = self._loop.call_later(self._header_timeout, self._headers_too_slow)
+
+    def _fail_broken_body(self) -> None:
+        """A body that breaks part-way (a bad chunk size) fails its request at once, with a 400.
+
+        aiohttp's parser reports bytes it cannot parse as a message of their own, a
+        400 to be answered after the request in progress; but the request whose body
+        broke would wait for bytes that never come, until the body timeout (408, 30 s
+        later). Its body is failed instead, as a malformed one (`proxy._BodyMeter`
+        answers 400 and cuts the upstream exchange), that queued 400 is dropped (one
+        answer per request), and the connection closes after the answer: the parser
+        cannot find the next request's start in a broken stream.
+        """
+        messages = self._messages
+        if not messages or not isinstance(messages[-1][0], _ErrInfo):
+            return
+        # The body being read: the last request still queued, else the one being handled.
+        if len(messages) > 1:
+            body = messages[-2][1]
+        elif self._current_request is not None:
+            body = self._current_request.content
+        else:
+            return
+        if body.is_eof():
+            return  # the body was whole: the bytes that broke belong to a next request
+        self._messages.pop()
+        body.set_exception(RequestPayloadError("the request body is malformed"))
+        body.feed_eof()  # nothing more will come: no lingering read after the answer
+        self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_header_deadline()

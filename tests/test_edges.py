@@ -145,6 +145,32 @@ async def test_a_chunked_body_that_breaks_gets_a_fast_400(
     assert seconds < 1.0
 
 
+@pytest.mark.parametrize("path", ["/v1/sessions/s/events", f"/v1/environments/{ENV_ID}/work/w/heartbeat"])
+async def test_a_chunk_that_breaks_after_the_body_started_gets_400_at_once_not_the_body_timeout(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory, path: str
+) -> None:
+    """The first chunk is read (the request is under way), then a bad chunk size: 400 at once, the connection
+    closed, and the upstream never sees a request it could apply (the body timeout stays at its 30 s)."""
+    rec, url = recorder
+    gateway = await make_gateway(url)
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    writer.write(head.encode() + b"1\r\n{\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the handler is reading the body
+    started = time.monotonic()
+    writer.write(b"zz\r\n}\r\n0\r\n\r\n")
+    await writer.drain()
+    received = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes the connection
+    writer.close()
+    assert time.monotonic() - started < 1.0
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+    assert received.count(b"HTTP/1.1") == 1  # one answer for the one request
+    assert [r for r in rec.requests if r.body] == []  # nothing whole reached the upstream
+
+
 async def test_beyond_the_connection_cap_a_new_connection_gets_503_and_the_admin_port_still_answers(
     recorder: tuple[Recorder, str], make_gateway: GatewayFactory
 ) -> None:

@@ -528,6 +528,26 @@ def test_the_main_lane_queue_is_bounded_too() -> None:
     assert replies(c.submit(beat(200, "T1"), 1.0)) == [(200, "throttled", 429)]
 
 
+def test_the_holders_beat_never_waits_behind_a_flood_of_beats_that_do_not_present_the_current_value() -> None:
+    """Issue 19: 32 beats with a valid token and stale or no values fill the queue; the holder still goes next."""
+    c = core()
+    claimed(c)
+    (out,) = sends(c.submit(beat(2, "T1"), 1.0))  # the holder's beat, slow upstream
+    for n in range(16):
+        assert c.submit(beat(100 + n, "stale"), 1.0) == []
+        assert c.submit(beat(200 + n, None), 1.0) == []
+    c.abandoned(2, 5.0)  # the holder gave up on it and retries with the value it holds
+    # The queue is full: the holder's retry takes the place of the newest of the flood, and goes first.
+    assert replies(c.submit(beat(3, "T1"), 5.0)) == [(215, "throttled", 429)]
+    # Current beats keep their order among themselves; again the newest of the flood makes room.
+    assert replies(c.submit(beat(4, "T1"), 5.1)) == [(115, "throttled", 429)]
+    done = c.completed(KEY, out.flight, ok("T2"), 5.2)
+    # The first beat presenting the current value gets the answer its holder missed; the second is told
+    # at once that the value is superseded; only then does the flood go up, one beat at a time.
+    assert replies(done) == [(3, "handed_off", 200), (4, "rejected", 412)]
+    assert [s.waiter for s in sends(done)] == [100]
+
+
 def test_nothing_is_answered_locally_while_a_side_flight_may_move_the_lease() -> None:
     c = core(enabled=True, max_signal_delay_seconds=5.0, min_remaining_fraction=0.1)
     claimed(c, ttl=300)

@@ -408,11 +408,33 @@ class Coalescer(Generic[R, E]):
             if self._can_join(flight, beat) and not lease.queue:
                 flight.waiters.append(beat.waiter)
                 return []
+            if self._presents_current(lease, beat):
+                return self._queue_ahead(lease, beat)
             if len(lease.queue) >= MAX_MAIN_QUEUE:
                 return self._throttled(lease, beat)
             lease.queue.append(beat)
             return []
         return self._decide_queue(lease, [beat], now)
+
+    @staticmethod
+    def _presents_current(lease: _Lease[R], beat: Beat) -> bool:
+        """The beat echoes the lease's last accepted value: the holder's, as far as anyone can tell."""
+        return beat.expected is not None and beat.expected == lease.last_heartbeat
+
+    def _queue_ahead(self, lease: _Lease[R], beat: Beat) -> list[Action[R, E]]:
+        """The holder's beat waits behind no beat that does not present the current value.
+
+        A flood with a credential the gateway vouches for (a leaked token, a worker
+        replaying stale values) would otherwise fill the queue ahead of the holder and
+        cost it its lease. Order among current beats is kept; the queue's bound still
+        holds, and the newest beat that does not present the current value makes room.
+        """
+        queue = lease.queue
+        position = next((i for i, b in enumerate(queue) if not self._presents_current(lease, b)), len(queue))
+        queue.insert(position, beat)
+        if len(queue) <= MAX_MAIN_QUEUE:
+            return []
+        return self._throttled(lease, queue.pop())
 
     def completed(self, key: LeaseKey, flight_id: int, outcome: FlightResult[R, E], now: float) -> list[Action[R, E]]:
         """The upstream call of flight `flight_id` came back (after any retries)."""
