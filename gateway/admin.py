@@ -3,8 +3,9 @@ nothing on the worker-facing port routes here (its allow-list does not
 include these paths, and it is another app on another socket).
 
 - `GET /healthz`: the process is alive.
-- `GET /readyz`: config loaded and the upstream client ready; 503 while starting, draining, or
-  while lease-critical upstream capacity has had requests waiting for a second or more.
+- `GET /readyz`: config loaded and the upstream client ready; 503 while starting, draining,
+  while lease-critical upstream capacity has had requests waiting for a second or more, or while
+  the replica's event loop runs late and it sheds work (`gateway.overload`).
 - `GET /metrics`: Prometheus exposition of this gateway's own registry.
 - `GET /admin/leases`: the lease table, filtered by `environment` and `state`, paginated.
 - `GET /admin/config`: the effective config, every secret shown as "<redacted>".
@@ -42,6 +43,8 @@ class Health:
     draining: bool = False
     # Seconds the lease-critical class has had requests waiting for a connection.
     lease_capacity_waiting: Callable[[], float] = lambda: 0.0
+    # The event loop runs late and the replica sheds work (`gateway.overload`).
+    overloaded: Callable[[], bool] = lambda: False
 
     @property
     def saturated(self) -> bool:
@@ -49,7 +52,7 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        return self.upstream_ready and not self.draining and not self.saturated
+        return self.upstream_ready and not self.draining and not self.saturated and not self.overloaded()
 
     @property
     def status(self) -> str:
@@ -57,7 +60,9 @@ class Health:
             return "draining"
         if not self.upstream_ready:
             return "starting"
-        return "saturated" if self.saturated else "ready"
+        if self.saturated:
+            return "saturated"
+        return "overloaded" if self.overloaded() else "ready"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,10 +26,12 @@ from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatS
 from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
+from .overload import Governor, LagProbe
 from .polls import PollAdmission
 from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
 from .server import GatewayAppRunner, descriptor_budget
 from .settings import LiveSettings, PoolName, Settings, restart_needed
+from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
 
 __all__ = ["Gateway", "create_proxy_app"]
@@ -72,6 +74,8 @@ def create_proxy_app(
     app = web.Application(middlewares=[access_log_middleware, error_middleware])
     app[INFLIGHT] = InFlight()
 
+    background = Tasks()
+
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         # A class sized by the worker connections gets one for each the replica can accept.
         clients = min(settings.limits.max_client_connections, descriptor_budget())
@@ -79,17 +83,22 @@ def create_proxy_app(
         gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
         up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates)
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
+        governor = Governor(lambda: live.current.overload)
+        health.overloaded = lambda: governor.overloaded
+        background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()
         discovery = SessionDiscovery(up, links, observer=metrics)
         polls = PollAdmission(lambda: live.current.polls, observer=metrics)
-        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired, polls)
+        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired, polls, governor)
         running.heartbeats = service
         health.upstream_ready = True
         try:
             yield
         finally:
             health.upstream_ready = False
+            health.overloaded = lambda: False
+            await background.close()
             running.heartbeats = None
             await discovery.close()
             await service.close()

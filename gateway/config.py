@@ -319,6 +319,7 @@ class _Reader:
         self.check_ports(settings.listen, settings.admin)
         self.check_distinct_secrets(settings)
         self.check_absorption(settings)
+        self.check_overload(settings)
         return settings
 
     def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
@@ -536,6 +537,14 @@ class _Reader:
                 assert blocker is not None
                 key, why = blocker
                 self.problem(f"{path}.{key}" if key == "desired_ttl_seconds" else f"heartbeat.absorb.{key}", why)
+
+    def check_overload(self, settings: Settings) -> None:
+        overload = settings.overload
+        if overload.shed_requests_lag_seconds < overload.shed_polls_lag_seconds:
+            self.problem(
+                "overload.shed_requests_lag_seconds",
+                "must not be below overload.shed_polls_lag_seconds: polls are shed first, then requests",
+            )
 
     def check_distinct_secrets(self, settings: Settings) -> None:
         """A client token equal to a real key would hand that key to every worker."""

@@ -12,7 +12,8 @@ so workers' SDKs parse them like any API error::
     │   ├── NotFound                404 not_found_error
     │   ├── MethodNotAllowed        405 invalid_request_error
     │   ├── RequestTimedOut         408 timeout_error (the client's request body stalled)
-    │   └── RequestTooLarge         413 request_too_large
+    │   ├── RequestTooLarge         413 request_too_large
+    │   └── Overloaded              503 overloaded_error, with retry-after: the replica sheds work
     └── UpstreamError               the upstream exchange failed (kind: connect, reset, timeout, other)
         ├── UpstreamUnavailable     502 api_error
         ├── UpstreamTimeout         504 timeout_error
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidRequest",
     "MethodNotAllowed",
     "NotFound",
+    "Overloaded",
     "PermissionDenied",
     "RequestRefused",
     "RequestTimedOut",
@@ -54,6 +56,8 @@ UpstreamErrorKind = Literal["connect", "reset", "timeout", "other", "capacity"]
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "api_error"
+    # Seconds a client should wait before trying again (sent as `retry-after`), where the error says.
+    retry_after: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -113,6 +117,17 @@ class RequestTimedOut(RequestRefused):
 class RequestTooLarge(RequestRefused):
     status = 413
     error_type = "request_too_large"
+
+
+class Overloaded(RequestRefused):
+    """The replica sheds work while its event loop runs late (`gateway.overload`)."""
+
+    status = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UpstreamError(GatewayError):

@@ -41,6 +41,8 @@ __all__ = ["GatewayMetrics"]
 
 PREFIX = "heartbeat_gateway"
 # Client-facing and upstream latency, 1 ms to 30 s.
+# Event-loop lag, 1 ms to 5 s.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Lease time left when a worker beats: how close the fleet runs to expiry.
 REMAINING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -56,6 +58,7 @@ UPSTREAM_CODES = ("200", "412", "429", "500", "503")
 DISCOVERY_RESULTS = ("found", "not_found", "error")
 POLL_OUTCOMES: tuple[PollOutcome, ...] = ("forwarded", "held", "answered_empty")
 POOL_REFUSALS = ("queue_full", "timeout")
+SHED_ACTIONS = ("answered_empty", "refused")
 # The key a client token was swapped for: an environment's, or the organisation-scoped default.
 CREDENTIAL_KINDS = ("environment_key", "default_credential")
 OTHER = "other"
@@ -143,6 +146,24 @@ class GatewayMetrics:
             ["environment"],
             registry=r,
         )
+        self.loop_lag_seconds = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled 20 times a second): the wait of a ready request.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.overload = Gauge(
+            f"{PREFIX}_overload_level",
+            "0 calm; 1 long polls answered empty at the gateway; 2 also new requests but vouched lease calls "
+            "refused 503.",
+            registry=r,
+        )
+        self.shed = Counter(
+            f"{PREFIX}_requests_shed",
+            "Requests shed while overloaded: polls answered_empty (null, as an empty queue) or refused (503).",
+            ["route", "action"],
+            registry=r,
+        )
         self.session_discoveries = Counter(
             f"{PREFIX}_session_discoveries",
             "Sessions whose environment the gateway asked the API for, by result.",
@@ -225,6 +246,8 @@ class GatewayMetrics:
             self.upstream_duration.labels(route)
             self.upstream_retries.labels(route)
             self.inflight.labels(route)
+            for action in SHED_ACTIONS:
+                self.shed.labels(route, action)
         for where in FAILSAFE_POINTS:
             self.internal_errors.labels(where)
         for result in ("success", "failure"):
@@ -280,6 +303,17 @@ class GatewayMetrics:
 
     def credential_injected(self, route: str, credential: str) -> None:
         self._child(self.credentials_chosen, route, credential).inc()
+
+    def request_shed(self, route: str, action: str) -> None:
+        self._child(self.shed, route, action).inc()
+
+    # -- OverloadObserver -------------------------------------------------------------
+
+    def loop_lag(self, seconds: float) -> None:
+        self.loop_lag_seconds.observe(seconds)
+
+    def overload_level(self, level: int) -> None:
+        self.overload.set(level)
 
     # -- CapacityObserver -------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .access_log import EXCHANGE, Exchange, log_exchange
-from .errors import CapacityExceeded, GatewayError, RequestTimedOut, RequestTooLarge, UpstreamError, error_body
+from .errors import GatewayError, RequestTimedOut, RequestTooLarge, UpstreamError, error_body
 from .proxy import INFLIGHT, PROXY
 
 __all__ = ["access_log_middleware", "error_middleware"]
@@ -79,7 +79,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def error_response(exc: GatewayError) -> web.Response:
     response = web.Response(status=exc.status, body=exc.body(), content_type="application/json")
-    if isinstance(exc, CapacityExceeded):
+    if exc.retry_after is not None:
         response.headers["retry-after"] = str(exc.retry_after)
     if isinstance(exc, RequestTooLarge | RequestTimedOut):
         # The rest of the body was never read; the connection cannot be reused.

@@ -29,6 +29,7 @@ from .errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     PermissionDenied,
     RequestRefused,
     RequestTimedOut,
@@ -41,6 +42,7 @@ from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeat.wire import Outcome
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
+from .overload import LEASE_ROUTES, Governor, Shed
 from .polls import PollAdmission, block_seconds
 from .redaction import Redactor
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool, with_param
@@ -51,6 +53,8 @@ __all__ = ["INFLIGHT", "PROXY", "InFlight", "ProxyContext", "handle"]
 
 log = logging.getLogger("gateway.proxy")
 
+# A shed request's retry-after: long enough for the replica to recover, or for the retry to land elsewhere.
+SHED_RETRY_AFTER_SECONDS = 2
 # A heartbeat's body, if it has one at all (the API reads its parameters from the query).
 MAX_HEARTBEAT_BODY_BYTES = 4096
 # Stands in for the credential a discovery will choose, while the request is checked.
@@ -71,6 +75,7 @@ class ProxyContext:
     # Client tokens a reload removed: refused, never passed on.
     retired: RetiredTokens
     polls: PollAdmission
+    overload: Governor
 
     @property
     def settings(self) -> Settings:
@@ -136,6 +141,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise AuthenticationFailed(
             "a gateway client token may be sent only as Authorization: Bearer <token> or x-api-key: <token>"
         )
+    if ctx.overload.overloaded:
+        # Before anything costs more (a discovery, a body read, an upstream call). Lease calls' credentials
+        # are never a discovery's: the gateway knows now whether it vouches for them.
+        lease_call = route.name in LEASE_ROUTES
+        vouched = lease_call and (isinstance(credential, Inject) or _vouched_for(ctx, route, headers))
+        shed = ctx.overload.verdict(route.name, vouched=vouched, injected_poll=isinstance(credential, Inject))
+        if shed is not None:
+            return await _shed(ctx, exchange, shed, target)
     if isinstance(credential, Discover):
         await ctx.discovery.environment_of(credential.session_id, credential.candidates, settings.headers)
         # Decided again on what the lookup learned, with the settings in force now (a reload may have come).
@@ -192,6 +205,16 @@ async def _poll(
         return await _pass_through(request, ctx, route, target, headers, pool)
     finally:
         ctx.polls.release(environment_id)
+
+
+async def _shed(ctx: ProxyContext, exchange: Exchange, shed: Shed, target: Target) -> web.Response:
+    """The replica is overloaded (`gateway.overload`): a poll finds the queue empty, anything else a 503."""
+    ctx.metrics.request_shed(exchange.route, "answered_empty" if shed == "poll" else "refused")
+    if shed == "poll":
+        # As an empty queue answers: after the poll's block time (a timer, not a connection upstream).
+        await asyncio.sleep(block_seconds(target.raw_query) or 0.0)
+        return _empty_queue()
+    raise Overloaded("the gateway replica is overloaded; retry shortly", retry_after=SHED_RETRY_AFTER_SECONDS)
 
 
 def _empty_queue() -> web.Response:

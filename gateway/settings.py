@@ -250,6 +250,21 @@ class PollSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OverloadSettings:
+    """Shedding safe work while the replica's event loop runs late (`gateway.overload`)."""
+
+    enabled: bool = True
+    # The median event-loop lag over a second past which long polls are answered `null` at the gateway.
+    shed_polls_lag_seconds: float = 0.05
+    # Past this, every new request but a lease call the gateway vouches for gets 503 overloaded_error.
+    shed_requests_lag_seconds: float = 0.25
+    # Shedding polls that has not brought the lag below the polls threshold in this long goes a level up.
+    escalate_seconds: float = 5.0
+    # A level is left once the lag has stayed below half its threshold this long.
+    recover_seconds: float = field(default=5.0, metadata=rule(zero_ok=True))
+
+
+@dataclass(frozen=True, slots=True)
 class AbsorbSettings:
     """Answering the holder's beats locally; off by default (it delays stop signals)."""
 
@@ -321,6 +336,7 @@ class Settings:
     clients: ClientSettings = ClientSettings()
     routes: RouteSettings = RouteSettings()
     polls: PollSettings = PollSettings()
+    overload: OverloadSettings = OverloadSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     limits: Limits = Limits()
     logging: LoggingSettings = LoggingSettings()

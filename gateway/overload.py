@@ -1,0 +1,178 @@
+"""Overload: how late the event loop runs, and what a replica sheds when it cannot keep up.
+
+A replica is one process on one event loop. Past the core it can use, every
+request waits behind every other, heartbeats included: at 10,000 SDK workers
+on one replica of this machine, heartbeat p99 rose by 170 ms and thousands of
+requests a minute failed, while the Service kept sending it more. Work that is
+always safe to shed went on costing the same as work that is not.
+
+The signal is event-loop lag: how late a timer set for now runs, the time a
+ready request waits before the loop gets to it. It is what workers feel, on
+any core and whatever the mix (CPU alone says a replica is fully used, not
+that it is late; `process_cpu_seconds_total` reports it). The `Governor`
+decides, sans-IO, from the median lag of the last second:
+
+- `CALM`: everything is served.
+- `SHED_POLLS` (lag above `overload.shed_polls_lag_seconds`): long polls the
+  gateway injected a key for are answered `200 null` after their `block_ms`,
+  as the API answers a poll when the queue is empty, with no upstream call.
+  A held poll costs a timer; the SDK workers then sleep 1-3 s, so an idle
+  fleet's polls, most of its requests, come a third less often and cost next
+  to nothing. Work pickup waits until the replica is calm.
+- `SHED_REQUESTS` (lag above `overload.shed_requests_lag_seconds`): every new
+  request but a lease call the gateway vouches for, polls included, gets 503
+  `overloaded_error` with `retry-after`. The SDKs' pollers back off on an
+  error (1 s, 2 s, 4 s ... up to 60 s), so a fleet that a `null` alone cannot
+  quieten falls away within seconds; other calls are retried later, or land
+  on another replica.
+
+Shedding polls that has not brought the lag below its threshold within
+`overload.escalate_seconds` goes a level up: under a quota (a pod's CPU
+limit) the lag of a saturated replica stays near the quota's period, short
+of the requests threshold, while every request waits for the next period.
+
+A heartbeat, ack or stop with a credential the gateway vouches for is never
+shed: losing one could cost a lease, which is what the gateway is for.
+While any level holds, `/readyz` answers 503 `overloaded`, so the Service
+sends new connections to other replicas. A level is entered as soon as the
+lag passes its threshold and left one step at a time, once the lag has
+stayed below half that threshold for `overload.recover_seconds`, so the
+replica does not flap in and out of rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Literal, Protocol
+
+from .routing import RouteName
+from .settings import OverloadSettings
+
+__all__ = ["LEASE_ROUTES", "Governor", "LagProbe", "Load", "OverloadObserver", "Shed"]
+
+log = logging.getLogger("gateway.overload")
+
+# The lag signal: the median of the samples of this many seconds (one GC pause is no overload).
+WINDOW_SECONDS = 1.0
+# How often the probe looks: often enough for a second's median, cheap enough to be free.
+PROBE_INTERVAL_SECONDS = 0.05
+# Lease calls: never shed when the gateway vouches for their credential.
+LEASE_ROUTES = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP})
+
+Shed = Literal["poll", "request"]
+
+
+class Load(IntEnum):
+    CALM = 0
+    SHED_POLLS = 1
+    SHED_REQUESTS = 2
+
+
+class Governor:
+    """The overload level, from lag samples with the time they were taken: time passed in, the level out."""
+
+    def __init__(self, settings: Callable[[], OverloadSettings]) -> None:
+        self._settings = settings
+        self.level = Load.CALM
+        self.lag = 0.0
+        self._samples: deque[tuple[float, float]] = deque()
+        # Since when the lag has stayed below the current level's way out (None: it has not).
+        self._calm_since: float | None = None
+        # Since when the lag has stayed past the polls threshold while polls were shed (None: it has not).
+        self._shedding_since: float | None = None
+
+    def observe(self, now: float, lag: float) -> Load:
+        """One sample of the loop's lag, taken at `now`; returns the level it leaves."""
+        samples = self._samples
+        samples.append((now, lag))
+        while samples[0][0] <= now - WINDOW_SECONDS:
+            samples.popleft()
+        self.lag = statistics.median(s for _, s in samples)
+        settings = self._settings()
+        if not settings.enabled:
+            self.level, self._calm_since = Load.CALM, None
+            return self.level
+        wanted = self._level_for(self.lag, settings)
+        if self.level is not Load.SHED_POLLS or self.lag < settings.shed_polls_lag_seconds / 2:
+            self._shedding_since = None  # not shedding polls, or calm enough to start recovering
+        elif self._shedding_since is None:
+            self._shedding_since = now
+        elif now - self._shedding_since >= settings.escalate_seconds:
+            # Shedding polls has not brought the lag down: a replica far past its capacity needs more.
+            wanted = Load.SHED_REQUESTS
+        if wanted >= self.level:
+            self.level, self._calm_since = wanted, None
+        elif self.lag >= self._threshold(self.level, settings) / 2:
+            self._calm_since = None
+        elif self._calm_since is None:
+            self._calm_since = now
+        elif now - self._calm_since >= settings.recover_seconds:
+            # One step down at a time, each after its own calm spell.
+            self.level, self._calm_since = Load(self.level - 1), now
+        return self.level
+
+    @staticmethod
+    def _level_for(lag: float, settings: OverloadSettings) -> Load:
+        if lag >= settings.shed_requests_lag_seconds:
+            return Load.SHED_REQUESTS
+        if lag >= settings.shed_polls_lag_seconds:
+            return Load.SHED_POLLS
+        return Load.CALM
+
+    @staticmethod
+    def _threshold(level: Load, settings: OverloadSettings) -> float:
+        if level is Load.SHED_REQUESTS:
+            return settings.shed_requests_lag_seconds
+        return settings.shed_polls_lag_seconds
+
+    @property
+    def overloaded(self) -> bool:
+        return self.level > Load.CALM
+
+    def verdict(self, route: RouteName, *, vouched: bool, injected_poll: bool) -> Shed | None:
+        """What to shed of a request arriving now: nothing, a poll (answered empty) or a request (503)."""
+        level = self.level
+        if level is Load.CALM or (route in LEASE_ROUTES and vouched):
+            return None
+        if level is Load.SHED_REQUESTS:
+            return "request"
+        return "poll" if route is RouteName.POLL and injected_poll else None
+
+
+class OverloadObserver(Protocol):
+    def loop_lag(self, seconds: float) -> None: ...
+
+    def overload_level(self, level: int) -> None: ...
+
+
+class LagProbe:
+    """Measures the loop's lag: sleeps a moment and notes how late it woke (the edge of `Governor`)."""
+
+    def __init__(self, governor: Governor, observer: OverloadObserver) -> None:
+        self._governor = governor
+        self._observer = observer
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        level = self._governor.level
+        while True:
+            due = loop.time() + PROBE_INTERVAL_SECONDS
+            await asyncio.sleep(PROBE_INTERVAL_SECONDS)
+            lag = max(0.0, loop.time() - due)
+            self._observer.loop_lag(lag)
+            now = self._governor.observe(time.monotonic(), lag)
+            if now is not level:
+                self._observer.overload_level(now)
+                log.warning(
+                    "overload level %s (event-loop lag %.0f ms)",
+                    now.name.lower(),
+                    self._governor.lag * 1000,
+                    extra={"fields": {"event": "overload", "level": now.name.lower()}},
+                )
+                level = now

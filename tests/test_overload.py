@@ -1,0 +1,189 @@
+"""Overload: the replica sheds what is safe to shed while its event loop runs late, and never a lease call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from gateway.overload import Governor, Load
+from gateway.routing import RouteName
+from gateway.settings import OverloadSettings
+
+from .support import ENV_ID, GatewayFactory, SimFactory, worker_headers
+from .test_heartbeat_driver import held_item
+
+SETTINGS = OverloadSettings(shed_polls_lag_seconds=0.05, shed_requests_lag_seconds=0.25, recover_seconds=5.0)
+
+
+def fed(governor: Governor, start: float, seconds: float, lag: float, every: float = 0.05) -> Load:
+    """Samples of `lag`, one every `every` s for `seconds` from `start`."""
+    level = governor.level
+    for n in range(int(seconds / every)):
+        level = governor.observe(start + n * every, lag)
+    return level
+
+
+def test_levels_follow_the_median_lag_and_one_pause_is_no_overload() -> None:
+    governor = Governor(lambda: SETTINGS)
+    assert fed(governor, 0.0, 2.0, 0.002) is Load.CALM
+    # One long GC pause among calm samples: the median does not move.
+    assert governor.observe(2.0, 0.4) is Load.CALM
+    assert fed(governor, 2.05, 1.0, 0.08) is Load.SHED_POLLS
+    assert fed(governor, 3.05, 1.0, 0.3) is Load.SHED_REQUESTS
+    assert governor.overloaded
+
+
+def test_a_level_is_left_one_step_at_a_time_after_a_calm_spell() -> None:
+    governor = Governor(lambda: SETTINGS)
+    fed(governor, 0.0, 1.0, 0.3)
+    assert governor.level is Load.SHED_REQUESTS
+    # Below the requests threshold but above half of it: no calm spell starts.
+    assert fed(governor, 1.0, 10.0, 0.2) is Load.SHED_REQUESTS
+    # Calm (below half the polls threshold): after 5 s, down to polls; after 5 s more, calm.
+    # (The median falls half a second after the lag does: the calm spell starts then, at 11.5.)
+    assert fed(governor, 11.0, 6.0, 0.001) is Load.SHED_POLLS
+    assert fed(governor, 17.0, 4.0, 0.001) is Load.SHED_POLLS
+    assert fed(governor, 21.0, 1.0, 0.001) is Load.CALM
+    # A relapse within the calm spell starts it over.
+    fed(governor, 30.0, 1.0, 0.1)
+    fed(governor, 31.0, 4.0, 0.001)
+    fed(governor, 35.0, 1.0, 0.1)
+    assert fed(governor, 36.0, 4.0, 0.001) is Load.SHED_POLLS
+
+
+def test_shedding_polls_that_does_not_help_goes_a_level_up() -> None:
+    governor = Governor(lambda: SETTINGS)
+    # The first level at once; then the lag wavers about the threshold but never falls to half of it.
+    assert fed(governor, 0.0, 3.0, 0.08) is Load.SHED_POLLS
+    assert fed(governor, 3.0, 2.0, 0.04) is Load.SHED_POLLS
+    assert fed(governor, 5.0, 0.5, 0.08) is Load.SHED_REQUESTS  # 5 s without relief
+    # Relief that lasts (the lag below half the threshold) is what stops an escalation.
+    other = Governor(lambda: SETTINGS)
+    fed(other, 0.0, 3.0, 0.08)
+    fed(other, 3.0, 1.0, 0.01)
+    assert fed(other, 4.0, 3.0, 0.08) is Load.SHED_POLLS
+
+
+def test_disabled_never_sheds() -> None:
+    governor = Governor(lambda: OverloadSettings(enabled=False))
+    assert fed(governor, 0.0, 2.0, 2.0) is Load.CALM
+
+
+def test_what_each_level_sheds_and_a_vouched_lease_call_never() -> None:
+    governor = Governor(lambda: SETTINGS)
+    for level in Load:
+        governor.level = level
+        for route in (RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP):
+            assert governor.verdict(route, vouched=True, injected_poll=False) is None
+        poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=True)
+        foreign_poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=False)
+        session = governor.verdict(RouteName.SESSIONS, vouched=False, injected_poll=False)
+        junk_beat = governor.verdict(RouteName.HEARTBEAT, vouched=False, injected_poll=False)
+        expected = {
+            Load.CALM: (None, None, None, None),
+            Load.SHED_POLLS: ("poll", None, None, None),
+            Load.SHED_REQUESTS: ("request", "request", "request", "request"),
+        }[level]
+        assert (poll, foreign_poll, session, junk_beat) == expected
+
+
+@contextlib.asynccontextmanager
+async def hogged_loop(seconds_per_turn: float) -> AsyncIterator[None]:
+    """The event loop runs late: a callback that holds it `seconds_per_turn` at every turn."""
+
+    async def hog() -> None:
+        while True:
+            time.sleep(seconds_per_turn)  # noqa: ASYNC251 - the point: the loop is blocked
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(hog())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_status(http: aiohttp.ClientSession, admin: str, status: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    seen = ""
+    while time.monotonic() < deadline:
+        async with http.get(f"{admin}/readyz") as r:
+            seen = (await r.json())["status"]
+        if seen == status:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"/readyz stayed {seen!r}, never {status!r}")
+
+
+async def test_an_overloaded_replica_sheds_polls_then_requests_never_heartbeats_and_recovers(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(ttl=30)
+    config = "overload: {shed_polls_lag_seconds: 0.05, shed_requests_lag_seconds: 0.1, recover_seconds: 0.5}"
+    gateway = await make_gateway(sim.url, config)
+    work_id = held_item(sim)
+    base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}"
+    async with aiohttp.ClientSession(headers=worker_headers()) as http:
+        async with http.post(
+            f"{base}/work/{work_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}
+        ) as r:
+            held = (await r.json())["last_heartbeat"]
+        polls_before = sim.sim.count("poll")
+        async with hogged_loop(0.15):
+            await wait_status(http, gateway.admin_url, "overloaded", within=5)
+            assert gateway.metrics.overload._value.get() == 2
+            # At the deepest level, a poll too is refused 503: the SDK's poller backs off.
+            async with http.get(f"{base}/work/poll", params={"block_ms": "999"}) as r:
+                assert (r.status, (await r.json())["error"]["type"]) == (503, "overloaded_error")
+            assert sim.sim.count("poll") == polls_before
+            # Anything else new: 503 overloaded_error with retry-after, API-shaped.
+            async with http.get(f"{gateway.proxy_url}/v1/sessions/sesn_x") as r:
+                body = await r.json()
+                assert (r.status, body["error"]["type"], r.headers["retry-after"]) == (503, "overloaded_error", "2")
+            # The holder's heartbeat is never shed: the API answers it.
+            async with http.post(f"{base}/work/{work_id}/heartbeat", params={"expected_last_heartbeat": held}) as r:
+                assert r.status == 200
+                assert (await r.json())["lease_extended"] is True
+        # Calm again: back in rotation after the calm spells, and polls go up again.
+        await wait_status(http, gateway.admin_url, "ready", within=5)
+        async with http.get(f"{base}/work/poll", params={"block_ms": "10"}) as r:
+            assert r.status == 200
+        assert sim.sim.count("poll") == polls_before + 1
+    shed = {
+        (s.labels["route"], s.labels["action"]): s.value
+        for s in next(iter(gateway.metrics.shed.collect())).samples
+        if s.name.endswith("_total") and s.value
+    }
+    assert shed == {("poll", "refused"): 1.0, ("sessions", "refused"): 1.0}
+    lag = next(iter(gateway.metrics.loop_lag_seconds.collect())).samples
+    assert any(s.name.endswith("_count") and s.value > 0 for s in lag)
+
+
+async def test_at_the_first_level_polls_find_the_queue_empty_after_their_block_time_and_all_else_is_served(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(ttl=30)
+    config = "overload: {shed_polls_lag_seconds: 0.05, shed_requests_lag_seconds: 5, recover_seconds: 0.5}"
+    gateway = await make_gateway(sim.url, config)
+    (work_id,) = sim.sim.enqueue(ENV_ID)  # work is waiting: a shed poll does not see it
+    base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}"
+    async with aiohttp.ClientSession(headers=worker_headers()) as http:
+        async with hogged_loop(0.15):
+            await wait_status(http, gateway.admin_url, "overloaded", within=5)
+            assert gateway.metrics.overload._value.get() == 1
+            started = time.monotonic()
+            async with http.get(f"{base}/work/poll", params={"block_ms": "300"}) as r:
+                assert (r.status, await r.text()) == (200, "null")
+            assert time.monotonic() - started >= 0.3  # as an empty queue answers: after the block time
+            assert sim.sim.count("poll") == 0
+            async with http.get(f"{base}/work/{work_id}") as r:
+                assert r.status == 200  # everything else is served
+        await wait_status(http, gateway.admin_url, "ready", within=5)
+        async with http.get(f"{base}/work/poll", params={"block_ms": "10"}) as r:
+            assert (await r.json())["id"] == work_id  # calm again: the poll goes up and finds the work
