@@ -7,10 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck coverage pytest node-deps tools clean
+.PHONY: demo bad-day test lint typecheck coverage pytest node-deps tools clean
 
 demo: $(STAMP)
 	$(BIN)/heartbeat-gateway demo
+
+bad-day: $(STAMP)
+	$(BIN)/heartbeat-gateway demo --bad-day
 
 test: lint typecheck coverage pytest
 

@@ -8,7 +8,9 @@ cgroup with that CFS quota (`--cpu-millicores`; Kubernetes sets the same
 quota), pinned to its own core, so "a replica past its capacity" is a fleet
 this machine can drive.
 
-The fleet, by the SDK workers' rules (environments-api.md §6):
+The fleet, by the SDK workers' rules (environments-api.md §5, §6), each call
+with the SDK client's own retries (2, on errors, 408, 409, 429 and 5xx,
+after `retry-after` when given):
 - `--pollers` idle workers long-poll (`block_ms=999`, 1-3 s asleep after a
   `null`, backing off after an error); an item a poll finds is acked and
   stopped at once, and its pickup delay (enqueued to found) recorded: one
@@ -139,18 +141,38 @@ class Route:
         self.index = (self.index + 1) % len(self.bases)
 
 
+# The SDKs' base client (environments-api.md §5): 2 retries on a connection error, 408, 409, 429 or 5xx,
+# after `retry-after` (0-60 s) when given, else 0.5 s doubling to 8 s with up to 25% jitter off.
+SDK_RETRIES = 2
+SDK_RETRIED = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
 async def call(
     session: aiohttp.ClientSession, route: Route, method: str, path: str, headers: dict[str, str], **kw: Any
 ) -> tuple[int | str, Any]:
+    """One SDK call: the request and the client's own retries."""
+    for attempt in range(SDK_RETRIES + 1):
+        status, body, retry_after = await _once(session, route, method, path, headers, **kw)
+        if attempt == SDK_RETRIES or not (status in ("reset", "error") or status in SDK_RETRIED):
+            break
+        backoff = min(0.5 * 2**attempt, 8.0) * (1 - random.uniform(0, 0.25))
+        await asyncio.sleep(retry_after if retry_after is not None and 0 <= retry_after <= 60 else backoff)
+    return status, body
+
+
+async def _once(
+    session: aiohttp.ClientSession, route: Route, method: str, path: str, headers: dict[str, str], **kw: Any
+) -> tuple[int | str, Any, float | None]:
     try:
         async with session.request(method, route.base + path, headers=headers, **kw) as response:
             body = await response.json(content_type=None) if response.status != 204 else None
-            return response.status, body
+            retry_after = response.headers.get("retry-after")
+            return response.status, body, float(retry_after) if retry_after and retry_after.isdigit() else None
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
         route.lost_connection()
-        return "reset", None
+        return "reset", None, None
     except (TimeoutError, aiohttp.ClientError, ValueError):
-        return "error", None
+        return "error", None, None
 
 
 async def hold(session: aiohttp.ClientSession, route: Route, token: str, work_id: str, t: Tally, args: Any) -> None:

@@ -43,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.path)
     if command == "simulate-upstream":
         return _simulate(args)
+    if args.bad_day:
+        from .demo.bad_day import run_bad_day
+
+        return run_bad_day(workers=args.workers, as_json=args.json)
     from .demo import run_demo
 
     return run_demo(duration=args.duration, workers=args.workers, as_json=args.json)
@@ -128,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds to run; 0 runs until Ctrl-C (20)")
     demo.add_argument("--workers", type=_positive_int, default=8, help="simulated workers (8)")
     demo.add_argument("--json", action="store_true", help="end with one JSON summary line")
+    demo.add_argument(
+        "--bad-day",
+        action="store_true",
+        help="the same fleet direct and through the gateway while the API slows, rate-limits and drops (38 s)",
+    )
     return parser
 
 

@@ -54,7 +54,9 @@ __all__ = ["INFLIGHT", "PROXY", "InFlight", "ProxyContext", "handle"]
 log = logging.getLogger("gateway.proxy")
 
 # A shed request's retry-after: long enough for the replica to recover, or for the retry to land elsewhere.
-SHED_RETRY_AFTER_SECONDS = 2
+# The SDKs' clients honour it (up to 60 s) before each of their two retries, so a shed poll costs a
+# worker's poller 10 s or more: what lets a fleet far past a replica's capacity fall away.
+SHED_RETRY_AFTER_SECONDS = 5
 # A heartbeat's body, if it has one at all (the API reads its parameters from the query).
 MAX_HEARTBEAT_BODY_BYTES = 4096
 # Stands in for the credential a discovery will choose, while the request is checked.

@@ -17,6 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.demo.bad_day import PHASES
+
 from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, config_yaml, worker_headers
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
@@ -285,6 +287,24 @@ async def test_demo_runs_prints_progress_and_ends_with_json() -> None:
     assert summary["worker_heartbeats"] > 0
     assert summary["upstream_heartbeats"] > 0
     assert summary["p50_ms"] <= summary["p99_ms"]
+
+
+def test_the_bad_day_demo_shows_both_fleets_phase_by_phase_and_what_the_gateway_kept() -> None:
+    done = run("demo", "--bad-day", "--workers", "10", "--json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.strip("- ") for line in lines if line.startswith("-- ")] == [p.name for p in PHASES]
+    assert any(" direct: beats" in line for line in lines)
+    assert any(line.strip().startswith("gateway: beats") for line in lines)
+    summary = json.loads(lines[-1])
+    assert [row["phase"] for row in summary["phases"]] == [p.name for p in PHASES]
+    direct, gateway = summary["total"]["direct"], summary["total"]["gateway"]
+    assert direct["claims"] > 0
+    assert gateway["claims"] > 0
+    # The same fleet, the same weather: the calm start costs neither fleet a lease.
+    assert summary["phases"][0]["direct"]["leases_lost"] == summary["phases"][0]["gateway"]["leases_lost"] == 0
+    # While the API rate-limits, the gateway retries inside the workers' window (it costs upstream calls).
+    assert gateway["upstream_heartbeats"] > gateway["worker_heartbeats"] - summary["gateway_answers"]["joined"]
 
 
 async def reload_count(admin_port: int, result: str) -> float:

@@ -145,7 +145,7 @@ async def test_an_overloaded_replica_sheds_polls_then_requests_never_heartbeats_
             # Anything else new: 503 overloaded_error with retry-after, API-shaped.
             async with http.get(f"{gateway.proxy_url}/v1/sessions/sesn_x") as r:
                 body = await r.json()
-                assert (r.status, body["error"]["type"], r.headers["retry-after"]) == (503, "overloaded_error", "2")
+                assert (r.status, body["error"]["type"], r.headers["retry-after"]) == (503, "overloaded_error", "5")
             # The holder's heartbeat is never shed: the API answers it.
             async with http.post(f"{base}/work/{work_id}/heartbeat", params={"expected_last_heartbeat": held}) as r:
                 assert r.status == 200

@@ -38,6 +38,8 @@ class DemoStats:
     claims: int = 0
     errors: int = 0
     busy: int = 0
+    # Beats that got no 200 (an error answer, or none in time): what a worker sees of a bad day.
+    beat_failures: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
     def percentile(self, q: float) -> float | None:
@@ -154,6 +156,8 @@ class SimulatedWorker:
             if result is not None:
                 self._stats.latencies_ms.append((time.monotonic() - started) * 1000)
             status, body = result if result is not None else (None, {})
+            if status != 200:
+                self._stats.beat_failures += 1
             if status == 412:
                 self._stats.conflicts += 1
                 self._stats.leases_lost += 1
