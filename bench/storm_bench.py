@@ -185,7 +185,7 @@ async def hold(session: aiohttp.ClientSession, route: Route, token: str, work_id
     until = args.until
     while time.monotonic() < until:
         started = time.monotonic()
-        bound = interval if last != "NO_HEARTBEAT" else min(interval, 10.0)
+        bound = interval  # the SDK bounds every beat, the claim too (30 s before a TTL is known)
         status, body = await _bounded(bound, call(session, route, "POST", path, headers,
                                                   params={"expected_last_heartbeat": last}))  # fmt: skip
         if status == 412:

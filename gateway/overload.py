@@ -18,7 +18,9 @@ decides, sans-IO, from the median lag of the last second:
   as the API answers a poll when the queue is empty, with no upstream call.
   A held poll costs a timer; the SDK workers then sleep 1-3 s, so an idle
   fleet's polls, most of its requests, come a third less often and cost next
-  to nothing. Work pickup waits until the replica is calm.
+  to nothing. Two polls per environment stay upstream all the same
+  (`PICKUP_POLLS`): one open poll picks up new work as fast as a thousand,
+  so queued work is still found within a poll's round trip.
 - `SHED_REQUESTS` (lag above `overload.shed_requests_lag_seconds`): every new
   request but a lease call the gateway vouches for, polls included, gets 503
   `overloaded_error` with `retry-after`. The SDKs' pollers back off on an
@@ -54,7 +56,7 @@ from typing import Literal, Protocol
 from .routing import RouteName
 from .settings import OverloadSettings
 
-__all__ = ["LEASE_ROUTES", "Governor", "LagProbe", "Load", "OverloadObserver", "Shed"]
+__all__ = ["LEASE_ROUTES", "PICKUP_POLLS", "Governor", "LagProbe", "Load", "OverloadObserver", "Shed"]
 
 log = logging.getLogger("gateway.overload")
 
@@ -62,6 +64,8 @@ log = logging.getLogger("gateway.overload")
 WINDOW_SECONDS = 1.0
 # How often the probe looks: often enough for a second's median, cheap enough to be free.
 PROBE_INTERVAL_SECONDS = 0.05
+# Polls per environment kept upstream whatever the level: work is picked up within a poll's round trip.
+PICKUP_POLLS = 2
 # Lease calls: never shed when the gateway vouches for their credential.
 LEASE_ROUTES = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP})
 
@@ -135,10 +139,18 @@ class Governor:
     def overloaded(self) -> bool:
         return self.level > Load.CALM
 
-    def verdict(self, route: RouteName, *, vouched: bool, injected_poll: bool) -> Shed | None:
-        """What to shed of a request arriving now: nothing, a poll (answered empty) or a request (503)."""
+    def verdict(
+        self, route: RouteName, *, vouched: bool, injected_poll: bool, polls_upstream: int = 0
+    ) -> Shed | None:
+        """What to shed of a request arriving now: nothing, a poll (answered empty) or a request (503).
+
+        `polls_upstream`: the polls of the request's environment upstream now. A few are never
+        shed, so queued work is still picked up (one open poll finds it as fast as a thousand).
+        """
         level = self.level
         if level is Load.CALM or (route in LEASE_ROUTES and vouched):
+            return None
+        if route is RouteName.POLL and injected_poll and polls_upstream < PICKUP_POLLS:
             return None
         if level is Load.SHED_REQUESTS:
             return "request"

@@ -173,6 +173,11 @@ class PollAdmission:
         env.in_flight -= 1
         return False
 
+    def upstream(self, environment_id: str) -> int:
+        """The environment's polls upstream now."""
+        env = self._environments.get(environment_id)
+        return env.in_flight if env is not None else 0
+
     def held(self, environment_id: str) -> int:
         env = self._environments.get(environment_id)
         return env.held if env is not None else 0

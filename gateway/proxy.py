@@ -148,7 +148,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # are never a discovery's: the gateway knows now whether it vouches for them.
         lease_call = route.name in LEASE_ROUTES
         vouched = lease_call and (isinstance(credential, Inject) or _vouched_for(ctx, route, headers))
-        shed = ctx.overload.verdict(route.name, vouched=vouched, injected_poll=isinstance(credential, Inject))
+        upstream_polls = ctx.polls.upstream(route.environment_id) if route.environment_id else 0
+        shed = ctx.overload.verdict(
+            route.name, vouched=vouched, injected_poll=isinstance(credential, Inject), polls_upstream=upstream_polls
+        )
         if shed is not None:
             return await _shed(ctx, exchange, shed, target)
     if isinstance(credential, Discover):

@@ -79,10 +79,12 @@ def test_what_each_level_sheds_and_a_vouched_lease_call_never() -> None:
         governor.level = level
         for route in (RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP):
             assert governor.verdict(route, vouched=True, injected_poll=False) is None
-        poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=True)
+        poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=True, polls_upstream=2)
         foreign_poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=False)
         session = governor.verdict(RouteName.SESSIONS, vouched=False, injected_poll=False)
         junk_beat = governor.verdict(RouteName.HEARTBEAT, vouched=False, injected_poll=False)
+        # Two polls per environment stay upstream at every level: work is still picked up.
+        assert governor.verdict(RouteName.POLL, vouched=False, injected_poll=True, polls_upstream=1) is None
         expected = {
             Load.CALM: (None, None, None, None),
             Load.SHED_POLLS: ("poll", None, None, None),
@@ -107,6 +109,19 @@ async def hogged_loop(seconds_per_turn: float) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def upstream_polls(http: aiohttp.ClientSession, base: str, count: int) -> AsyncIterator[None]:
+    """`count` long polls held open upstream (an empty queue answers them after 999 ms)."""
+    polls = [asyncio.ensure_future(http.get(f"{base}/work/poll", params={"block_ms": "999"})) for _ in range(count)]
+    await asyncio.sleep(0.3)  # through a late loop, up to the simulator
+    try:
+        yield
+    finally:
+        for response in await asyncio.gather(*polls):
+            assert (response.status, await response.text()) == (200, "null")
+            response.release()
 
 
 async def wait_status(http: aiohttp.ClientSession, admin: str, status: str, within: float) -> None:
@@ -138,10 +153,11 @@ async def test_an_overloaded_replica_sheds_polls_then_requests_never_heartbeats_
         async with hogged_loop(0.15):
             await wait_status(http, gateway.admin_url, "overloaded", within=5)
             assert gateway.metrics.overload._value.get() == 2
-            # At the deepest level, a poll too is refused 503: the SDK's poller backs off.
-            async with http.get(f"{base}/work/poll", params={"block_ms": "999"}) as r:
-                assert (r.status, (await r.json())["error"]["type"]) == (503, "overloaded_error")
-            assert sim.sim.count("poll") == polls_before
+            # Two polls stay upstream for pickup; at the deepest level, a third is refused 503 (the SDK backs off).
+            async with upstream_polls(http, base, 2):
+                async with http.get(f"{base}/work/poll", params={"block_ms": "999"}) as r:
+                    assert (r.status, (await r.json())["error"]["type"]) == (503, "overloaded_error")
+            assert sim.sim.count("poll") == polls_before + 2  # (counted as answered)
             # Anything else new: 503 overloaded_error with retry-after, API-shaped.
             async with http.get(f"{gateway.proxy_url}/v1/sessions/sesn_x") as r:
                 body = await r.json()
@@ -154,7 +170,7 @@ async def test_an_overloaded_replica_sheds_polls_then_requests_never_heartbeats_
         await wait_status(http, gateway.admin_url, "ready", within=5)
         async with http.get(f"{base}/work/poll", params={"block_ms": "10"}) as r:
             assert r.status == 200
-        assert sim.sim.count("poll") == polls_before + 1
+        assert sim.sim.count("poll") == polls_before + 3
     shed = {
         (s.labels["route"], s.labels["action"]): s.value
         for s in next(iter(gateway.metrics.shed.collect())).samples
@@ -169,21 +185,27 @@ async def test_at_the_first_level_polls_find_the_queue_empty_after_their_block_t
     make_simulator: SimFactory, make_gateway: GatewayFactory
 ) -> None:
     sim = await make_simulator(ttl=30)
-    config = "overload: {shed_polls_lag_seconds: 0.05, shed_requests_lag_seconds: 5, recover_seconds: 0.5}"
+    config = (
+        "overload: {shed_polls_lag_seconds: 0.05, shed_requests_lag_seconds: 5, escalate_seconds: 60, "
+        "recover_seconds: 0.5}"
+    )
     gateway = await make_gateway(sim.url, config)
-    (work_id,) = sim.sim.enqueue(ENV_ID)  # work is waiting: a shed poll does not see it
     base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}"
     async with aiohttp.ClientSession(headers=worker_headers()) as http:
         async with hogged_loop(0.15):
             await wait_status(http, gateway.admin_url, "overloaded", within=5)
             assert gateway.metrics.overload._value.get() == 1
-            started = time.monotonic()
-            async with http.get(f"{base}/work/poll", params={"block_ms": "300"}) as r:
-                assert (r.status, await r.text()) == (200, "null")
-            assert time.monotonic() - started >= 0.3  # as an empty queue answers: after the block time
-            assert sim.sim.count("poll") == 0
+            async with upstream_polls(http, base, 2):
+                # Beyond the two kept upstream for pickup: answered as an empty queue, after the block time.
+                started = time.monotonic()
+                async with http.get(f"{base}/work/poll", params={"block_ms": "300"}) as r:
+                    assert (r.status, await r.text()) == (200, "null")
+                assert time.monotonic() - started >= 0.3
+            assert sim.sim.count("poll") == 2  # the two kept upstream, counted as answered
+            # Work queued while the replica sheds is still picked up: the next poll goes up and finds it.
+            (work_id,) = sim.sim.enqueue(ENV_ID)
+            async with http.get(f"{base}/work/poll", params={"block_ms": "999"}) as r:
+                assert (await r.json())["id"] == work_id
             async with http.get(f"{base}/work/{work_id}") as r:
                 assert r.status == 200  # everything else is served
         await wait_status(http, gateway.admin_url, "ready", within=5)
-        async with http.get(f"{base}/work/poll", params={"block_ms": "10"}) as r:
-            assert (await r.json())["id"] == work_id  # calm again: the poll goes up and finds the work
