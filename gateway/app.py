@@ -26,7 +26,7 @@ from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatS
 from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
-from .overload import Governor, LagProbe
+from .overload import Governor, LagProbe, PollHold
 from .polls import PollAdmission
 from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
 from .server import GatewayAppRunner, descriptor_budget
@@ -34,7 +34,9 @@ from .settings import LiveSettings, PoolName, Settings, restart_needed
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
 
-__all__ = ["Gateway", "create_proxy_app"]
+__all__ = ["HELD_POLLS", "Gateway", "create_proxy_app"]
+
+HELD_POLLS = web.AppKey("held_polls", PollHold)
 
 # What is still running when the grace period ends is cut within this.
 CUT_SECONDS = 0.1
@@ -75,6 +77,8 @@ def create_proxy_app(
     app[INFLIGHT] = InFlight()
 
     background = Tasks()
+    # Shed polls held for their null: a drain answers them at once (`Gateway.stop`).
+    held_polls = app[HELD_POLLS] = PollHold()
 
     async def upstream_lifecycle(app: web.Application) -> AsyncIterator[None]:
         # A class sized by the worker connections gets one for each the replica can accept.
@@ -85,12 +89,12 @@ def create_proxy_app(
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         governor = Governor(lambda: live.current.overload)
         health.overloaded = lambda: governor.overloaded
-        background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
+        background.spawn(LagProbe(governor, metrics, held_polls).run(), name="overload-lag-probe")
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()
         discovery = SessionDiscovery(up, links, observer=metrics)
         polls = PollAdmission(lambda: live.current.polls, observer=metrics)
-        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired, polls, governor)
+        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired, polls, governor, held_polls)
         running.heartbeats = service
         health.upstream_ready = True
         try:
@@ -135,6 +139,7 @@ class Gateway:
             retired=self._retired,
         )
         self._inflight = proxy_app[INFLIGHT]
+        self._held_polls = proxy_app[HELD_POLLS]
         self._proxy = GatewayAppRunner(
             proxy_app,
             limits=lambda: self._live.current.limits,
@@ -205,6 +210,7 @@ class Gateway:
         once for handlers, and again after cancelling them).
         """
         self.health.draining = True
+        self._held_polls.release(draining=True)
         grace = self.settings.limits.shutdown_grace_seconds
         for site in list(self._proxy.sites):
             await site.stop()

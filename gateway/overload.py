@@ -14,11 +14,12 @@ decides, sans-IO, from the median lag of the last second:
 
 - `CALM`: everything is served.
 - `SHED_POLLS` (lag above `overload.shed_polls_lag_seconds`): long polls the
-  gateway injected a key for are answered `200 null` after their `block_ms`,
-  as the API answers a poll when the queue is empty, with no upstream call.
-  A held poll costs a timer; the SDK workers then sleep 1-3 s, so an idle
-  fleet's polls, most of its requests, come a third less often and cost next
-  to nothing. Two polls per environment stay upstream all the same
+  gateway injected a key for are held (`overload.hold_polls_seconds`, 15 s,
+  or until the replica is calm) and answered `200 null`, as the API answers
+  a poll when the queue is empty, with no upstream call. A held poll costs a
+  timer; answered after its `block_ms` it would be back within 1-3 s, so an
+  idle fleet's polls, most of its requests, come a fifth as often. (The SDKs
+  give a request 10 minutes.) Two polls per environment stay upstream all the same
   (`PICKUP_POLLS`): one open poll picks up new work as fast as a thousand,
   so queued work is still found within a poll's round trip.
 - `SHED_REQUESTS` (lag above `overload.shed_requests_lag_seconds`): every new
@@ -45,6 +46,7 @@ replica does not flap in and out of rotation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import statistics
 import time
@@ -56,7 +58,7 @@ from typing import Literal, Protocol
 from .routing import RouteName
 from .settings import OverloadSettings
 
-__all__ = ["LEASE_ROUTES", "PICKUP_POLLS", "Governor", "LagProbe", "Load", "OverloadObserver", "Shed"]
+__all__ = ["LEASE_ROUTES", "PICKUP_POLLS", "Governor", "LagProbe", "Load", "OverloadObserver", "PollHold", "Shed"]
 
 log = logging.getLogger("gateway.overload")
 
@@ -139,9 +141,7 @@ class Governor:
     def overloaded(self) -> bool:
         return self.level > Load.CALM
 
-    def verdict(
-        self, route: RouteName, *, vouched: bool, injected_poll: bool, polls_upstream: int = 0
-    ) -> Shed | None:
+    def verdict(self, route: RouteName, *, vouched: bool, injected_poll: bool, polls_upstream: int = 0) -> Shed | None:
         """What to shed of a request arriving now: nothing, a poll (answered empty) or a request (503).
 
         `polls_upstream`: the polls of the request's environment upstream now. A few are never
@@ -157,6 +157,26 @@ class Governor:
         return "poll" if route is RouteName.POLL and injected_poll else None
 
 
+class PollHold:
+    """Shed polls waiting for their `null`: released together when the replica is calm again, or drains."""
+
+    def __init__(self) -> None:
+        self._release = asyncio.Event()
+        self._draining = False
+
+    async def hold(self, seconds: float) -> None:
+        if self._draining or seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._release.wait(), seconds)
+
+    def release(self, *, draining: bool = False) -> None:
+        """Every held poll is answered now; later ones are held afresh (unless draining)."""
+        self._draining = self._draining or draining
+        self._release.set()
+        self._release = asyncio.Event()
+
+
 class OverloadObserver(Protocol):
     def loop_lag(self, seconds: float) -> None: ...
 
@@ -166,9 +186,10 @@ class OverloadObserver(Protocol):
 class LagProbe:
     """Measures the loop's lag: sleeps a moment and notes how late it woke (the edge of `Governor`)."""
 
-    def __init__(self, governor: Governor, observer: OverloadObserver) -> None:
+    def __init__(self, governor: Governor, observer: OverloadObserver, held: PollHold) -> None:
         self._governor = governor
         self._observer = observer
+        self._held = held
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,4 +208,6 @@ class LagProbe:
                     self._governor.lag * 1000,
                     extra={"fields": {"event": "overload", "level": now.name.lower()}},
                 )
+                if now is Load.CALM:
+                    self._held.release()  # calm again: the polls held can go on
                 level = now

@@ -42,7 +42,7 @@ from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeat.wire import Outcome
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
-from .overload import LEASE_ROUTES, Governor, Shed
+from .overload import LEASE_ROUTES, Governor, PollHold, Shed
 from .polls import PollAdmission, block_seconds
 from .redaction import Redactor
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool, with_param
@@ -78,6 +78,7 @@ class ProxyContext:
     retired: RetiredTokens
     polls: PollAdmission
     overload: Governor
+    held_polls: PollHold
 
     @property
     def settings(self) -> Settings:
@@ -216,8 +217,10 @@ async def _shed(ctx: ProxyContext, exchange: Exchange, shed: Shed, target: Targe
     """The replica is overloaded (`gateway.overload`): a poll finds the queue empty, anything else a 503."""
     ctx.metrics.request_shed(exchange.route, "answered_empty" if shed == "poll" else "refused")
     if shed == "poll":
-        # As an empty queue answers: after the poll's block time (a timer, not a connection upstream).
-        await asyncio.sleep(block_seconds(target.raw_query) or 0.0)
+        # As an empty queue answers, after a while: a timer, not a connection upstream. Held past its
+        # block_ms (until the replica is calm, at most hold_polls_seconds), an idle worker polls less often.
+        block = block_seconds(target.raw_query) or 0.0
+        await ctx.held_polls.hold(max(block, ctx.settings.overload.hold_polls_seconds))
         return _empty_queue()
     raise Overloaded("the gateway replica is overloaded; retry shortly", retry_after=SHED_RETRY_AFTER_SECONDS)
 

@@ -154,9 +154,11 @@ async def test_an_overloaded_replica_sheds_polls_then_requests_never_heartbeats_
             await wait_status(http, gateway.admin_url, "overloaded", within=5)
             assert gateway.metrics.overload._value.get() == 2
             # Two polls stay upstream for pickup; at the deepest level, a third is refused 503 (the SDK backs off).
-            async with upstream_polls(http, base, 2):
-                async with http.get(f"{base}/work/poll", params={"block_ms": "999"}) as r:
-                    assert (r.status, (await r.json())["error"]["type"]) == (503, "overloaded_error")
+            async with (
+                upstream_polls(http, base, 2),
+                http.get(f"{base}/work/poll", params={"block_ms": "999"}) as r,
+            ):
+                assert (r.status, (await r.json())["error"]["type"]) == (503, "overloaded_error")
             assert sim.sim.count("poll") == polls_before + 2  # (counted as answered)
             # Anything else new: 503 overloaded_error with retry-after, API-shaped.
             async with http.get(f"{gateway.proxy_url}/v1/sessions/sesn_x") as r:
@@ -187,7 +189,7 @@ async def test_at_the_first_level_polls_find_the_queue_empty_after_their_block_t
     sim = await make_simulator(ttl=30)
     config = (
         "overload: {shed_polls_lag_seconds: 0.05, shed_requests_lag_seconds: 5, escalate_seconds: 60, "
-        "recover_seconds: 0.5}"
+        "recover_seconds: 0.5, hold_polls_seconds: 1}"
     )
     gateway = await make_gateway(sim.url, config)
     base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}"
@@ -196,11 +198,11 @@ async def test_at_the_first_level_polls_find_the_queue_empty_after_their_block_t
             await wait_status(http, gateway.admin_url, "overloaded", within=5)
             assert gateway.metrics.overload._value.get() == 1
             async with upstream_polls(http, base, 2):
-                # Beyond the two kept upstream for pickup: answered as an empty queue, after the block time.
+                # Beyond the two kept upstream for pickup: held (hold_polls_seconds), then answered as an empty queue.
                 started = time.monotonic()
                 async with http.get(f"{base}/work/poll", params={"block_ms": "300"}) as r:
                     assert (r.status, await r.text()) == (200, "null")
-                assert time.monotonic() - started >= 0.3
+                assert time.monotonic() - started >= 1.0
             assert sim.sim.count("poll") == 2  # the two kept upstream, counted as answered
             # Work queued while the replica sheds is still picked up: the next poll goes up and finds it.
             (work_id,) = sim.sim.enqueue(ENV_ID)
@@ -209,3 +211,26 @@ async def test_at_the_first_level_polls_find_the_queue_empty_after_their_block_t
             async with http.get(f"{base}/work/{work_id}") as r:
                 assert r.status == 200  # everything else is served
         await wait_status(http, gateway.admin_url, "ready", within=5)
+
+
+async def test_held_polls_are_answered_as_soon_as_the_replica_is_calm_again(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(ttl=30)
+    config = (
+        "overload: {shed_polls_lag_seconds: 0.05, shed_requests_lag_seconds: 5, escalate_seconds: 60, "
+        "recover_seconds: 0.3, hold_polls_seconds: 30}"
+    )
+    gateway = await make_gateway(sim.url, config)
+    base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}"
+    async with aiohttp.ClientSession(headers=worker_headers()) as http:
+        async with hogged_loop(0.15):
+            await wait_status(http, gateway.admin_url, "overloaded", within=5)
+            async with upstream_polls(http, base, 2):
+                held = asyncio.ensure_future(http.get(f"{base}/work/poll", params={"block_ms": "999"}))
+                await asyncio.sleep(0.3)
+        started = time.monotonic()
+        response = await asyncio.wait_for(held, 10)  # not the 30 s hold: released when calm
+        assert (response.status, await response.text()) == (200, "null")
+        response.release()
+        assert time.monotonic() - started < 5

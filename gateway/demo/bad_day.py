@@ -34,6 +34,7 @@ from aiohttp import web
 from gateway import loop as event_loop
 from gateway.app import Gateway
 from gateway.config import load_settings
+from gateway.demo.run import DEMO_CONFIG, ENVIRONMENT_ID
 from gateway.demo.worker import DemoStats, SimulatedWorker, WorkerBehaviour
 from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
@@ -41,7 +42,6 @@ from gateway.simulator import SIMULATOR, Faults, Simulator, SimulatorConfig, Ttl
 
 __all__ = ["PHASES", "run_bad_day"]
 
-ENVIRONMENT_ID = "env_demo0000000000000001"
 TTL_SECONDS = 4
 
 
@@ -60,18 +60,6 @@ PHASES = (
     Phase("lost answers", 8, Faults(reset_rate=0.1, reset_after_apply=True, endpoints=("heartbeat",))),
     Phase("calm", 6, Faults()),
 )
-
-_CONFIG = """
-listen: {host: 127.0.0.1, port: 0}
-admin: {host: 127.0.0.1, port: 0}
-upstream: {base_url: "%(upstream)s", request_timeout_seconds: 30}
-environments:
-  - {id: %(env)s, name: demo-sandboxes, key_env: DEMO_ENVIRONMENT_KEY}
-clients:
-  tokens: [{token_env: DEMO_WORKER_TOKEN, environments: ["*"]}]
-limits: {shutdown_grace_seconds: 2}
-logging: {level: error, format: json}
-"""
 
 
 @dataclass
@@ -131,7 +119,7 @@ async def _run(workers: int, environment_key: str, token: str, seed: int) -> dic
     direct_runner, direct_sim, direct_url = await _simulator(environment_key, seed)
     gateway_runner, gateway_sim, gateway_url = await _simulator(environment_key, seed)
     settings = load_settings(
-        _CONFIG % {"upstream": gateway_url, "env": ENVIRONMENT_ID},
+        DEMO_CONFIG % {"upstream": gateway_url, "env": ENVIRONMENT_ID, "admin_port": 0},
         {"DEMO_ENVIRONMENT_KEY": environment_key, "DEMO_WORKER_TOKEN": token},
     )
     gateway = Gateway(settings)

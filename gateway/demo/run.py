@@ -32,7 +32,7 @@ from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
 from gateway.simulator import SIMULATOR, Simulator, SimulatorConfig, TtlPolicy, create_simulator_app
 
-__all__ = ["run_demo"]
+__all__ = ["DEMO_CONFIG", "ENVIRONMENT_ID", "run_demo"]
 
 ENVIRONMENT_ID = "env_demo0000000000000001"
 # Short leases so a 20 s run shows many beats: workers beat every ttl/2 = 2 s.
@@ -41,7 +41,7 @@ STALL_PROBABILITY = 0.1
 # Chance per second that the operator gracefully stops one running item.
 OPERATOR_STOP_PROBABILITY = 0.15
 
-_CONFIG = """
+DEMO_CONFIG = """
 listen: {host: 127.0.0.1, port: 0}
 admin: {host: 127.0.0.1, port: %(admin_port)d}
 upstream: {base_url: "%(upstream)s", request_timeout_seconds: 30}
@@ -82,7 +82,7 @@ async def _run(
     sim = sim_app[SIMULATOR]
     upstream = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
     settings = load_settings(
-        _CONFIG % {"upstream": upstream, "env": ENVIRONMENT_ID, "admin_port": admin_port},
+        DEMO_CONFIG % {"upstream": upstream, "env": ENVIRONMENT_ID, "admin_port": admin_port},
         {"DEMO_ENVIRONMENT_KEY": environment_key, "DEMO_WORKER_TOKEN": token},
     )
     gateway = Gateway(settings)
