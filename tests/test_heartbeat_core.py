@@ -686,3 +686,104 @@ def test_a_lapse_is_recorded_even_while_other_credentials_keep_beating_the_lease
         lapsed += events(c.completed(KEY, send.flight, Unsuccessful("401"), t + 0.01))
         lapsed += events(c.tick(t + 0.5))
     assert lapsed == [("expired", None)]
+
+
+# -- edges the mutation run found untested (docs/mutation-testing.md) ---------------------------
+
+
+def test_retry_delay_boundaries() -> None:
+    # retry-after plus half the jitter drawn: a fleet told "1 s" does not come back in step.
+    assert retry_delay(0, retry_after=1.0, time_left=None, draw=1.0) == 1.0 + 0.1 / 2
+    # A retry landing exactly at the end of the budget is not tried: it would land as the lease lapses.
+    assert retry_delay(0, retry_after=1.0, time_left=1.5, draw=0.0) is None
+    # A known lease bounds the budget even below the unknown-lease budget.
+    assert retry_delay(0, retry_after=2.0, time_left=2.4, draw=0.0) is None
+
+
+def test_a_renewal_inside_the_grace_window_is_no_lapse() -> None:
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(expiry_grace_seconds=5.0))
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 6.0))
+    c.completed(KEY, send.flight, ok("T2", ttl=10), 6.1)
+    # The check asked for at 15 (sent 0 + 10 + 5) finds the lease renewed at 6: it looks again at 21.
+    assert c.tick(15.0) == [Wakeup(21.0)]
+
+
+def test_a_lapse_while_the_holders_beat_is_out_is_looked_at_again_not_recorded() -> None:
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(expiry_grace_seconds=1.0))
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 10.5))  # out, nothing queued behind it
+    assert events(c.tick(11.0)) == []
+    # It came back a success: renewed, nothing was lost.
+    c.completed(KEY, send.flight, ok("T2", ttl=10), 11.5)
+    assert events(c.tick(12.0)) == []
+
+
+def test_an_expired_lease_keeps_its_ttl_in_the_table_and_the_event_names_it() -> None:
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(expiry_grace_seconds=5.0))
+    claimed(c, t=0.0, ttl=10)
+    (event,) = [a for a in c.tick(15.0) if isinstance(a, LeaseEvent)]
+    assert (event.key, event.kind) == (KEY, LeaseEventKind.EXPIRED)
+    (view,) = list(c.leases(15.0))
+    assert (view.state, view.ttl_seconds) == ("expired", 10)
+
+
+def test_a_forgotten_lease_frees_its_row_for_the_next() -> None:
+    """A lease that expired and was forgotten no longer counts toward the cap, nor is it evicted again."""
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(max_tracked=2, retention_seconds=60.0, expiry_grace_seconds=5.0))
+
+    def claim(n: int, t: float) -> list[tuple[tuple[str, str], LeaseEventKind]]:
+        key = ("env_1", f"work_{n}")
+        (send,) = sends(c.submit(beat(n, "NO_HEARTBEAT", key=key), t))
+        return [
+            (a.key, a.kind) for a in c.completed(key, send.flight, ok(f"T{n}", ttl=100), t) if isinstance(a, LeaseEvent)
+        ]
+
+    claimed(c, t=0.0, ttl=10)
+    claim(2, 70.0)
+    c.tick(15.0)  # the first lease expired
+    c.tick(75.0)  # and is forgotten: one row left, of two
+    assert len(c) == 1
+    assert claim(3, 76.0) == [(("env_1", "work_3"), LeaseEventKind.CLAIMED)]  # room: no eviction
+    # Full now: the next claim evicts the lease beaten longest ago, never the forgotten one again.
+    assert claim(4, 77.0) == [
+        (("env_1", "work_4"), LeaseEventKind.CLAIMED),
+        (("env_1", "work_2"), LeaseEventKind.EVICTED),
+    ]
+
+
+def test_after_a_stop_neither_a_412_nor_a_lapse_counts_as_a_loss() -> None:
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(expiry_grace_seconds=1.0))
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.stop_seen(KEY, 1.1)  # while the beat is out
+    done = c.completed(KEY, send.flight, ok("T2", ttl=10), 1.2)
+    assert replies(done) == [(2, "forwarded", "200 T2")]
+    assert c.lease_time_left(KEY, 1.3) is None  # an answer that may predate the stop is not kept
+    (send,) = sends(c.submit(beat(3, "T2"), 2.0))
+    rejected = Rejected("412", "stopped", "T2")
+    assert events(c.completed(KEY, send.flight, rejected, 2.1)) == []
+    assert events(c.tick(30.0)) == []
+
+
+def test_an_unwritten_success_is_kept_only_for_its_own_waiter_and_only_with_time_to_use_it() -> None:
+    c = core()
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.completed(KEY, send.flight, ok("T2", ttl=10), 1.1)
+    c.unwritten(99, KEY, 1.2)  # not the waiter it was delivered to: nothing changes
+    assert replies(c.submit(beat(3, "T1"), 1.3)) == [(3, "rejected", 412)]
+    # Delivered to 4, unwritten with exactly the handoff minimum left (sent 2 + 10 - 11): kept.
+    (send,) = sends(c.submit(beat(4, "T2"), 2.0))
+    c.completed(KEY, send.flight, ok("T3", ttl=10), 2.1)
+    c.unwritten(4, KEY, 11.0)
+    assert replies(c.submit(beat(5, "T2"), 11.0)) == [(5, "handed_off", 200)]
+
+
+def test_an_unconditional_success_is_never_handed_off() -> None:
+    c = core()
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, None), 1.0))
+    c.completed(KEY, send.flight, ok("T2", ttl=10), 1.1)
+    c.unwritten(2, KEY, 1.2)
+    assert len(sends(c.submit(beat(3, None), 1.3))) == 1  # goes upstream: nothing kept to hand over
