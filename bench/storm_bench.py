@@ -78,6 +78,8 @@ from heartbeat_bench import cpu_seconds, free_port, wait_for
 from gateway import loop as event_loop
 
 ENV_ID = "env_bench00000000000000001"
+# The holders' items: a queue of their own, so the idle pollers never take them.
+HOLD_ENV_ID = "env_bench00000000000000002"
 BETA = "managed-agents-2026-04-01"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PROXY_CORE, LOAD_CORE = 0, 1
@@ -175,11 +177,27 @@ async def _once(
         return "error", None, None
 
 
-async def hold(session: aiohttp.ClientSession, route: Route, token: str, work_id: str, t: Tally, args: Any) -> None:
-    """One lease by the SDK's rules: claim, then beat every clamp(ttl/2, 1, 30) s, each bounded by that interval."""
-    path = f"/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
-    headers = {"Authorization": f"Bearer {token}", "anthropic-beta": BETA}
+async def hold(session: aiohttp.ClientSession, route: Route, token: str, n: int, t: Tally, args: Any) -> None:
+    """A worker that takes one item and holds its lease by the SDK's rules: poll, ack, claim, then a beat every
+    clamp(ttl/2, 1, 30) s, each bounded by that interval. Its items are queued in an environment of their own."""
+    headers = {"Authorization": f"Bearer {token}", "anthropic-beta": BETA, "Anthropic-Worker-ID": f"holder-{n}"}
     await asyncio.sleep(random.uniform(0, args.spread))
+    work = f"/v1/environments/{HOLD_ENV_ID}/work"
+    item: Any = None
+    while item is None and time.monotonic() < args.until:
+        status, item = await _bounded(30.0, call(session, route, "GET", f"{work}/poll", headers,
+                                                 params={"block_ms": "999"}))  # fmt: skip
+        if status != 200 or not isinstance(item, dict):
+            item = None
+            await asyncio.sleep(random.uniform(1, 3))
+    if item is None:
+        t.claims["never_polled"] += 1
+        return
+    status, _ = await call(session, route, "POST", f"{work}/{item['id']}/ack", headers)
+    if status != 200:
+        t.claims["ack_failed"] += 1
+        return
+    path = f"{work}/{item['id']}/heartbeat"
     last, ttl, interval = "NO_HEARTBEAT", float(args.ttl), 30.0
     first_try = last_success = time.monotonic()
     until = args.until
@@ -293,7 +311,7 @@ def gateway_yaml(sim_url: str, port: int, admin_port: int, target: str, args: An
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
 upstream: {{base_url: "{sim_url}"}}
-environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}]
+environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}, {{id: {HOLD_ENV_ID}, key_env: BENCH_ENV_KEY}}]
 clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 limits: {{max_client_connections: 20000}}
 logging: {{level: warning, format: json}}
@@ -363,7 +381,7 @@ async def run_target(target: str, scenario: str, tmp: Path, args: Any) -> Tally:
     sim_url = f"http://127.0.0.1:{sim_port}"
     sim = subprocess.Popen(  # noqa: ASYNC220 - started once per target, before any load
         ["taskset", "-c", str(LOAD_CORE), *exe, "simulate-upstream", "--port", str(sim_port), "--ttl", str(args.ttl),
-         "--environment", f"{ENV_ID}=SIM_KEY", "--seed", str(args.seed)],
+         "--environment", f"{ENV_ID}=SIM_KEY", "--environment", f"{HOLD_ENV_ID}=SIM_KEY", "--seed", str(args.seed)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     replicas: list[Limited] = []
@@ -404,25 +422,15 @@ async def _play(
     admins: list[str],
     args: Any,
 ) -> None:
-    sim_headers = {"Authorization": f"Bearer {key}", "anthropic-beta": BETA}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
-        # Items for the holders, polled and acked beforehand (directly), so the queue is empty for the pollers.
-        work_ids: list[str] = []
+        # One item per holder, queued in the holders' own environment.
         left = args.holders
         while left:
-            async with session.post(
-                f"{sim_url}/_sim/environments/{ENV_ID}/work", json={"count": min(left, 10_000)}
-            ) as r:
-                work_ids += (await r.json())["ids"]
-            left -= min(left, 10_000)
-        for _ in work_ids:
-            status, item = await call(session, Route([sim_url], 0), "GET", f"/v1/environments/{ENV_ID}/work/poll",
-                                      sim_headers)  # fmt: skip
-            assert status == 200, (status, item)
-            assert isinstance(item, dict), item
-            await call(session, Route([sim_url], 0), "POST", f"/v1/environments/{ENV_ID}/work/{item['id']}/ack",
-                       sim_headers)  # fmt: skip
+            count = min(left, 10_000)
+            async with session.post(f"{sim_url}/_sim/environments/{HOLD_ENV_ID}/work", json={"count": count}) as r:
+                assert r.status == 201, await r.text()
+            left -= count
         cpu_before = [r.cpu() for r in replicas]
         started = time.monotonic()
         args.until = started + args.duration
@@ -436,7 +444,7 @@ async def _play(
                 await asyncio.sleep(1.0)
 
         fleet: list[Awaitable[None]] = [
-            hold(session, Route(bases, n), credential, w, t, args) for n, w in enumerate(work_ids)
+            hold(session, Route(bases, n), credential, n, t, args) for n in range(args.holders)
         ]
         fleet += [poll(session, Route(bases, n), credential, n, t, args) for n in range(args.pollers)]
         await asyncio.gather(
