@@ -59,6 +59,9 @@ environments:
   - {{id: {OTHER_ENV_ID}, key_env: TEST_OTHER_ENV_KEY}}
 {clients}
 limits: {{shutdown_grace_seconds: 2}}
+# Off unless a test turns it on: the in-process gateway shares its event loop with the test, its stand-in
+# upstreams and SDK workers, so a busy CI machine's lag is not the gateway's own (tests/test_overload.py).
+overload: {{enabled: false}}
 """
     data = yaml.safe_load(base)
     data.update(yaml.safe_load(extra) or {})
