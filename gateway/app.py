@@ -89,7 +89,7 @@ def create_proxy_app(
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         governor = Governor(lambda: live.current.overload)
         health.overloaded = lambda: governor.overloaded
-        background.spawn(LagProbe(governor, metrics, held_polls).run(), name="overload-lag-probe")
+        background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()
         discovery = SessionDiscovery(up, links, observer=metrics)
@@ -210,7 +210,7 @@ class Gateway:
         once for handlers, and again after cancelling them).
         """
         self.health.draining = True
-        self._held_polls.release(draining=True)
+        self._held_polls.drain()
         grace = self.settings.limits.shutdown_grace_seconds
         for site in list(self._proxy.sites):
             await site.stop()

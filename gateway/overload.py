@@ -14,8 +14,8 @@ decides, sans-IO, from the median lag of the last second:
 
 - `CALM`: everything is served.
 - `SHED_POLLS` (lag above `overload.shed_polls_lag_seconds`): long polls the
-  gateway injected a key for are held (`overload.hold_polls_seconds`, 15 s,
-  or until the replica is calm) and answered `200 null`, as the API answers
+  gateway injected a key for are held (half to all of
+  `overload.hold_polls_seconds`, 15 s) and answered `200 null`, as the API answers
   a poll when the queue is empty, with no upstream call. A held poll costs a
   timer; answered after its `block_ms` it would be back within 1-3 s, so an
   idle fleet's polls, most of its requests, come a fifth as often. (The SDKs
@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import statistics
 import time
 from collections import deque
@@ -158,23 +159,28 @@ class Governor:
 
 
 class PollHold:
-    """Shed polls waiting for their `null`: released together when the replica is calm again, or drains."""
+    """Shed polls waiting for their `null`, each for its own time; all at once only when the replica drains.
 
-    def __init__(self) -> None:
-        self._release = asyncio.Event()
-        self._draining = False
+    Never released together when the replica is calm again: thousands of polls
+    answered in one burst, and back 1-3 s later, are the storm that overloaded
+    it (seen in bench/storm_bench.py: heartbeat p99 +2 s behind the bursts).
+    Each waits between half and all of its hold, so a fleet that arrived
+    together leaves spread out.
+    """
+
+    def __init__(self, jitter: Callable[[], float] = random.random) -> None:
+        self._drained = asyncio.Event()
+        self._jitter = jitter
 
     async def hold(self, seconds: float) -> None:
-        if self._draining or seconds <= 0:
+        if self._drained.is_set() or seconds <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._release.wait(), seconds)
+            await asyncio.wait_for(self._drained.wait(), seconds * (0.5 + self._jitter() / 2))
 
-    def release(self, *, draining: bool = False) -> None:
-        """Every held poll is answered now; later ones are held afresh (unless draining)."""
-        self._draining = self._draining or draining
-        self._release.set()
-        self._release = asyncio.Event()
+    def drain(self) -> None:
+        """The replica is going away: every held poll is answered now, and later ones at once."""
+        self._drained.set()
 
 
 class OverloadObserver(Protocol):
@@ -186,10 +192,9 @@ class OverloadObserver(Protocol):
 class LagProbe:
     """Measures the loop's lag: sleeps a moment and notes how late it woke (the edge of `Governor`)."""
 
-    def __init__(self, governor: Governor, observer: OverloadObserver, held: PollHold) -> None:
+    def __init__(self, governor: Governor, observer: OverloadObserver) -> None:
         self._governor = governor
         self._observer = observer
-        self._held = held
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,6 +213,4 @@ class LagProbe:
                     self._governor.lag * 1000,
                     extra={"fields": {"event": "overload", "level": now.name.lower()}},
                 )
-                if now is Load.CALM:
-                    self._held.release()  # calm again: the polls held can go on
                 level = now

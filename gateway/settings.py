@@ -260,8 +260,8 @@ class OverloadSettings:
     shed_requests_lag_seconds: float = 0.25
     # Shedding polls that has not brought the lag below the polls threshold in this long goes a level up.
     escalate_seconds: float = 5.0
-    # A shed poll is held this long (or until the replica is calm) before its `null`: an idle worker
-    # waiting costs a timer, where one answered after its block_ms polls again within 1-3 s.
+    # A shed poll is held half to all of this long before its `null`: an idle worker waiting costs a
+    # timer, where one answered after its block_ms polls again within 1-3 s.
     hold_polls_seconds: float = field(default=15.0, metadata=rule(zero_ok=True))
     # A level is left once the lag has stayed below half its threshold this long.
     recover_seconds: float = field(default=5.0, metadata=rule(zero_ok=True))
