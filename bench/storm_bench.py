@@ -31,8 +31,8 @@ Scenarios (`--scenario`):
 - `slow-api`: the API's heartbeat latency rises to 3 s for a minute, under
   enough holders to keep a thousand lease calls in flight;
 - `faults`: 30% of heartbeats answered 429 `retry-after: 1` all along, and
-  every 15 s a 3 s outage (every heartbeat connection reset), in each
-  heartbeat mode (`gateway`: coalescing, `absorb`, `coalesce-false`).
+  every 15 s a short outage (`--outage`, 1.5 s: every heartbeat connection
+  reset), in each heartbeat mode (`gateway`: coalescing, `absorb`, `coalesce-false`).
 
 Targets: `direct`; `gateway` (defaults: shedding on); `gateway-no-shed`
 (`overload.enabled: false`, what the overload manager changes); in
@@ -353,9 +353,9 @@ async def weather(scenario: str, sim_url: str, replicas: list[Limited], args: An
         limited = {"rate_limit_rate": 0.3, "retry_after_seconds": 1, "endpoints": ["heartbeat"]}
         await set_faults(sim_url, **limited)
         while time.monotonic() - start < args.duration - 15:
-            await asyncio.sleep(12)
+            await asyncio.sleep(13.5)
             await set_faults(sim_url, reset_rate=1.0, endpoints=["heartbeat"])
-            await asyncio.sleep(3)
+            await asyncio.sleep(args.outage)
             await set_faults(sim_url, **limited)
 
 
@@ -513,6 +513,7 @@ if __name__ == "__main__":
     parser.add_argument("--spread", type=float, default=10.0, help="workers start within this many seconds")
     parser.add_argument("--settle", type=float, default=5.0, help="after the spread: beats counted as settled")
     parser.add_argument("--claim-patience", type=float, default=30.0, help="a claim not granted by then has failed")
+    parser.add_argument("--outage", type=float, default=1.5, help="faults: seconds of each heartbeat outage")
     parser.add_argument("--enqueue-every", type=float, default=1.0)
     parser.add_argument("--cpu-millicores", type=int, default=0, help="each replica's CPU limit (0: a whole core)")
     parser.add_argument("--targets", default="", help="comma-separated; default by scenario")
