@@ -43,7 +43,7 @@ class Health:
     draining: bool = False
     # Seconds the lease-critical class has had requests waiting for a connection.
     lease_capacity_waiting: Callable[[], float] = lambda: 0.0
-    # The event loop runs late and the replica sheds work (`gateway.overload`).
+    # The event loop runs late and the replica refuses requests (`gateway.overload`'s second level).
     overloaded: Callable[[], bool] = lambda: False
 
     @property

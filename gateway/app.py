@@ -88,7 +88,7 @@ def create_proxy_app(
         up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates)
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         governor = Governor(lambda: live.current.overload)
-        health.overloaded = lambda: governor.overloaded
+        health.overloaded = lambda: governor.refusing
         background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
         service = heartbeats or _heartbeat_service(settings, up, metrics)
         links = Links()

@@ -154,8 +154,7 @@ class GatewayMetrics:
         )
         self.overload = Gauge(
             f"{PREFIX}_overload_level",
-            "0 calm; 1 long polls answered empty at the gateway; 2 also new requests but vouched lease calls "
-            "refused 503.",
+            "0 calm; 1 long polls answered empty at the gateway; 2 also new requests but lease calls refused 503.",
             registry=r,
         )
         self.shed = Counter(

@@ -23,7 +23,7 @@ decides, sans-IO, from the median lag of the last second:
   (`PICKUP_POLLS`): one open poll picks up new work as fast as a thousand,
   so queued work is still found within a poll's round trip.
 - `SHED_REQUESTS` (lag above `overload.shed_requests_lag_seconds`): every new
-  request but a lease call the gateway vouches for, polls included, gets 503
+  request but a lease call, polls included, gets 503
   `overloaded_error` with `retry-after`. The SDKs' pollers back off on an
   error (1 s, 2 s, 4 s ... up to 60 s), so a fleet that a `null` alone cannot
   quieten falls away within seconds; other calls are retried later, or land
@@ -34,10 +34,15 @@ Shedding polls that has not brought the lag below its threshold within
 limit) the lag of a saturated replica stays near the quota's period, short
 of the requests threshold, while every request waits for the next period.
 
-A heartbeat, ack or stop with a credential the gateway vouches for is never
-shed: losing one could cost a lease, which is what the gateway is for.
-While any level holds, `/readyz` answers 503 `overloaded`, so the Service
-sends new connections to other replicas. A level is entered as soon as the
+A heartbeat, ack or stop is never shed, whatever its credential: losing one
+could cost a lease, which is what the gateway is for. (Not even one the
+gateway does not vouch for: the holder's own sessions token is vouched only
+on a replica that saw it issued or accepted, and after a replica is lost its
+workers' beats arrive on another that saw neither.)
+While the replica refuses requests, `/readyz` answers 503 `overloaded`, so
+the Service sends new connections to other replicas (not at the first level:
+were every replica unready at once, a worker's new connection after an
+aborted beat would find no endpoint). A level is entered as soon as the
 lag passes its threshold and left one step at a time, once the lag has
 stayed below half that threshold for `overload.recover_seconds`, so the
 replica does not flap in and out of rotation.
@@ -69,7 +74,7 @@ WINDOW_SECONDS = 1.0
 PROBE_INTERVAL_SECONDS = 0.05
 # Polls per environment kept upstream whatever the level: work is picked up within a poll's round trip.
 PICKUP_POLLS = 2
-# Lease calls: never shed when the gateway vouches for their credential.
+# Lease calls: never shed.
 LEASE_ROUTES = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP})
 
 Shed = Literal["poll", "request"]
@@ -142,6 +147,11 @@ class Governor:
     def overloaded(self) -> bool:
         return self.level > Load.CALM
 
+    @property
+    def refusing(self) -> bool:
+        """The second level: requests are refused, so new connections are better sent elsewhere."""
+        return self.level is Load.SHED_REQUESTS
+
     def verdict(self, route: RouteName, *, vouched: bool, injected_poll: bool, polls_upstream: int = 0) -> Shed | None:
         """What to shed of a request arriving now: nothing, a poll (answered empty) or a request (503).
 
@@ -149,7 +159,9 @@ class Governor:
         shed, so queued work is still picked up (one open poll finds it as fast as a thousand).
         """
         level = self.level
-        if level is Load.CALM or (route in LEASE_ROUTES and vouched):
+        if level is Load.CALM or route in LEASE_ROUTES:
+            # Never a lease call, vouched or not: the holder's own sessions token is vouched only on a
+            # replica that saw it issued or accepted, and a lost replica's workers land on the others.
             return None
         if route is RouteName.POLL and injected_poll and polls_upstream < PICKUP_POLLS:
             return None

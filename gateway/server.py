@@ -145,15 +145,11 @@ class _Handler(RequestHandler):
         cannot find the next request's start in a broken stream.
         """
         messages = self._messages
-        if not messages or not isinstance(messages[-1][0], _ErrInfo):
+        # Only the body of the request being handled, with nothing queued behind it: closing now would
+        # drop a pipelined request waiting its turn (those keep aiohttp's own order: the error after them).
+        if len(messages) != 1 or not isinstance(messages[0][0], _ErrInfo) or self._current_request is None:
             return
-        # The body being read: the last request still queued, else the one being handled.
-        if len(messages) > 1:
-            body = messages[-2][1]
-        elif self._current_request is not None:
-            body = self._current_request.content
-        else:
-            return
+        body = self._current_request.content
         if body.is_eof():
             return  # the body was whole: the bytes that broke belong to a next request
         self._messages.pop()

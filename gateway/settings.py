@@ -256,7 +256,7 @@ class OverloadSettings:
     enabled: bool = True
     # The median event-loop lag over a second past which long polls are answered `null` at the gateway.
     shed_polls_lag_seconds: float = 0.05
-    # Past this, every new request but a lease call the gateway vouches for gets 503 overloaded_error.
+    # Past this, every new request but a lease call gets 503 overloaded_error.
     shed_requests_lag_seconds: float = 0.25
     # Shedding polls that has not brought the lag below the polls threshold in this long goes a level up.
     escalate_seconds: float = 5.0

@@ -533,23 +533,40 @@ class Coalescer(Generic[R, E]):
                 if flight is not None:
                     flight.after_stop = True
 
-    def reset(self, key: LeaseKey) -> list[int]:
-        """Forget the lease and everyone waiting on it; returns those waiters, for the driver to answer.
+    def reset(self, key: LeaseKey, finished: int | None = None) -> list[int]:
+        """Answer for a decision that could not be carried out (a bug, not weather): returns the waiters to fail.
 
-        The failsafe for a decision that could not be carried out (a bug, not
-        weather): whatever the lease's state was, nobody is left waiting on a
-        flight no one will finish, and the next beat starts from nothing known,
-        so nothing is answered locally until the upstream speaks again. A
-        flight still out comes back to a lease that no longer has it and is
-        ignored. Who waits is read from the waiter index, not from the lease's
-        lanes, which may be what went wrong.
+        Every worker waiting on the lease is returned, except those riding a
+        flight still out: the driver always reports a flight's end, so they get
+        its answer (a holder failed while its beat is applied upstream would
+        retry with a value the API has moved past, and lose the lease).
+        `finished` is the flight whose completion failed: it is over, and its
+        waiters are returned. What was known goes, so nothing is answered
+        locally until the upstream speaks again; queued beats are returned
+        unsent. Who waits is read from the waiter index, not from the lease's
+        lanes alone, which may be what went wrong.
         """
-        waiters = [w for w, k in self._waiting.items() if k == key]
+        lease = self._leases.get(key)
+        riding: set[int] = set()
+        if lease is not None:
+            lanes = [(None, lease)] + [(identity, lane) for identity, lane in lease.side.items()]
+            for identity, lane in lanes:
+                flight = lane.flight
+                if flight is not None and flight.id == finished:
+                    lane.flight = None
+                    flight = None
+                if flight is not None:
+                    riding.update((flight.owner, *flight.waiters))
+                lane.queue.clear()
+                if identity is not None and flight is None:
+                    del lease.side[identity]
+            lease.known = lease.undelivered = None
+            lease.epoch += 1
+        waiters = [w for w, k in self._waiting.items() if k == key and w not in riding]
         for waiter in waiters:
             del self._waiting[waiter]
             self._windows.pop(waiter, None)
-        lease = self._leases.get(key)
-        if lease is not None:
+        if lease is not None and lease.idle:
             self._remove(lease)
         return waiters
 

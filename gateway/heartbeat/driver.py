@@ -15,6 +15,7 @@ call (heartbeat answers are small JSON):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -302,14 +303,21 @@ class CoalescingHeartbeats:
     # carried out. Both are logged and counted (`heartbeat_gateway_internal_errors_total`).
 
     def _decide(
-        self, key: LeaseKey | None, where: FailsafePoint, decide: Callable[[], list[Action[Reply, UpstreamError]]]
+        self,
+        key: LeaseKey | None,
+        where: FailsafePoint,
+        decide: Callable[[], list[Action[Reply, UpstreamError]]],
+        *,
+        finished: int | None = None,
     ) -> None:
+        """`finished`: the flight whose end is being reported (over, whatever the core made of it)."""
+        actions: list[Action[Reply, UpstreamError]] = []
         try:
             actions = decide()
         except Exception:
-            self._failsafe(key, where)
-        else:
-            self._carry_out(actions)
+            self._failsafe(key, where, finished)
+        # Carried out even when empty: it re-arms the timer a failed tick would have left unset.
+        self._carry_out(actions)
 
     def _carry_out(self, actions: list[Action[Reply, UpstreamError]]) -> None:
         try:
@@ -359,19 +367,28 @@ class CoalescingHeartbeats:
             )
             now = self._clock()
             self._decide(
-                action.key, "completed", lambda: self.core.completed(action.key, action.flight, never_sent, now)
+                action.key,
+                "completed",
+                lambda: self.core.completed(action.key, action.flight, never_sent, now),
+                finished=action.flight,
             )
         elif isinstance(action, Deliver | DeliverLocal | DeliverError):
+            call = self._calls.get(action.waiter)
+            if call is not None and isinstance(action, Deliver | DeliverLocal):
+                # The core counts the answer delivered: as for an answer the worker never read, it is
+                # kept for the worker's retry, which would otherwise meet a 412 on a lease just renewed.
+                with contextlib.suppress(Exception):
+                    self.core.unwritten(action.waiter, (call.environment_id, call.work_id), self._clock())
             self._fail(action.waiter, may_have_reached_upstream=True)
 
-    def _failsafe(self, key: LeaseKey | None, where: FailsafePoint) -> None:
-        """The core failed to decide: answer everyone waiting on the lease, which starts afresh."""
+    def _failsafe(self, key: LeaseKey | None, where: FailsafePoint, finished: int | None = None) -> None:
+        """The core failed to decide: answer everyone waiting on the lease but a live flight's riders."""
         log.exception("heartbeat %s failed unexpectedly; the lease starts afresh", where)
         self._observer.internal_error(where)
         if key is None:
             return
         try:
-            waiters = self.core.reset(key)
+            waiters = self.core.reset(key, finished)
         except Exception:
             log.exception("the heartbeat failsafe could not reset the lease")
             waiters = []
@@ -426,7 +443,7 @@ class CoalescingHeartbeats:
             outcome = Failed(self._failure(may_have_reached_upstream=True))
         finally:
             now = self._clock()
-            self._decide(key, "completed", lambda: self.core.completed(key, flight, outcome, now))
+            self._decide(key, "completed", lambda: self.core.completed(key, flight, outcome, now), finished=flight)
 
     async def _send(
         self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
