@@ -51,6 +51,9 @@ clients:
   tokens: [{token_env: DEMO_WORKER_TOKEN, environments: ["*"]}]
 limits: {shutdown_grace_seconds: 2}
 logging: {level: warning, format: json}
+# The demo's gateway shares one event loop with the simulator(s) and every simulated worker: their lag
+# is not the gateway's, so shedding (which would hold the gateway fleet's polls) stays off here.
+overload: {enabled: false}
 """
 
 
