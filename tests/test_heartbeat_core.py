@@ -787,3 +787,117 @@ def test_an_unconditional_success_is_never_handed_off() -> None:
     c.completed(KEY, send.flight, ok("T2", ttl=10), 1.1)
     c.unwritten(2, KEY, 1.2)
     assert len(sends(c.submit(beat(3, None), 1.3))) == 1  # goes upstream: nothing kept to hand over
+
+
+def test_a_side_success_alone_is_delivered_with_its_events_and_kept_for_its_credential() -> None:
+    c = core(enabled=True, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+    (claim,) = sends(c.submit(junk(1, "NO_HEARTBEAT", OTHER), 0.0))
+    done = c.completed(KEY, claim.flight, ok("T1", ttl=300), 0.1)
+    assert replies(done) == [(1, "forwarded", "200 T1")]
+    assert events(done) == [("claimed", None)]
+    # Its credential holds the lease now, and its answer is as current as a main-lane one: absorbed.
+    assert replies(c.submit(junk(2, "T1", OTHER), 1.0)) == [(2, "absorbed", 200)]
+    # The worker paces itself by the answer it was given (TTL 10 s: a beat every 5 s, each bounded by 5 s),
+    # and a retry of its next beat must come back within that.
+    d = core()
+    (claim,) = sends(d.submit(junk(1, "NO_HEARTBEAT", OTHER), 0.0))
+    d.completed(KEY, claim.flight, ok("T1", ttl=10), 0.1)
+    (send,) = sends(d.submit(junk(2, None, OTHER), 1.0))
+    assert d.retry_deadline(KEY, send.flight) == 1.0 + 5.0
+
+
+def test_a_side_success_that_went_unwritten_is_handed_to_its_retry() -> None:
+    c = core()
+    (claim,) = sends(c.submit(junk(1, "NO_HEARTBEAT", OTHER), 0.0))
+    c.completed(KEY, claim.flight, ok("T1", ttl=30), 0.1)
+    c.unwritten(1, KEY, 0.2)  # delivered, but the worker had gone
+    assert replies(c.submit(junk(2, "NO_HEARTBEAT", OTHER), 0.3)) == [(2, "handed_off", 200)]
+
+
+def test_a_side_success_is_not_kept_after_a_stop_or_when_it_did_not_have_the_lease_alone() -> None:
+    c = core(enabled=True, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+    (claim,) = sends(c.submit(junk(1, "NO_HEARTBEAT", OTHER), 0.0))
+    c.stop_seen(KEY, 0.05)
+    c.completed(KEY, claim.flight, ok("T1", ttl=300), 0.1)
+    assert len(sends(c.submit(junk(2, "T1", OTHER), 1.0))) == 1  # not absorbed: goes upstream
+    d = core(enabled=True, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+    claimed(d, t=0.0, last="T0", ttl=300)
+    (main,) = sends(d.submit(beat(2, None), 1.0))
+    (side,) = sends(d.submit(junk(3, None, OTHER), 1.0))  # overlaps the holder's beat
+    d.completed(KEY, main.flight, Failed("refused", may_have_applied=False), 1.1)
+    d.completed(KEY, side.flight, ok("T1", ttl=300), 1.2)
+    assert len(sends(d.submit(junk(4, "T1", OTHER), 2.0))) == 1  # not absorbed either
+
+
+def test_a_side_412_that_shows_the_lease_moved_drops_what_was_known() -> None:
+    for state, current in (("active", "T9"), ("queued", None)):
+        c = core(enabled=True, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+        claimed(c, t=0.0, last="T1", ttl=300)
+        assert replies(c.submit(beat(2, "T1"), 1.0)) == [(2, "absorbed", 200)]
+        (side,) = sends(c.submit(junk(3, "stale", OTHER), 2.0))
+        c.completed(KEY, side.flight, Rejected("412", state, current), 2.1)
+        # The holder's next echo goes upstream: the 412 said the lease is not where the gateway thought.
+        assert len(sends(c.submit(beat(4, "T1"), 3.0))) == 1, state
+    # A 412 that confirms what is known keeps it.
+    c = core(enabled=True, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+    claimed(c, t=0.0, last="T1", ttl=300)
+    (side,) = sends(c.submit(junk(3, "stale", OTHER), 2.0))
+    c.completed(KEY, side.flight, Rejected("412", "active", "T1"), 2.1)
+    assert replies(c.submit(beat(4, "T1"), 3.0)) == [(4, "absorbed", 200)]
+
+
+def test_a_completion_for_a_flight_the_lease_no_longer_has_is_ignored() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    assert c.completed(KEY, send.flight + 1000, ok("T9"), 1.1) == []
+    assert replies(c.completed(KEY, send.flight, ok("T2"), 1.2)) == [(2, "forwarded", "200 T2")]
+
+
+def test_a_main_412_that_shows_the_lease_moved_past_a_kept_answer_drops_it() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    c.abandoned(2, 1.1)
+    c.completed(KEY, send.flight, ok("T2"), 1.2)  # kept for worker 2's retry
+    (other,) = sends(c.submit(beat(3, "stale"), 1.3))
+    c.completed(KEY, other.flight, Rejected("412", "active", "T9"), 1.4)  # the lease is past T2
+    assert len(sends(c.submit(beat(4, "T1"), 1.5))) == 1  # no hand-off of an answer the lease moved past
+
+
+def test_a_value_a_412_refused_is_refused_here_next_time() -> None:
+    c = core()
+    claimed(c, last="T1")
+    (send,) = sends(c.submit(beat(2, "stale"), 1.0))
+    assert events(c.completed(KEY, send.flight, Rejected("412", "active", "T1"), 1.1)) == []  # not the holder's
+    (send,) = sends(c.submit(beat(3, "T1"), 1.2))
+    c.completed(KEY, send.flight, ok("T2"), 1.3)
+    assert replies(c.submit(beat(4, "stale"), 1.4)) == [(4, "rejected", 412)]
+    (view,) = list(c.leases(1.4))
+    assert view.last_outcome == "rejected"
+
+
+def test_a_412_records_the_state_it_reports_and_a_loss_only_of_a_held_lease() -> None:
+    c = core()
+    claimed(c, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))
+    done = c.completed(KEY, send.flight, Rejected("412", "queued", None), 1.1)
+    assert events(done) == [("lost", "requeued")]
+    (view,) = list(c.leases(1.1))
+    assert (view.state, view.ttl_seconds, view.last_outcome) == ("queued", 10, "rejected_upstream")
+    # Once it is known to be queued, another 412 is no new loss.
+    (send,) = sends(c.submit(beat(3, "T1"), 1.2))
+    assert events(c.completed(KEY, send.flight, Rejected("412", "queued", None), 1.3)) == []
+
+
+def test_a_refused_claim_never_stops_a_later_claim_from_going_up() -> None:
+    """`NO_HEARTBEAT` is no value a lease moves past: a claim the API refused once may be granted later."""
+    c = core()
+    claimed(c, t=0.0, last="T1", ttl=10)
+    # Past the lease's end a claim goes up, and the API says it was renewed meanwhile (another way).
+    (claim,) = sends(c.submit(beat(2, "NO_HEARTBEAT"), 15.0))
+    c.completed(KEY, claim.flight, Rejected("412", "active", "T2"), 15.1)
+    (send,) = sends(c.submit(beat(3, "T2"), 16.0))
+    c.completed(KEY, send.flight, ok("T3", ttl=10), 16.1)
+    # Long after that lease lapsed too, a claim goes upstream again (the API may well grant it).
+    assert len(sends(c.submit(beat(4, "NO_HEARTBEAT"), 40.0))) == 1

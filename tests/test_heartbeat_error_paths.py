@@ -442,7 +442,11 @@ async def test_a_failing_decision_answers_the_lease_with_a_502_and_the_lease_sta
         _done, pending = await asyncio.wait([first, behind, *broken], timeout=ANSWER_BOUND)
         assert not pending
         failed = [t.result() for t in broken]
-        assert all(isinstance(r, GatewayError) and r.status == 502 for r in failed), failed
+        assert all(isinstance(r, UpstreamUnavailable) and r.status == 502 for r in failed), failed
+        # Whether the beat may have reached the API: a beat the core never took in, or whose flight never
+        # started, surely did not; a flight whose end could not be decided may have been applied.
+        reached = [r.may_have_reached_upstream for r in failed if isinstance(r, UpstreamUnavailable)]
+        assert reached == [seam == "completed"] * len(failed)
         if seam != "completed":
             # The holder's beat was out when the failsafe ran: it is answered by its flight, not failed (the
             # beat is applied upstream, and a worker told 502 would retry with a value the API moved past).
@@ -457,3 +461,55 @@ async def test_a_failing_decision_answers_the_lease_with_a_502_and_the_lease_sta
     finally:
         await service.close()
     assert observed.internal_errors == ["action" if seam == "spawn" else seam]
+
+
+# -- what may be merged, and what a long-running service keeps --------------------------------------
+
+
+def _call_as(work_id: str, credential: str, ttl: int | None = None) -> HeartbeatCall:
+    target = f"/v1/environments/env_1/work/{work_id}/heartbeat"
+    if ttl is not None:
+        target += f"?desired_ttl_seconds={ttl}"
+    request = UpstreamRequest("POST", target, (("x-api-key", credential),))
+    return HeartbeatCall("env_1", work_id, HeartbeatQuery(None, ttl), request)
+
+
+@pytest.mark.parametrize(
+    ("second", "calls"),
+    [
+        (_call_as("w", "key-a"), 1),  # the same credential and TTL: one flight for both
+        (_call_as("w", "key-b"), 2),  # another credential: never merged
+        (_call_as("w", "key-a", ttl=300), 2),  # another TTL asked for: never merged
+    ],
+    ids=["same", "other-credential", "other-ttl"],
+)
+async def test_unconditional_beats_merge_only_with_the_same_credential_and_ttl(
+    second: HeartbeatCall, calls: int
+) -> None:
+    upstream = HonestLease()
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
+    try:
+        upstream.open.clear()
+        beats = [asyncio.ensure_future(service.heartbeat(c)) for c in (_call_as("w", "key-a"), second)]
+        await asyncio.sleep(0.01)
+        upstream.open.set()
+        answers = await asyncio.wait_for(asyncio.gather(*beats), ANSWER_BOUND)
+    finally:
+        await service.close()
+    assert [a.response.status for a in answers] == [200, 200]
+    assert upstream.calls == calls
+
+
+async def test_a_long_running_service_answers_every_beat_and_keeps_nothing_per_beat() -> None:
+    upstream = HonestLease()
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
+    try:
+        last = NO_HEARTBEAT
+        for _ in range(300):
+            result = await asyncio.wait_for(service.heartbeat(call("w", last)), ANSWER_BOUND)
+            assert result.answer.success is not None
+            last = result.answer.success.last_heartbeat
+        assert (len(service._futures), len(service._calls)) == (0, 0)
+    finally:
+        await service.close()
+    assert upstream.calls == 300
