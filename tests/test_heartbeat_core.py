@@ -27,6 +27,7 @@ from gateway.heartbeat.core import (
 )
 from gateway.heartbeat.retry import MAX_RETRIES, retry_delay
 from gateway.heartbeat.wire import HeartbeatAnswer, LeaseEventKind
+from gateway.heartbeat.worker_model import keeps_pace, worker_interval
 from gateway.settings import AbsorbSettings, LeaseTrackingSettings
 
 KEY = ("env_1", "work_1")
@@ -901,3 +902,46 @@ def test_a_refused_claim_never_stops_a_later_claim_from_going_up() -> None:
     c.completed(KEY, send.flight, ok("T3", ttl=10), 16.1)
     # Long after that lease lapsed too, a claim goes upstream again (the API may well grant it).
     assert len(sends(c.submit(beat(4, "NO_HEARTBEAT"), 40.0))) == 1
+
+
+def test_absorption_off_means_every_beat_goes_up_however_fresh_the_lease() -> None:
+    c = core(enabled=False, max_signal_delay_seconds=100.0, min_remaining_fraction=0.1)
+    claimed(c, t=0.0, last="T1", ttl=300)
+    assert len(sends(c.submit(beat(2, "T1"), 0.5))) == 1
+
+
+def test_absorption_at_exactly_the_minimum_remaining_fraction() -> None:
+    c = core(enabled=True, max_signal_delay_seconds=200.0, min_remaining_fraction=0.5)
+    claimed(c, t=0.0, last="T1", ttl=300)
+    # 150 s of 300 surely left is the fraction asked for: still absorbed; a moment later it is not.
+    assert replies(c.submit(beat(2, "T1"), 150.0)) == [(2, "absorbed", 200)]
+    assert len(sends(c.submit(beat(3, "T1"), 150.5))) == 1
+
+
+def test_stopping_is_reported_once_and_stopped_once() -> None:
+    c = core()
+    claimed(c, last="T1", ttl=30)
+    reported = []
+    for n, (last, state) in enumerate((("T2", "stopping"), ("T3", "stopping"), ("T4", "stopped"), ("T5", "stopped"))):
+        (send,) = sends(c.submit(beat(10 + n, None), 1.0 + n))
+        done = c.completed(KEY, send.flight, ok(last, ttl=30, state=state), 1.1 + n)
+        reported += [(a.key, a.kind) for a in done if isinstance(a, LeaseEvent)]
+    assert reported == [(KEY, LeaseEventKind.STOPPING), (KEY, LeaseEventKind.STOPPED)]
+    # A stopping lease that lapses was let go, not lost: no EXPIRED follows.
+    assert events(c.tick(1000.0)) == []
+
+
+def test_two_leases_lapsing_by_the_same_tick_are_both_recorded() -> None:
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(expiry_grace_seconds=1.0))
+    for n in (1, 2):
+        key = ("env_1", f"work_{n}")
+        (send,) = sends(c.submit(beat(n, "NO_HEARTBEAT", key=key), 0.0))
+        c.completed(key, send.flight, ok(f"T{n}", ttl=10), 0.0)
+    assert events(c.tick(20.0)) == [("expired", None), ("expired", None)]
+
+
+def test_the_sdk_workers_pace_at_its_bounds() -> None:
+    assert worker_interval(1) == 1.0  # clamped up to a second
+    assert worker_interval(None) == 30.0
+    assert keeps_pace(10, 10, 0.0)  # the upstream's own answer keeps the pace
+    assert keeps_pace(90, 60, 30.0)  # 30 s interval, 30 s left after it: just enough

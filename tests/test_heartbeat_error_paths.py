@@ -513,3 +513,15 @@ async def test_a_long_running_service_answers_every_beat_and_keeps_nothing_per_b
     finally:
         await service.close()
     assert upstream.calls == 300
+
+
+async def test_closing_the_service_answers_every_waiting_worker() -> None:
+    upstream = HonestLease()
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
+    upstream.open.clear()
+    waiting = [asyncio.ensure_future(service.heartbeat(call("w", NO_HEARTBEAT))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(service.close(), ANSWER_BOUND)
+    answers = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), ANSWER_BOUND)
+    # The flight is cancelled at shutdown; its worker and the one queued behind it are told so, API-shaped.
+    assert all(isinstance(a, UpstreamUnavailable) and a.status == 502 for a in answers), answers
