@@ -5,7 +5,7 @@ include these paths, and it is another app on another socket).
 - `GET /healthz`: the process is alive.
 - `GET /readyz`: config loaded and the upstream client ready; 503 while starting, draining,
   while lease-critical upstream capacity has had requests waiting for a second or more, or while
-  the replica's event loop runs late and it sheds work (`gateway.overload`).
+  the replica's event loop runs so late that it refuses requests (`gateway.overload`'s second level).
 - `GET /metrics`: Prometheus exposition of this gateway's own registry.
 - `GET /admin/leases`: the lease table, filtered by `environment` and `state`, paginated.
 - `GET /admin/config`: the effective config, every secret shown as "<redacted>".

@@ -152,7 +152,7 @@ class Governor:
         """The second level: requests are refused, so new connections are better sent elsewhere."""
         return self.level is Load.SHED_REQUESTS
 
-    def verdict(self, route: RouteName, *, vouched: bool, injected_poll: bool, polls_upstream: int = 0) -> Shed | None:
+    def verdict(self, route: RouteName, *, injected_poll: bool, polls_upstream: int = 0) -> Shed | None:
         """What to shed of a request arriving now: nothing, a poll (answered empty) or a request (503).
 
         `polls_upstream`: the polls of the request's environment upstream now. A few are never

@@ -42,7 +42,7 @@ from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
 from .heartbeat.wire import Outcome
 from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
 from .metrics import GatewayMetrics
-from .overload import LEASE_ROUTES, Governor, PollHold, Shed
+from .overload import Governor, PollHold, Shed
 from .polls import PollAdmission, block_seconds
 from .redaction import Redactor
 from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool, with_param
@@ -145,13 +145,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             "a gateway client token may be sent only as Authorization: Bearer <token> or x-api-key: <token>"
         )
     if ctx.overload.overloaded:
-        # Before anything costs more (a discovery, a body read, an upstream call). Lease calls' credentials
-        # are never a discovery's: the gateway knows now whether it vouches for them.
-        lease_call = route.name in LEASE_ROUTES
-        vouched = lease_call and (isinstance(credential, Inject) or _vouched_for(ctx, route, headers))
-        upstream_polls = ctx.polls.upstream(route.environment_id) if route.environment_id else 0
+        # Before anything costs more (a discovery, a body read, an upstream call).
+        env = route.environment_id
+        upstream_polls = ctx.polls.upstream(env) if route.name is RouteName.POLL and env is not None else 0
         shed = ctx.overload.verdict(
-            route.name, vouched=vouched, injected_poll=isinstance(credential, Inject), polls_upstream=upstream_polls
+            route.name, injected_poll=isinstance(credential, Inject), polls_upstream=upstream_polls
         )
         if shed is not None:
             return await _shed(ctx, exchange, shed, target)
@@ -218,7 +216,7 @@ async def _shed(ctx: ProxyContext, exchange: Exchange, shed: Shed, target: Targe
     ctx.metrics.request_shed(exchange.route, "answered_empty" if shed == "poll" else "refused")
     if shed == "poll":
         # As an empty queue answers, after a while: a timer, not a connection upstream. Held past its
-        # block_ms (until the replica is calm, at most hold_polls_seconds), an idle worker polls less often.
+        # block_ms (half to all of hold_polls_seconds; at once on a drain), an idle worker polls less often.
         block = block_seconds(target.raw_query) or 0.0
         await ctx.held_polls.hold(max(block, ctx.settings.overload.hold_polls_seconds))
         return _empty_queue()

@@ -79,14 +79,14 @@ def test_what_each_level_sheds_and_a_lease_call_never() -> None:
     for level in Load:
         governor.level = level
         for route in (RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP):
-            for vouched in (True, False):  # a sessions token this replica never saw issued is still a holder's
-                assert governor.verdict(route, vouched=vouched, injected_poll=False) is None
-        poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=True, polls_upstream=2)
-        foreign_poll = governor.verdict(RouteName.POLL, vouched=False, injected_poll=False)
-        session = governor.verdict(RouteName.SESSIONS, vouched=False, injected_poll=False)
-        junk_beat = governor.verdict(RouteName.HEARTBEAT, vouched=False, injected_poll=False)
+            # Whatever the credential: a sessions token this replica never saw issued is still a holder's.
+            assert governor.verdict(route, injected_poll=False) is None
+        poll = governor.verdict(RouteName.POLL, injected_poll=True, polls_upstream=2)
+        foreign_poll = governor.verdict(RouteName.POLL, injected_poll=False)
+        session = governor.verdict(RouteName.SESSIONS, injected_poll=False)
+        junk_beat = governor.verdict(RouteName.HEARTBEAT, injected_poll=False)
         # Two polls per environment stay upstream at every level: work is still picked up.
-        assert governor.verdict(RouteName.POLL, vouched=False, injected_poll=True, polls_upstream=1) is None
+        assert governor.verdict(RouteName.POLL, injected_poll=True, polls_upstream=1) is None
         expected = {
             Load.CALM: (None, None, None, None),
             Load.SHED_POLLS: ("poll", None, None, None),

@@ -432,15 +432,18 @@ class CoalescingHeartbeats:
         cancelled at shutdown or by a library), the core hears that the flight is over:
         otherwise the lease's beats would queue behind it forever.
         """
-        outcome: FlightResult[Reply, UpstreamError] = Failed(
-            UpstreamUnavailable("the heartbeat was cancelled", kind="other", may_have_reached_upstream=True)
-        )
+        outcome: FlightResult[Reply, UpstreamError]
         try:
             outcome = await self._send(key, flight, request, pool)
         except Exception:
             log.exception("heartbeat flight failed unexpectedly")
             self._observer.internal_error("flight")
             outcome = Failed(self._failure(may_have_reached_upstream=True))
+        except BaseException:  # cancelled: at shutdown, or by a library under the flight
+            outcome = Failed(
+                UpstreamUnavailable("the heartbeat was cancelled", kind="other", may_have_reached_upstream=True)
+            )
+            raise
         finally:
             now = self._clock()
             self._decide(key, "completed", lambda: self.core.completed(key, flight, outcome, now), finished=flight)
