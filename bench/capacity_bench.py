@@ -49,6 +49,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
+import rig
 from heartbeat_bench import cpu_seconds, free_port, wait_for
 
 from gateway import loop as event_loop
@@ -312,12 +313,9 @@ async def main(args: Any) -> dict[str, Any]:
 
 
 def print_table(outcome: dict[str, Any]) -> None:
-    print(f"\n{outcome['command']}\n{outcome['machine']}")
     keys = ("leases_lost", "heartbeats", "heartbeat_p50_ms", "heartbeat_p99_ms", "added_p50_ms", "added_p99_ms",
             "polls", "streams", "refusal_p99_ms", "proxy_cpu_percent")  # fmt: skip
-    print(f"{'':20}" + "".join(f"{r['target']:>26}" for r in outcome["results"]))
-    for key in keys:
-        print(f"{key:20}" + "".join(f"{json.dumps(r.get(key, '')):>26}" for r in outcome["results"]))
+    rig.print_results(outcome, keys, label_width=20, column_width=26)
 
 
 if __name__ == "__main__":

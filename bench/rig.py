@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import resource
@@ -28,7 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 ENV_ID = "env_bench00000000000000001"
 BETA = "managed-agents-2026-04-01"
@@ -340,6 +341,15 @@ async def metric_totals(admin_port: int, name: str, label: str) -> Counter[str]:
     for m in re.finditer(pattern, body.decode(), re.M):
         found[m.group(1)] += int(float(m.group(2)))
     return found
+
+
+def print_results(outcome: dict[str, Any], keys: Sequence[str], *, label_width: int, column_width: int) -> None:
+    """A benchmark's results as a table: the command and machine, then a row per key and a column per target."""
+    print(f"\n{outcome['command']}\n{outcome['machine']}")
+    rows = outcome["results"]
+    print(f"{'':{label_width}}" + "".join(f"{r['target']:>{column_width}}" for r in rows))
+    for key in keys:
+        print(f"{key:{label_width}}" + "".join(f"{json.dumps(r.get(key, '')):>{column_width}}" for r in rows))
 
 
 def percentile_ms(values: list[float], q: float) -> float:

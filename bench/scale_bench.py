@@ -221,13 +221,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(outcome: dict[str, Any]) -> None:
-    print(f"\n{outcome['command']}\n{outcome['machine']}")
     keys = ("workers", "polls_per_s", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms", "added_p50_ms",
             "added_p99_ms", "errors", "proxy_cpu_percent", "proxy_peak_rss_mib", "answered_locally_share")  # fmt: skip
-    rows = outcome["results"]
-    print(f"{'':24}" + "".join(f"{r['target']:>16}" for r in rows))
-    for key in keys:
-        print(f"{key:24}" + "".join(f"{json.dumps(r.get(key, '')):>16}" for r in rows))
+    rig.print_results(outcome, keys, label_width=24, column_width=16)
 
 
 if __name__ == "__main__":

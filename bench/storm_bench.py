@@ -73,7 +73,8 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from heartbeat_bench import cpu_seconds, free_port, wait_for
+import rig
+from heartbeat_bench import cpu_seconds, wait_for
 
 from gateway import loop as event_loop
 
@@ -107,13 +108,13 @@ class Tally:
             "leases": dict(self.leases),
             "claims_failed": self.claims["failed"],
             "heartbeats": len(self.beats),
-            "heartbeat_p50_ms": percentile_ms(self.beats, 0.5),
-            "heartbeat_p99_ms": percentile_ms(self.beats, 0.99),
-            "settled_p99_ms": percentile_ms(self.settled_beats, 0.99),
+            "heartbeat_p50_ms": rig.percentile_ms(self.beats, 0.5),
+            "heartbeat_p99_ms": rig.percentile_ms(self.beats, 0.99),
+            "settled_p99_ms": rig.percentile_ms(self.settled_beats, 0.99),
             "polls": dict(self.polls),
             "picked_up": f"{len(self.pickups)}/{len(self.enqueued)}",
-            "pickup_p50_ms": percentile_ms(self.pickups, 0.5),
-            "pickup_p99_ms": percentile_ms(self.pickups, 0.99),
+            "pickup_p50_ms": rig.percentile_ms(self.pickups, 0.5),
+            "pickup_p99_ms": rig.percentile_ms(self.pickups, 0.99),
             **self.gateway,
         }
         if direct is not None and direct is not self:
@@ -122,11 +123,6 @@ class Tally:
                 out[f"added_{q}_ms"] = round(out[f"heartbeat_{q}_ms"] - base[f"heartbeat_{q}_ms"], 1)
             out["settled_added_p99_ms"] = round(out["settled_p99_ms"] - base["settled_p99_ms"], 1)
         return out
-
-
-def percentile_ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1) if ordered else float("nan")
 
 
 class Route:
@@ -377,7 +373,7 @@ async def run_target(target: str, scenario: str, tmp: Path, args: Any) -> Tally:
     token = "bench-token-" + secrets.token_urlsafe(16)
     env = {**os.environ, "BENCH_ENV_KEY": key, "BENCH_TOKEN": token, "SIM_KEY": key}
     exe = [sys.executable, "-m", "gateway"]
-    sim_port = free_port()
+    sim_port = rig.free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     sim = subprocess.Popen(  # noqa: ASYNC220 - started once per target, before any load
         ["taskset", "-c", str(LOAD_CORE), *exe, "simulate-upstream", "--port", str(sim_port), "--ttl", str(args.ttl),
@@ -393,7 +389,7 @@ async def run_target(target: str, scenario: str, tmp: Path, args: Any) -> Tally:
         if target != "direct":
             bases = []
             for n in range(2 if scenario == "failover" else 1):
-                port, admin_port = free_port(), free_port()
+                port, admin_port = rig.free_port(), rig.free_port()
                 config = tmp / f"{target}-{n}.yaml"
                 config.write_text(gateway_yaml(sim_url, port, admin_port, target, args))
                 command = [*exe, "serve", "--config", str(config)]
@@ -492,15 +488,10 @@ async def main(args: Any) -> dict[str, Any]:
 
 
 def print_table(outcome: dict[str, Any]) -> None:
-    print(f"\n{outcome['command']}\n{outcome['machine']}")
     keys = ("leases_lost", "claims_failed", "heartbeats", "heartbeat_p50_ms", "heartbeat_p99_ms", "added_p50_ms",
             "added_p99_ms", "settled_p99_ms", "settled_added_p99_ms", "polls", "picked_up", "pickup_p50_ms",
-            "pickup_p99_ms", "gateway_cpu_percent",
-            "max_overload_level", "shed", "internal_errors")  # fmt: skip
-    rows = outcome["results"]
-    print(f"{'':20}" + "".join(f"{r['target']:>30}" for r in rows))
-    for key in keys:
-        print(f"{key:20}" + "".join(f"{json.dumps(r.get(key, '')):>30}" for r in rows))
+            "pickup_p99_ms", "gateway_cpu_percent", "max_overload_level", "shed", "internal_errors")  # fmt: skip
+    rig.print_results(outcome, keys, label_width=20, column_width=30)
 
 
 if __name__ == "__main__":
