@@ -262,3 +262,39 @@ async def test_readiness_reports_a_saturated_lease_class(
         release.set()
         assert await asyncio.gather(*beats) == [200, 200]
         assert await ready() == (200, "ready")
+
+
+async def test_a_lease_call_waits_for_a_connection_no_longer_than_its_worker_waits(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    """A class an operator sized at one connection, queueing up to 30 s: a beat whose worker's interval
+    is 1 s (its last answer gave it a 2 s lease) is refused within that second, not after 30."""
+    rec, url = recorder
+    release = asyncio.Event()
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if "/work/slow/" in request.path:
+            await release.wait()  # another lease's beat holds the one connection
+        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
+        return web.json_response({**answer, "ttl_seconds": 2})
+
+    rec.respond = respond
+    pools = "pools: {lease: {max_connections: 1, max_queued: 8, max_queue_seconds: 30}}"
+    gateway = await make_gateway(url, f'upstream: {{base_url: "{url}", {pools}}}')
+    async with aiohttp.ClientSession() as http:
+
+        async def beat(work_id: str, expected: str) -> tuple[int, str | None, float]:
+            started = time.monotonic()
+            target = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
+            async with http.post(target, params={"expected_last_heartbeat": expected}, headers=worker_headers()) as r:
+                await r.read()
+                return r.status, r.headers.get("retry-after"), time.monotonic() - started
+
+        assert (await beat("fast", "NO_HEARTBEAT"))[0] == 200  # the worker now beats every second
+        holder = asyncio.ensure_future(beat("slow", "NO_HEARTBEAT"))
+        await asyncio.sleep(0.1)
+        status, retry_after, seconds = await beat("fast", "T1")
+        assert (status, retry_after) == (503, "2")  # the class's retry-after: its queue wait, at most 2 s
+        assert seconds < 1.5
+        release.set()
+        assert (await holder)[0] == 200
