@@ -434,6 +434,8 @@ class Connection(asyncio.Protocol):
             raise ConnectionResetError("closed by the server")
         self._answer = asyncio.get_running_loop().create_future()
         self._transport.write(data)
+        if self._buffer:  # an answer that came first: a refused connection's 503
+            self._parse()
         return await self._answer
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from .middleware import access_log_middleware, error_middleware
 from .overload import Governor, LagProbe, PollHold
 from .polls import PollAdmission
 from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
-from .server import GatewayAppRunner, descriptor_budget
+from .server import LISTEN_BACKLOG, GatewayAppRunner, descriptor_budget
 from .settings import LiveSettings, PoolName, Settings, restart_needed
 from .tasks import Tasks
 from .upstream import HttpUpstream, Upstream
@@ -192,7 +192,7 @@ class Gateway:
         await self._proxy.setup()
         await self._admin.setup()
         listen, admin = self.settings.listen, self.settings.admin
-        await web.TCPSite(self._proxy, listen.host, listen.port).start()
+        await web.TCPSite(self._proxy, listen.host, listen.port, backlog=LISTEN_BACKLOG).start()
         await web.TCPSite(self._admin, admin.host, admin.port).start()
 
     @property

@@ -22,7 +22,7 @@ from . import loop as event_loop
 from .app import Gateway
 from .config import ConfigError, load_settings_file
 from .logs import configure_logging
-from .server import descriptor_budget, raise_descriptor_limit
+from .server import LISTEN_BACKLOG, descriptor_budget, raise_descriptor_limit
 from .settings import LoggingSettings, Settings
 
 __all__ = ["main"]
@@ -306,7 +306,17 @@ def _simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=event_loop.new_event_loop())
+        # The real API sits behind load balancers that take a fleet's connections at once: so does
+        # the simulator, or a start-up storm sent direct would wait for SYN retries the API never causes.
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            backlog=LISTEN_BACKLOG,
+            print=None,
+            access_log=None,
+            loop=event_loop.new_event_loop(),
+        )
     except OSError as exc:
         print(f"simulate-upstream: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -42,7 +42,7 @@ from aiohttp.web_request import BaseRequest
 
 from .settings import Limits
 
-__all__ = ["GatewayAppRunner", "RefusalObserver", "descriptor_budget", "raise_descriptor_limit"]
+__all__ = ["LISTEN_BACKLOG", "GatewayAppRunner", "RefusalObserver", "descriptor_budget", "raise_descriptor_limit"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -55,6 +55,11 @@ LINGER_SECONDS = 1.0
 # Descriptors kept for everything but client connections: the admin port and its
 # clients, logs, the upstream pools' spares, the event loop itself.
 RESERVED_DESCRIPTORS = 256
+# Connections the kernel completes before the gateway accepts them. A fleet restarting at once
+# connects faster than a busy replica accepts, and past the backlog the kernel drops the SYN: the
+# client sends it again only after 1 s (then 3, 7...), which a beat bounded by its interval may not
+# have. aiohttp listens with 128; this is Linux's default cap (net.core.somaxconn), which also caps it.
+LISTEN_BACKLOG = 4096
 
 
 def _raw_response(status: int, reason: str, error_type: str, message: str) -> bytes:
