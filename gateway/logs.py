@@ -65,6 +65,8 @@ class Scrubber:
 
 # Built once: `json.dumps` with `default` builds an encoder per call.
 _ENCODER = json.JSONEncoder(default=str)
+# Every JSON line's own keys, which no field may replace ("exception" is the record's too).
+_OWN_KEYS = frozenset({"time", "level", "logger", "message", "exception"})
 
 
 class _Clock:
@@ -121,7 +123,10 @@ class _JsonFormatter(logging.Formatter):
             "message": message,
         }
         if fields:
-            entry.update(fields)
+            if _OWN_KEYS.isdisjoint(fields):
+                entry.update(fields)
+            else:  # a field never replaces the line's own: a consumer filtering on `level` sees the record's
+                entry.update((k, v) for k, v in fields.items() if k not in _OWN_KEYS)
         if exception is not None:
             entry["exception"] = exception
         # ASCII escapes keep control and bidi characters from a request out of terminals.

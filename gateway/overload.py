@@ -223,6 +223,6 @@ class LagProbe:
                     "overload level %s (event-loop lag %.0f ms)",
                     now.name.lower(),
                     self._governor.lag * 1000,
-                    extra={"fields": {"event": "overload", "level": now.name.lower()}},
+                    extra={"fields": {"event": "overload", "overload_level": now.name.lower()}},
                 )
                 level = now

@@ -273,3 +273,17 @@ async def test_request_lines_reach_a_handler_put_beside_the_gateways(
     assert [r.name for r in records if r.name == "gateway.access"] == ["gateway.access"]
     (line,) = [json.loads(line) for line in captured.getvalue().splitlines() if '"event": "request"' in line]
     assert line["route"] == "poll"
+
+
+def test_a_field_never_replaces_the_lines_own_level(captured: io.StringIO) -> None:
+    """A consumer that keeps `level: warning` lines must see every warning, whatever its fields are called."""
+    logging.getLogger("gateway.overload").warning(
+        "overload level shed_polls", extra={"fields": {"event": "overload", "level": "shed_polls", "lag_ms": 51}}
+    )
+    (line,) = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert (line["level"], line["logger"], line["event"], line["lag_ms"]) == (
+        "warning",
+        "gateway.overload",
+        "overload",
+        51,
+    )
