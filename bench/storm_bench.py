@@ -26,13 +26,15 @@ Scenarios (`--scenario`):
 - `startup`: the whole fleet starts within 10 s on one replica at two or more
   times what it can serve;
 - `failover`: two replicas, workers split between them; one is SIGKILLed
-  half-way, and its workers reconnect to the other (as a Service sends new
+  half-way (`--stop-signal TERM`: stopped as Kubernetes stops a pod, with a
+  drain), and its workers reconnect to the other (as a Service sends new
   connections to the endpoints left);
 - `slow-api`: the API's heartbeat latency rises to 3 s for a minute, under
   enough holders to keep a thousand lease calls in flight;
-- `faults`: 30% of heartbeats answered 429 `retry-after: 1` all along, and
-  every 15 s a short outage (`--outage`, 1.5 s: every heartbeat connection
-  reset), in each heartbeat mode (`gateway`: coalescing, `absorb`, `coalesce-false`).
+- `faults`: 30% of heartbeats (`--rate-limited`) answered 429 `retry-after: 1`
+  all along, and every 15 s a short outage (`--outage`, 1.5 s: every heartbeat
+  connection reset), in each heartbeat mode (`gateway`: coalescing, `absorb`,
+  `coalesce-false`).
 
 Targets: `direct`; `gateway` (defaults: shedding on); `gateway-no-shed`
 (`overload.enabled: false`, what the overload manager changes); in
@@ -100,6 +102,16 @@ class Tally:
     pickups: list[float] = field(default_factory=list)
     enqueued: dict[str, float] = field(default_factory=dict)
     gateway: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self, other: Tally) -> None:
+        """Another round's counts added to this one's (the gateway's figures are the last round's)."""
+        self.beats += other.beats
+        self.settled_beats += other.settled_beats
+        self.pickups += other.pickups
+        for mine, theirs in ((self.leases, other.leases), (self.claims, other.claims), (self.polls, other.polls)):
+            mine.update(theirs)
+        self.enqueued.update(other.enqueued)
+        self.gateway = other.gateway
 
     def summary(self, direct: Tally | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -339,16 +351,17 @@ async def weather(scenario: str, sim_url: str, replicas: list[Limited], args: An
     start = time.monotonic()
     if scenario == "failover" and len(replicas) == 2:
         await asyncio.sleep(args.duration / 2)
-        replicas[0].stop(signal.SIGKILL)  # a lost node: no drain
+        # SIGKILL: a lost node, no drain; SIGTERM: a rollout, eviction or scale-in, which drains.
+        replicas[0].stop(signal.Signals[f"SIG{args.stop_signal}"])
     elif scenario == "slow-api":
         await asyncio.sleep(args.spread + 10)
         await set_faults(sim_url, latency_seconds=3.0, endpoints=["heartbeat"])
         await asyncio.sleep(60)
         await set_faults(sim_url)
     elif scenario == "faults":
-        limited = {"rate_limit_rate": 0.3, "retry_after_seconds": 1, "endpoints": ["heartbeat"]}
+        limited = {"rate_limit_rate": args.rate_limited, "retry_after_seconds": 1, "endpoints": ["heartbeat"]}
         await set_faults(sim_url, **limited)
-        while time.monotonic() - start < args.duration - 15:
+        while args.outage and time.monotonic() - start < args.duration - 15:
             await asyncio.sleep(13.5)
             await set_faults(sim_url, reset_rate=1.0, endpoints=["heartbeat"])
             await asyncio.sleep(args.outage)
@@ -466,18 +479,28 @@ async def _play(
 
 async def main(args: Any) -> dict[str, Any]:
     os.sched_setaffinity(0, {LOAD_CORE})
-    random.seed(args.seed)
     results: list[dict[str, Any]] = []
     targets = args.targets or ("direct,gateway,absorb,coalesce-false" if args.scenario == "faults"
                                else "direct,gateway,gateway-no-shed")  # fmt: skip
+    first_seed = args.seed
     with tempfile.TemporaryDirectory() as tmp:
-        tallies: list[Tally] = []
-        for target in targets.split(","):
-            tally = await run_target(target, args.scenario, Path(tmp), args)
-            tallies.append(tally)
-            direct = tallies[0] if tallies[0].target == "direct" else None
-            results.append(tally.summary(direct))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        tallies: dict[str, Tally] = {}
+        lost_by_round: dict[str, list[int]] = {}
+        for round_ in range(args.rounds):
+            # Each round one weather for every target: the simulator's and the fleet's random choices alike.
+            args.seed = first_seed + round_
+            for target in targets.split(","):
+                random.seed(args.seed)
+                tally = await run_target(target, args.scenario, Path(tmp), args)
+                lost_by_round.setdefault(target, []).append(tally.summary(None)["leases_lost"])
+                print(json.dumps(tally.summary(None)), file=sys.stderr, flush=True)
+                if target in tallies:
+                    tallies[target].merge(tally)
+                else:
+                    tallies[target] = tally
+        direct = tallies.get("direct")
+        for target, tally in tallies.items():
+            results.append({**tally.summary(direct), "leases_lost_by_round": lost_by_round[target]})
     return {
         "command": " ".join(["bench/storm_bench.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -488,7 +511,8 @@ async def main(args: Any) -> dict[str, Any]:
 
 
 def print_table(outcome: dict[str, Any]) -> None:
-    keys = ("leases_lost", "claims_failed", "heartbeats", "heartbeat_p50_ms", "heartbeat_p99_ms", "added_p50_ms",
+    keys = ("leases_lost", "leases_lost_by_round", "claims_failed", "heartbeats", "heartbeat_p50_ms",
+            "heartbeat_p99_ms", "added_p50_ms",
             "added_p99_ms", "settled_p99_ms", "settled_added_p99_ms", "polls", "picked_up", "pickup_p50_ms",
             "pickup_p99_ms", "gateway_cpu_percent", "max_overload_level", "shed", "internal_errors")  # fmt: skip
     rig.print_results(outcome, keys, label_width=20, column_width=30)
@@ -504,11 +528,14 @@ if __name__ == "__main__":
     parser.add_argument("--spread", type=float, default=10.0, help="workers start within this many seconds")
     parser.add_argument("--settle", type=float, default=5.0, help="after the spread: beats counted as settled")
     parser.add_argument("--claim-patience", type=float, default=30.0, help="a claim not granted by then has failed")
-    parser.add_argument("--outage", type=float, default=1.5, help="faults: seconds of each heartbeat outage")
+    parser.add_argument("--outage", type=float, default=1.5, help="faults: seconds of each heartbeat outage (0: none)")
+    parser.add_argument("--rate-limited", type=float, default=0.3, help="faults: the share of heartbeats answered 429")
+    parser.add_argument("--stop-signal", choices=("KILL", "TERM"), default="KILL", help="failover: how a replica goes")
     parser.add_argument("--enqueue-every", type=float, default=1.0)
     parser.add_argument("--cpu-millicores", type=int, default=0, help="each replica's CPU limit (0: a whole core)")
     parser.add_argument("--targets", default="", help="comma-separated; default by scenario")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="each target this many times, seeds seed.. seed+N-1")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     arguments = parser.parse_args()
     result = event_loop.run(lambda: main(arguments))
