@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import ssl
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import fields, is_dataclass
@@ -395,12 +396,23 @@ class _Reader:
             self.problem(path, "must be a single header token (no commas or spaces)")
         elif format == "environment_id" and not _ENVIRONMENT_ID.match(value):
             self.problem(path, "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW")
+        elif format == "ca_file":
+            self.ca_file(value, path)
         elif format == "path_prefix":
             if not value.startswith("/") or not value.endswith("/"):
                 self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
             elif "%" in value or "//" in value or "/../" in value or "/./" in value:
                 self.problem(path, "must be a plain path without %, // or dot segments")
         return value
+
+    def ca_file(self, file_path: str, path: str) -> None:
+        """A PEM bundle of certificate authorities, as the upstream client will load it."""
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=file_path)
+        except ssl.SSLError:  # an OSError too: first
+            self.problem(path, f"{file_path} holds no PEM certificate")
+        except OSError as exc:
+            self.problem(path, f"cannot read {file_path}: {_os_reason(exc)}")
 
     def after(self, section: _D, path: str, given: dict[str, Any]) -> _D:
         """Checks across a section's fields, once they are read; `given` is what the YAML had."""

@@ -14,7 +14,7 @@ so workers' SDKs parse them like any API error::
     │   ├── RequestTimedOut         408 timeout_error (the client's request body stalled)
     │   ├── RequestTooLarge         413 request_too_large
     │   └── Overloaded              503 overloaded_error, with retry-after: the replica sheds work
-    └── UpstreamError               the upstream exchange failed (kind: connect, reset, timeout, other)
+    └── UpstreamError               the upstream exchange failed (kind: connect, tls, proxy, reset, timeout, other)
         ├── UpstreamUnavailable     502 api_error
         ├── UpstreamTimeout         504 timeout_error
         └── CapacityExceeded        503 overloaded_error, with retry-after (kind: capacity): the
@@ -50,7 +50,9 @@ __all__ = [
     "error_body",
 ]
 
-UpstreamErrorKind = Literal["connect", "reset", "timeout", "other", "capacity"]
+# `tls`: the handshake with the upstream failed (certificate, hostname, protocol); `proxy`: the
+# egress proxy refused or could not be reached. Neither ever sent the request.
+UpstreamErrorKind = Literal["connect", "tls", "proxy", "reset", "timeout", "other", "capacity"]
 
 
 class GatewayError(Exception):

@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .redaction import REDACTED, Redactor
 from .settings import LoggingSettings
 
-__all__ = ["DirectLines", "Scrubber", "configure_logging", "direct_lines"]
+__all__ = ["DirectLines", "QuietLog", "Scrubber", "configure_logging", "direct_lines"]
 
 # Anthropic keys and tokens the gateway does not hold can still reach a log
 # line through a third-party library's message; scrub their shape too.
@@ -211,6 +211,24 @@ class _ProtocolErrorFilter(logging.Filter):
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+class QuietLog:
+    """A line for something that may happen in floods: at most one every `every` seconds, with how many
+    times it happened since the last (`template` takes that count and the latest occurrence)."""
+
+    def __init__(self, logger: logging.Logger, level: int, event: str, template: str, every: float = 10.0) -> None:
+        self._logger, self._level, self._event, self._template, self._every = logger, level, event, template, every
+        self._next = 0.0
+        self._unsaid = 0
+
+    def note(self, latest: str) -> None:
+        self._unsaid += 1
+        now = time.monotonic()
+        if now >= self._next:
+            fields = {"event": self._event, "count": self._unsaid, "reason": latest}
+            self._logger.log(self._level, self._template, self._unsaid, latest, extra={"fields": fields})
+            self._next, self._unsaid = now + self._every, 0
 
 
 class _RepeatFilter(logging.Filter):

@@ -50,7 +50,7 @@ ROUTES = tuple(r.value for r in RouteName)
 OUTCOMES = tuple(o.value for o in Outcome)
 LOST_REASONS = tuple(r.value for r in LostReason)
 STOP_STATES = (LeaseEventKind.STOPPING, LeaseEventKind.STOPPED)
-ERROR_KINDS: tuple[UpstreamErrorKind, ...] = ("timeout", "connect", "reset", "other")
+ERROR_KINDS: tuple[UpstreamErrorKind, ...] = ("timeout", "connect", "tls", "proxy", "reset", "other")
 LEASE_STATES = tuple(s.value for s in LeaseState)
 # Status codes worth a series from the start: what the gateway itself answers, and the lease protocol's.
 CLIENT_CODES = ("200", "400", "401", "403", "404", "412", "413", "429", "500", "502", "504")

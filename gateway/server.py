@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import resource
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,15 +39,13 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
+from .logs import QuietLog
 from .settings import Limits
 
 __all__ = ["LISTEN_BACKLOG", "GatewayAppRunner", "RefusalObserver", "descriptor_budget", "raise_descriptor_limit"]
 
 log = logging.getLogger("gateway.proxy")
 
-# At most one log line per this many seconds for refusals of the HTTP layer: a flood of
-# garbage must not become a flood of log lines.
-_LOG_EVERY_SECONDS = 10.0
 
 RefusalObserver = Callable[[int], None]
 LINGER_SECONDS = 1.0
@@ -69,26 +66,6 @@ def _raw_response(status: int, reason: str, error_type: str, message: str) -> by
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
-
-
-class _QuietLog:
-    """Counts what it is told and says so at most every `_LOG_EVERY_SECONDS`."""
-
-    def __init__(self) -> None:
-        self._next = 0.0
-        self._unsaid = 0
-
-    def note(self, what: str) -> None:
-        self._unsaid += 1
-        now = time.monotonic()
-        if now >= self._next:
-            log.info(
-                "refused %d request(s) the HTTP layer could not accept; the last: %s",
-                self._unsaid,
-                what,
-                extra={"fields": {"event": "refused_by_http_layer", "count": self._unsaid, "reason": what}},
-            )
-            self._next, self._unsaid = now + _LOG_EVERY_SECONDS, 0
 
 
 class _Handler(RequestHandler):
@@ -241,7 +218,13 @@ class GatewayServer(web.Server):
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._observer = observer
-        self._quiet = _QuietLog()
+        # A flood of garbage must not become a flood of log lines.
+        self._quiet = QuietLog(
+            log,
+            logging.INFO,
+            "refused_by_http_layer",
+            "refused %d request(s) the HTTP layer could not accept; the last: %s",
+        )
         self.descriptor_budget = descriptor_budget()
 
     def __call__(self) -> RequestHandler:

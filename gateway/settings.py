@@ -45,6 +45,7 @@ __all__ = [
     "TtlOverride",
     "UpstreamPools",
     "UpstreamSettings",
+    "UpstreamTls",
     "rule",
 ]
 
@@ -162,11 +163,20 @@ class UpstreamPools:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How the upstream's certificate is checked: always verified, against the system's trust store
+    (or `SSL_CERT_FILE`/`SSL_CERT_DIR`, as OpenSSL reads them) plus these PEM bundles."""
+
+    ca_files: tuple[str, ...] = field(default=(), metadata=rule(format="ca_file"))
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     base_url: str = field(default=DEFAULT_BASE_URL, metadata=rule(format="url"))
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
     pools: UpstreamPools = UpstreamPools()
+    tls: UpstreamTls = UpstreamTls()
 
 
 @dataclass(frozen=True, slots=True)

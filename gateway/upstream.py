@@ -14,6 +14,8 @@ aiohttp client errors.
 from __future__ import annotations
 
 import functools
+import logging
+import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -25,7 +27,10 @@ from yarl import URL
 
 from .capacity import Gate
 from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
-from .settings import PoolName, UpstreamSettings
+from .logs import QuietLog
+from .settings import PoolName, UpstreamSettings, UpstreamTls
+
+log = logging.getLogger("gateway.upstream")
 
 __all__ = [
     "BufferedResponse",
@@ -125,6 +130,15 @@ async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int)
         return BufferedResponse(response.status, response.reason, response.headers, body)
 
 
+def tls_context(settings: UpstreamTls) -> ssl.SSLContext:
+    """Verification always on: the system's trust store (as OpenSSL finds it, `SSL_CERT_FILE` and
+    `SSL_CERT_DIR` included) with the configured bundles added to it, never in its place."""
+    context = ssl.create_default_context()
+    for ca_file in settings.ca_files:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
 class HttpUpstream:
     """`Upstream` over pooled aiohttp `ClientSession`s, one per capacity class; create and close it in the loop.
 
@@ -146,11 +160,15 @@ class HttpUpstream:
         # The whole exchange, body streaming included.
         self._timeout = self._timeout_of(settings.request_timeout_seconds)
         self.gates = gates or {p: Gate(p, settings.pools.of(p)) for p in PoolName}
+        self._tls = tls_context(settings.tls)
         self._sessions = {p: self._session(self.gates[p].limit) for p in PoolName}
+        self._egress_failures = QuietLog(
+            log, logging.WARNING, "upstream_unreachable", "%d upstream request(s) failed on the way: %s"
+        )
 
     def _session(self, limit: int) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0),
+            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, ssl=self._tls),
             timeout=self._timeout,
             # Bytes pass through as the upstream sent them: no decompression,
             # and no headers the client did not send (Accept-Encoding, User-Agent).
@@ -214,6 +232,9 @@ class HttpUpstream:
         translated = translate(exc)
         if isinstance(translated, UpstreamError):
             self._observer.upstream_failed(route, translated.kind)
+            if translated.kind in ("tls", "proxy"):
+                # The egress path is misconfigured (a CA, a hostname, a proxy): every request fails alike.
+                self._egress_failures.note(translated.message)
         if translated is exc:
             raise exc
         raise translated from exc
@@ -247,45 +268,88 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def _never_sent(kind: UpstreamErrorKind, message: str) -> Callable[[BaseException], UpstreamError]:
+    return lambda _: UpstreamUnavailable(message, kind=kind, may_have_reached_upstream=False)
+
+
+def _certificate(exc: BaseException) -> UpstreamError:
+    # OpenSSL's own words ("Hostname mismatch, certificate is not valid for 'x'", "unable to get local
+    # issuer certificate", "certificate has expired"): what an operator needs, and no secret.
+    reason = getattr(exc, "certificate_error", None)
+    detail = getattr(reason, "verify_message", None) or str(reason or exc)
+    return UpstreamUnavailable(
+        f"the upstream's TLS certificate was not accepted: {detail}", kind="tls", may_have_reached_upstream=False
+    )
+
+
+def _handshake(exc: BaseException) -> UpstreamError:
+    reason = getattr(exc, "os_error", None)
+    detail = getattr(reason, "reason", None) or type(reason or exc).__name__
+    return UpstreamUnavailable(
+        f"the TLS handshake with the upstream failed: {detail}", kind="tls", may_have_reached_upstream=False
+    )
+
+
+def _proxy_refused(exc: BaseException) -> UpstreamError:
+    status = getattr(exc, "status", None)
+    detail = " (407: its credentials were refused)" if status == 407 else f" ({status})" if status else ""
+    return UpstreamUnavailable(
+        f"the egress proxy refused the connection to the upstream{detail}",
+        kind="proxy",
+        may_have_reached_upstream=False,
+    )
+
+
 # What each aiohttp or socket error of an exchange means, most specific first.
-_MEANINGS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[], UpstreamError]], ...] = (
+_MEANINGS: tuple[
+    tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[BaseException], UpstreamError]], ...
+] = (
     (
         aiohttp.ConnectionTimeoutError,
-        lambda: UpstreamTimeout(
-            "timed out connecting to the upstream", kind="timeout", may_have_reached_upstream=False
+        lambda _: UpstreamTimeout(
+            "timed out connecting to the upstream (or in its TLS handshake)",
+            kind="timeout",
+            may_have_reached_upstream=False,
+        ),
+    ),
+    (aiohttp.ClientConnectorCertificateError, _certificate),
+    (aiohttp.ClientConnectorSSLError, _handshake),
+    (aiohttp.ClientProxyConnectionError, _never_sent("proxy", "cannot connect to the egress proxy")),
+    (aiohttp.ClientHttpProxyError, _proxy_refused),
+    (aiohttp.ClientConnectorError, _never_sent("connect", "cannot connect to the upstream")),
+    (
+        (TimeoutError, aiohttp.ServerTimeoutError),
+        lambda _: UpstreamTimeout(
+            "the upstream did not answer in time", kind="timeout", may_have_reached_upstream=True
         ),
     ),
     (
-        aiohttp.ClientConnectorError,
-        lambda: UpstreamUnavailable("cannot connect to the upstream", kind="connect", may_have_reached_upstream=False),
-    ),
-    (
-        (TimeoutError, aiohttp.ServerTimeoutError),
-        lambda: UpstreamTimeout("the upstream did not answer in time", kind="timeout", may_have_reached_upstream=True),
-    ),
-    (
         aiohttp.ServerDisconnectedError,
-        lambda: UpstreamUnavailable("the upstream closed the connection", kind="reset", may_have_reached_upstream=True),
+        lambda _: UpstreamUnavailable(
+            "the upstream closed the connection", kind="reset", may_have_reached_upstream=True
+        ),
     ),
     (
         aiohttp.ClientPayloadError,
-        lambda: UpstreamUnavailable("the upstream response was cut off", kind="reset", may_have_reached_upstream=True),
+        lambda _: UpstreamUnavailable(
+            "the upstream response was cut off", kind="reset", may_have_reached_upstream=True
+        ),
     ),
     (
         aiohttp.ClientResponseError,
-        lambda: UpstreamUnavailable(
+        lambda _: UpstreamUnavailable(
             "the upstream sent an invalid HTTP response", kind="other", may_have_reached_upstream=True
         ),
     ),
     (
         (aiohttp.ClientOSError, ConnectionError),
-        lambda: UpstreamUnavailable(
+        lambda _: UpstreamUnavailable(
             "the connection to the upstream was reset", kind="reset", may_have_reached_upstream=True
         ),
     ),
     (
         aiohttp.ClientError,
-        lambda: UpstreamUnavailable("the upstream exchange failed", kind="other", may_have_reached_upstream=True),
+        lambda _: UpstreamUnavailable("the upstream exchange failed", kind="other", may_have_reached_upstream=True),
     ),
 )
 
@@ -296,5 +360,5 @@ def translate(exc: Exception) -> Exception:
         return exc
     for kinds, meaning in _MEANINGS:
         if isinstance(exc, kinds):
-            return meaning()
+            return meaning(exc)
     return exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,7 @@ def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
         environments: dict[str, str] | None = None,
         seed: int = 1,
         middleware: Any = None,
+        tls: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> SimHandle:
         config = SimulatorConfig(
@@ -47,7 +49,7 @@ def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
         app = create_simulator_app(config)
         if middleware is not None:
             app.middlewares.insert(0, middleware)  # a test's own fault, ahead of everything
-        server = await aiohttp_server(app)
+        server = await aiohttp_server(app, ssl=tls)  # with `tls`, an HTTPS upstream
         return SimHandle(server, app[SIMULATOR])
 
     return make

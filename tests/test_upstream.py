@@ -173,6 +173,8 @@ async def test_oversized_heartbeat_answer_is_refused(recorder: tuple[Recorder, s
     [
         (aiohttp.ConnectionTimeoutError(), UpstreamTimeout, "timeout", False),
         (aiohttp.ClientConnectorError(None, OSError(111, "refused")), UpstreamUnavailable, "connect", False),  # type: ignore[arg-type]
+        (aiohttp.ClientProxyConnectionError(None, OSError(111, "refused")), UpstreamUnavailable, "proxy", False),  # type: ignore[arg-type]
+        (aiohttp.ClientHttpProxyError(None, (), status=407), UpstreamUnavailable, "proxy", False),  # type: ignore[arg-type]
         (aiohttp.SocketTimeoutError(), UpstreamTimeout, "timeout", True),
         (TimeoutError(), UpstreamTimeout, "timeout", True),
         (aiohttp.ServerDisconnectedError(), UpstreamUnavailable, "reset", True),

@@ -1,0 +1,131 @@
+"""HTTPS to the upstream, with certificate authorities made here: trusted, untrusted, the wrong name."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+
+from gateway.config import ConfigError, load_settings
+from gateway.logs import configure_logging
+from gateway.settings import LoggingSettings
+
+from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
+from .test_heartbeat_driver import held_item
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA(organization_name="heartbeat-gateway test CA")
+
+
+def serving(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    """A server's TLS context, with a certificate from `ca` for `names`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def warnings() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings("info", "json"), [], stream)
+    yield stream
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+async def claim(gateway_url: str) -> tuple[int, dict[str, object]]:
+    url = f"{gateway_url}/v1/environments/{ENV_ID}/work/w/heartbeat"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_an_upstream_signed_by_a_private_ca_in_ca_files_is_trusted(
+    ca: trustme.CA, ca_file: str, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))
+    assert sim.url.startswith("https://")
+    work_id = held_item(sim)
+    gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}}}")
+    url = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r,
+    ):
+        assert r.status == 200, await r.text()
+        assert (await r.json())["lease_extended"] is True
+
+
+@pytest.mark.parametrize(
+    ("names", "trusted", "reason"),
+    [
+        (("127.0.0.1",), False, "unable to get local issuer certificate"),
+        (("api.other.example",), True, "mismatch"),
+    ],
+    ids=["untrusted-ca", "wrong-name"],
+)
+async def test_a_certificate_the_gateway_cannot_accept_is_named_to_the_worker_in_metrics_and_in_a_warning(
+    ca: trustme.CA,
+    ca_file: str,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+    warnings: io.StringIO,
+    names: tuple[str, ...],
+    trusted: bool,
+    reason: str,
+) -> None:
+    """Before: every TLS failure was `502 "cannot connect to the upstream"` and nothing at warning said why."""
+    sim = await make_simulator(tls=serving(ca, *names))
+    extra = f", tls: {{ca_files: ['{ca_file}']}}" if trusted else ""
+    gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}'{extra}}}")
+    status, body = await claim(gateway.proxy_url)
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert status == 502
+    assert "TLS certificate was not accepted" in error["message"]
+    assert reason in error["message"]
+    assert sim.sim.count("heartbeat") == 0  # never sent
+    async with aiohttp.ClientSession() as http, http.get(gateway.admin_url + "/metrics") as r:
+        series = 'heartbeat_gateway_upstream_errors_total{kind="tls",route="heartbeat"} '
+        (count,) = [float(line[len(series) :]) for line in (await r.text()).splitlines() if line.startswith(series)]
+        assert count >= 1  # (each attempt the gateway made within the worker's window)
+    lines = [json.loads(line) for line in warnings.getvalue().splitlines()]
+    (warning,) = [line for line in lines if line.get("event") == "upstream_unreachable"]
+    assert warning["level"] == "warning"
+    assert reason in warning["reason"]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read"), ("not a certificate\n", "holds no PEM certificate")],  # after the path
+    ids=["missing", "not-pem"],
+)
+def test_a_ca_file_that_cannot_be_used_is_a_config_error(tmp_path: Path, content: str | None, problem: str) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_text(content)
+    config = config_yaml("https://api.example", f"upstream: {{tls: {{ca_files: ['{path}']}}}}")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, ENVIRON)
+    assert str(raised.value).startswith("upstream.tls.ca_files[0]: ")
+    assert problem in str(raised.value)
