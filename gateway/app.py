@@ -26,7 +26,7 @@ from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatS
 from .links import Links
 from .metrics import GatewayMetrics
 from .middleware import access_log_middleware, error_middleware
-from .overload import Governor, LagProbe, PollHold
+from .overload import Governor, LagProbe, PollHold, cpu_capacity
 from .polls import PollAdmission
 from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
 from .server import LISTEN_BACKLOG, GatewayAppRunner, descriptor_budget
@@ -87,7 +87,7 @@ def create_proxy_app(
         gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
         up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates)
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
-        governor = Governor(lambda: live.current.overload)
+        governor = Governor(lambda: live.current.overload, cpu_capacity=cpu_capacity())
         health.overloaded = lambda: governor.refusing
         background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
         service = heartbeats or _heartbeat_service(settings, up, metrics)

@@ -157,6 +157,11 @@ class GatewayMetrics:
             "0 calm; 1 long polls answered empty at the gateway; 2 also new requests but lease calls refused 503.",
             registry=r,
         )
+        self.polls_shed_share_gauge = Gauge(
+            f"{PREFIX}_overload_polls_shed_share",
+            "The share of long polls answered empty at the gateway at the first overload level (1 at the second).",
+            registry=r,
+        )
         self.shed = Counter(
             f"{PREFIX}_requests_shed",
             "Requests shed while overloaded: polls answered_empty (null, as an empty queue) or refused (503).",
@@ -313,6 +318,9 @@ class GatewayMetrics:
 
     def overload_level(self, level: int) -> None:
         self.overload.set(level)
+
+    def polls_shed_share(self, share: float) -> None:
+        self.polls_shed_share_gauge.set(share)
 
     # -- CapacityObserver -------------------------------------------------------------
 

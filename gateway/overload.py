@@ -6,15 +6,20 @@ on one replica of this machine, heartbeat p99 rose by 170 ms and thousands of
 requests a minute failed, while the Service kept sending it more. Work that is
 always safe to shed went on costing the same as work that is not.
 
-The signal is event-loop lag: how late a timer set for now runs, the time a
-ready request waits before the loop gets to it. It is what workers feel, on
-any core and whatever the mix (CPU alone says a replica is fully used, not
-that it is late; `process_cpu_seconds_total` reports it). The `Governor`
-decides, sans-IO, from the median lag of the last second:
+Two signals, over the last second. Event-loop lag: how late a timer set for
+now runs, the time a ready request waits before the loop gets to it; it is
+what workers feel, and under a CPU quota (a pod's `limits.cpu`) a throttled
+replica shows it at once. And CPU: the share of what the replica may use (one
+core, or its cgroup quota if less) that it used. A replica on a whole core
+that is saturated still runs its timers every 10-20 ms, far below any lag
+worth shedding for, while work piles up until it stalls for a second (seen
+at 8,400 workers: five seconds at 100% with a median lag of 15 ms, then a
+1.1 s stall). The `Governor` decides, sans-IO:
 
 - `CALM`: everything is served.
-- `SHED_POLLS` (lag above `overload.shed_polls_lag_seconds`): long polls the
-  gateway injected a key for are held (half to all of
+- `SHED_POLLS` (median lag above `overload.shed_polls_lag_seconds`, or CPU
+  above `overload.shed_polls_cpu`): a share of the
+  long polls the gateway injected a key for are held (half to all of
   `overload.hold_polls_seconds`, 15 s) and answered `200 null`, as the API answers
   a poll when the queue is empty, with no upstream call. A held poll costs a
   timer; answered after its `block_ms` it would be back within 1-3 s, so an
@@ -22,6 +27,14 @@ decides, sans-IO, from the median lag of the last second:
   give a request 10 minutes.) Two polls per environment stay upstream all the same
   (`PICKUP_POLLS`): one open poll picks up new work as fast as a thousand,
   so queued work is still found within a poll's round trip.
+  The share is graduated, as Envoy scales its overload actions: it rises
+  fast while either signal is past its threshold (all polls within half a
+  second when the loop is late, a few seconds when the CPU alone nears its
+  limit) and falls slowly once both are well below (the lag below half its
+  threshold, the CPU ten points below its own; to none over 15 s). All or nothing, a replica that calmed down
+  forwarded every poll again at once, stalled for a second under them (heartbeat
+  p99 +1.3 s at 8,400 workers, bench/scale_bench.py) and shed them all again:
+  graduated, it settles at the share it can serve.
 - `SHED_REQUESTS` (lag above `overload.shed_requests_lag_seconds`): every new
   request but a lease call, polls included, gets 503
   `overloaded_error` with `retry-after`. The SDKs' pollers back off on an
@@ -42,10 +55,10 @@ workers' beats arrive on another that saw neither.)
 While the replica refuses requests, `/readyz` answers 503 `overloaded`, so
 the Service sends new connections to other replicas (not at the first level:
 were every replica unready at once, a worker's new connection after an
-aborted beat would find no endpoint). A level is entered as soon as the
-lag passes its threshold and left one step at a time, once the lag has
-stayed below half that threshold for `overload.recover_seconds`, so the
-replica does not flap in and out of rotation.
+aborted beat would find no endpoint). The second level is entered as soon
+as the lag passes its threshold and left, to the first at its full share,
+once the lag has stayed below half that threshold for
+`overload.recover_seconds`, so the replica does not flap in and out of rotation.
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import statistics
 import time
@@ -64,7 +78,17 @@ from typing import Literal, Protocol
 from .routing import RouteName
 from .settings import OverloadSettings
 
-__all__ = ["LEASE_ROUTES", "PICKUP_POLLS", "Governor", "LagProbe", "Load", "OverloadObserver", "PollHold", "Shed"]
+__all__ = [
+    "LEASE_ROUTES",
+    "PICKUP_POLLS",
+    "Governor",
+    "LagProbe",
+    "Load",
+    "OverloadObserver",
+    "PollHold",
+    "Shed",
+    "cpu_capacity",
+]
 
 log = logging.getLogger("gateway.overload")
 
@@ -74,6 +98,16 @@ WINDOW_SECONDS = 1.0
 PROBE_INTERVAL_SECONDS = 0.05
 # Polls per environment kept upstream whatever the level: work is picked up within a poll's round trip.
 PICKUP_POLLS = 2
+# How fast the share of polls shed rises, from none to all: at once when the loop is late (workers feel
+# it now), over a few seconds when the CPU alone nears its limit (a shed poll's effect shows only when
+# its worker would have come back: after its block_ms and 1-3 s asleep).
+LATE_RISE_SECONDS = 0.5
+BUSY_RISE_SECONDS = 3.0
+# How slowly it falls once both signals are well below: several times that delay, or each fall
+# overshoots into the next saturation (a sawtooth whose peaks stall the loop).
+SHARE_FALL_SECONDS = 15.0
+# The share falls only once the CPU is this far below its threshold: a band, so it does not flap.
+CPU_BAND = 0.1
 # Lease calls: never shed.
 LEASE_ROUTES = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP})
 
@@ -89,59 +123,79 @@ class Load(IntEnum):
 class Governor:
     """The overload level, from lag samples with the time they were taken: time passed in, the level out."""
 
-    def __init__(self, settings: Callable[[], OverloadSettings]) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], OverloadSettings],
+        *,
+        cpu_capacity: float = 1.0,
+        chance: Callable[[], float] = random.random,
+    ) -> None:
         self._settings = settings
+        self._cpu_capacity = cpu_capacity
+        self._chance = chance
         self.level = Load.CALM
         self.lag = 0.0
-        self._samples: deque[tuple[float, float]] = deque()
+        # The share of the replica's CPU used over the last second (0 until a second's samples are in).
+        self.cpu = 0.0
+        # The share of polls shed at the first level (0 when calm, 1 at the second level).
+        self.poll_share = 0.0
+        self._samples: deque[tuple[float, float, float]] = deque()
         # Since when the lag has stayed below the current level's way out (None: it has not).
         self._calm_since: float | None = None
         # Since when the lag has stayed past the polls threshold while polls were shed (None: it has not).
         self._shedding_since: float | None = None
 
-    def observe(self, now: float, lag: float) -> Load:
-        """One sample of the loop's lag, taken at `now`; returns the level it leaves."""
+    def observe(self, now: float, lag: float, cpu_seconds: float | None = None) -> Load:
+        """One sample of the loop's lag and the process's CPU time, taken at `now`; returns the level it leaves."""
         samples = self._samples
-        samples.append((now, lag))
+        elapsed = now - samples[-1][0] if samples else 0.0
+        samples.append((now, lag, cpu_seconds if cpu_seconds is not None else 0.0))
         while samples[0][0] <= now - WINDOW_SECONDS:
             samples.popleft()
-        self.lag = statistics.median(s for _, s in samples)
+        self.lag = statistics.median(s[1] for s in samples)
+        first = samples[0]
+        if cpu_seconds is not None and now - first[0] >= WINDOW_SECONDS / 2:
+            self.cpu = (cpu_seconds - first[2]) / (now - first[0]) / self._cpu_capacity
         settings = self._settings()
         if not settings.enabled:
-            self.level, self._calm_since = Load.CALM, None
+            self.level, self.poll_share, self._calm_since = Load.CALM, 0.0, None
             return self.level
-        wanted = self._level_for(self.lag, settings)
-        if self.level is not Load.SHED_POLLS or self.lag < settings.shed_polls_lag_seconds / 2:
-            self._shedding_since = None  # not shedding polls, or calm enough to start recovering
-        elif self._shedding_since is None:
-            self._shedding_since = now
-        elif now - self._shedding_since >= settings.escalate_seconds:
-            # Shedding polls has not brought the lag down: a replica far past its capacity needs more.
-            wanted = Load.SHED_REQUESTS
-        if wanted >= self.level:
-            self.level, self._calm_since = wanted, None
-        elif self.lag >= self._threshold(self.level, settings) / 2:
+        if self.level is Load.SHED_REQUESTS:
+            self._leave_requests(now, settings)
+        elif self.lag >= settings.shed_requests_lag_seconds or self._shed_polls_in_vain(now, settings):
+            self.level, self.poll_share, self._calm_since = Load.SHED_REQUESTS, 1.0, None
+        else:
+            self._steer_poll_share(elapsed, settings)
+        return self.level
+
+    def _leave_requests(self, now: float, settings: OverloadSettings) -> None:
+        if self.lag >= settings.shed_requests_lag_seconds / 2:
             self._calm_since = None
         elif self._calm_since is None:
             self._calm_since = now
         elif now - self._calm_since >= settings.recover_seconds:
-            # One step down at a time, each after its own calm spell.
-            self.level, self._calm_since = Load(self.level - 1), now
-        return self.level
+            # Down to the first level, every poll still shed: the share falls from there.
+            self.level, self.poll_share, self._calm_since = Load.SHED_POLLS, 1.0, None
+            self._shedding_since = None
 
-    @staticmethod
-    def _level_for(lag: float, settings: OverloadSettings) -> Load:
-        if lag >= settings.shed_requests_lag_seconds:
-            return Load.SHED_REQUESTS
-        if lag >= settings.shed_polls_lag_seconds:
-            return Load.SHED_POLLS
-        return Load.CALM
+    def _shed_polls_in_vain(self, now: float, settings: OverloadSettings) -> bool:
+        """Every poll shed, and the lag still past the polls threshold for `escalate_seconds`."""
+        if self.poll_share < 1.0 or self.lag < settings.shed_polls_lag_seconds / 2:
+            self._shedding_since = None  # not all shed yet, or calm enough to start recovering
+            return False
+        if self._shedding_since is None:
+            self._shedding_since = now
+        return now - self._shedding_since >= settings.escalate_seconds
 
-    @staticmethod
-    def _threshold(level: Load, settings: OverloadSettings) -> float:
-        if level is Load.SHED_REQUESTS:
-            return settings.shed_requests_lag_seconds
-        return settings.shed_polls_lag_seconds
+    def _steer_poll_share(self, elapsed: float, settings: OverloadSettings) -> None:
+        threshold = settings.shed_polls_lag_seconds
+        if self.lag >= threshold:
+            self.poll_share = min(1.0, max(self.poll_share, 0.1) + elapsed / LATE_RISE_SECONDS)
+        elif self.cpu >= settings.shed_polls_cpu:
+            self.poll_share = min(1.0, max(self.poll_share, 0.1) + elapsed / BUSY_RISE_SECONDS)
+        elif self.lag < threshold / 2 and self.cpu < settings.shed_polls_cpu - CPU_BAND:
+            self.poll_share = max(0.0, self.poll_share - elapsed / SHARE_FALL_SECONDS)
+        self.level = Load.SHED_POLLS if self.poll_share > 0.0 else Load.CALM
 
     @property
     def overloaded(self) -> bool:
@@ -167,7 +221,9 @@ class Governor:
             return None
         if level is Load.SHED_REQUESTS:
             return "request"
-        return "poll" if route is RouteName.POLL and injected_poll else None
+        if route is RouteName.POLL and injected_poll and self._chance() < self.poll_share:
+            return "poll"
+        return None
 
 
 class PollHold:
@@ -195,10 +251,46 @@ class PollHold:
         self._drained.set()
 
 
+def cpu_capacity(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float:
+    """The cores this process may use: one (it runs one event loop), or its cgroup's CPU quota if less."""
+    quota = _cgroup_quota(root, membership)
+    return 1.0 if quota is None else min(1.0, quota)
+
+
+def _cgroup_quota(root: str, membership: str) -> float | None:
+    """Cores allowed by the CPU quota of the cgroup this process is in (v2, else v1); None if unlimited."""
+    try:
+        with open(membership) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        with contextlib.suppress(OSError, ValueError):
+            if controllers == "":  # v2: "max 100000" when unlimited
+                with open(os.path.join(root, path, "cpu.max")) as f:
+                    text_quota, text_period = f.read().split()
+                return None if text_quota == "max" else float(text_quota) / float(text_period)
+            if "cpu" in controllers.split(","):  # v1: -1 when unlimited
+                group = os.path.join(root, controllers, path)
+                if not os.path.isdir(group):
+                    group = os.path.join(root, "cpu", path)
+                with (
+                    open(os.path.join(group, "cpu.cfs_quota_us")) as q,
+                    open(os.path.join(group, "cpu.cfs_period_us")) as p,
+                ):
+                    quota, period = float(q.read()), float(p.read())
+                return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
 class OverloadObserver(Protocol):
     def loop_lag(self, seconds: float) -> None: ...
 
     def overload_level(self, level: int) -> None: ...
+
+    def polls_shed_share(self, share: float) -> None: ...
 
 
 class LagProbe:
@@ -216,13 +308,15 @@ class LagProbe:
             await asyncio.sleep(PROBE_INTERVAL_SECONDS)
             lag = max(0.0, loop.time() - due)
             self._observer.loop_lag(lag)
-            now = self._governor.observe(time.monotonic(), lag)
+            now = self._governor.observe(time.monotonic(), lag, time.process_time())
+            self._observer.polls_shed_share(self._governor.poll_share)
             if now is not level:
                 self._observer.overload_level(now)
                 log.warning(
-                    "overload level %s (event-loop lag %.0f ms)",
+                    "overload level %s (event-loop lag %.0f ms, CPU %.0f%%)",
                     now.name.lower(),
                     self._governor.lag * 1000,
+                    self._governor.cpu * 100,
                     extra={"fields": {"event": "overload", "overload_level": now.name.lower()}},
                 )
                 level = now

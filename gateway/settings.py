@@ -266,6 +266,9 @@ class OverloadSettings:
     enabled: bool = True
     # The median event-loop lag over a second past which long polls are answered `null` at the gateway.
     shed_polls_lag_seconds: float = 0.05
+    # Or past this share of the CPU the replica may use (a core, or its quota if less): a saturated
+    # replica on a whole core runs its timers on time until it stalls.
+    shed_polls_cpu: float = field(default=0.75, metadata=rule(at_most=1.0))
     # Past this, every new request but a lease call gets 503 overloaded_error.
     shed_requests_lag_seconds: float = 0.25
     # Shedding polls that has not brought the lag below the polls threshold in this long goes a level up.
