@@ -144,6 +144,8 @@ def _read_text_file(path: str) -> str:
 def _os_reason(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return "not UTF-8 text"
+    if isinstance(exc, ValueError):
+        return "not a usable path"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__
@@ -297,7 +299,7 @@ class _Reader:
         try:
             # Mounted Kubernetes secrets and `echo > file` often end in a newline.
             secret = self.read_file(file_path).strip()
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the path
             self.problem(path, f"cannot read {file_path}: {_os_reason(exc)}")
             return _PLACEHOLDER_SECRET
         if not secret:
@@ -411,7 +413,7 @@ class _Reader:
             ssl.create_default_context().load_verify_locations(cafile=file_path)
         except ssl.SSLError:  # an OSError too: first
             self.problem(path, f"{file_path} holds no PEM certificate")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self.problem(path, f"cannot read {file_path}: {_os_reason(exc)}")
 
     def after(self, section: _D, path: str, given: dict[str, Any]) -> _D:

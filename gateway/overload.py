@@ -31,7 +31,7 @@ at 8,400 workers: five seconds at 100% with a median lag of 15 ms, then a
   fast while either signal is past its threshold (all polls within half a
   second when the loop is late, a few seconds when the CPU alone nears its
   limit) and falls slowly once both are well below (the lag below half its
-  threshold, the CPU ten points below its own; to none over 15 s). All or nothing, a replica that calmed down
+  threshold, the CPU below 85% of its own; to none over 15 s). All or nothing, a replica that calmed down
   forwarded every poll again at once, stalled for a second under them (heartbeat
   p99 +1.3 s at 8,400 workers, bench/scale_bench.py) and shed them all again:
   graduated, it settles at the share it can serve.
@@ -106,8 +106,8 @@ BUSY_RISE_SECONDS = 3.0
 # How slowly it falls once both signals are well below: several times that delay, or each fall
 # overshoots into the next saturation (a sawtooth whose peaks stall the loop).
 SHARE_FALL_SECONDS = 15.0
-# The share falls only once the CPU is this far below its threshold: a band, so it does not flap.
-CPU_BAND = 0.1
+# The share falls only once the CPU is below this share of its threshold: a band, so it does not flap.
+CPU_BAND = 0.85
 # Lease calls: never shed.
 LEASE_ROUTES = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP})
 
@@ -191,9 +191,9 @@ class Governor:
         threshold = settings.shed_polls_lag_seconds
         if self.lag >= threshold:
             self.poll_share = min(1.0, max(self.poll_share, 0.1) + elapsed / LATE_RISE_SECONDS)
-        elif self.cpu >= settings.shed_polls_cpu:
+        elif settings.shed_polls_cpu < 1.0 and self.cpu >= settings.shed_polls_cpu:  # (1: the CPU signal is off)
             self.poll_share = min(1.0, max(self.poll_share, 0.1) + elapsed / BUSY_RISE_SECONDS)
-        elif self.lag < threshold / 2 and self.cpu < settings.shed_polls_cpu - CPU_BAND:
+        elif self.lag < threshold / 2 and self.cpu < settings.shed_polls_cpu * CPU_BAND:
             self.poll_share = max(0.0, self.poll_share - elapsed / SHARE_FALL_SECONDS)
         self.level = Load.SHED_POLLS if self.poll_share > 0.0 else Load.CALM
 
@@ -258,31 +258,47 @@ def cpu_capacity(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgr
 
 
 def _cgroup_quota(root: str, membership: str) -> float | None:
-    """Cores allowed by the CPU quota of the cgroup this process is in (v2, else v1); None if unlimited."""
+    """Cores allowed by the CPU quota of the cgroup this process is in (v2, else v1); None if unlimited.
+
+    The path `membership` names is the cgroup's full path, but a container sees only its own subtree
+    mounted at `root` (a cgroup namespace, or on v1 a bind mount of its own group): the full path
+    first, then the mount's root.
+    """
     try:
         with open(membership) as f:
             lines = f.read().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
         path = path.lstrip("/")
-        with contextlib.suppress(OSError, ValueError):
-            if controllers == "":  # v2: "max 100000" when unlimited
-                with open(os.path.join(root, path, "cpu.max")) as f:
-                    text_quota, text_period = f.read().split()
-                return None if text_quota == "max" else float(text_quota) / float(text_period)
-            if "cpu" in controllers.split(","):  # v1: -1 when unlimited
-                group = os.path.join(root, controllers, path)
-                if not os.path.isdir(group):
-                    group = os.path.join(root, "cpu", path)
-                with (
-                    open(os.path.join(group, "cpu.cfs_quota_us")) as q,
-                    open(os.path.join(group, "cpu.cfs_period_us")) as p,
-                ):
-                    quota, period = float(q.read()), float(p.read())
-                return None if quota <= 0 or period <= 0 else quota / period
+        if controllers == "":  # v2
+            for group in _candidates(root, path):
+                with contextlib.suppress(OSError, ValueError):
+                    return _v2_quota(group)
+        elif "cpu" in controllers.split(","):  # v1
+            for mount in dict.fromkeys((os.path.join(root, controllers), os.path.join(root, "cpu"))):
+                for group in _candidates(mount, path):
+                    with contextlib.suppress(OSError, ValueError):
+                        return _v1_quota(group)
     return None
+
+
+def _candidates(mount: str, path: str) -> list[str]:
+    return [os.path.join(mount, path), mount] if path else [mount]
+
+
+def _v2_quota(group: str) -> float | None:
+    with open(os.path.join(group, "cpu.max")) as f:
+        text_quota, text_period = f.read().split()  # "max 100000" when unlimited
+    return None if text_quota == "max" else float(text_quota) / float(text_period)
+
+
+def _v1_quota(group: str) -> float | None:
+    with open(os.path.join(group, "cpu.cfs_quota_us")) as q, open(os.path.join(group, "cpu.cfs_period_us")) as p:
+        quota, period = float(q.read()), float(p.read())  # quota -1 when unlimited
+    return None if quota <= 0 or period <= 0 else quota / period
 
 
 class OverloadObserver(Protocol):
@@ -308,11 +324,14 @@ class LagProbe:
             await asyncio.sleep(PROBE_INTERVAL_SECONDS)
             lag = max(0.0, loop.time() - due)
             self._observer.loop_lag(lag)
-            now = self._governor.observe(time.monotonic(), lag, time.process_time())
+            # The loop's own thread: the one core it can use (other threads, such as the resolver's, are not it).
+            now = self._governor.observe(time.monotonic(), lag, time.thread_time())
             self._observer.polls_shed_share(self._governor.poll_share)
             if now is not level:
                 self._observer.overload_level(now)
-                log.warning(
+                # Into or out of refusing requests is news; the first level comes and goes with the load.
+                log.log(
+                    logging.WARNING if Load.SHED_REQUESTS in (now, level) else logging.INFO,
                     "overload level %s (event-loop lag %.0f ms, CPU %.0f%%)",
                     now.name.lower(),
                     self._governor.lag * 1000,

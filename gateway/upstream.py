@@ -134,6 +134,7 @@ def tls_context(settings: UpstreamTls) -> ssl.SSLContext:
     """Verification always on: the system's trust store (as OpenSSL finds it, `SSL_CERT_FILE` and
     `SSL_CERT_DIR` included) with the configured bundles added to it, never in its place."""
     context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])  # as aiohttp's own default context: the client speaks nothing else
     for ca_file in settings.ca_files:
         context.load_verify_locations(cafile=ca_file)
     return context
@@ -284,6 +285,13 @@ def _certificate(exc: BaseException) -> UpstreamError:
 
 def _handshake(exc: BaseException) -> UpstreamError:
     reason = getattr(exc, "os_error", None)
+    if isinstance(reason, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
+        # A connection closed mid-handshake (a load balancer's reset): weather, not a misconfiguration.
+        return UpstreamUnavailable(
+            "the upstream closed the connection during the TLS handshake",
+            kind="connect",
+            may_have_reached_upstream=False,
+        )
     detail = getattr(reason, "reason", None) or type(reason or exc).__name__
     return UpstreamUnavailable(
         f"the TLS handshake with the upstream failed: {detail}", kind="tls", may_have_reached_upstream=False

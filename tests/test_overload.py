@@ -332,9 +332,26 @@ def test_under_a_cpu_quota_the_cpu_signal_is_a_share_of_the_quota() -> None:
             {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
             1.0,
         ),
+        (  # v1 in a container: the full path named, its own group mounted at the root
+            "4:memory:/kubepods/pod1/c1\n2:cpu,cpuacct:/kubepods/pod1/c1\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            0.5,
+        ),
+        ("0::/kubepods/pod1/c1\n", {"cpu.max": "25000 100000\n"}, 0.25),  # v2, the same
         ("", {}, 1.0),
+        ("garbage\n0::\n", {}, 1.0),
     ],
-    ids=["v2-limited", "v2-unlimited", "v2-above-a-core", "v1-limited", "v1-unlimited", "none"],
+    ids=[
+        "v2-limited",
+        "v2-unlimited",
+        "v2-above-a-core",
+        "v1-limited",
+        "v1-unlimited",
+        "v1-container",
+        "v2-container",
+        "none",
+        "malformed",
+    ],
 )
 def test_the_cpu_a_replica_may_use_comes_from_its_cgroup(
     tmp_path: Path, membership: str, files: dict[str, str], cores: float
@@ -344,3 +361,17 @@ def test_the_cpu_a_replica_may_use_comes_from_its_cgroup(
         (tmp_path / name).write_text(text)
     (tmp_path / "self-cgroup").write_text(membership)
     assert cpu_capacity(str(tmp_path), str(tmp_path / "self-cgroup")) == cores
+
+
+def test_the_cpu_signal_is_off_at_1_and_a_low_threshold_still_recovers() -> None:
+    def run(threshold: float, busy: float) -> Governor:
+        governor = Governor(lambda: OverloadSettings(shed_polls_cpu=threshold), cpu_capacity=1.0)
+        for n in range(60):  # 3 s busy
+            governor.observe(n * 0.05, 0.001, cpu_seconds=n * 0.05 * busy)
+        return governor
+
+    assert run(1.0, 1.0).level is Load.CALM  # a replica at its quota is not shed for it when the signal is off
+    low = run(0.1, 0.12)
+    assert low.level is Load.SHED_POLLS
+    levels = [low.observe(n * 0.05, 0.001, cpu_seconds=3 * 0.12) for n in range(60, 60 + 20 * 20)]  # 20 s idle
+    assert levels[-1] is Load.CALM

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -173,6 +174,8 @@ async def test_oversized_heartbeat_answer_is_refused(recorder: tuple[Recorder, s
     [
         (aiohttp.ConnectionTimeoutError(), UpstreamTimeout, "timeout", False),
         (aiohttp.ClientConnectorError(None, OSError(111, "refused")), UpstreamUnavailable, "connect", False),  # type: ignore[arg-type]
+        (aiohttp.ClientConnectorSSLError(None, ssl.SSLEOFError()), UpstreamUnavailable, "connect", False),
+        (aiohttp.ClientConnectorSSLError(None, ssl.SSLError(1, "wrong version")), UpstreamUnavailable, "tls", False),
         (aiohttp.ClientProxyConnectionError(None, OSError(111, "refused")), UpstreamUnavailable, "proxy", False),  # type: ignore[arg-type]
         (aiohttp.ClientHttpProxyError(None, (), status=407), UpstreamUnavailable, "proxy", False),  # type: ignore[arg-type]
         (aiohttp.SocketTimeoutError(), UpstreamTimeout, "timeout", True),

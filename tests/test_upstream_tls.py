@@ -76,6 +76,31 @@ async def test_an_upstream_signed_by_a_private_ca_in_ca_files_is_trusted(
         assert (await r.json())["lease_extended"] is True
 
 
+async def test_ca_files_are_added_to_the_trust_store_not_put_in_its_place(
+    ca: trustme.CA,
+    ca_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+) -> None:
+    """`SSL_CERT_FILE` replaces the system store; `ca_files` must not: an API the system trusts stays trusted."""
+    system_ca = trustme.CA(organization_name="the system's trust store")
+    system_file = tmp_path / "system.pem"
+    system_ca.cert_pem.write_to_path(str(system_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_file))  # the store OpenSSL reads, as a distribution ships it
+    for signer in (system_ca, ca):
+        sim = await make_simulator(tls=serving(signer, "127.0.0.1"))
+        work_id = held_item(sim)
+        gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}}}")
+        url = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r,
+        ):
+            assert r.status == 200, await r.text()
+
+
 @pytest.mark.parametrize(
     ("names", "trusted", "reason"),
     [
@@ -117,14 +142,23 @@ async def test_a_certificate_the_gateway_cannot_accept_is_named_to_the_worker_in
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [(None, "cannot read"), ("not a certificate\n", "holds no PEM certificate")],  # after the path
-    ids=["missing", "not-pem"],
+    [
+        (None, "cannot read"),
+        ("not a certificate\n", "holds no PEM certificate"),  # (after the path)
+        ("directory", "cannot read"),
+        ("nul", "not a usable path"),
+    ],
+    ids=["missing", "not-pem", "a-directory", "nul-in-path"],
 )
 def test_a_ca_file_that_cannot_be_used_is_a_config_error(tmp_path: Path, content: str | None, problem: str) -> None:
     path = tmp_path / "ca.pem"
-    if content is not None:
+    if content == "directory":
+        path.mkdir()
+    elif content == "nul":
+        path = tmp_path / "ca\\x00.pem"  # YAML's escape: the loaded path holds a NUL
+    elif content is not None:
         path.write_text(content)
-    config = config_yaml("https://api.example", f"upstream: {{tls: {{ca_files: ['{path}']}}}}")
+    config = config_yaml("https://api.example", f'upstream: {{tls: {{ca_files: ["{path}"]}}}}')
     with pytest.raises(ConfigError) as raised:
         load_settings(config, ENVIRON)
     assert str(raised.value).startswith("upstream.tls.ca_files[0]: ")
