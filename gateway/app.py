@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .admin import Health, create_admin_app
 from .capacity import Gate
 from .credentials import RetiredTokens
 from .discovery import SessionDiscovery
+from .egress import ProxyRoute, proxy_route
 from .heartbeat.core import LeaseView, TableCounts
 from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from .links import Links
@@ -85,7 +87,7 @@ def create_proxy_app(
         clients = min(settings.limits.max_client_connections, descriptor_budget())
         pools = settings.upstream.pools
         gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
-        up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates)
+        up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates, egress=egress_route(settings))
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         governor = Governor(lambda: live.current.overload, cpu_capacity=cpu_capacity())
         health.overloaded = lambda: governor.refusing
@@ -222,6 +224,12 @@ class Gateway:
                 await self._inflight.idle()
         await self._proxy.cleanup()
         await self._admin.cleanup()
+
+
+def egress_route(settings: Settings) -> ProxyRoute:
+    """The way to the upstream this process takes (the config check refused any it could not)."""
+    proxy = settings.upstream.proxy
+    return proxy_route(settings.upstream.base_url, proxy.url, proxy.from_environment, os.environ)
 
 
 def _url(runner: web.AppRunner) -> str:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from . import loop as event_loop
-from .app import Gateway
+from .app import Gateway, egress_route
 from .config import ConfigError, load_settings_file
 from .logs import configure_logging
 from .server import LISTEN_BACKLOG, descriptor_budget, raise_descriptor_limit
@@ -202,6 +202,7 @@ async def _serve_until_signal(settings: Settings, path: str) -> None:
                 "event_loop": event_loop.loop_name(),
                 "file_descriptors": soft,
                 "max_client_connections": min(settings.limits.max_client_connections, descriptor_budget()),
+                "upstream_via": egress_route(settings).shown,
             }
         },
     )

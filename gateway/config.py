@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .egress import EgressError, proxy_route
 from .heartbeat.worker_model import absorption_blocker
 from .redaction import REDACTED
 from .settings import (
@@ -323,6 +324,7 @@ class _Reader:
         self.check_distinct_secrets(settings)
         self.check_absorption(settings)
         self.check_overload(settings)
+        self.check_egress(settings)
         return settings
 
     def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
@@ -559,6 +561,18 @@ class _Reader:
                 "overload.shed_requests_lag_seconds",
                 "must not be below overload.shed_polls_lag_seconds: polls are shed first, then requests",
             )
+
+    def check_egress(self, settings: Settings) -> None:
+        """A proxy the gateway cannot use is refused here, never dropped for a direct connection."""
+        proxy = settings.upstream.proxy
+        try:
+            proxy_route(settings.upstream.base_url, proxy.url, proxy.from_environment, self.environ)
+        except EgressError as exc:
+            self.problem("upstream.proxy", str(exc))
+        except ValueError:
+            pass  # the base URL itself: upstream.base_url's own problem says so
+        if proxy.credentials is not None and ":" not in proxy.credentials.value:
+            self.problem("upstream.proxy.credentials", "must be user:password")
 
     def check_distinct_secrets(self, settings: Settings) -> None:
         """A client token equal to a real key would hand that key to every worker."""

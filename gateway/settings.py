@@ -44,6 +44,7 @@ __all__ = [
     "Settings",
     "TtlOverride",
     "UpstreamPools",
+    "UpstreamProxy",
     "UpstreamSettings",
     "UpstreamTls",
     "rule",
@@ -171,12 +172,25 @@ class UpstreamTls:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamProxy:
+    """An egress proxy on the way to the upstream (`gateway.egress` decides which, and refuses what it cannot use)."""
+
+    # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as curl, Go and the SDKs read them.
+    from_environment: bool = True
+    # An http:// or https:// proxy, used whatever the environment says.
+    url: str | None = None
+    # "user:password" for the proxy (Basic), from credentials_env or credentials_file; never logged.
+    credentials: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     base_url: str = field(default=DEFAULT_BASE_URL, metadata=rule(format="url"))
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
     pools: UpstreamPools = UpstreamPools()
     tls: UpstreamTls = UpstreamTls()
+    proxy: UpstreamProxy = UpstreamProxy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +391,10 @@ class Settings:
         values += [t.token.value for t in self.clients.tokens]
         if self.default_credential.api_key is not None:
             values.append(self.default_credential.api_key.value)
-        return tuple(values)
+        if self.upstream.proxy.credentials is not None:
+            values += [self.upstream.proxy.credentials.value]
+            values += [self.upstream.proxy.credentials.value.partition(":")[2]]
+        return tuple(v for v in values if v)
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as JSON-ready data, every secret shown as "<redacted>"."""

@@ -26,9 +26,10 @@ import aiohttp
 from yarl import URL
 
 from .capacity import Gate
+from .egress import ProxyRoute
 from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
 from .logs import QuietLog
-from .settings import PoolName, UpstreamSettings, UpstreamTls
+from .settings import PoolName, UpstreamProxy, UpstreamSettings, UpstreamTls
 
 log = logging.getLogger("gateway.upstream")
 
@@ -130,6 +131,18 @@ async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int)
         return BufferedResponse(response.status, response.reason, response.headers, body)
 
 
+def _proxy_auth(egress: ProxyRoute, settings: UpstreamProxy) -> aiohttp.BasicAuth | None:
+    """The proxy's credentials: the configured secret, else the ones its URL carries."""
+    if egress.proxy is None:
+        return None
+    if settings.credentials is not None:
+        user, _, password = settings.credentials.value.partition(":")
+        return aiohttp.BasicAuth(user, password)
+    if egress.credentials is not None:
+        return aiohttp.BasicAuth(*egress.credentials)
+    return None
+
+
 def tls_context(settings: UpstreamTls) -> ssl.SSLContext:
     """Verification always on: the system's trust store (as OpenSSL finds it, `SSL_CERT_FILE` and
     `SSL_CERT_DIR` included) with the configured bundles added to it, never in its place."""
@@ -154,8 +167,12 @@ class HttpUpstream:
         *,
         observer: UpstreamObserver | None = None,
         gates: Mapping[PoolName, Gate] | None = None,
+        egress: ProxyRoute | None = None,
     ) -> None:
         self._observer = observer or _Unobserved()
+        # Every class, heartbeats and streams alike, takes the one way out the config chose.
+        self._egress = egress or ProxyRoute(None, "no proxy given")
+        self._proxy_auth = _proxy_auth(self._egress, settings.proxy)
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
         # The whole exchange, body streaming included.
@@ -175,10 +192,12 @@ class HttpUpstream:
             # and no headers the client did not send (Accept-Encoding, User-Agent).
             auto_decompress=False,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            # Proxy settings from the environment would route keys through a
-            # host the config does not name.
+            # The environment's proxy settings are read by `egress` (aiohttp's own reading
+            # ignores NO_PROXY ranges and drops an https:// proxy to go direct).
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+            proxy=self._egress.address,
+            proxy_auth=self._proxy_auth,
         )
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 - a handful of values, for the session's lifetime

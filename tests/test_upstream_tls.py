@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +22,9 @@ from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
 
 from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
+from .test_cli import free_port
 from .test_heartbeat_driver import held_item
+from .tools import require
 
 
 @pytest.fixture
@@ -163,3 +169,73 @@ def test_a_ca_file_that_cannot_be_used_is_a_config_error(tmp_path: Path, content
         load_settings(config, ENVIRON)
     assert str(raised.value).startswith("upstream.tls.ca_files[0]: ")
     assert problem in str(raised.value)
+
+
+# -- through an egress proxy (a real CONNECT proxy: tinyproxy) ---------------------------------------
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A CONNECT proxy on loopback, logging each tunnel it opens; its URL and its log."""
+    binary = require("tinyproxy", "apt-get install tinyproxy")
+    port = free_port()
+    log = tmp_path / "tinyproxy.log"
+    conf = tmp_path / "tinyproxy.conf"
+    # No ConnectPort lines: any port may be tunnelled (the packaged config allows 443 and 563 only).
+    conf.write_text(
+        f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nMaxClients 50\n"
+        f'LogFile "{log}"\nLogLevel Connect\nPidFile "{tmp_path / "tinyproxy.pid"}"\n'
+    )
+    # As root it would switch to its packaged user, which cannot write the test's log: run as ourselves.
+    process = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert process.poll() is None, f"tinyproxy exited: {log.read_text() if log.exists() else ''}"
+            assert time.monotonic() < deadline, "tinyproxy did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_every_upstream_call_goes_through_the_egress_proxy_to_an_https_api(
+    ca: trustme.CA,
+    ca_file: str,
+    tinyproxy: tuple[str, Path],
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+) -> None:
+    """Before: the upstream client ignored proxies; a cluster whose egress is a proxy could not use the gateway."""
+    proxy_url, proxy_log = tinyproxy
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))
+    work_id = held_item(sim)
+    upstream = f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}, proxy: {{url: '{proxy_url}'}}}}"
+    gateway = await make_gateway(sim.url, upstream)
+    base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work"
+    async with aiohttp.ClientSession(headers=worker_headers()) as http:
+        async with http.post(f"{base}/{work_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}) as r:
+            assert r.status == 200, await r.text()
+        async with http.get(f"{base}/poll", params={"block_ms": "100"}) as r:
+            assert r.status == 200, await r.text()
+    host_port = sim.url.removeprefix("https://")
+    tunnels = [line for line in proxy_log.read_text().splitlines() if "CONNECT" in line and host_port in line]
+    assert tunnels, proxy_log.read_text()  # the TLS went through the proxy's tunnel, end to end to the API
+
+
+async def test_with_the_egress_proxy_down_nothing_goes_direct(
+    ca: trustme.CA, ca_file: str, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    """Never fail open: a proxy that cannot be reached is an error the worker sees, not a direct connection."""
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))
+    dead = f"http://127.0.0.1:{free_port()}"
+    upstream = f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}, proxy: {{url: '{dead}'}}}}"
+    gateway = await make_gateway(sim.url, upstream)
+    status, body = await claim(gateway.proxy_url)
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert (status, error["message"]) == (502, "cannot connect to the egress proxy")
+    assert sim.sim.count("heartbeat") == 0
