@@ -57,8 +57,8 @@ def warnings() -> Iterator[io.StringIO]:
     root.setLevel(logging.WARNING)
 
 
-async def claim(gateway_url: str) -> tuple[int, dict[str, object]]:
-    url = f"{gateway_url}/v1/environments/{ENV_ID}/work/w/heartbeat"
+async def claim(gateway_url: str, work_id: str = "w") -> tuple[int, dict[str, object]]:
+    url = f"{gateway_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
     async with (
         aiohttp.ClientSession() as http,
         http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r,
@@ -73,13 +73,8 @@ async def test_an_upstream_signed_by_a_private_ca_in_ca_files_is_trusted(
     assert sim.url.startswith("https://")
     work_id = held_item(sim)
     gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}}}")
-    url = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r,
-    ):
-        assert r.status == 200, await r.text()
-        assert (await r.json())["lease_extended"] is True
+    status, body = await claim(gateway.proxy_url, work_id)
+    assert (status, body["lease_extended"]) == (200, True), body
 
 
 async def test_ca_files_are_added_to_the_trust_store_not_put_in_its_place(
@@ -99,12 +94,8 @@ async def test_ca_files_are_added_to_the_trust_store_not_put_in_its_place(
         sim = await make_simulator(tls=serving(signer, "127.0.0.1"))
         work_id = held_item(sim)
         gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}}}")
-        url = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=worker_headers()) as r,
-        ):
-            assert r.status == 200, await r.text()
+        status, body = await claim(gateway.proxy_url, work_id)
+        assert status == 200, body
 
 
 @pytest.mark.parametrize(
@@ -215,12 +206,13 @@ async def test_every_upstream_call_goes_through_the_egress_proxy_to_an_https_api
     work_id = held_item(sim)
     upstream = f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}, proxy: {{url: '{proxy_url}'}}}}"
     gateway = await make_gateway(sim.url, upstream)
-    base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work"
-    async with aiohttp.ClientSession(headers=worker_headers()) as http:
-        async with http.post(f"{base}/{work_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}) as r:
-            assert r.status == 200, await r.text()
-        async with http.get(f"{base}/poll", params={"block_ms": "100"}) as r:
-            assert r.status == 200, await r.text()
+    status, body = await claim(gateway.proxy_url, work_id)
+    assert status == 200, body
+    async with (
+        aiohttp.ClientSession(headers=worker_headers()) as http,
+        http.get(f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/poll", params={"block_ms": "100"}) as r,
+    ):
+        assert r.status == 200, await r.text()
     host_port = sim.url.removeprefix("https://")
     tunnels = [line for line in proxy_log.read_text().splitlines() if "CONNECT" in line and host_port in line]
     assert tunnels, proxy_log.read_text()  # the TLS went through the proxy's tunnel, end to end to the API
