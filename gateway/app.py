@@ -89,6 +89,8 @@ def create_proxy_app(
         gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
         up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates, egress=egress_route(settings))
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
+        if isinstance(up, HttpUpstream) and up.client_certificate is not None:
+            background.spawn(up.client_certificate.watch(), name="upstream-client-certificate")
         governor = Governor(lambda: live.current.overload, cpu_capacity=cpu_capacity())
         health.overloaded = lambda: governor.refusing
         background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")

@@ -325,6 +325,7 @@ class _Reader:
         self.check_absorption(settings)
         self.check_overload(settings)
         self.check_egress(settings)
+        self.check_client_certificate(settings)
         return settings
 
     def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
@@ -561,6 +562,20 @@ class _Reader:
                 "overload.shed_requests_lag_seconds",
                 "must not be below overload.shed_polls_lag_seconds: polls are shed first, then requests",
             )
+
+    def check_client_certificate(self, settings: Settings) -> None:
+        tls = settings.upstream.tls
+        if (tls.client_cert_file is None) != (tls.client_key_file is None):
+            self.problem("upstream.tls", "client_cert_file and client_key_file go together")
+            return
+        if tls.client_cert_file is None or tls.client_key_file is None:
+            return
+        try:
+            ssl.create_default_context().load_cert_chain(tls.client_cert_file, tls.client_key_file)
+        except ssl.SSLError as exc:  # an OSError too: first
+            self.problem("upstream.tls.client_cert_file", f"not a certificate and its key: {exc.reason or exc}")
+        except (OSError, ValueError) as exc:
+            self.problem("upstream.tls.client_cert_file", f"cannot read the certificate or its key: {_os_reason(exc)}")
 
     def check_egress(self, settings: Settings) -> None:
         """A proxy the gateway cannot use is refused here, never dropped for a direct connection."""

@@ -169,6 +169,13 @@ class UpstreamTls:
     (or `SSL_CERT_FILE`/`SSL_CERT_DIR`, as OpenSSL reads them) plus these PEM bundles."""
 
     ca_files: tuple[str, ...] = field(default=(), metadata=rule(format="ca_file"))
+    # A client certificate (PEM, chain included) and its key, for an upstream or egress that asks for one
+    # (mTLS); read again when they change on disk, as a mounted Secret's rotation changes them.
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    # The name the upstream's certificate must carry and the TLS SNI sent, when it is not the URL's host
+    # (an API reached by address, or through a private endpoint).
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

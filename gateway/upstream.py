@@ -26,6 +26,7 @@ import aiohttp
 from yarl import URL
 
 from .capacity import Gate
+from .certificates import RotatingCertificate
 from .egress import ProxyRoute
 from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
 from .logs import QuietLog
@@ -143,14 +144,20 @@ def _proxy_auth(egress: ProxyRoute, settings: UpstreamProxy) -> aiohttp.BasicAut
     return None
 
 
-def tls_context(settings: UpstreamTls) -> ssl.SSLContext:
+def tls_context(settings: UpstreamTls) -> tuple[ssl.SSLContext, RotatingCertificate | None]:
     """Verification always on: the system's trust store (as OpenSSL finds it, `SSL_CERT_FILE` and
-    `SSL_CERT_DIR` included) with the configured bundles added to it, never in its place."""
+    `SSL_CERT_DIR` included) with the configured bundles added to it, never in its place; and the
+    client certificate, if any, reloaded as it rotates."""
     context = ssl.create_default_context()
     context.set_alpn_protocols(["http/1.1"])  # as aiohttp's own default context: the client speaks nothing else
     for ca_file in settings.ca_files:
         context.load_verify_locations(cafile=ca_file)
-    return context
+    certificate = None
+    if settings.client_cert_file is not None and settings.client_key_file is not None:
+        certificate = RotatingCertificate(
+            context, settings.client_cert_file, settings.client_key_file, "upstream client certificate"
+        )
+    return context, certificate
 
 
 class HttpUpstream:
@@ -178,7 +185,8 @@ class HttpUpstream:
         # The whole exchange, body streaming included.
         self._timeout = self._timeout_of(settings.request_timeout_seconds)
         self.gates = gates or {p: Gate(p, settings.pools.of(p)) for p in PoolName}
-        self._tls = tls_context(settings.tls)
+        self._tls, self.client_certificate = tls_context(settings.tls)
+        self._server_name = settings.tls.server_name
         self._sessions = {p: self._session(self.gates[p].limit) for p in PoolName}
         self._egress_failures = QuietLog(
             log, logging.WARNING, "upstream_unreachable", "%d upstream request(s) failed on the way: %s"
@@ -228,6 +236,7 @@ class HttpUpstream:
                 # The client chose its Content-Length/Transfer-Encoding; keep raw bytes.
                 compress=None,
                 timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
+                server_hostname=self._server_name,
             )
         except Exception as exc:
             self._raise_translated(request.route, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 import trustme
 
+from gateway import certificates
 from gateway.config import ConfigError, load_settings
 from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
@@ -231,3 +233,104 @@ async def test_with_the_egress_proxy_down_nothing_goes_direct(
     assert isinstance(error, dict)
     assert (status, error["message"]) == (502, "cannot connect to the egress proxy")
     assert sim.sim.count("heartbeat") == 0
+
+
+# -- a client certificate (mTLS), rotated on disk; a server name other than the URL's host ---------
+
+
+def requiring_clients(ca: trustme.CA, client_ca: trustme.CA) -> ssl.SSLContext:
+    """A server that accepts only clients with a certificate from `client_ca`."""
+    context = serving(ca, "127.0.0.1")
+    context.verify_mode = ssl.CERT_REQUIRED
+    client_ca.configure_trust(context)
+    return context
+
+
+def write_pair(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    issued = ca.issue_cert("heartbeat-gateway.test")
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    return cert, key
+
+
+def rotate(mount: Path, new: Path) -> None:
+    """As the kubelet rotates a mounted Secret: the `..data` symlink swapped in one rename."""
+    (mount / "..data_tmp").symlink_to(new.name)
+    (mount / "..data_tmp").rename(mount / "..data")
+
+
+async def test_a_client_certificate_rotated_on_disk_is_used_for_new_connections_without_a_restart(
+    ca: trustme.CA,
+    ca_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+) -> None:
+    """Before: no client certificate at all. Certificates rotate (cert-manager renews them before they
+    expire); a gateway that read them once would start failing every call the day the old one expires."""
+    monkeypatch.setattr(certificates, "CHECK_SECONDS", 0.1)
+    trusted_clients, other = trustme.CA(), trustme.CA()
+    sim = await make_simulator(tls=requiring_clients(ca, trusted_clients))
+    # A Secret volume: tls.crt -> ..data/tls.crt, ..data -> a dated directory.
+    mount = tmp_path / "secret"
+    write_pair(other, mount / "2026-12-01")  # a certificate the upstream does not accept
+    write_pair(trusted_clients, mount / "2026-12-07")
+    (mount / "..data").symlink_to("2026-12-01")
+    for name in ("tls.crt", "tls.key"):
+        (mount / name).symlink_to(f"..data/{name}")
+    tls = (
+        f"{{ca_files: ['{ca_file}'], client_cert_file: '{mount / 'tls.crt'}', client_key_file: '{mount / 'tls.key'}'}}"
+    )
+    gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {tls}}}")
+    status, body = await claim(gateway.proxy_url, held_item(sim))
+    assert status == 502, body  # refused by the upstream in the handshake
+    rotate(mount, mount / "2026-12-07")
+    deadline = time.monotonic() + 5
+    while (status := (await claim(gateway.proxy_url, held_item(sim)))[0]) != 200:
+        assert time.monotonic() < deadline, f"the rotated certificate was never used: {status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_rotation_caught_half_way_keeps_the_loaded_pair(tmp_path: Path, ca: trustme.CA) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    context = ssl.create_default_context()
+    rotating = certificates.RotatingCertificate(context, str(cert), str(key), "test certificate")
+    other = trustme.CA().issue_cert("x")
+    other.cert_chain_pems[0].write_to_path(str(cert))  # the new certificate, the old key: no pair
+    assert rotating.reload_if_changed() is False
+    other.private_key_pem.write_to_path(str(key))
+    assert rotating.reload_if_changed() is True
+    assert rotating.reload_if_changed() is False  # nothing changed since
+
+
+async def test_a_server_name_other_than_the_urls_host_is_verified_and_sent(
+    ca: trustme.CA, ca_file: str, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(tls=serving(ca, "api.internal.example"))
+    tls = f"{{ca_files: ['{ca_file}'], server_name: api.internal.example}}"
+    gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {tls}}}")
+    status, body = await claim(gateway.proxy_url, held_item(sim))
+    assert status == 200, body
+
+
+@pytest.mark.parametrize(
+    ("tls", "problem"),
+    [
+        ("{client_cert_file: CERT}", "upstream.tls: client_cert_file and client_key_file go together"),
+        ("{client_cert_file: CERT, client_key_file: OTHER_KEY}", "not a certificate and its key"),
+        ("{client_cert_file: MISSING, client_key_file: KEY}", "cannot read the certificate or its key"),
+    ],
+)
+def test_a_client_certificate_that_cannot_be_used_is_a_config_error(tmp_path: Path, tls: str, problem: str) -> None:
+    ca = trustme.CA()
+    cert, key = write_pair(ca, tmp_path / "one")
+    _, other_key = write_pair(ca, tmp_path / "two")
+    paths = {"CERT": cert, "OTHER_KEY": other_key, "MISSING": tmp_path / "missing.crt", "KEY": key}
+    for name, path in paths.items():
+        tls = tls.replace(name, f'"{path}"')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_yaml("https://api.example", f"upstream: {{tls: {tls}}}"), ENVIRON)
+    assert problem in str(raised.value)
