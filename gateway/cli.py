@@ -21,9 +21,13 @@ from . import __version__
 from . import loop as event_loop
 from .app import Gateway, egress_route
 from .config import ConfigError, load_settings_file
+from .credentials import environment_key
+from .errors import UpstreamError
+from .headers import request_headers
 from .logs import configure_logging
 from .server import LISTEN_BACKLOG, descriptor_budget, raise_descriptor_limit
 from .settings import LoggingSettings, Settings
+from .upstream import HttpUpstream, UpstreamRequest, fetch
 
 __all__ = ["main"]
 
@@ -40,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return _serve(args.config)
     if command == "check-config":
-        return _check_config(args.path)
+        return _check_config(args.path, connect=args.connect)
     if command == "simulate-upstream":
         return _simulate(args)
     if args.bad_day:
@@ -70,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         "problem as key.path: problem. Never prints a secret.",
     )
     check.add_argument("path", metavar="PATH", help="YAML config file")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also make one real request to the upstream, through the configured proxy and TLS, with each "
+        "environment's key, and report what answered (exit 1 if the upstream cannot be reached)",
+    )
 
     sim = sub.add_parser(
         "simulate-upstream",
@@ -159,12 +169,36 @@ def _load(path: str) -> Settings | None:
         return None
 
 
-def _check_config(path: str) -> int:
+def _check_config(path: str, *, connect: bool = False) -> int:
     settings = _load(path)
     if settings is None:
         return EXIT_USAGE
     print(settings.summary())
+    if connect:
+        return event_loop.run(lambda: _probe_upstream(settings))
     return EXIT_OK
+
+
+async def _probe_upstream(settings: Settings) -> int:
+    """One request per environment, the way the gateway will make it: the egress, TLS, and the key."""
+    upstream = HttpUpstream(settings.upstream, egress=egress_route(settings))
+    print(f"upstream {settings.upstream.base_url} via {egress_route(settings).shown}")
+    reached = True
+    try:
+        for environment in settings.environments:
+            headers = request_headers([], credential=environment_key(environment), settings=settings.headers)
+            request = UpstreamRequest("GET", f"/v1/environments/{environment.id}", tuple(headers), timeout=30.0)
+            try:
+                answer = await fetch(upstream, request, max_bytes=1 << 20)
+            except UpstreamError as exc:
+                print(f"  {environment.label}: not reached: {exc.message}")
+                reached = False
+                continue
+            verdict = "its key accepted" if answer.status == 200 else f"answered {answer.status} {answer.reason}"
+            print(f"  {environment.label}: reached, {verdict}")
+    finally:
+        await upstream.close()
+    return EXIT_OK if reached else EXIT_FAILURE
 
 
 def _serve(path: str) -> int:

@@ -7,9 +7,11 @@ import contextlib
 import io
 import json
 import logging
+import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,3 +336,29 @@ def test_a_client_certificate_that_cannot_be_used_is_a_config_error(tmp_path: Pa
     with pytest.raises(ConfigError) as raised:
         load_settings(config_yaml("https://api.example", f"upstream: {{tls: {tls}}}"), ENVIRON)
     assert problem in str(raised.value)
+
+
+# -- check-config --connect: the egress checked before a rollout --------------------------------------
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted-ca"])
+async def test_check_config_connect_reports_what_the_configured_path_reaches(
+    ca: trustme.CA, ca_file: str, tmp_path: Path, make_simulator: SimFactory, trusted: bool
+) -> None:
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))
+    tls = f", tls: {{ca_files: ['{ca_file}']}}" if trusted else ""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(config_yaml(sim.url, f"upstream: {{base_url: '{sim.url}'{tls}}}"))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "check-config", "--connect", str(config),
+        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert f"upstream {sim.url} via direct" in output
+    if trusted:
+        assert process.returncode == 0, output
+        assert "prod-sandboxes: reached, its key accepted" in output
+    else:
+        assert process.returncode == 1, output
+        assert "prod-sandboxes: not reached: the upstream's TLS certificate was not accepted" in output
+    assert ENVIRON["TEST_ENV_KEY"] not in output
