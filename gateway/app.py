@@ -20,6 +20,7 @@ from aiohttp import web
 
 from .admin import Health, create_admin_app
 from .capacity import Gate
+from .certificates import server_context
 from .credentials import RetiredTokens
 from .discovery import SessionDiscovery
 from .egress import ProxyRoute, proxy_route
@@ -161,6 +162,12 @@ class Gateway:
         )
         admin = create_admin_app(self.health, live=self._live, metrics=self.metrics, leases_source=running.leases)
         self._admin = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+        self._certificates = {
+            name: server_context(tls.cert_file, tls.key_file, tls.client_ca_file, f"{name} port's certificate")
+            for name, tls in (("worker", settings.listen.tls), ("admin", settings.admin.tls))
+            if tls.cert_file is not None and tls.key_file is not None
+        }
+        self._watchers = Tasks()
 
     @property
     def settings(self) -> Settings:
@@ -196,16 +203,27 @@ class Gateway:
         await self._proxy.setup()
         await self._admin.setup()
         listen, admin = self.settings.listen, self.settings.admin
-        await web.TCPSite(self._proxy, listen.host, listen.port, backlog=LISTEN_BACKLOG).start()
-        await web.TCPSite(self._admin, admin.host, admin.port).start()
+        worker_tls, admin_tls = (self._certificates.get(n) for n in ("worker", "admin"))
+        await web.TCPSite(
+            self._proxy,
+            listen.host,
+            listen.port,
+            backlog=LISTEN_BACKLOG,
+            ssl_context=worker_tls.context if worker_tls else None,
+        ).start()
+        await web.TCPSite(
+            self._admin, admin.host, admin.port, ssl_context=admin_tls.context if admin_tls else None
+        ).start()
+        for name, certificate in self._certificates.items():
+            self._watchers.spawn(certificate.watch(), name=f"{name}-certificate")
 
     @property
     def proxy_url(self) -> str:
-        return _url(self._proxy)
+        return _url(self._proxy, "worker" in self._certificates)
 
     @property
     def admin_url(self) -> str:
-        return _url(self._admin)
+        return _url(self._admin, "admin" in self._certificates)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then cut the rest.
@@ -226,6 +244,12 @@ class Gateway:
                 await self._inflight.idle()
         await self._proxy.cleanup()
         await self._admin.cleanup()
+        await self._watchers.close()
+
+
+def upstream_client(settings: Settings) -> HttpUpstream:
+    """The upstream client as serving builds it (egress, TLS), without capacity classes: for `check-config --connect`."""
+    return HttpUpstream(settings.upstream, egress=egress_route(settings))
 
 
 def egress_route(settings: Settings) -> ProxyRoute:
@@ -234,7 +258,8 @@ def egress_route(settings: Settings) -> ProxyRoute:
     return proxy_route(settings.upstream.base_url, proxy.url, proxy.from_environment, os.environ)
 
 
-def _url(runner: web.AppRunner) -> str:
+def _url(runner: web.AppRunner, tls: bool) -> str:
     host, port = runner.addresses[0][:2]
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

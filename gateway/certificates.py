@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 
-__all__ = ["CHECK_SECONDS", "RotatingCertificate"]
+__all__ = ["CHECK_SECONDS", "RotatingCertificate", "server_context"]
 
 log = logging.getLogger("gateway.certificates")
 
@@ -28,6 +28,7 @@ class RotatingCertificate:
     """A certificate and its key in `context`, loaded again whenever their files change."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, what: str) -> None:
+        self.context = context
         self._context, self._cert_file, self._key_file, self._what = context, cert_file, key_file, what
         self._seen = self._identity()
         context.load_cert_chain(cert_file, key_file)
@@ -59,3 +60,13 @@ class RotatingCertificate:
         while True:
             await asyncio.sleep(CHECK_SECONDS)
             self.reload_if_changed()
+
+
+def server_context(cert_file: str, key_file: str, client_ca_file: str | None, what: str) -> RotatingCertificate:
+    """A listening port's TLS: its certificate (rotating), and the clients' CA when it requires client certificates."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    if client_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=client_ca_file)
+    return RotatingCertificate(context, cert_file, key_file, what)

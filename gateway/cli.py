@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from . import loop as event_loop
-from .app import Gateway, egress_route
+from .app import Gateway, egress_route, upstream_client
 from .config import ConfigError, load_settings_file
 from .credentials import environment_key
 from .errors import UpstreamError
@@ -27,7 +27,7 @@ from .headers import request_headers
 from .logs import configure_logging
 from .server import LISTEN_BACKLOG, descriptor_budget, raise_descriptor_limit
 from .settings import LoggingSettings, Settings
-from .upstream import HttpUpstream, UpstreamRequest, fetch
+from .upstream import UpstreamRequest, fetch
 
 __all__ = ["main"]
 
@@ -181,7 +181,7 @@ def _check_config(path: str, *, connect: bool = False) -> int:
 
 async def _probe_upstream(settings: Settings) -> int:
     """One request per environment, the way the gateway will make it: the egress, TLS, and the key."""
-    upstream = HttpUpstream(settings.upstream, egress=egress_route(settings))
+    upstream = upstream_client(settings)
     print(f"upstream {settings.upstream.base_url} via {egress_route(settings).shown}")
     reached = True
     try:

@@ -326,6 +326,7 @@ class _Reader:
         self.check_overload(settings)
         self.check_egress(settings)
         self.check_client_certificate(settings)
+        self.check_server_tls(settings)
         return settings
 
     def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
@@ -565,17 +566,33 @@ class _Reader:
 
     def check_client_certificate(self, settings: Settings) -> None:
         tls = settings.upstream.tls
-        if (tls.client_cert_file is None) != (tls.client_key_file is None):
-            self.problem("upstream.tls", "client_cert_file and client_key_file go together")
+        self.check_pair(
+            "upstream.tls", "client_cert_file", tls.client_cert_file, "client_key_file", tls.client_key_file
+        )
+
+    def check_server_tls(self, settings: Settings) -> None:
+        for name, address in (("listen", settings.listen), ("admin", settings.admin)):
+            tls, path = address.tls, f"{name}.tls"
+            self.check_pair(path, "cert_file", tls.cert_file, "key_file", tls.key_file)
+            if tls.client_ca_file is not None:
+                if tls.cert_file is None:
+                    self.problem(_join(path, "client_ca_file"), "needs cert_file and key_file: TLS first")
+                else:
+                    self.ca_file(tls.client_ca_file, _join(path, "client_ca_file"))
+
+    def check_pair(self, path: str, cert_key: str, cert: str | None, key_key: str, key: str | None) -> None:
+        """A certificate and its key: both or neither, and a pair that loads."""
+        if (cert is None) != (key is None):
+            self.problem(path, f"{cert_key} and {key_key} go together")
             return
-        if tls.client_cert_file is None or tls.client_key_file is None:
+        if cert is None or key is None:
             return
         try:
-            ssl.create_default_context().load_cert_chain(tls.client_cert_file, tls.client_key_file)
+            ssl.create_default_context().load_cert_chain(cert, key)
         except ssl.SSLError as exc:  # an OSError too: first
-            self.problem("upstream.tls.client_cert_file", f"not a certificate and its key: {exc.reason or exc}")
+            self.problem(_join(path, cert_key), f"not a certificate and its key: {exc.reason or exc}")
         except (OSError, ValueError) as exc:
-            self.problem("upstream.tls.client_cert_file", f"cannot read the certificate or its key: {_os_reason(exc)}")
+            self.problem(_join(path, cert_key), f"cannot read the certificate or its key: {_os_reason(exc)}")
 
     def check_egress(self, settings: Settings) -> None:
         """A proxy the gateway cannot use is refused here, never dropped for a direct connection."""

@@ -41,6 +41,7 @@ __all__ = [
     "PoolSettings",
     "RouteSettings",
     "Secret",
+    "ServerTls",
     "Settings",
     "TtlOverride",
     "UpstreamPools",
@@ -108,9 +109,24 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTls:
+    """TLS on a listening port: a certificate and key (PEM), read again when they rotate on disk, and
+    optionally the CA whose client certificates it requires."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True, slots=True)
 class ListenAddress:
     host: str
     port: int = field(metadata=rule(at_least=0, at_most=65535))
+    tls: ServerTls = ServerTls()
 
 
 class PoolName(StrEnum):

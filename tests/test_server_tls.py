@@ -1,0 +1,121 @@
+"""TLS on the worker-facing port (and the admin port): certificates that rotate, client certificates required."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+
+from gateway import certificates
+from gateway.config import ConfigError, load_settings
+
+from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
+from .test_heartbeat_driver import held_item
+from .test_upstream_tls import rotate, write_pair
+
+
+def trusting(ca: trustme.CA, client: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    """A worker's TLS: trusting the gateway's CA (as `SSL_CERT_FILE` or `NODE_EXTRA_CA_CERTS` make it)."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if client is not None:
+        client.configure_cert(context)
+    return context
+
+
+def secret_volume(ca: trustme.CA, mount: Path, *versions: str) -> None:
+    """A Secret mounted as a volume: tls.crt -> ..data/tls.crt, ..data -> the first version's directory."""
+    for version in versions:
+        issued = ca.issue_cert("127.0.0.1")
+        (mount / version).mkdir(parents=True)
+        issued.cert_chain_pems[0].write_to_path(str(mount / version / "tls.crt"))
+        issued.private_key_pem.write_to_path(str(mount / version / "tls.key"))
+    (mount / "..data").symlink_to(versions[0])
+    for name in ("tls.crt", "tls.key"):
+        (mount / name).symlink_to(f"..data/{name}")
+
+
+async def claim(http: aiohttp.ClientSession, gateway_url: str, work_id: str, tls: ssl.SSLContext) -> int:
+    url = f"{gateway_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
+    params = {"expected_last_heartbeat": "NO_HEARTBEAT"}
+    async with http.post(url, params=params, headers=worker_headers(), ssl=tls) as r:
+        return r.status
+
+
+async def served_certificate(gateway_url: str, tls: ssl.SSLContext) -> bytes:
+    host, port = gateway_url.removeprefix("https://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port), ssl=tls)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert isinstance(der, bytes)
+        return der
+    finally:
+        writer.close()
+
+
+async def test_workers_reach_the_gateway_over_tls_and_a_rotated_certificate_drops_no_open_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    """Before: the worker port spoke plain HTTP only, so client tokens crossed the cluster in clear."""
+    monkeypatch.setattr(certificates, "CHECK_SECONDS", 0.1)
+    ca, mount = trustme.CA(), tmp_path / "secret"
+    secret_volume(ca, mount, "v1", "v2")
+    sim = await make_simulator()
+    tls = f"{{cert_file: '{mount / 'tls.crt'}', key_file: '{mount / 'tls.key'}'}}"
+    gateway = await make_gateway(sim.url, f"listen: {{host: 127.0.0.1, port: 0, tls: {tls}}}")
+    assert gateway.proxy_url.startswith("https://")
+    worker = trusting(ca)
+    before = await served_certificate(gateway.proxy_url, worker)
+    async with aiohttp.ClientSession() as http:  # one keep-alive connection, open across the rotation
+        assert await claim(http, gateway.proxy_url, held_item(sim), worker) == 200
+        rotate(mount, mount / "v2")
+        deadline = asyncio.get_running_loop().time() + 5
+        while await served_certificate(gateway.proxy_url, worker) == before:
+            assert asyncio.get_running_loop().time() < deadline, "the rotated certificate was never served"
+            await asyncio.sleep(0.1)
+        assert await claim(http, gateway.proxy_url, held_item(sim), worker) == 200  # the open connection lives on
+    # Plain HTTP on the TLS port is refused, not served.
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            await claim(http, gateway.proxy_url.replace("https://", "http://"), held_item(sim), worker)
+
+
+async def test_a_worker_port_that_requires_client_certificates_refuses_a_worker_without_one(
+    tmp_path: Path, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    ca, clients = trustme.CA(), trustme.CA()
+    secret_volume(ca, tmp_path / "server", "v1")  # a certificate for the address workers use
+    cert, key = tmp_path / "server" / "tls.crt", tmp_path / "server" / "tls.key"
+    clients_file = tmp_path / "clients.pem"
+    clients.cert_pem.write_to_path(str(clients_file))
+    sim = await make_simulator()
+    tls = f"{{cert_file: '{cert}', key_file: '{key}', client_ca_file: '{clients_file}'}}"
+    gateway = await make_gateway(sim.url, f"listen: {{host: 127.0.0.1, port: 0, tls: {tls}}}")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            await claim(http, gateway.proxy_url, held_item(sim), trusting(ca))
+        status = await claim(http, gateway.proxy_url, held_item(sim), trusting(ca, clients.issue_cert("worker-1")))
+        assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("tls", "problem"),
+    [
+        ("{cert_file: CERT}", "listen.tls: cert_file and key_file go together"),
+        ("{client_ca_file: CERT}", "listen.tls.client_ca_file: needs cert_file and key_file"),
+        ("{cert_file: CERT, key_file: OTHER_KEY}", "listen.tls.cert_file: not a certificate and its key"),
+    ],
+)
+def test_a_listening_tls_setting_that_cannot_work_is_a_config_error(tmp_path: Path, tls: str, problem: str) -> None:
+    ca = trustme.CA()
+    cert, _ = write_pair(ca, tmp_path / "one")
+    _, other_key = write_pair(ca, tmp_path / "two")
+    for name, path in {"CERT": cert, "OTHER_KEY": other_key}.items():
+        tls = tls.replace(name, f'"{path}"')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_yaml("https://api.example", f"listen: {{host: 0.0.0.0, port: 8080, tls: {tls}}}"), ENVIRON)
+    assert problem in str(raised.value)
