@@ -248,7 +248,7 @@ class Gateway:
 
 
 def upstream_client(settings: Settings) -> HttpUpstream:
-    """The upstream client as serving builds it (egress, TLS), without capacity classes: for `check-config --connect`."""
+    """The upstream client as serving builds it (egress, TLS), without capacity classes (`check-config --connect`)."""
     return HttpUpstream(settings.upstream, egress=egress_route(settings))
 
 
