@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from .tools import require
@@ -126,6 +127,8 @@ def test_the_schema_refuses_secrets_pasted_into_the_config(helm: Helm, tmp_path:
             "minReplicas must not exceed",
         ),
         (["--set", "secret.mountPath=/etc/heartbeat-gateway"], "secret.mountPath must not be"),
+        (["--set", "tls.enabled=true"], "tls.enabled needs tls.existingSecret or tls.certManager.enabled"),
+        (["--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true"], "tls.certManager.issuerRef.name"),
     ],
 )
 def test_impossible_combinations_fail_to_render(helm: Helm, flags: list[str], message: str) -> None:
@@ -205,6 +208,47 @@ def test_rendered_objects_are_valid_kubernetes(helm: Helm, values: Path | None, 
         [validate, "--strict", "--quiet", "-k", KUBERNETES, str(rendered)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- TLS on the worker port -----------------------------------------------------------------
+
+
+def test_tls_from_a_secret_is_mounted_as_a_volume_and_named_in_the_config(helm: Helm) -> None:
+    """A subPath mount never sees a renewal: the Secret is a volume, and the gateway reads it again when it changes."""
+    docs = render(helm, "--set", "tls.enabled=true", "--set", "tls.existingSecret=worker-tls",
+                  "--set", "tls.requireClientCertificates=true")  # fmt: skip
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == "worker-tls"
+    (mount,) = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "tls"]
+    assert (mount["mountPath"], mount["readOnly"], "subPath" in mount) == ("/etc/heartbeat-gateway/tls", True, False)
+    config = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["listen"]["tls"] == {
+        "cert_file": "/etc/heartbeat-gateway/tls/tls.crt",
+        "key_file": "/etc/heartbeat-gateway/tls/tls.key",
+        "client_ca_file": "/etc/heartbeat-gateway/tls/ca.crt",
+    }
+    assert config["listen"]["port"] == 8080  # the rest of listen kept
+    assert "Certificate" not in kinds(docs)
+
+
+def test_the_egress_proxy_reaches_the_container_environment(helm: Helm) -> None:
+    docs = render(helm, "--set", "extraEnv[0].name=HTTPS_PROXY", "--set", "extraEnv[0].value=http://egress:3128")
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "HTTPS_PROXY", "value": "http://egress:3128"} in container["env"]
+
+
+def test_cert_manager_issues_the_worker_certificate_for_the_services_names(helm: Helm) -> None:
+    docs = render(helm, "--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true",
+                  "--set", "tls.certManager.issuerRef.name=agents-ca")  # fmt: skip
+    certificate = one(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    assert spec["secretName"] == "gw-heartbeat-gateway-tls"
+    assert "gw-heartbeat-gateway.agents.svc" in spec["dnsNames"]
+    assert spec["issuerRef"] == {"name": "agents-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "gw-heartbeat-gateway-tls"}} in pod["volumes"]
 
 
 # -- the pod ---------------------------------------------------------------------------------
@@ -342,6 +386,15 @@ def check_config(docs: list[dict[str, Any]], tmp_path: Path, extra_env: dict[str
                 env[name] = value  # envFrom: the Secret's keys as environment variables
                 (secret_dir / name).write_text(value)  # and the same keys as files in the mount
     env.update(extra_env or {})
+    # The TLS Secret's files (tls.crt, tls.key, ca.crt), as cert-manager or its owner would fill them.
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    ca = trustme.CA()
+    issued = ca.issue_cert("gw-heartbeat-gateway.agents.svc")
+    issued.cert_chain_pems[0].write_to_path(str(tls_dir / "tls.crt"))
+    issued.private_key_pem.write_to_path(str(tls_dir / "tls.key"))
+    ca.cert_pem.write_to_path(str(tls_dir / "ca.crt"))
+    config = config.replace("/etc/heartbeat-gateway/tls", str(tls_dir))
     path = tmp_path / "config.yaml"
     path.write_text(config.replace("/etc/heartbeat-gateway/secrets", str(secret_dir)))
     result = subprocess.run(

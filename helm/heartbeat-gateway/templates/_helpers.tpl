@@ -74,3 +74,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail "secret.mountPath must not be /etc/heartbeat-gateway or above it: the config is mounted there" }}
 {{- end }}
 {{- end }}
+
+{{/* The TLS Secret for the worker port: yours, or the one the chart's Certificate fills. */}}
+{{- define "heartbeat-gateway.tlsSecretName" -}}
+{{- if .Values.tls.enabled }}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- include "heartbeat-gateway.fullname" . }}-tls
+{{- else }}
+{{- fail "tls.enabled needs tls.existingSecret or tls.certManager.enabled: a certificate to serve" }}
+{{- end }}
+{{- end }}
+{{- end }}
