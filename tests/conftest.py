@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
+import subprocess
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +32,8 @@ from .support import (
     SimHandle,
     make_settings,
 )
+from .test_cli import free_port
+from .tools import require
 
 
 @pytest.fixture
@@ -114,3 +121,31 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         "Run .ci/run as root (what CI runs), or: make tools (helm), apt-get install prometheus (promtool, "
         "prometheus), Node.js 20 with npm (the TypeScript SDK worker). With CI=true, a missing tool fails."
     )
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A CONNECT proxy on loopback, logging each tunnel it opens; its URL and its log."""
+    binary = require("tinyproxy", "apt-get install tinyproxy")
+    port = free_port()
+    log = tmp_path / "tinyproxy.log"
+    conf = tmp_path / "tinyproxy.conf"
+    # No ConnectPort lines: any port may be tunnelled (the packaged config allows 443 and 563 only).
+    conf.write_text(
+        f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nMaxClients 50\n"
+        f'LogFile "{log}"\nLogLevel Connect\nPidFile "{tmp_path / "tinyproxy.pid"}"\n'
+    )
+    # As root it would switch to its packaged user, which cannot write the test's log: run as ourselves.
+    process = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert process.poll() is None, f"tinyproxy exited: {log.read_text() if log.exists() else ''}"
+            assert time.monotonic() < deadline, "tinyproxy did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
 import os
-import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +25,6 @@ from gateway.settings import LoggingSettings
 from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
 from .test_cli import free_port
 from .test_heartbeat_driver import held_item
-from .tools import require
 
 
 @pytest.fixture
@@ -167,34 +163,6 @@ def test_a_ca_file_that_cannot_be_used_is_a_config_error(tmp_path: Path, content
 
 
 # -- through an egress proxy (a real CONNECT proxy: tinyproxy) ---------------------------------------
-
-
-@pytest.fixture
-def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A CONNECT proxy on loopback, logging each tunnel it opens; its URL and its log."""
-    binary = require("tinyproxy", "apt-get install tinyproxy")
-    port = free_port()
-    log = tmp_path / "tinyproxy.log"
-    conf = tmp_path / "tinyproxy.conf"
-    # No ConnectPort lines: any port may be tunnelled (the packaged config allows 443 and 563 only).
-    conf.write_text(
-        f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nMaxClients 50\n"
-        f'LogFile "{log}"\nLogLevel Connect\nPidFile "{tmp_path / "tinyproxy.pid"}"\n'
-    )
-    # As root it would switch to its packaged user, which cannot write the test's log: run as ourselves.
-    process = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            assert process.poll() is None, f"tinyproxy exited: {log.read_text() if log.exists() else ''}"
-            assert time.monotonic() < deadline, "tinyproxy did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}", log
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 async def test_every_upstream_call_goes_through_the_egress_proxy_to_an_https_api(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
 from gateway.app import Gateway
 from gateway.config import load_settings
@@ -449,3 +451,63 @@ async def test_the_recommended_absorption_setting_saves_half_the_beats_and_stops
     for sim in (behind, direct):
         assert sim.sim.requests["heartbeat"].get("412", 0) == 0
     assert not [m for m in log.messages if "lost" in m], log.messages
+
+
+# -- the production path: HTTPS to the gateway, and from it through an egress proxy to an HTTPS API ------
+
+
+@pytest.mark.parametrize("language", ["python", "typescript"])
+async def test_the_workers_serve_sessions_over_https_to_the_gateway_and_through_an_egress_proxy(
+    make_simulator: SimFactory,
+    start_gateway: Started,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tinyproxy: tuple[str, Path],
+    language: str,
+) -> None:
+    """What users run: the worker trusts the gateway's CA the way its SDK reads one (`SSL_CERT_FILE` for
+    Python's httpx, `NODE_EXTRA_CA_CERTS` for Node), and the gateway reaches an API with a private CA
+    only through the cluster's CONNECT proxy."""
+    proxy_url, proxy_log = tinyproxy
+    ca = trustme.CA(organization_name="the cluster's CA")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    api_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(api_tls)
+    sim = await make_simulator(ttl=TTL, script=SCRIPT, tls=api_tls)
+    sim.sim.enqueue(ENV_ID, count=ITEMS)
+    served = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    served.cert_chain_pems[0].write_to_path(str(cert))
+    served.private_key_pem.write_to_path(str(key))
+    config = MINIMAL.replace(
+        "listen: {host: 127.0.0.1, port: 0}",
+        f"listen: {{host: 127.0.0.1, port: 0, tls: {{cert_file: '{cert}', key_file: '{key}'}}}}",
+    ).replace(
+        'upstream: {base_url: "%(upstream)s"}',
+        f"upstream: {{base_url: '%(upstream)s', tls: {{ca_files: ['{ca_file}']}}, proxy: {{url: '{proxy_url}'}}}}",
+    )
+    gateway = await start_gateway(sim.url, config)
+    assert gateway.proxy_url.startswith("https://")
+    if language == "python":
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        await run_python_worker(
+            gateway.proxy_url,
+            TOKEN,
+            ENV_ID,
+            tmp_path / "w",
+            until=items_done(sim.sim, ENV_ID, ITEMS),
+            max_idle=MAX_IDLE,
+        )
+    else:
+        monkeypatch.setenv("NODE_EXTRA_CA_CERTS", str(ca_file))
+        options = {"environmentId": ENV_ID, "maxIdleMs": int(MAX_IDLE * 1000), "baseURL": gateway.proxy_url}
+        run = await run_node_worker(
+            require_node(),
+            {**options, "environmentKey": TOKEN, "workdir": str(tmp_path / "w")},
+            until=items_done(sim.sim, ENV_ID, ITEMS),
+        )
+        assert run.messages("error") == []
+    assert_served_whole(Served.of(sim.sim, ENV_ID))
+    host_port = sim.url.removeprefix("https://")
+    assert [line for line in proxy_log.read_text().splitlines() if "CONNECT" in line and host_port in line]
