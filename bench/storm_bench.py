@@ -101,6 +101,8 @@ class Tally:
     polls: Counter[str] = field(default_factory=Counter)
     pickups: list[float] = field(default_factory=list)
     enqueued: dict[str, float] = field(default_factory=dict)
+    # Items enqueued over every round merged in (a later round's simulator may reuse an earlier one's ids).
+    enqueued_count: int = 0
     gateway: dict[str, Any] = field(default_factory=dict)
 
     def merge(self, other: Tally) -> None:
@@ -110,7 +112,7 @@ class Tally:
         self.pickups += other.pickups
         for mine, theirs in ((self.leases, other.leases), (self.claims, other.claims), (self.polls, other.polls)):
             mine.update(theirs)
-        self.enqueued.update(other.enqueued)
+        self.enqueued_count += other.enqueued_count
         self.gateway = other.gateway
 
     def summary(self, direct: Tally | None) -> dict[str, Any]:
@@ -124,7 +126,7 @@ class Tally:
             "heartbeat_p99_ms": rig.percentile_ms(self.beats, 0.99),
             "settled_p99_ms": rig.percentile_ms(self.settled_beats, 0.99),
             "polls": dict(self.polls),
-            "picked_up": f"{len(self.pickups)}/{len(self.enqueued)}",
+            "picked_up": f"{len(self.pickups)}/{self.enqueued_count}",
             "pickup_p50_ms": rig.percentile_ms(self.pickups, 0.5),
             "pickup_p99_ms": rig.percentile_ms(self.pickups, 0.99),
             **self.gateway,
@@ -378,6 +380,7 @@ async def enqueue_items(sim_url: str, t: Tally, args: Any) -> None:
             async with http.post(f"{sim_url}/_sim/environments/{ENV_ID}/work", json={"count": 1}) as r:
                 (work_id,) = (await r.json())["ids"]
             t.enqueued[work_id] = time.monotonic()
+            t.enqueued_count += 1
             await asyncio.sleep(args.enqueue_every)
 
 
