@@ -19,6 +19,8 @@ from gateway.heartbeat.query import HeartbeatQuery, apply_desired_ttl, parse_hea
             HeartbeatQuery("2026-11-29T17:20:57.123456Z", 30),
         ),
         ("expected_last_heartbeat=2026-11-29T17:20:57%2B00:00", HeartbeatQuery("2026-11-29T17:20:57+00:00", None)),
+        # An empty pair (a client's `&&`) is no error: the API's own parser skips it.
+        ("beta=true&&expected_last_heartbeat=NO_HEARTBEAT&", HeartbeatQuery("NO_HEARTBEAT", None)),
     ],
 )
 def test_valid_queries(raw: str | None, query: HeartbeatQuery) -> None:
