@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.errors import UpstreamUnavailable
@@ -21,7 +22,7 @@ from gateway.settings import HeartbeatSettings, LeaseTrackingSettings, PoolName
 from gateway.simulator import Faults
 from gateway.upstream import UpstreamRequest, UpstreamResponse
 
-from .support import ENV_ID, GatewayFactory, SimFactory, SimHandle, worker_headers
+from .support import ENV_ID, GatewayFactory, Recorder, SimFactory, SimHandle, worker_headers
 
 Answer = tuple[int, dict[str, Any], str]
 
@@ -265,6 +266,26 @@ async def test_rate_limited_beats_are_retried_only_within_the_lease(
         status, _, _ = await beat(session, gateway, work_id, "NO_HEARTBEAT")
         assert status == 429
         assert upstream_beats(sim) == 5
+
+
+@pytest.mark.parametrize(("retry_after", "tries"), [("0", 4), ("-1", 1), ("soon", 1)])
+async def test_an_overloaded_upstream_is_retried_only_on_a_retry_after_it_can_read(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory, retry_after: str, tries: int
+) -> None:
+    """A 503 with a usable `retry-after` did not apply and is tried again within the lease; a negative or
+    unreadable one says nothing, and the worker gets the API's answer at once."""
+    rec, url = recorder
+
+    async def overloaded(request: web.Request) -> web.StreamResponse:
+        body = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+        return web.json_response(body, status=503, headers={"retry-after": retry_after})
+
+    rec.respond = overloaded
+    gateway = await make_gateway(url)
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await beat(session, gateway, "work_1", "NO_HEARTBEAT")
+    assert (status, body["error"]["type"]) == (503, "overloaded_error")
+    assert len([r for r in rec.requests if r.raw_path.split("?")[0].endswith("/heartbeat")]) == tries
 
 
 async def test_a_beat_that_may_have_landed_is_never_resent(
