@@ -945,3 +945,35 @@ def test_the_sdk_workers_pace_at_its_bounds() -> None:
     assert worker_interval(None) == 30.0
     assert keeps_pace(10, 10, 0.0)  # the upstream's own answer keeps the pace
     assert keeps_pace(90, 60, 30.0)  # 30 s interval, 30 s left after it: just enough
+
+
+def test_a_full_table_evicts_an_ended_lease_first_then_the_one_beaten_longest_ago() -> None:
+    """A held lease's row is the last to go: a stopped one goes before it, however recently it was beaten."""
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(max_tracked=3, retention_seconds=600.0))
+
+    def beaten(n: int, expected: str, t: float) -> list[tuple[str, LeaseEventKind]]:
+        key = ("env_1", f"work_{n}")
+        (send,) = sends(c.submit(beat(10 * n + int(t), expected, key=key), t))
+        actions = c.completed(key, send.flight, ok(f"T{n}-{t}", ttl=100), t + 0.01)
+        return [(a.key[1], a.kind) for a in actions if isinstance(a, LeaseEvent)]
+
+    for n in (1, 2, 3):
+        beaten(n, "NO_HEARTBEAT", float(n))
+    c.stop_seen(("env_1", "work_3"), 3.5)  # the newest, but ended
+    beaten(1, "T1-1.0", 4.0)  # work_1 beaten again: work_2 is now the longest without a beat
+    assert beaten(4, "NO_HEARTBEAT", 5.0) == [("work_4", LeaseEventKind.CLAIMED), ("work_3", LeaseEventKind.EVICTED)]
+    assert beaten(5, "NO_HEARTBEAT", 6.0) == [("work_5", LeaseEventKind.CLAIMED), ("work_2", LeaseEventKind.EVICTED)]
+    assert sorted(v.work_id for v in c.leases(6.0)) == ["work_1", "work_4", "work_5"]
+
+
+def test_the_table_counts_show_a_state_outside_the_protocol_as_unknown_and_the_shortest_active_ttl() -> None:
+    """What the leases gauge and the TTL alert read: a state the API adds later still counts, as `unknown`."""
+    c: Core = Coalescer()
+    answers = {"work_1": ok("A", ttl=30), "work_2": ok("B", ttl=12), "work_3": ok("C", ttl=5, state="suspended")}
+    for n, (work, answer) in enumerate(answers.items()):
+        key = ("env_1", work)
+        (send,) = sends(c.submit(beat(n, "NO_HEARTBEAT", key=key), 0.0))
+        c.completed(key, send.flight, answer, 0.01)
+    by_state, shortest = c.table_counts()
+    assert dict(by_state) == {("env_1", "active"): 2, ("env_1", "unknown"): 1}
+    assert shortest == {"env_1": 12}  # among active leases only: the suspended one's 5 s is not an active TTL
