@@ -132,16 +132,17 @@ async def fetch(upstream: Upstream, request: UpstreamRequest, *, max_bytes: int)
         return BufferedResponse(response.status, response.reason, response.headers, body)
 
 
-def _proxy_auth(egress: ProxyRoute, settings: UpstreamProxy) -> aiohttp.BasicAuth | None:
-    """The proxy's credentials: the configured secret, else the ones its URL carries."""
+def _proxy_authorization(egress: ProxyRoute, settings: UpstreamProxy) -> dict[str, str] | None:
+    """`Proxy-Authorization` for the proxy (in its CONNECT): the configured secret, else its URL's user and password."""
     if egress.proxy is None:
         return None
     if settings.credentials is not None:
         user, _, password = settings.credentials.value.partition(":")
-        return aiohttp.BasicAuth(user, password)
-    if egress.credentials is not None:
-        return aiohttp.BasicAuth(*egress.credentials)
-    return None
+    elif egress.credentials is not None:
+        user, password = egress.credentials
+    else:
+        return None
+    return {"Proxy-Authorization": aiohttp.encode_basic_auth(user, password)}
 
 
 def tls_context(settings: UpstreamTls) -> tuple[ssl.SSLContext, RotatingCertificate | None]:
@@ -179,7 +180,7 @@ class HttpUpstream:
         self._observer = observer or _Unobserved()
         # Every class, heartbeats and streams alike, takes the one way out the config chose.
         self._egress = egress or ProxyRoute(None, "no proxy given")
-        self._proxy_auth = _proxy_auth(self._egress, settings.proxy)
+        self._proxy_headers = _proxy_authorization(self._egress, settings.proxy)
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
         # The whole exchange, body streaming included.
@@ -205,7 +206,6 @@ class HttpUpstream:
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             proxy=self._egress.address,
-            proxy_auth=self._proxy_auth,
         )
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 - a handful of values, for the session's lifetime
@@ -237,6 +237,7 @@ class HttpUpstream:
                 compress=None,
                 timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
                 server_hostname=self._server_name,
+                proxy_headers=self._proxy_headers,
             )
         except Exception as exc:
             self._raise_translated(request.route, exc)

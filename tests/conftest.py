@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import ssl
 import subprocess
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,7 +30,7 @@ from .support import (
     make_settings,
 )
 from .test_cli import free_port
-from .tools import require
+from .tools import require, wait_listening
 
 
 @pytest.fixture
@@ -138,13 +135,7 @@ def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     # As root it would switch to its packaged user, which cannot write the test's log: run as ourselves.
     process = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            assert process.poll() is None, f"tinyproxy exited: {log.read_text() if log.exists() else ''}"
-            assert time.monotonic() < deadline, "tinyproxy did not start"
-            time.sleep(0.05)
+        wait_listening(port, process, f"tinyproxy ({log.read_text() if log.exists() else 'no log'})")
         yield f"http://127.0.0.1:{port}", log
     finally:
         process.terminate()

@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import ssl
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,9 +23,10 @@ from gateway.config import ConfigError, load_settings
 from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
 
-from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
+from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, SimHandle, config_yaml, worker_headers
 from .test_cli import free_port
 from .test_heartbeat_driver import held_item
+from .tools import require, wait_listening
 
 
 @pytest.fixture
@@ -168,9 +170,9 @@ def test_a_ca_file_that_cannot_be_used_is_a_config_error(tmp_path: Path, content
 async def test_every_upstream_call_goes_through_the_egress_proxy_to_an_https_api(
     ca: trustme.CA,
     ca_file: str,
-    tinyproxy: tuple[str, Path],
     make_simulator: SimFactory,
     make_gateway: GatewayFactory,
+    tinyproxy: tuple[str, Path],
 ) -> None:
     """Before: the upstream client ignored proxies; a cluster whose egress is a proxy could not use the gateway."""
     proxy_url, proxy_log = tinyproxy
@@ -330,3 +332,87 @@ async def test_check_config_connect_reports_what_the_configured_path_reaches(
         assert process.returncode == 1, output
         assert "prod-sandboxes: not reached: the upstream's TLS certificate was not accepted" in output
     assert ENVIRON["TEST_ENV_KEY"] not in output
+
+
+# -- an https:// egress proxy that asks for credentials (PyPI proxy.py) -----------------------------------
+
+
+@pytest.fixture
+def proxy_py(ca: trustme.CA, tmp_path: Path) -> Iterator[Callable[[bool], str]]:
+    """PyPI proxy.py, asking for `gateway:pr0xy-pass` (407 without): spoken to over TLS (its certificate from `ca`),
+    or over plain HTTP."""
+    binary = require("proxy", "pip install proxy.py (the test extra)")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(tls: bool) -> str:
+        port = free_port()
+        command = [binary, "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
+                   "--num-acceptors", "1", "--basic-auth", "gateway:pr0xy-pass"]  # fmt: skip
+        if tls:
+            issued = ca.issue_cert("127.0.0.1")
+            cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
+            issued.cert_chain_pems[0].write_to_path(str(cert))
+            issued.private_key_pem.write_to_path(str(key))
+            command += ["--cert-file", str(cert), "--key-file", str(key)]
+        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_listening(port, processes[-1], "proxy.py")
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def through(
+    proxy: str, ca: trustme.CA, ca_file: str, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> tuple[int, dict[str, object], SimHandle]:
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))
+    work_id = held_item(sim)
+    gateway = await make_gateway(
+        sim.url, f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}, proxy: {proxy}}}"
+    )
+    status, body = await claim(gateway.proxy_url, work_id)
+    return status, body, sim
+
+
+@pytest.mark.parametrize("credentials", ["secret", "in-the-url"])
+async def test_an_https_proxy_that_asks_for_credentials_carries_every_call(
+    ca: trustme.CA,
+    ca_file: str,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    credentials: str,
+    proxy_py: Callable[[bool], str],
+) -> None:
+    """TLS to the proxy, then TLS through it to the API: aiohttp drops an https:// proxy it reads from the
+    environment and goes direct (aio-libs/aiohttp#3075); here it is used, or the request fails."""
+    url = proxy_py(True)
+    monkeypatch.setitem(ENVIRON, "PROXY_AUTH", "gateway:pr0xy-pass")
+    proxy = {
+        "secret": f"{{url: '{url}', credentials_env: PROXY_AUTH}}",
+        "in-the-url": f"{{url: '{url.replace('https://', 'https://gateway:pr0xy-pass@')}'}}",
+    }[credentials]
+    status, body, sim = await through(proxy, ca, ca_file, make_simulator, make_gateway)
+    assert status == 200, body
+    assert sim.sim.count("heartbeat") == 1
+
+
+async def test_a_proxy_that_refuses_the_credentials_is_named_and_nothing_goes_direct(
+    ca: trustme.CA,
+    ca_file: str,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+    proxy_py: Callable[[bool], str],
+) -> None:
+    # (Over plain HTTP: on a 407 from an https:// proxy, aiohttp leaves the TLS shutdown to run out its timeout.)
+    status, body, sim = await through(f"{{url: '{proxy_py(False)}'}}", ca, ca_file, make_simulator, make_gateway)
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert status == 502
+    assert (
+        error["message"]
+        == "the egress proxy refused the connection to the upstream (407: its credentials were refused)"
+    )
+    assert sim.sim.count("heartbeat") == 0

@@ -462,8 +462,8 @@ async def test_the_workers_serve_sessions_over_https_to_the_gateway_and_through_
     start_gateway: Started,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    tinyproxy: tuple[str, Path],
     language: str,
+    tinyproxy: tuple[str, Path],
 ) -> None:
     """What users run: the worker trusts the gateway's CA the way its SDK reads one (`SSL_CERT_FILE` for
     Python's httpx, `NODE_EXTRA_CA_CERTS` for Node), and the gateway reaches an API with a private CA

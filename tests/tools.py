@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,3 +24,14 @@ def require(tool: str, install: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; CI must have it: .ci/run installs it")
     pytest.skip(f"{message}; with CI=true this is a failure")
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, patience: float = 15.0) -> None:
+    """Until a helper process we started accepts connections on `port` (failing if it exits first)."""
+    deadline = time.monotonic() + patience
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        assert process.poll() is None, f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.05)
