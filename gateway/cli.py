@@ -201,11 +201,17 @@ async def _probe_upstream(settings: Settings) -> int:
     return EXIT_OK if reached else EXIT_FAILURE
 
 
+def _egress_secrets(settings: Settings) -> tuple[str, ...]:
+    """A password the environment's proxy URL carries (`HTTPS_PROXY=http://user:pass@host`): scrubbed too."""
+    credentials = egress_route(settings).credentials
+    return () if credentials is None else tuple(c for c in (credentials[1], ":".join(credentials)) if c)
+
+
 def _serve(path: str) -> int:
     settings = _load(path)
     if settings is None:
         return EXIT_USAGE
-    configure_logging(settings.logging, settings.secret_values())
+    configure_logging(settings.logging, (*settings.secret_values(), *_egress_secrets(settings)))
     try:
         event_loop.run(lambda: _serve_until_signal(settings, path))
     except OSError as exc:
@@ -270,7 +276,7 @@ def _reload(gateway: Gateway, path: str) -> None:
         log.error("reload refused: %s", refusal, extra={"fields": {"event": "reload_failed"}})
     if not refusals:
         # New secrets must be scrubbed too (and rotated-out ones still are); the level may have changed.
-        configure_logging(settings.logging, (*old_secrets, *settings.secret_values()))
+        configure_logging(settings.logging, (*old_secrets, *settings.secret_values(), *_egress_secrets(settings)))
         summary = settings.summary().removeprefix("ok: ")
         log.info("config reloaded: %s", summary, extra={"fields": {"event": "reloaded"}})
 

@@ -597,6 +597,11 @@ class _Reader:
     def check_egress(self, settings: Settings) -> None:
         """A proxy the gateway cannot use is refused here, never dropped for a direct connection."""
         proxy = settings.upstream.proxy
+        if proxy.url is not None and "@" in proxy.url.partition("://")[2].partition("/")[0]:
+            self.problem(
+                "upstream.proxy.url",
+                "holds credentials; secrets never go in the config: use credentials_env or credentials_file",
+            )
         try:
             proxy_route(settings.upstream.base_url, proxy.url, proxy.from_environment, self.environ)
         except EgressError as exc:

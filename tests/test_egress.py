@@ -85,3 +85,16 @@ def test_proxy_credentials_come_from_a_secret_and_must_be_user_colon_password() 
     assert "pr0xy-pass" in settings.secret_values()  # scrubbed from every log line
     with pytest.raises(ConfigError, match=r"upstream\.proxy\.credentials: must be user:password"):
         load_settings(config, {**ENVIRON, "PROXY_AUTH": "no-colon"})
+
+
+def test_credentials_in_the_environments_proxy_url_are_used_and_never_shown() -> None:
+    route = proxy_route(API, None, True, {"HTTPS_PROXY": "https://gateway:pr0xy-pass@egress:8443"})
+    assert route.credentials == ("gateway", "pr0xy-pass")
+    assert route.address == "https://egress:8443"  # what is connected to: without them
+
+
+def test_credentials_in_the_configs_proxy_url_are_refused() -> None:
+    """Secrets come from environment variables or files, never the config (nor the admin API's view of it)."""
+    config = config_yaml(API, "upstream: {proxy: {url: 'http://gateway:pr0xy-pass@egress:3128'}}")
+    with pytest.raises(ConfigError, match=r"upstream\.proxy\.url: holds credentials"):
+        load_settings(config, ENVIRON)
