@@ -4,10 +4,16 @@ A Kubernetes Secret mounted as a volume (not with `subPath`, which never
 sees an update) rotates by swapping its `..data` symlink: the same path then
 names other files. So the files' identity (device, inode, size, change time,
 following links) is checked every `CHECK_SECONDS`, and a change loads the pair
-again. A pair is tried on a scratch context first: a rotation caught half
-way (the new certificate, the old key) is skipped and tried again at the next
-check, and the context keeps the pair it had. Connections already open keep
-the certificate they were made with; new ones get the new one.
+again. Connections already open keep the certificate they were made with;
+new ones get the new one.
+
+A rotation must never leave a port without a working pair. Both files are
+read once into a private snapshot, and the pair is tried from it on a scratch
+context before the live one loads the same bytes. A rotation caught half way
+(the new certificate, the old key) is skipped and tried again at the next
+check. OpenSSL drops the old key as soon as a new load starts, so if the
+live load still fails, the last good snapshot is loaded again. The watcher
+itself never stops on an error.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ log = logging.getLogger("gateway.certificates")
 
 CHECK_SECONDS = 10.0
 
+Pair = tuple[bytes, bytes]
+
 
 class RotatingCertificate:
     """A certificate and its key in `context`, loaded again whenever their files change."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, what: str) -> None:
         self.context = context
-        self._context, self._cert_file, self._key_file, self._what = context, cert_file, key_file, what
+        self._cert_file, self._key_file, self._what = cert_file, key_file, what
         self._seen = self._identity()
-        context.load_cert_chain(cert_file, key_file)
+        self._good = self._read()
+        _load(context, self._good)
 
     def _identity(self) -> tuple[tuple[int, int, int, int], ...] | None:
         try:
@@ -40,26 +49,55 @@ class RotatingCertificate:
             return None
         return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
+    def _read(self) -> Pair:
+        with open(self._cert_file, "rb") as cert, open(self._key_file, "rb") as key:
+            return cert.read(), key.read()
+
     def reload_if_changed(self) -> bool:
         """Load the pair again if its files changed and it loads whole; True if it did."""
         now = self._identity()
         if now is None or now == self._seen:
             return False
         try:
-            ssl.create_default_context().load_cert_chain(self._cert_file, self._key_file)
+            pair = self._read()
+            _load(ssl.create_default_context(), pair)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             # Half way through a rotation, or a bad pair: the one loaded stays, and the next check tries again.
             log.warning("the %s on disk does not load (%s); keeping the one loaded", self._what, exc)
             return False
-        self._context.load_cert_chain(self._cert_file, self._key_file)
-        self._seen = now
+        try:
+            _load(self.context, pair)
+        except (OSError, ValueError) as exc:
+            _load(self.context, self._good)  # the old key is gone already: the last good pair again
+            log.error("the %s could not be swapped in (%s); keeping the one loaded", self._what, exc)
+            return False
+        self._good, self._seen = pair, now
         log.info("reloaded the %s", self._what, extra={"fields": {"event": "certificate_reloaded"}})
         return True
 
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(CHECK_SECONDS)
-            self.reload_if_changed()
+            try:
+                self.reload_if_changed()
+            except Exception:  # a watcher that dies leaves the port on a certificate that expires
+                log.exception("checking the %s failed; checking again in %g s", self._what, CHECK_SECONDS)
+
+
+def _load(context: ssl.SSLContext, pair: Pair) -> None:
+    """`load_cert_chain` from bytes, through anonymous in-memory files (`memfd`): the key never touches
+    a disk, and a read-only root filesystem is no obstacle."""
+    descriptors = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("tls.crt", "tls.key")]
+    try:
+        for descriptor, data in zip(descriptors, pair, strict=True):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view) :]
+        cert, key = (f"/proc/self/fd/{d}" for d in descriptors)
+        context.load_cert_chain(cert, key)
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
 
 
 def server_context(cert_file: str, key_file: str, client_ca_file: str | None, what: str) -> RotatingCertificate:

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .egress import EgressError, proxy_route
+from .egress import EgressError, has_credentials, is_loopback_url, proxy_route
 from .heartbeat.worker_model import absorption_blocker
 from .redaction import REDACTED
 from .settings import (
@@ -596,8 +596,19 @@ class _Reader:
 
     def check_egress(self, settings: Settings) -> None:
         """A proxy the gateway cannot use is refused here, never dropped for a direct connection."""
-        proxy = settings.upstream.proxy
-        if proxy.url is not None and "@" in proxy.url.partition("://")[2].partition("/")[0]:
+        upstream = settings.upstream
+        if (
+            upstream.base_url.startswith("http://")
+            and not is_loopback_url(upstream.base_url)
+            and not upstream.allow_insecure_http
+        ):
+            self.problem(
+                "upstream.base_url",
+                "http:// sends the environment keys in clear (and past any proxy on the way); use https://, "
+                "a loopback address, or set upstream.allow_insecure_http: true",
+            )
+        proxy = upstream.proxy
+        if proxy.url is not None and has_credentials(proxy.url):
             self.problem(
                 "upstream.proxy.url",
                 "holds credentials; secrets never go in the config: use credentials_env or credentials_file",

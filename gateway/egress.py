@@ -21,9 +21,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
-__all__ = ["EgressError", "ProxyRoute", "proxy_route"]
+__all__ = ["EgressError", "ProxyRoute", "has_credentials", "is_loopback_url", "proxy_route"]
 
 PROXY_SCHEMES = ("http", "https")
 
@@ -45,7 +45,10 @@ class ProxyRoute:
         if self.proxy is None:
             return None
         parts = urlsplit(self.proxy)
-        return (parts.username or "", parts.password or "") if parts.username is not None else None
+        if parts.username is None:
+            return None
+        # Percent-encoded in the URL, as curl reads them (`p%40ss` is `p@ss`).
+        return unquote(parts.username), unquote(parts.password or "")
 
     @property
     def address(self) -> str | None:
@@ -115,7 +118,8 @@ def _port(url: SplitResult) -> int:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    # `localhost` itself only, as Go: `api.localhost` may go through a cluster's DNS search path to any pod.
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -166,3 +170,15 @@ def _split_port(entry: str) -> tuple[str, int | None]:
         if port.isdigit():
             return host, int(port)
     return entry, None
+
+
+def has_credentials(proxy_url: str) -> bool:
+    """Whether a proxy URL, read as the gateway reads it (a missing scheme is http://), carries a user."""
+    try:
+        return urlsplit(_proxy_url(proxy_url, "")).username is not None
+    except EgressError:
+        return "@" in proxy_url  # unusable anyway (reported as such); say so if it looks like credentials
+
+
+def is_loopback_url(url: str) -> bool:
+    return _is_loopback((urlsplit(url).hostname or "").lower())

@@ -214,6 +214,8 @@ class UpstreamSettings:
     pools: UpstreamPools = UpstreamPools()
     tls: UpstreamTls = UpstreamTls()
     proxy: UpstreamProxy = UpstreamProxy()
+    # An http:// base URL off loopback sends the environment keys in clear: refused unless set.
+    allow_insecure_http: bool = False
 
 
 @dataclass(frozen=True, slots=True)

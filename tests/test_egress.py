@@ -37,6 +37,8 @@ API = "https://api.anthropic.com"
         ("https://api.ns.svc", {"HTTPS_PROXY": "http://egress:3128", "NO_PROXY": ".svc"}, None),
         ("https://127.0.0.1:8443", {"HTTPS_PROXY": "http://egress:3128"}, None),  # loopback: never, as Go
         ("https://localhost", {"HTTPS_PROXY": "http://egress:3128"}, None),
+        # Only `localhost` itself: `api.localhost` may resolve through a cluster's search path to any pod.
+        ("https://api.localhost", {"HTTPS_PROXY": "http://egress:3128"}, "http://egress:3128"),
     ],
 )
 def test_the_proxy_comes_from_the_standard_variables_as_curl_and_go_read_them(
@@ -93,8 +95,33 @@ def test_credentials_in_the_environments_proxy_url_are_used_and_never_shown() ->
     assert route.address == "https://egress:8443"  # what is connected to: without them
 
 
-def test_credentials_in_the_configs_proxy_url_are_refused() -> None:
-    """Secrets come from environment variables or files, never the config (nor the admin API's view of it)."""
-    config = config_yaml(API, "upstream: {proxy: {url: 'http://gateway:pr0xy-pass@egress:3128'}}")
+@pytest.mark.parametrize("url", ["http://gateway:pr0xy-pass@egress:3128", "gateway:pr0xy-pass@egress:3128"])
+def test_credentials_in_the_configs_proxy_url_are_refused(url: str) -> None:
+    """Secrets come from environment variables or files, never the config (nor the admin API's view of it),
+    with a scheme or without one (read as http://)."""
+    config = config_yaml(API, f"upstream: {{proxy: {{url: '{url}'}}}}")
     with pytest.raises(ConfigError, match=r"upstream\.proxy\.url: holds credentials"):
+        load_settings(config, ENVIRON)
+
+
+def test_a_percent_encoded_proxy_password_is_decoded_as_curl_reads_it() -> None:
+    route = proxy_route(API, None, True, {"HTTPS_PROXY": "http://gate%40way:p%40ss@egress:3128"})
+    assert route.credentials == ("gate@way", "p@ss")
+
+
+@pytest.mark.parametrize(
+    ("base_url", "extra", "refused"),
+    [
+        ("http://api.internal:8080", "", True),
+        ("http://api.internal:8080", ", allow_insecure_http: true", False),
+        ("http://127.0.0.1:8000", "", False),  # a sidecar, or the simulator
+        ("https://api.internal", "", False),
+    ],
+)
+def test_keys_are_never_sent_in_clear_off_loopback_unless_allowed(base_url: str, extra: str, refused: bool) -> None:
+    config = config_yaml(base_url, f"upstream: {{base_url: '{base_url}'{extra}}}")
+    if refused:
+        with pytest.raises(ConfigError, match=r"upstream\.base_url: http:// sends the environment keys in clear"):
+            load_settings(config, ENVIRON)
+    else:
         load_settings(config, ENVIRON)

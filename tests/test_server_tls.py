@@ -119,3 +119,53 @@ def test_a_listening_tls_setting_that_cannot_work_is_a_config_error(tmp_path: Pa
     with pytest.raises(ConfigError) as raised:
         load_settings(config_yaml("https://api.example", f"listen: {{host: 0.0.0.0, port: 8080, tls: {tls}}}"), ENVIRON)
     assert problem in str(raised.value)
+
+
+def handshake_ok(server: ssl.SSLContext, ca: trustme.CA) -> bool:
+    """A TLS handshake in memory against `server`, from a client trusting `ca`."""
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_client = client.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, side in (("client", tls_client), ("server", tls_server)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError:
+                    return False
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            return True
+    return False
+
+
+def test_a_swap_that_fails_half_way_keeps_the_port_serving_the_last_good_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL drops the old key as soon as a load starts: a pair that changed between the check and the load
+    (a non-atomic writer, two swaps in a row) must not leave the port unable to finish a handshake."""
+    ca, mount = trustme.CA(), tmp_path / "secret"
+    secret_volume(ca, mount, "v1", "v2")
+    rotating = certificates.server_context(str(mount / "tls.crt"), str(mount / "tls.key"), None, "test port")
+    assert handshake_ok(rotating.context, ca)
+    real_load = certificates._load
+    mismatched = ((mount / "v2" / "tls.crt").read_bytes(), (mount / "v1" / "tls.key").read_bytes())
+
+    def changed_under_the_load(context: ssl.SSLContext, pair: tuple[bytes, bytes]) -> None:
+        if context is rotating.context and pair != mismatched and not calls:
+            calls.append(pair)
+            real_load(context, mismatched)  # what the live context reads is no longer what was checked
+        real_load(context, pair)
+
+    calls: list[tuple[bytes, bytes]] = []
+    monkeypatch.setattr(certificates, "_load", changed_under_the_load)
+    rotate(mount, mount / "v2")
+    assert rotating.reload_if_changed() is False
+    assert handshake_ok(rotating.context, ca)  # the last good pair, loaded again
