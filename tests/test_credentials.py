@@ -26,7 +26,7 @@ from .support import (
 
 @pytest.fixture
 def settings() -> Settings:
-    return make_settings("http://upstream.invalid")
+    return make_settings("https://upstream.invalid")
 
 
 def decide(
@@ -71,7 +71,7 @@ def test_a_token_of_one_environment_stands_for_its_key_everywhere(settings: Sett
 
 
 def test_a_token_of_several_environments_uses_what_the_gateway_learned() -> None:
-    settings = make_settings("http://upstream.invalid", clients=ALL_ENVIRONMENTS_CLIENTS)
+    settings = make_settings("https://upstream.invalid", clients=ALL_ENVIRONMENTS_CLIENTS)
     links = Links()
     links.learn(Link(RouteName.SESSIONS, "sesn_1", OTHER_ENV_ID))
     links.learn(Link(RouteName.SKILLS, "skill_1", ENV_ID))
@@ -94,7 +94,7 @@ def test_a_token_of_several_environments_uses_what_the_gateway_learned() -> None
 
 
 def test_an_unseen_session_of_a_token_of_several_environments_is_discovered() -> None:
-    settings = make_settings("http://upstream.invalid", clients=ALL_ENVIRONMENTS_CLIENTS)
+    settings = make_settings("https://upstream.invalid", clients=ALL_ENVIRONMENTS_CLIENTS)
     decision = decide(settings, "/v1/sessions/sesn_9/events/stream", f"Bearer {TOKEN}")
     assert isinstance(decision, Discover)
     assert decision.session_id == "sesn_9"
@@ -103,7 +103,7 @@ def test_an_unseen_session_of_a_token_of_several_environments_is_discovered() ->
     assert "default_credential.use_for" in decision.fallback.message
     # Without discovery, or for a skill it cannot discover: 403 saying what to configure.
     no_discovery = make_settings(
-        "http://upstream.invalid",
+        "https://upstream.invalid",
         clients=ALL_ENVIRONMENTS_CLIENTS.replace("clients:", "clients:\n  discover_sessions: false"),
     )
     with pytest.raises(PermissionDenied, match="Give the worker a token for its one environment"):
@@ -114,7 +114,7 @@ def test_an_unseen_session_of_a_token_of_several_environments_is_discovered() ->
 
 def test_the_organisation_key_only_where_configured_and_nothing_else_tells() -> None:
     settings = make_settings(
-        "http://upstream.invalid",
+        "https://upstream.invalid",
         DEFAULT_CREDENTIAL.replace("sessions, skills, memory_stores, other", "skills, other"),
         clients=ALL_ENVIRONMENTS_CLIENTS,
     )
@@ -127,7 +127,7 @@ def test_the_organisation_key_only_where_configured_and_nothing_else_tells() -> 
     discover = decide(settings, "/v1/sessions/sesn_9", auth)
     assert isinstance(discover, Discover)
     assert isinstance(discover.fallback, PermissionDenied)
-    everywhere = make_settings("http://upstream.invalid", DEFAULT_CREDENTIAL, clients=ALL_ENVIRONMENTS_CLIENTS)
+    everywhere = make_settings("https://upstream.invalid", DEFAULT_CREDENTIAL, clients=ALL_ENVIRONMENTS_CLIENTS)
     discover = decide(everywhere, "/v1/sessions/sesn_9", auth)
     assert isinstance(discover, Discover)
     assert discover.fallback == ORGANISATION
