@@ -977,3 +977,19 @@ def test_the_table_counts_show_a_state_outside_the_protocol_as_unknown_and_the_s
     by_state, shortest = c.table_counts()
     assert dict(by_state) == {("env_1", "active"): 2, ("env_1", "unknown"): 1}
     assert shortest == {"env_1": 12}  # among active leases only: the suspended one's 5 s is not an active TTL
+
+
+def test_a_lapse_is_reported_behind_a_check_that_a_shorter_ttl_made_stale() -> None:
+    """A beat with a shorter TTL brings a lease's check forward and leaves its old one stale in the heap:
+    the stale one is skipped, and every lapse due behind it is still reported in the same tick."""
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(retention_seconds=600.0, expiry_grace_seconds=5.0))
+    a, b = ("env_1", "work_a"), ("env_1", "work_b")
+    (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT", key=a), 0.0))
+    c.completed(a, send.flight, ok("A1", ttl=100), 0.0)  # checked at 105
+    (send,) = sends(c.submit(beat(2, "A1", key=a), 1.0))
+    c.completed(a, send.flight, ok("A2", ttl=5), 1.0)  # checked at 11 now: the 105 entry is stale
+    (send,) = sends(c.submit(beat(3, "NO_HEARTBEAT", key=b), 50.0))
+    c.completed(b, send.flight, ok("B1", ttl=60), 50.0)  # checked at 115, behind the stale 105
+    events = [e for e in c.tick(200.0) if isinstance(e, LeaseEvent) and e.kind is LeaseEventKind.EXPIRED]
+    lapsed = sorted(e.key[1] for e in events)
+    assert lapsed == ["work_a", "work_b"]
