@@ -298,3 +298,39 @@ async def test_a_lease_call_waits_for_a_connection_no_longer_than_its_worker_wai
         assert seconds < 1.5
         release.set()
         assert (await holder)[0] == 200
+
+
+async def test_with_coalescing_off_a_vouched_heartbeat_still_draws_on_the_lease_class(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    """`heartbeat.coalesce: false` sends each beat on its own, but never in the `other` class: a flood of
+    pass-through calls that fills it must not cost a held lease its beat."""
+    rec, url = recorder
+    release = asyncio.Event()
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/v1/sessions/"):
+            await release.wait()  # pass-through calls hold the `other` class
+            return web.json_response({"id": "sesn_1"})
+        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
+        return web.json_response({**answer, "ttl_seconds": 9})
+
+    rec.respond = respond
+    config = f"""upstream:
+  base_url: "{url}"
+  pools:
+    other: {{max_connections: 1, max_queued: 0, max_queue_seconds: 0.1}}
+heartbeat: {{coalesce: false}}
+"""
+    gateway = await make_gateway(url, config)
+    async with aiohttp.ClientSession() as http:
+        held = asyncio.ensure_future(http.get(f"{gateway.proxy_url}/v1/sessions/sesn_1", headers=worker_headers()))
+        await asyncio.sleep(0.2)
+        async with http.get(f"{gateway.proxy_url}/v1/sessions/sesn_2", headers=worker_headers()) as r:
+            assert r.status == 503  # the `other` class is full
+        target = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/w1/heartbeat"
+        params = {"expected_last_heartbeat": "NO_HEARTBEAT"}
+        async with http.post(target, params=params, headers=worker_headers()) as r:
+            assert r.status == 200
+        release.set()
+        (await held).release()
