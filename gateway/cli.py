@@ -182,7 +182,7 @@ def _check_config(path: str, *, connect: bool = False) -> int:
 async def _probe_upstream(settings: Settings) -> int:
     """One request per environment, the way the gateway will make it: the egress, TLS, and the key."""
     upstream = upstream_client(settings)
-    print(f"upstream {settings.upstream.base_url} via {egress_route(settings).shown}")
+    print(f"upstream {settings.upstream.base_url} via {upstream.egress.shown}")
     reached = True
     try:
         for environment in settings.environments:

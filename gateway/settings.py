@@ -117,10 +117,6 @@ class ServerTls:
     key_file: str | None = None
     client_ca_file: str | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.cert_file is not None
-
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:

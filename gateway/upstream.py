@@ -179,8 +179,8 @@ class HttpUpstream:
     ) -> None:
         self._observer = observer or _Unobserved()
         # Every class, heartbeats and streams alike, takes the one way out the config chose.
-        self._egress = egress or ProxyRoute(None, "no proxy given")
-        self._proxy_headers = _proxy_authorization(self._egress, settings.proxy)
+        self.egress = egress or ProxyRoute(None, "no proxy given")
+        self._proxy_headers = _proxy_authorization(self.egress, settings.proxy)
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
         # The whole exchange, body streaming included.
@@ -205,7 +205,7 @@ class HttpUpstream:
             # ignores NO_PROXY ranges and drops an https:// proxy to go direct).
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            proxy=self._egress.address,
+            proxy=self.egress.address,
         )
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 - a handful of values, for the session's lifetime
