@@ -240,11 +240,13 @@ class PollHold:
         self._drained = asyncio.Event()
         self._jitter = jitter
 
-    async def hold(self, seconds: float) -> None:
-        if self._drained.is_set() or seconds <= 0:
+    async def hold(self, block: float, seconds: float) -> None:
+        """At least the poll's own `block` (as an empty queue answers), or half to all of `seconds` if longer."""
+        wait = max(block, seconds * (0.5 + self._jitter() / 2))
+        if self._drained.is_set() or wait <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), seconds * (0.5 + self._jitter() / 2))
+            await asyncio.wait_for(self._drained.wait(), wait)
 
     def drain(self) -> None:
         """The replica is going away: every held poll is answered now, and later ones at once."""

@@ -217,8 +217,7 @@ async def _shed(ctx: ProxyContext, exchange: Exchange, shed: Shed, target: Targe
     if shed == "poll":
         # As an empty queue answers, after a while: a timer, not a connection upstream. Held past its
         # block_ms (half to all of hold_polls_seconds; at once on a drain), an idle worker polls less often.
-        block = block_seconds(target.raw_query) or 0.0
-        await ctx.held_polls.hold(max(block, ctx.settings.overload.hold_polls_seconds))
+        await ctx.held_polls.hold(block_seconds(target.raw_query) or 0.0, ctx.settings.overload.hold_polls_seconds)
         return _empty_queue()
     raise Overloaded("the gateway replica is overloaded; retry shortly", retry_after=SHED_RETRY_AFTER_SECONDS)
 

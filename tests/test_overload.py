@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.overload import Governor, Load, cpu_capacity
+from gateway.overload import Governor, Load, PollHold, cpu_capacity
 from gateway.routing import RouteName
 from gateway.settings import OverloadSettings
 
@@ -375,3 +375,16 @@ def test_the_cpu_signal_is_off_at_1_and_a_low_threshold_still_recovers() -> None
     assert low.level is Load.SHED_POLLS
     levels = [low.observe(n * 0.05, 0.001, cpu_seconds=3 * 0.12) for n in range(60, 60 + 20 * 20)]  # 20 s idle
     assert levels[-1] is Load.CALM
+
+
+async def test_a_held_poll_is_never_answered_before_its_block_time() -> None:
+    """With `hold_polls_seconds: 0` (or a hold shorter than `block_ms`), a shed poll is answered as an empty
+    queue answers: after its own block time, never earlier (the jitter spreads only the hold)."""
+    hold = PollHold(jitter=lambda: 0.0)  # the shortest share of the hold
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await hold.hold(0.3, 0.0)
+    assert loop.time() - started >= 0.29
+    started = loop.time()
+    await hold.hold(0.1, 0.4)  # half of 0.4 s, longer than the block
+    assert 0.19 <= loop.time() - started < 0.35
