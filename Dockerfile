@@ -4,8 +4,12 @@
 #   cp config/gateway.example.yaml my-config/config.yaml   # then edit it
 #   docker run --read-only --tmpfs /tmp -v "$PWD/my-config:/etc/heartbeat-gateway:ro" \
 #     -e PROD_ENVIRONMENT_KEY -e ANTHROPIC_API_KEY -e WORKER_TOKEN -p 8080:8080 -p 9090:9090 heartbeat-gateway
+# Where no registry is reachable, `make image` (scripts/build-image) builds a stand-in base from Debian's
+# packages and passes it as BASE_IMAGE, with PIP_ARGS pointing pip at a wheelhouse built on the host.
 
-FROM python:3.11-slim-bookworm AS build
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE} AS build
+ARG PIP_ARGS=""
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Everything the package needs, and nothing else (.dockerignore keeps tests, .venv and secrets out).
@@ -14,11 +18,11 @@ COPY gateway ./gateway
 # Wheels only for the dependencies (slim has no compiler); the package itself is pure Python.
 # Bytecode is compiled here, because the read-only root filesystem cannot cache it at run time.
 RUN python -m venv /opt/heartbeat-gateway \
- && /opt/heartbeat-gateway/bin/pip install --only-binary=aiohttp,uvloop,multidict,yarl,frozenlist,propcache,pyyaml ".[speed]" \
+ && /opt/heartbeat-gateway/bin/pip install $PIP_ARGS --only-binary=aiohttp,uvloop,multidict,yarl,frozenlist,propcache,pyyaml ".[speed]" \
  && /opt/heartbeat-gateway/bin/pip uninstall --yes pip setuptools \
  && python -m compileall -q /opt/heartbeat-gateway
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 # No compiler, no pip cache, no source tree: only the installed virtualenv.
 COPY --from=build /opt/heartbeat-gateway /opt/heartbeat-gateway
 RUN groupadd --system --gid 10001 gateway \

@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bad-day test lint typecheck coverage pytest node-deps tools clean
+.PHONY: demo bad-day test lint typecheck coverage pytest node-deps tools image clean
 
 demo: $(STAMP)
 	$(BIN)/heartbeat-gateway demo
@@ -16,6 +16,11 @@ bad-day: $(STAMP)
 	$(BIN)/heartbeat-gateway demo --bad-day
 
 test: lint typecheck coverage pytest
+
+# The container image, heartbeat-gateway:dev, with docker or podman (scripts/build-image says how,
+# including a base made from Debian's packages where no registry is reachable).
+image: $(STAMP)
+	PYTHON=$(BIN)/python scripts/build-image
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench

@@ -29,8 +29,7 @@ from .support import (
     SimHandle,
     make_settings,
 )
-from .test_cli import free_port
-from .tools import require, wait_listening
+from .tools import free_port, require, wait_listening
 
 
 @pytest.fixture
@@ -41,6 +40,7 @@ def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
         seed: int = 1,
         middleware: Any = None,
         tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
         **kwargs: Any,
     ) -> SimHandle:
         config = SimulatorConfig(
@@ -53,7 +53,7 @@ def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
         app = create_simulator_app(config)
         if middleware is not None:
             app.middlewares.insert(0, middleware)  # a test's own fault, ahead of everything
-        server = await aiohttp_server(app, ssl=tls)  # with `tls`, an HTTPS upstream
+        server = await aiohttp_server(app, host=host, ssl=tls)  # with `tls`, an HTTPS upstream
         return SimHandle(server, app[SIMULATOR])
 
     return make

@@ -20,15 +20,10 @@ from aiohttp import web
 from gateway.demo.bad_day import PHASES
 
 from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, config_yaml, worker_headers
+from .tools import free_port
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
 BIN = Path(sys.executable).parent / "heartbeat-gateway"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -394,7 +394,8 @@ async def test_sigterm_mid_flight_exits_within_one_grace_period(make_simulator: 
     """A heartbeat, a long poll and an event stream open when SIGTERM comes: out in one grace, cutting the rest."""
     from gateway.simulator import Faults
 
-    from .test_cli import free_port, wait_ready
+    from .test_cli import wait_ready
+    from .tools import free_port
 
     sim = await make_simulator(faults=Faults(latency_seconds=10, endpoints=("heartbeat", "poll")))
     (work_id,) = sim.sim.enqueue(ENV_ID)
@@ -457,7 +458,8 @@ async def test_under_a_low_descriptor_limit_the_cap_follows_it_and_health_stays_
     """Before: with descriptors used up, new workers and /healthz failed, and asyncio logged an error per accept."""
     import resource
 
-    from .test_cli import free_port, wait_ready
+    from .test_cli import wait_ready
+    from .tools import free_port
 
     _, url = recorder
     proxy_port, admin_port = free_port(), free_port()

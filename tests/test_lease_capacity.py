@@ -22,7 +22,8 @@ from gateway.server import RESERVED_DESCRIPTORS
 from gateway.simulator import Faults, Simulator
 
 from .support import ENV_ID, SimFactory, config_yaml, worker_headers
-from .test_cli import free_port, start_serve, wait_ready
+from .test_cli import start_serve, wait_ready
+from .tools import free_port
 
 SLOW_HEARTBEATS = Faults(latency_seconds=1.5, endpoints=("heartbeat",))
 

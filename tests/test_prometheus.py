@@ -9,7 +9,6 @@ HTTP API what it sees.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -23,15 +22,9 @@ import yaml
 from gateway.app import Gateway
 
 from .support import ENV_ID, GatewayFactory, SimFactory, SimHandle, worker_headers
-from .tools import require
+from .tools import free_port, require
 
 RULES = Path(__file__).parent.parent / "config" / "prometheus" / "alerts.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from gateway.settings import UpstreamSettings
 from gateway.upstream import HttpUpstream, UpstreamRequest, fetch, translate
 
 from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
+from .tools import free_port
 
 HEARTBEAT = f"/v1/environments/{ENV_ID}/work/work_1/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
 POLL = f"/v1/environments/{ENV_ID}/work/poll?block_ms=999"
@@ -50,12 +51,6 @@ async def call(gateway_url: str, method: str, target: str) -> tuple[int, dict[st
         session.request(method, gateway_url + target, headers=worker_headers()) as response,
     ):
         return response.status, json.loads(await response.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize(("method", "target"), [("POST", HEARTBEAT), ("GET", POLL)])

@@ -24,9 +24,8 @@ from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
 
 from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, SimHandle, config_yaml, worker_headers
-from .test_cli import free_port
 from .test_heartbeat_driver import held_item
-from .tools import require, wait_listening
+from .tools import free_port, require, wait_listening
 
 
 @pytest.fixture

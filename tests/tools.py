@@ -14,6 +14,14 @@ from pathlib import Path
 import pytest
 
 
+def free_port() -> int:
+    """A loopback port free now (for a helper process that must be told its port up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def require(tool: str, install: str) -> str:
     # The project's own virtualenv first (tools installed with the test extra), then PATH.
     venv_tool = Path(sys.executable).parent / tool
