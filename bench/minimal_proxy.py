@@ -6,14 +6,16 @@ the gateway's own cost can be told apart from aiohttp's. Not for use.
 
     python bench/minimal_proxy.py serve --config FILE [--pool N] [--variant V]
 
-(the gateway's config format; one pool of N). Variants, to size the levers
+(the gateway's config format: `upstream.base_url`, and for an https:// one
+the CA files in `upstream.tls.ca_files`, added to the system's trust as the
+gateway does; one pool of N). Variants, to size the levers
 left on the gateway's request path (`throughput_bench.py --targets
 minimal,minimal-lean-client,minimal-low-level-server`):
 
 - `aiohttp` (default): aiohttp's application and client, as the gateway uses them;
 - `lean-client`: upstream over `bench/rig.py`'s keep-alive HTTP/1.1 client
-  on asyncio's protocol layer (Content-Length and chunked answers only; no
-  streaming, TLS or error translation: a measurement, not a client);
+  on asyncio's protocol layer (Content-Length and chunked answers only, TLS
+  through asyncio's; no streaming or error translation: a measurement, not a client);
 - `low-level-server`: aiohttp's low-level `web.Server` with one handler,
   without the application, router and middleware chain.
 """
@@ -24,6 +26,7 @@ import asyncio
 import gc
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -44,10 +47,15 @@ def main(config_path: str, pool: int, variant: str) -> None:
     headers = {"Authorization": f"Bearer {key}", "anthropic-beta": "managed-agents-2026-04-01"}
     fixed = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     upstream_port = int(upstream.rsplit(":", 1)[1])
+    tls = None
+    if upstream.startswith("https://"):
+        tls = ssl.create_default_context()
+        for ca_file in config["upstream"].get("tls", {}).get("ca_files", []):
+            tls.load_verify_locations(cafile=ca_file)
     idle: list[rig.Connection] = []
 
     async def run() -> None:
-        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool))
+        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool, ssl=tls if tls else True))
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             async with client.request(request.method, upstream + request.raw_path, headers=headers) as r:
@@ -63,7 +71,7 @@ def main(config_path: str, pool: int, variant: str) -> None:
         async def handle_lean(request: web.BaseRequest) -> web.StreamResponse:
             body = await request.read()
             head = f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{fixed}"
-            conn = idle.pop() if idle else await rig.Connection.open(upstream_port)
+            conn = idle.pop() if idle else await rig.Connection.open(upstream_port, tls)
             status, answer = await conn.request(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
             if not conn.closed:
                 idle.append(conn)

@@ -7,6 +7,12 @@ environments API does (a 128-byte heartbeat answer; a long poll that waits its
 `block_ms` and answers `null`; a work item on GET): it costs next to nothing,
 so what a proxy adds is the proxy's own.
 
+With `--upstream https` (`UpstreamTls`), the fake API is served over TLS with
+a private CA, as the real API is over TLS: every proxy verifies it (nginx with
+`proxy_ssl_verify`, the minimal proxy and the gateway with the CA added to
+their trust), and `direct` workers speak TLS to it themselves. Worker to proxy
+stays plain HTTP, as inside a cluster.
+
 Needs nginx with the echo module (`apt-get install nginx libnginx-mod-http-echo`)
 and, for the closed-loop rows, wrk (`apt-get install wrk`).
 """
@@ -22,6 +28,7 @@ import resource
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -78,7 +85,8 @@ http {{
   map $arg_block_ms $poll_wait {{ "~^(\\d)$" "0.00$1"; "~^(\\d\\d)$" "0.0$1"; "~^(\\d\\d\\d)$" "0.$1"; default "1"; }}
   map $arg_desired_ttl_seconds $ttl {{ "~^\\d+$" $arg_desired_ttl_seconds; default 10; }}
   server {{
-    listen 127.0.0.1:{port} backlog=16384;
+    listen 127.0.0.1:{port} {ssl}backlog=16384;
+    {certificate}
     location ~ /work/poll$ {{ echo_sleep $poll_wait; echo_exec /_empty; }}
     location = /_empty {{ internal; return 200 "null"; }}
     location ~ /heartbeat$ {{ return 200 '{heartbeat}'; }}
@@ -101,7 +109,8 @@ http {{
   server {{
     listen 127.0.0.1:{port} backlog=16384;
     location / {{
-      proxy_pass http://api;
+      proxy_pass {scheme}://api;
+      {verify}
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer {key}";
@@ -113,6 +122,70 @@ http {{
 }}
 """
 )
+
+
+NGINX_UPSTREAM_NAME = "fake-api.bench"
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """The fake API's certificate and the private CA that signed it, made fresh for a run."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def make(cls, tmp: Path) -> UpstreamTls:
+        import trustme  # the test extra, like the rest of the benchmarks' tools
+
+        ca = trustme.CA(organization_name="heartbeat-gateway benchmark CA")
+        # nginx checks a name, never an IP address, against the certificate: it gets the name.
+        served = ca.issue_cert("127.0.0.1", NGINX_UPSTREAM_NAME)
+        tls = cls(tmp / "bench-ca.pem", tmp / "fake-api.crt", tmp / "fake-api.key")
+        ca.cert_pem.write_to_path(str(tls.ca_file))
+        tls.cert_file.write_bytes(b"".join(blob.bytes() for blob in served.cert_chain_pems))
+        served.private_key_pem.write_to_path(str(tls.key_file))
+        return tls
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a worker going direct verifies the API with."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    @property
+    def nginx_server(self) -> str:
+        return f"ssl_certificate {self.cert_file}; ssl_certificate_key {self.key_file};"
+
+    @property
+    def nginx_proxy(self) -> str:
+        # Verified as the others verify it; nginx also resumes TLS sessions on new upstream connections.
+        return (
+            f"proxy_ssl_verify on; proxy_ssl_trusted_certificate {self.ca_file}; proxy_ssl_name {NGINX_UPSTREAM_NAME};"
+            " proxy_ssl_server_name on; proxy_ssl_session_reuse on;"
+        )
+
+
+def upstream_tls(kind: str, tmp: Path) -> UpstreamTls | None:
+    """`--upstream http|https`: the fake API over plain HTTP, or over TLS with a CA made for the run."""
+    if kind not in ("http", "https"):
+        raise SystemExit(f"--upstream must be http or https, not {kind!r}")
+    return UpstreamTls.make(tmp) if kind == "https" else None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the load generator's workers connect: a proxy's port in plain HTTP, as inside a cluster,
+    or, for `direct`, the API's own port, over TLS when the API is served over it."""
+
+    port: int
+    tls: ssl.SSLContext | None = None
+
+    @classmethod
+    def of(cls, target: str, port: int, tls: UpstreamTls | None) -> Endpoint:
+        return cls(port, tls.client_context() if target == "direct" and tls is not None else None)
+
+    async def connect(self) -> Connection:
+        return await Connection.open(self.port, self.tls)
 
 
 def free_port() -> int:
@@ -225,22 +298,34 @@ class Credentials:
         return {**os.environ, "BENCH_ENV_KEY": self.key, "BENCH_TOKEN": self.token}
 
 
-def start_fake_api(tmp: Path, port: int) -> Process:
+def start_fake_api(tmp: Path, port: int, tls: UpstreamTls | None = None) -> Process:
     conf = tmp / "fake-api.conf"
     conf.write_text(
         FAKE_API.format(
-            module=ECHO_MODULE, tmp=tmp, name="fake-api", port=port, heartbeat=HEARTBEAT_ANSWER, work=WORK_ANSWER
+            module=ECHO_MODULE,
+            tmp=tmp,
+            name="fake-api",
+            port=port,
+            heartbeat=HEARTBEAT_ANSWER,
+            work=WORK_ANSWER,
+            ssl="ssl " if tls else "",
+            certificate=tls.nginx_server if tls else "",
         )
     )
     return start("fake-api", ["nginx", "-c", str(conf)], LOAD_CORE)
 
 
-def gateway_yaml(upstream_port: int, port: int, admin_port: int, extra: str = "") -> str:
+def gateway_yaml(
+    upstream_port: int, port: int, admin_port: int, extra: str = "", tls: UpstreamTls | None = None
+) -> str:
     """The README's minimal config, pointed at the fake API, plus what a benchmark sets."""
+    upstream = f"base_url: http://127.0.0.1:{upstream_port}"
+    if tls is not None:
+        upstream = f"base_url: https://127.0.0.1:{upstream_port}, tls: {{ca_files: ['{tls.ca_file}']}}"
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
-upstream: {{base_url: "http://127.0.0.1:{upstream_port}"}}
+upstream: {{{upstream}}}
 environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}]
 clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 {extra}
@@ -285,10 +370,12 @@ async def start_target(
     *,
     prefix: Sequence[str] = (),
     patience: float = 20.0,
+    tls: UpstreamTls | None = None,
 ) -> tuple[Process | None, int]:
     """The proxy under test on its own core, or none for `direct`; and the port workers call.
 
-    `prefix` runs an aiohttp target under another program (valgrind, say), `patience` its start-up's bound.
+    `prefix` runs an aiohttp target under another program (valgrind, say), `patience` its start-up's bound,
+    `tls` the fake API's TLS when it is served over HTTPS.
     """
     if target == "direct":
         return None, upstream_port
@@ -297,13 +384,22 @@ async def start_target(
         conf = tmp / "nginx-proxy.conf"
         conf.write_text(
             NGINX_PROXY.format(
-                tmp=tmp, name="nginx-proxy", port=port, upstream_port=upstream_port, key=credentials.key, beta=BETA
+                tmp=tmp,
+                name="nginx-proxy",
+                port=port,
+                upstream_port=upstream_port,
+                key=credentials.key,
+                beta=BETA,
+                scheme="https" if tls else "http",
+                verify=tls.nginx_proxy if tls else "",
             )
         )
         process = start("nginx", ["nginx", "-c", str(conf)], PROXY_CORE)
     else:
         config = tmp / f"{target}.yaml"
-        config.write_text(gateway_yaml(upstream_port, port, admin_port, gateway_extra if is_gateway(target) else ""))
+        config.write_text(
+            gateway_yaml(upstream_port, port, admin_port, gateway_extra if is_gateway(target) else "", tls)
+        )
         cwd = None
         if is_gateway(target):
             cwd = _gateway_source(target, tmp)
@@ -387,9 +483,9 @@ class Connection(asyncio.Protocol):
     opened = 0  # by this process, to tell a keep-alive proxy from one that closes connections
 
     @classmethod
-    async def open(cls, port: int) -> Connection:
+    async def open(cls, port: int, tls: ssl.SSLContext | None = None) -> Connection:
         cls.opened += 1
-        _, protocol = await asyncio.get_running_loop().create_connection(cls, "127.0.0.1", port)
+        _, protocol = await asyncio.get_running_loop().create_connection(cls, "127.0.0.1", port, ssl=tls)
         return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -23,6 +23,7 @@ a reset, a timeout), polls answered, the proxy's CPU (% of one core) and its
 peak RSS, and for the gateway the share of polls it answered itself.
 
     .venv/bin/python bench/scale_bench.py --workers 1000,5000,10000 --duration 40
+    .venv/bin/python bench/scale_bench.py --upstream https   # the API over TLS, as in production
 
 Results and the commands that produced them: docs/benchmarks.md.
 """
@@ -69,11 +70,13 @@ class Tally:
             self.beats.append(seconds)
 
 
-async def exchange(conn: rig.Connection | None, port: int, data: bytes, patience: float) -> tuple[Any, int | str]:
+async def exchange(
+    conn: rig.Connection | None, endpoint: rig.Endpoint, data: bytes, patience: float
+) -> tuple[Any, int | str]:
     """One request on the worker's keep-alive connection, opened again after the server closed it."""
     try:
         if conn is None or conn.closed:
-            conn = await rig.Connection.open(port)
+            conn = await endpoint.connect()
         async with asyncio.timeout(patience):
             status, _ = await conn.request(data)
         return conn, status
@@ -86,14 +89,14 @@ async def exchange(conn: rig.Connection | None, port: int, data: bytes, patience
     return None, status_text
 
 
-async def idle_worker(n: int, port: int, credential: str, until: float, tally: Tally) -> None:
+async def idle_worker(n: int, endpoint: rig.Endpoint, credential: str, until: float, tally: Tally) -> None:
     request = rig.poll_request(f"bench-worker-{n:05d}", credential)
     conn: rig.Connection | None = None
     backoff = 1.0
     await asyncio.sleep(random.uniform(0, 3))
     while time.monotonic() < until:
         started = time.monotonic()
-        conn, status = await exchange(conn, port, request, 30.0)
+        conn, status = await exchange(conn, endpoint, request, 30.0)
         tally.count("poll", status, time.monotonic() - started)
         if status == 200:
             backoff = 1.0
@@ -105,14 +108,15 @@ async def idle_worker(n: int, port: int, credential: str, until: float, tally: T
         conn.close()
 
 
-async def busy_worker(n: int, port: int, credential: str, until: float, tally: Tally) -> None:
+async def busy_worker(n: int, endpoint: rig.Endpoint, credential: str, until: float, tally: Tally) -> None:
     work_id = f"work_bench{n:016d}"
     last = "NO_HEARTBEAT"
     conn: rig.Connection | None = None
     await asyncio.sleep(random.uniform(0, BEAT_INTERVAL))
     while time.monotonic() < until:
         started = time.monotonic()
-        conn, status = await exchange(conn, port, rig.heartbeat_request(work_id, last, credential), BEAT_INTERVAL)
+        beat = rig.heartbeat_request(work_id, last, credential)
+        conn, status = await exchange(conn, endpoint, beat, BEAT_INTERVAL)
         if last != "NO_HEARTBEAT" or status != 200:
             tally.count("heartbeat", status, time.monotonic() - started)
         if status == 200:
@@ -122,12 +126,14 @@ async def busy_worker(n: int, port: int, credential: str, until: float, tally: T
         conn.close()
 
 
-async def run_one(name: str, workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+async def run_one(
+    name: str, workers: int, args: argparse.Namespace, tmp: Path, tls: rig.UpstreamTls | None
+) -> dict[str, Any]:
     # `gateway-sampled`: the gateway logging one routine success in a hundred (`logging.sample_routine`).
     target = "gateway" if name == "gateway-sampled" else name
     credentials = rig.Credentials.fresh()
     api_port = rig.free_port()
-    api = rig.start_fake_api(tmp, api_port)
+    api = rig.start_fake_api(tmp, api_port, tls)
     proxy = None
     try:
         await rig.wait_for_port(api_port)
@@ -135,9 +141,10 @@ async def run_one(name: str, workers: int, args: argparse.Namespace, tmp: Path) 
         sample = 0.01 if name == "gateway-sampled" else 1.0
         extra = (
             f"limits: {{max_client_connections: {workers * 2 + 100}}}\n"
-            f"logging: {{level: {args.log_level}, sample_routine: {sample}}}"
+            f"logging: {{level: {args.log_level}, sample_routine: {sample}}}\n{args.gateway_extra}"
         )
-        proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra)
+        proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra, tls=tls)
+        endpoint = rig.Endpoint.of(target, port, tls)
         credential = credentials.token if rig.is_gateway(target) else credentials.key
         admin_port = rig.admin_port(tmp, target)
         polls_before = await rig.metric_totals(admin_port, "polls", "outcome") if admin_port else Counter[str]()
@@ -145,8 +152,8 @@ async def run_one(name: str, workers: int, args: argparse.Namespace, tmp: Path) 
         start = time.monotonic()
         until = start + args.ramp + args.duration
         busy = set(range(0, workers, args.busy_every))
-        runs = [idle_worker(n, port, credential, until, tally) for n in range(workers)]
-        runs += [busy_worker(n, port, credential, until, tally) for n in busy]
+        runs = [idle_worker(n, endpoint, credential, until, tally) for n in range(workers)]
+        runs += [busy_worker(n, endpoint, credential, until, tally) for n in busy]
         everything = asyncio.gather(*runs)
         await asyncio.sleep(args.ramp)
         tally.measuring = True
@@ -200,10 +207,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     rig.pin_this_process_to_load_core()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        tls = rig.upstream_tls(args.upstream, Path(tmp))
         for workers in (int(w) for w in args.workers.split(",")):
             direct: dict[str, Any] | None = None
             for target in args.targets.split(","):
-                outcome = await run_one(target, workers, args, Path(tmp))
+                outcome = await run_one(target, workers, args, Path(tmp), tls)
                 if target == "direct":
                     direct = outcome
                 elif direct is not None:
@@ -215,7 +223,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": " ".join(["bench/scale_bench.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}",
+        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}; "
+        f"the fake API over {args.upstream}",
         "results": results,
     }
 
@@ -234,6 +243,8 @@ if __name__ == "__main__":
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds of load before measuring")
     parser.add_argument("--targets", default=",".join((*rig.TARGETS, "gateway-sampled")))
     parser.add_argument("--log-level", default="info", help="the gateway's logging.level (info: as shipped)")
+    parser.add_argument("--gateway-extra", default="", help="YAML added to the gateway's config")
+    parser.add_argument("--upstream", default="http", help="the fake API over http, or https with a private CA")
     parser.add_argument("--profile", metavar="FILE", help="py-spy the gateway in the window (collapsed stacks)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     arguments = parser.parse_args()

@@ -26,6 +26,11 @@ measured beside its parent in the same rounds (`--targets
 minimal,gateway@HEAD~1,gateway`).
 
     .venv/bin/python bench/throughput_bench.py --rounds 3
+    .venv/bin/python bench/throughput_bench.py --rounds 3 --upstream https   # the API over TLS
+
+With `--upstream https` the fake API is served over TLS with a CA made for the
+run, every proxy verifies it, and `direct` workers speak TLS to it themselves
+(`bench/rig.py`); the proxies still take plain HTTP from the workers.
 
 Results and the commands that produced them: docs/benchmarks.md.
 """
@@ -95,7 +100,7 @@ async def closed_loop(
     }
 
 
-async def open_loop(port: int, credential: str, args: Any) -> dict[str, Any]:
+async def open_loop(endpoint: rig.Endpoint, credential: str, args: Any) -> dict[str, Any]:
     """500 leases, one beat a second each, on a fixed schedule: latency at a rate well below saturation."""
     leases, interval = args.leases, 1.0
     latencies: list[float] = []
@@ -106,7 +111,7 @@ async def open_loop(port: int, credential: str, args: Any) -> dict[str, Any]:
 
     async def lease(n: int) -> None:
         nonlocal errors
-        conn = await rig.Connection.open(port)
+        conn = await endpoint.connect()
         last = "NO_HEARTBEAT"
         due = start + interval * n / leases
         while due < until:
@@ -132,14 +137,14 @@ async def open_loop(port: int, credential: str, args: Any) -> dict[str, Any]:
     }
 
 
-async def one_round(n: int, args: Any, tmp: Path) -> list[dict[str, Any]]:
+async def one_round(n: int, args: Any, tmp: Path, tls: rig.UpstreamTls | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     modes = [(t, "forwarded") for t in args.targets.split(",")]
     modes += [(t, "absorbed") for t in args.targets.split(",") if rig.is_gateway(t)]
     for target, mode in modes:
         credentials = rig.Credentials.fresh()
         api_port = rig.free_port()
-        api = rig.start_fake_api(tmp, api_port)
+        api = rig.start_fake_api(tmp, api_port, tls)
         proxy = None
         try:
             await rig.wait_for_port(api_port)
@@ -149,7 +154,7 @@ async def one_round(n: int, args: Any, tmp: Path) -> list[dict[str, Any]]:
                 extra += (
                     "\nheartbeat: {desired_ttl_seconds: 300, absorb: {enabled: true, max_signal_delay_seconds: 60}}"
                 )
-            proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra, pool=args.pool)
+            proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra, pool=args.pool, tls=tls)
             credential = credentials.token if rig.is_gateway(target) else credentials.key
             row: dict[str, Any] = {"round": n, "target": target if mode == "forwarded" else f"{target} absorbed"}
             if proxy is not None and mode == "forwarded":
@@ -161,7 +166,7 @@ async def one_round(n: int, args: Any, tmp: Path) -> list[dict[str, Any]]:
                 if rig.is_gateway(target)
                 else None
             )
-            row["open_loop"] = await open_loop(port, credential, args)
+            row["open_loop"] = await open_loop(rig.Endpoint.of(target, port, tls), credential, args)
             if before is not None:
                 after = await rig.metric_totals(rig.admin_port(tmp, target), "heartbeats", "outcome")
                 row["gateway_heartbeats"] = dict(after - before)
@@ -194,8 +199,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         "heartbeat req/s": ("heartbeat", "requests_per_s"),
         "heartbeat CPU µs/req": ("heartbeat", "cpu_us_per_request"),
         "heartbeat CPU vs minimal": ("heartbeat", "cpu_vs_minimal"),
+        "heartbeat not 2xx": ("heartbeat", "non_2xx"),
         "GET req/s": ("get", "requests_per_s"),
         "GET req/s vs minimal": ("get", "rate_vs_minimal"),
+        "GET not 2xx": ("get", "non_2xx"),
         "500/s p50 ms": ("open_loop", "p50_ms"),
         "500/s p99 ms": ("open_loop", "p99_ms"),
         "500/s added p50 ms": ("open_loop", "added_p50_ms"),
@@ -217,12 +224,14 @@ async def main(args: Any) -> dict[str, Any]:
     rig.pin_this_process_to_load_core()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        tls = rig.upstream_tls(args.upstream, Path(tmp))
         for n in range(1, args.rounds + 1):
-            rows += await one_round(n, args, Path(tmp))
+            rows += await one_round(n, args, Path(tmp), tls)
     return {
         "command": " ".join(["bench/throughput_bench.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}",
+        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}; "
+        f"the fake API over {args.upstream}",
         "summary": summarise(rows),
         "rounds": rows,
     }
@@ -247,6 +256,7 @@ if __name__ == "__main__":
     parser.add_argument("--targets", default=",".join(rig.TARGETS))
     parser.add_argument("--pool", type=int, default=1024, help="the minimal proxy's one pool")
     parser.add_argument("--log-level", default="info", help="the gateway's logging.level (info: as shipped)")
+    parser.add_argument("--upstream", default="http", help="the fake API over http, or https with a private CA")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy the gateway in round 1's closed loops (FILE.heartbeat, FILE.get)"
