@@ -88,7 +88,13 @@ def create_proxy_app(
         clients = min(settings.limits.max_client_connections, descriptor_budget())
         pools = settings.upstream.pools
         gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
-        up = upstream or HttpUpstream(settings.upstream, observer=metrics, gates=gates, egress=egress_route(settings))
+        up = upstream or HttpUpstream(
+            settings.upstream,
+            observer=metrics,
+            gates=gates,
+            egress=egress_route(settings),
+            proxy=lambda: live.current.upstream.proxy,
+        )
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
         if isinstance(up, HttpUpstream) and up.client_certificate is not None:
             background.spawn(up.client_certificate.watch(), name="upstream-client-certificate")

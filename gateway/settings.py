@@ -15,7 +15,7 @@ the reason beside them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
@@ -465,12 +465,22 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
     changed = []
     for path in RESTART_ONLY:
         section, _, key = path.partition(".")
-        before, after = getattr(old, section), getattr(new, section)
+        before, after = _restart_view(getattr(old, section)), _restart_view(getattr(new, section))
         if key:
             before, after = getattr(before, key), getattr(after, key)
         if before != after:
             changed.append(f"{path}: changed; restart the gateway to apply it")
     return changed
+
+
+def _restart_view(section: object) -> object:
+    """A section as a restart sees it. The egress proxy's credentials rotate in place (the client reads
+    them for each new proxy connection): where they come from needs a restart, their value does not,
+    or one rotated proxy password would refuse every reload after it, key rotations included."""
+    if isinstance(section, UpstreamSettings) and section.proxy.credentials is not None:
+        source_only = Secret("", section.proxy.credentials.source)
+        return replace(section, proxy=replace(section.proxy, credentials=source_only))
+    return section
 
 
 def _redacted(value: object) -> object:

@@ -176,10 +176,14 @@ class HttpUpstream:
         observer: UpstreamObserver | None = None,
         gates: Mapping[PoolName, Gate] | None = None,
         egress: ProxyRoute | None = None,
+        proxy: Callable[[], UpstreamProxy] | None = None,
     ) -> None:
         self._observer = observer or _Unobserved()
         # Every class, heartbeats and streams alike, takes the one way out the config chose.
         self.egress = egress or ProxyRoute(None, "no proxy given")
+        # The proxy's credentials as the live settings have them: a reload rotates them in place.
+        self._proxy_settings = proxy or (lambda: settings.proxy)
+        self._proxy_for = settings.proxy
         self._proxy_headers = _proxy_authorization(self.egress, settings.proxy)
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
@@ -207,6 +211,12 @@ class HttpUpstream:
             cookie_jar=aiohttp.DummyCookieJar(),
             proxy=self.egress.address,
         )
+
+    def _proxy_authorization(self) -> dict[str, str] | None:
+        proxy = self._proxy_settings()
+        if proxy is not self._proxy_for:  # a reload: the credentials may have rotated
+            self._proxy_for, self._proxy_headers = proxy, _proxy_authorization(self.egress, proxy)
+        return self._proxy_headers
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 - a handful of values, for the session's lifetime
     def _timeout_of(self, total: float) -> aiohttp.ClientTimeout:
@@ -237,7 +247,7 @@ class HttpUpstream:
                 compress=None,
                 timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
                 server_hostname=self._server_name,
-                proxy_headers=self._proxy_headers,
+                proxy_headers=self._proxy_authorization(),
             )
         except Exception as exc:
             self._raise_translated(request.route, exc)

@@ -23,7 +23,16 @@ from gateway.config import ConfigError, load_settings
 from gateway.logs import configure_logging
 from gateway.settings import LoggingSettings
 
-from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, SimHandle, config_yaml, worker_headers
+from .support import (
+    ENV_ID,
+    ENVIRON,
+    GatewayFactory,
+    SimFactory,
+    SimHandle,
+    config_yaml,
+    make_settings,
+    worker_headers,
+)
 from .test_heartbeat_driver import held_item
 from .tools import free_port, require, wait_listening
 
@@ -409,3 +418,35 @@ async def test_a_proxy_that_refuses_the_credentials_is_named_and_nothing_goes_di
         == "the egress proxy refused the connection to the upstream (407: its credentials were refused)"
     )
     assert sim.sim.count("heartbeat") == 0
+
+
+async def test_proxy_credentials_rotated_by_a_reload_are_used_for_the_next_connection(
+    ca: trustme.CA,
+    ca_file: str,
+    tmp_path: Path,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+    proxy_py: Callable[[bool], str],
+) -> None:
+    """The proxy's password rotates in its Secret: a SIGHUP reload takes it (with any key rotated beside it),
+    where a restart-only check on the whole upstream section would refuse the reload, keys included."""
+    credentials = tmp_path / "proxy-credentials"
+    credentials.write_text("gateway:last-months-pass")
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))
+    work_id = held_item(sim)
+    upstream = (
+        f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{ca_file}']}}, "
+        f"proxy: {{url: '{proxy_py(False)}', credentials_file: '{credentials}'}}}}"
+    )
+    gateway = await make_gateway(sim.url, upstream)
+    status, body = await claim(gateway.proxy_url, work_id)
+    assert status == 502, body  # the proxy refuses last month's password
+    credentials.write_text("gateway:pr0xy-pass")
+    assert gateway.reload(make_settings(sim.url, upstream)) == []
+    status, body = await claim(gateway.proxy_url, work_id)
+    assert status == 200, body
+    assert sim.sim.count("heartbeat") == 1
+    # Where the credentials come from is still the restart's: another file is refused.
+    moved = upstream.replace(str(credentials), str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").write_text("gateway:pr0xy-pass")
+    assert gateway.reload(make_settings(sim.url, moved)) == ["upstream: changed; restart the gateway to apply it"]
