@@ -96,8 +96,8 @@ def create_proxy_app(
             proxy=lambda: live.current.upstream.proxy,
         )
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
-        if isinstance(up, HttpUpstream) and up.client_certificate is not None:
-            background.spawn(up.client_certificate.watch(), name="upstream-client-certificate")
+        for rotating in up.rotating if isinstance(up, HttpUpstream) else ():
+            background.spawn(rotating.watch(), name="upstream-tls-files")
         governor = Governor(lambda: live.current.overload, cpu_capacity=cpu_capacity())
         health.overloaded = lambda: governor.refusing
         background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
@@ -209,19 +209,12 @@ class Gateway:
         await self._proxy.setup()
         await self._admin.setup()
         listen, admin = self.settings.listen, self.settings.admin
-        worker_tls, admin_tls = (self._certificates.get(n) for n in ("worker", "admin"))
-        await web.TCPSite(
-            self._proxy,
-            listen.host,
-            listen.port,
-            backlog=LISTEN_BACKLOG,
-            ssl_context=worker_tls.context if worker_tls else None,
-        ).start()
-        await web.TCPSite(
-            self._admin, admin.host, admin.port, ssl_context=admin_tls.context if admin_tls else None
-        ).start()
-        for name, certificate in self._certificates.items():
-            self._watchers.spawn(certificate.watch(), name=f"{name}-certificate")
+        worker_tls, admin_tls = (self._certificates.get(n, (None, ()))[0] for n in ("worker", "admin"))
+        await web.TCPSite(self._proxy, listen.host, listen.port, backlog=LISTEN_BACKLOG, ssl_context=worker_tls).start()
+        await web.TCPSite(self._admin, admin.host, admin.port, ssl_context=admin_tls).start()
+        for name, (_, rotating) in self._certificates.items():
+            for files in rotating:
+                self._watchers.spawn(files.watch(), name=f"{name}-tls-files")
 
     @property
     def proxy_url(self) -> str:

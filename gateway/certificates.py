@@ -14,6 +14,12 @@ context before the live one loads the same bytes. A rotation caught half way
 check. OpenSSL drops the old key as soon as a new load starts, so if the
 live load still fails, the last good snapshot is loaded again. The watcher
 itself never stops on an error.
+
+CA bundles (the upstream's `ca_files`, a port's `client_ca_file`) rotate the
+same way, and a changed bundle is added to the context's trust: an OpenSSL
+store can only grow, which is what a CA rollover needs (the new CA trusted
+while certificates from the old one are still in use). A CA taken out of a
+bundle stays trusted until a restart.
 """
 
 from __future__ import annotations
@@ -22,17 +28,45 @@ import asyncio
 import logging
 import os
 import ssl
+from collections.abc import Sequence
 
-__all__ = ["CHECK_SECONDS", "RotatingCertificate", "server_context"]
+__all__ = ["CHECK_SECONDS", "Rotating", "RotatingCertificate", "RotatingTrust", "server_context"]
 
 log = logging.getLogger("gateway.certificates")
 
 CHECK_SECONDS = 10.0
 
 Pair = tuple[bytes, bytes]
+Identity = tuple[tuple[int, int, int, int], ...]
 
 
-class RotatingCertificate:
+def _identity(paths: Sequence[str]) -> Identity | None:
+    """What changes when a file is rewritten or its Secret's symlink swapped (None: one is missing now)."""
+    try:
+        stats = [os.stat(path) for path in paths]
+    except OSError:
+        return None
+    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+class Rotating:
+    """TLS files of one context, checked every `CHECK_SECONDS` and loaded again when they change."""
+
+    _what: str
+
+    def reload_if_changed(self) -> bool:
+        raise NotImplementedError
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_SECONDS)
+            try:
+                self.reload_if_changed()
+            except Exception:  # a watcher that dies leaves the port on a certificate that expires
+                log.exception("checking the %s failed; checking again in %g s", self._what, CHECK_SECONDS)
+
+
+class RotatingCertificate(Rotating):
     """A certificate and its key in `context`, loaded again whenever their files change."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, what: str) -> None:
@@ -42,12 +76,8 @@ class RotatingCertificate:
         self._good = self._read()
         _load(context, self._good)
 
-    def _identity(self) -> tuple[tuple[int, int, int, int], ...] | None:
-        try:
-            stats = [os.stat(path) for path in (self._cert_file, self._key_file)]
-        except OSError:
-            return None
-        return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+    def _identity(self) -> Identity | None:
+        return _identity((self._cert_file, self._key_file))
 
     def _read(self) -> Pair:
         with open(self._cert_file, "rb") as cert, open(self._key_file, "rb") as key:
@@ -75,13 +105,35 @@ class RotatingCertificate:
         log.info("reloaded the %s", self._what, extra={"fields": {"event": "certificate_reloaded"}})
         return True
 
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(CHECK_SECONDS)
-            try:
-                self.reload_if_changed()
-            except Exception:  # a watcher that dies leaves the port on a certificate that expires
-                log.exception("checking the %s failed; checking again in %g s", self._what, CHECK_SECONDS)
+
+class RotatingTrust(Rotating):
+    """CA bundles trusted by `context` (already loaded by the caller), added to it again when they change."""
+
+    def __init__(self, context: ssl.SSLContext, ca_files: Sequence[str], what: str) -> None:
+        self.context = context
+        self._files, self._what = tuple(ca_files), what
+        self._seen = _identity(self._files)
+
+    def reload_if_changed(self) -> bool:
+        """Add each bundle again if the files changed and every one loads; True if they did."""
+        now = _identity(self._files)
+        if now is None or now == self._seen:
+            return False
+        try:
+            bundles = []
+            for path in self._files:
+                with open(path, encoding="ascii") as f:
+                    bundles.append(f.read())
+            for bundle in bundles:  # on a scratch context first: the live store keeps nothing half-read
+                ssl.create_default_context().load_verify_locations(cadata=bundle)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("a %s on disk does not load (%s); keeping the CAs loaded", self._what, exc)
+            return False
+        for bundle in bundles:
+            self.context.load_verify_locations(cadata=bundle)
+        self._seen = now
+        log.info("added the %s again", self._what, extra={"fields": {"event": "certificate_reloaded"}})
+        return True
 
 
 def _load(context: ssl.SSLContext, pair: Pair) -> None:
@@ -100,11 +152,16 @@ def _load(context: ssl.SSLContext, pair: Pair) -> None:
             os.close(descriptor)
 
 
-def server_context(cert_file: str, key_file: str, client_ca_file: str | None, what: str) -> RotatingCertificate:
-    """A listening port's TLS: its certificate (rotating), and the clients' CA when it requires client certificates."""
+def server_context(
+    cert_file: str, key_file: str, client_ca_file: str | None, what: str
+) -> tuple[ssl.SSLContext, tuple[Rotating, ...]]:
+    """A listening port's TLS: its certificate, and the clients' CA when it requires client certificates;
+    with what keeps each of them current."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.set_alpn_protocols(["http/1.1"])
+    rotating: list[Rotating] = [RotatingCertificate(context, cert_file, key_file, what)]
     if client_ca_file is not None:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=client_ca_file)
-    return RotatingCertificate(context, cert_file, key_file, what)
+        rotating.append(RotatingTrust(context, (client_ca_file,), f"{what.removesuffix(' certificate')} client CA"))
+    return context, tuple(rotating)

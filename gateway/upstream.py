@@ -26,7 +26,7 @@ import aiohttp
 from yarl import URL
 
 from .capacity import Gate
-from .certificates import RotatingCertificate
+from .certificates import Rotating, RotatingCertificate, RotatingTrust
 from .egress import ProxyRoute
 from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
 from .logs import QuietLog
@@ -145,20 +145,24 @@ def _proxy_authorization(egress: ProxyRoute, settings: UpstreamProxy) -> dict[st
     return {"Proxy-Authorization": aiohttp.encode_basic_auth(user, password)}
 
 
-def tls_context(settings: UpstreamTls) -> tuple[ssl.SSLContext, RotatingCertificate | None]:
+def tls_context(settings: UpstreamTls) -> tuple[ssl.SSLContext, tuple[Rotating, ...]]:
     """Verification always on: the system's trust store (as OpenSSL finds it, `SSL_CERT_FILE` and
     `SSL_CERT_DIR` included) with the configured bundles added to it, never in its place; and the
-    client certificate, if any, reloaded as it rotates."""
+    client certificate, if any. Both are read again as they rotate."""
     context = ssl.create_default_context()
     context.set_alpn_protocols(["http/1.1"])  # as aiohttp's own default context: the client speaks nothing else
+    rotating: list[Rotating] = []
     for ca_file in settings.ca_files:
         context.load_verify_locations(cafile=ca_file)
-    certificate = None
+    if settings.ca_files:
+        rotating.append(RotatingTrust(context, settings.ca_files, "upstream CA bundle"))
     if settings.client_cert_file is not None and settings.client_key_file is not None:
-        certificate = RotatingCertificate(
-            context, settings.client_cert_file, settings.client_key_file, "upstream client certificate"
+        rotating.append(
+            RotatingCertificate(
+                context, settings.client_cert_file, settings.client_key_file, "upstream client certificate"
+            )
         )
-    return context, certificate
+    return context, tuple(rotating)
 
 
 class HttpUpstream:
@@ -190,7 +194,8 @@ class HttpUpstream:
         # The whole exchange, body streaming included.
         self._timeout = self._timeout_of(settings.request_timeout_seconds)
         self.gates = gates or {p: Gate(p, settings.pools.of(p)) for p in PoolName}
-        self._tls, self.client_certificate = tls_context(settings.tls)
+        # The TLS files to keep current while the client runs (the app watches them).
+        self._tls, self.rotating = tls_context(settings.tls)
         self._server_name = settings.tls.server_name
         self._sessions = {p: self._session(self.gates[p].limit) for p in PoolName}
         self._egress_failures = QuietLog(

@@ -102,6 +102,56 @@ async def test_a_worker_port_that_requires_client_certificates_refuses_a_worker_
         assert status == 200
 
 
+async def test_a_client_ca_rolled_over_in_its_secret_admits_the_new_workers_and_keeps_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    """cert-manager rolls the workers' CA: the Secret's ca.crt gains the new CA beside the old. A CA read once
+    would refuse every worker with a new certificate until the pods restart, and their leases would lapse."""
+    monkeypatch.setattr(certificates, "CHECK_SECONDS", 0.1)
+    ca, old_clients, new_clients = trustme.CA(), trustme.CA(), trustme.CA()
+    secret_volume(ca, tmp_path / "server", "v1")
+    cert, key = tmp_path / "server" / "tls.crt", tmp_path / "server" / "tls.key"
+    mount = tmp_path / "clients"
+    for version, cas in (("v1", [old_clients]), ("v2", [old_clients, new_clients])):
+        (mount / version).mkdir(parents=True)
+        (mount / version / "ca.crt").write_bytes(b"".join(c.cert_pem.bytes() for c in cas))
+    (mount / "..data").symlink_to("v1")
+    (mount / "ca.crt").symlink_to("..data/ca.crt")
+    sim = await make_simulator()
+    tls = f"{{cert_file: '{cert}', key_file: '{key}', client_ca_file: '{mount / 'ca.crt'}'}}"
+    gateway = await make_gateway(sim.url, f"listen: {{host: 127.0.0.1, port: 0, tls: {tls}}}")
+    old_worker, new_worker = (trusting(ca, c.issue_cert("worker")) for c in (old_clients, new_clients))
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            await claim(http, gateway.proxy_url, held_item(sim), new_worker)
+        rotate(mount, mount / "v2")
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            try:
+                assert await claim(http, gateway.proxy_url, held_item(sim), new_worker) == 200
+                break
+            except aiohttp.ClientError:
+                assert asyncio.get_running_loop().time() < deadline, "the new client CA was never trusted"
+                await asyncio.sleep(0.1)
+        assert await claim(http, gateway.proxy_url, held_item(sim), old_worker) == 200
+
+
+def test_a_ca_bundle_that_does_not_load_keeps_the_cas_loaded(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(bundle))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_verify_locations(cafile=str(bundle))
+    trust = certificates.RotatingTrust(context, (str(bundle),), "test client CA")
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nhalf a rotation")
+    assert trust.reload_if_changed() is False
+    assert len(context.get_ca_certs()) == 1  # only the CA loaded at start
+    trustme.CA().cert_pem.write_to_path(str(bundle))
+    assert trust.reload_if_changed() is True
+    assert len(context.get_ca_certs()) == 2  # the new CA beside the old: a store only grows
+    assert trust.reload_if_changed() is False  # nothing changed since
+
+
 @pytest.mark.parametrize(
     ("tls", "problem"),
     [
@@ -153,7 +203,8 @@ def test_a_swap_that_fails_half_way_keeps_the_port_serving_the_last_good_pair(
     (a non-atomic writer, two swaps in a row) must not leave the port unable to finish a handshake."""
     ca, mount = trustme.CA(), tmp_path / "secret"
     secret_volume(ca, mount, "v1", "v2")
-    rotating = certificates.server_context(str(mount / "tls.crt"), str(mount / "tls.key"), None, "test port")
+    _, (rotating,) = certificates.server_context(str(mount / "tls.crt"), str(mount / "tls.key"), None, "test port")
+    assert isinstance(rotating, certificates.RotatingCertificate)
     assert handshake_ok(rotating.context, ca)
     real_load = certificates._load
     mismatched = ((mount / "v2" / "tls.crt").read_bytes(), (mount / "v1" / "tls.key").read_bytes())

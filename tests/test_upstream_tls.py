@@ -450,3 +450,27 @@ async def test_proxy_credentials_rotated_by_a_reload_are_used_for_the_next_conne
     moved = upstream.replace(str(credentials), str(tmp_path / "elsewhere"))
     (tmp_path / "elsewhere").write_text("gateway:pr0xy-pass")
     assert gateway.reload(make_settings(sim.url, moved)) == ["upstream: changed; restart the gateway to apply it"]
+
+
+async def test_an_upstream_ca_rolled_over_on_disk_is_trusted_without_a_restart(
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_simulator: SimFactory,
+    make_gateway: GatewayFactory,
+) -> None:
+    """An egress that inspects TLS re-keys its CA, or a private API moves to a new one: the bundle's file gains
+    it. A bundle read once would fail every upstream call until the pods restart."""
+    monkeypatch.setattr(certificates, "CHECK_SECONDS", 0.1)
+    old = trustme.CA()
+    bundle = tmp_path / "ca.crt"
+    old.cert_pem.write_to_path(str(bundle))
+    sim = await make_simulator(tls=serving(ca, "127.0.0.1"))  # already serving from the new CA
+    gateway = await make_gateway(sim.url, f"upstream: {{base_url: '{sim.url}', tls: {{ca_files: ['{bundle}']}}}}")
+    status, body = await claim(gateway.proxy_url, held_item(sim))
+    assert status == 502, body
+    bundle.write_bytes(old.cert_pem.bytes() + ca.cert_pem.bytes())
+    deadline = time.monotonic() + 5
+    while (status := (await claim(gateway.proxy_url, held_item(sim)))[0]) != 200:
+        assert time.monotonic() < deadline, f"the new CA was never trusted: {status}"
+        await asyncio.sleep(0.1)
