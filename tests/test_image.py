@@ -194,8 +194,10 @@ logging: {{format: json}}
         assert int(fields["CapEff"], 16) == 0
         assert int(fields["CapBnd"], 16) == 0
         assert fields["NoNewPrivs"].strip() == "1"
-        written, _ = await engine_run(engine, "exec", name, "touch", "/opt/heartbeat-gateway/x")
+        # Even root (without capabilities, it still owns /) cannot write there: the root filesystem is read-only.
+        written, why = await engine_run(engine, "exec", "--user", "0", name, "touch", "/written")
         assert written != 0
+        assert "Read-only file system" in why
 
         ca_file = tmp_path / "gateway-ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
