@@ -28,6 +28,7 @@ import random
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -82,9 +83,9 @@ class Phase:
         }
 
 
-async def wait_for(url: str, patience: float = 20.0) -> None:
+async def wait_for(url: str, patience: float = 20.0, tls: ssl.SSLContext | bool = True) -> None:
     deadline = time.monotonic() + patience
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as session:
         while time.monotonic() < deadline:
             try:
                 async with session.get(url) as response:

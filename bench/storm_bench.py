@@ -36,6 +36,11 @@ Scenarios (`--scenario`):
   connection reset), in each heartbeat mode (`gateway`: coalescing, `absorb`,
   `coalesce-false`).
 
+With `--upstream https` the simulator serves TLS with a CA made for the run
+(`bench/rig.py`), which the gateway verifies (`upstream.tls.ca_files`) and
+direct workers verify too: the API as users reach it, every replica opening
+its upstream connections with a handshake.
+
 Targets: `direct`; `gateway` (defaults: shedding on); `gateway-no-shed`
 (`overload.enabled: false`, what the overload manager changes); in
 `faults`, `absorb` and `coalesce-false` too. Reported per target: leases
@@ -62,6 +67,7 @@ import platform
 import random
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -311,7 +317,18 @@ class Limited:
                 self.group.rmdir()
 
 
-def gateway_yaml(sim_url: str, port: int, admin_port: int, target: str, args: Any) -> str:
+# The simulator's TLS, as every client of it here trusts it (`--upstream https`); True: no TLS of its own.
+SIM_TLS: ssl.SSLContext | bool = True
+
+
+def sim_client() -> aiohttp.ClientSession:
+    """A session to the simulator's own endpoints (faults, queued work), over its TLS if it has it."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=SIM_TLS))
+
+
+def gateway_yaml(
+    sim_url: str, port: int, admin_port: int, target: str, args: Any, tls: rig.UpstreamTls | None = None
+) -> str:
     extra = {
         "gateway-no-shed": "overload: {enabled: false}",
         "coalesce-false": "heartbeat: {coalesce: false}",
@@ -320,7 +337,7 @@ def gateway_yaml(sim_url: str, port: int, admin_port: int, target: str, args: An
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
-upstream: {{base_url: "{sim_url}"}}
+upstream: {{base_url: "{sim_url}"{f", tls: {{ca_files: ['{tls.ca_file}']}}" if tls else ""}}}
 environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}, {{id: {HOLD_ENV_ID}, key_env: BENCH_ENV_KEY}}]
 clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 limits: {{max_client_connections: 20000}}
@@ -345,7 +362,7 @@ async def metric(admin: str, name: str) -> dict[str, float]:
 
 
 async def set_faults(sim_url: str, **faults: Any) -> None:
-    async with aiohttp.ClientSession() as http, http.post(f"{sim_url}/_sim/faults", json=faults) as r:
+    async with sim_client() as http, http.post(f"{sim_url}/_sim/faults", json=faults) as r:
         assert r.status == 200, await r.text()
 
 
@@ -374,7 +391,7 @@ async def enqueue_items(sim_url: str, t: Tally, args: Any) -> None:
     """One item every --enqueue-every seconds, for the pollers to find: the pickup delay."""
     if not args.pollers:
         return
-    async with aiohttp.ClientSession() as http:
+    async with sim_client() as http:
         await asyncio.sleep(args.spread)
         while time.monotonic() < args.until - 5:
             async with http.post(f"{sim_url}/_sim/environments/{ENV_ID}/work", json={"count": 1}) as r:
@@ -384,30 +401,32 @@ async def enqueue_items(sim_url: str, t: Tally, args: Any) -> None:
             await asyncio.sleep(args.enqueue_every)
 
 
-async def run_target(target: str, scenario: str, tmp: Path, args: Any) -> Tally:
+async def run_target(target: str, scenario: str, tmp: Path, args: Any, tls: rig.UpstreamTls | None) -> Tally:
     key = "bench-env-key-" + secrets.token_urlsafe(16)
     token = "bench-token-" + secrets.token_urlsafe(16)
     env = {**os.environ, "BENCH_ENV_KEY": key, "BENCH_TOKEN": token, "SIM_KEY": key}
     exe = [sys.executable, "-m", "gateway"]
     sim_port = rig.free_port()
-    sim_url = f"http://127.0.0.1:{sim_port}"
+    sim_url = f"{'https' if tls else 'http'}://127.0.0.1:{sim_port}"
+    served = ["--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file)] if tls else []
     sim = subprocess.Popen(  # noqa: ASYNC220 - started once per target, before any load
         ["taskset", "-c", str(LOAD_CORE), *exe, "simulate-upstream", "--port", str(sim_port), "--ttl", str(args.ttl),
-         "--environment", f"{ENV_ID}=SIM_KEY", "--environment", f"{HOLD_ENV_ID}=SIM_KEY", "--seed", str(args.seed)],
+         "--environment", f"{ENV_ID}=SIM_KEY", "--environment", f"{HOLD_ENV_ID}=SIM_KEY", "--seed", str(args.seed),
+         *served],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     replicas: list[Limited] = []
     admins: list[str] = []
     t = Tally(target)
     try:
-        await wait_for(f"{sim_url}/_sim/stats")
+        await wait_for(f"{sim_url}/_sim/stats", tls=SIM_TLS)
         bases, credential = [sim_url], key
         if target != "direct":
             bases = []
             for n in range(2 if scenario == "failover" else 1):
                 port, admin_port = rig.free_port(), rig.free_port()
                 config = tmp / f"{target}-{n}.yaml"
-                config.write_text(gateway_yaml(sim_url, port, admin_port, target, args))
+                config.write_text(gateway_yaml(sim_url, port, admin_port, target, args, tls))
                 command = [*exe, "serve", "--config", str(config)]
                 replicas.append(Limited(command, env, args.cpu_millicores, f"{target}-{n}"))
                 admins.append(f"http://127.0.0.1:{admin_port}")
@@ -434,7 +453,7 @@ async def _play(
     admins: list[str],
     args: Any,
 ) -> None:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, ssl=SIM_TLS)
     async with aiohttp.ClientSession(connector=connector) as session:
         # One item per holder, queued in the holders' own environment.
         left = args.holders
@@ -486,7 +505,10 @@ async def main(args: Any) -> dict[str, Any]:
     targets = args.targets or ("direct,gateway,absorb,coalesce-false" if args.scenario == "faults"
                                else "direct,gateway,gateway-no-shed")  # fmt: skip
     first_seed = args.seed
+    global SIM_TLS
     with tempfile.TemporaryDirectory() as tmp:
+        tls = rig.upstream_tls(args.upstream, Path(tmp))
+        SIM_TLS = tls.client_context() if tls else True
         tallies: dict[str, Tally] = {}
         lost_by_round: dict[str, list[int]] = {}
         for round_ in range(args.rounds):
@@ -494,7 +516,7 @@ async def main(args: Any) -> dict[str, Any]:
             args.seed = first_seed + round_
             for target in targets.split(","):
                 random.seed(args.seed)
-                tally = await run_target(target, args.scenario, Path(tmp), args)
+                tally = await run_target(target, args.scenario, Path(tmp), args, tls)
                 lost_by_round.setdefault(target, []).append(tally.summary(None)["leases_lost"])
                 print(json.dumps(tally.summary(None)), file=sys.stderr, flush=True)
                 if target in tallies:
@@ -507,7 +529,8 @@ async def main(args: Any) -> dict[str, Any]:
     return {
         "command": " ".join(["bench/storm_bench.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; replicas on core {PROXY_CORE}, fleet and simulator on {LOAD_CORE}",
+        f"{event_loop.loop_name()} event loop; replicas on core {PROXY_CORE}, fleet and simulator on {LOAD_CORE}; "
+        f"the simulator over {args.upstream}",
         "scenario": args.scenario,
         "results": results,
     }
@@ -538,6 +561,7 @@ if __name__ == "__main__":
     parser.add_argument("--cpu-millicores", type=int, default=0, help="each replica's CPU limit (0: a whole core)")
     parser.add_argument("--targets", default="", help="comma-separated; default by scenario")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--upstream", default="http", help="the simulator over http, or https with a private CA")
     parser.add_argument("--rounds", type=int, default=1, help="each target this many times, seeds seed.. seed+N-1")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     arguments = parser.parse_args()

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -88,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     sim.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    sim.add_argument(
+        "--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM, chain included), as the API does"
+    )
+    sim.add_argument("--tls-key", metavar="FILE", help="the key of --tls-cert (PEM)")
     sim.add_argument(
         "--ttl", type=_positive_int, default=60, help="default lease TTL in seconds (default: %(default)s)"
     )
@@ -337,12 +342,23 @@ def _simulate(args: argparse.Namespace) -> int:
         script=script,
         seed=args.seed,
     )
+    tls = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("simulate-upstream: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_USAGE
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as exc:
+            print(f"simulate-upstream: --tls-cert/--tls-key: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     app = create_simulator_app(config)
     if args.work_items:
         for env_id in environments:
             app[SIMULATOR].enqueue(env_id, count=args.work_items)
     print(
-        f"simulator on http://{args.host}:{args.port} serving {', '.join(environments)}; "
+        f"simulator on {'https' if tls else 'http'}://{args.host}:{args.port} serving {', '.join(environments)}; "
         f"default TTL {args.ttl} s; GET /_sim/stats for counts",
         flush=True,
     )
@@ -354,6 +370,7 @@ def _simulate(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             backlog=LISTEN_BACKLOG,
+            ssl_context=tls,
             print=None,
             access_log=None,
             loop=event_loop.new_event_loop(),

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 
 from gateway.demo.bad_day import PHASES
@@ -218,23 +220,36 @@ def test_serve_reports_a_busy_port_and_a_bad_config(tmp_path: Path) -> None:
     assert "environment variable TEST_ENV_KEY is not set" in bad.stderr
 
 
-async def test_simulate_upstream_serves_the_work_api() -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_simulate_upstream_serves_the_work_api(scheme: str, tmp_path: Path) -> None:
+    """Over HTTPS too, with --tls-cert/--tls-key: the API as users reach it, for benchmarks on that path."""
     port = free_port()
+    served: list[str] = []
+    client_tls: ssl.SSLContext | bool = True
+    if scheme == "https":
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        cert, key = tmp_path / "sim.crt", tmp_path / "sim.key"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        served = ["--tls-cert", str(cert), "--tls-key", str(key)]
+        client_tls = ssl.create_default_context()
+        ca.configure_trust(client_tls)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(port), "--ttl", "5",
-        "--environment", f"{ENV_ID}=SIM_KEY", "--work-items", "2",
+        "--environment", f"{ENV_ID}=SIM_KEY", "--work-items", "2", *served,
         env={**os.environ, "SIM_KEY": "sim-key-123"}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         banner = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
-        assert f"http://127.0.0.1:{port}" in banner
+        assert f"{scheme}://127.0.0.1:{port}" in banner
         headers = {"Authorization": "Bearer sim-key-123", "anthropic-beta": "managed-agents-2026-04-01"}
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls)) as session:
             for _ in range(50):
                 try:
                     async with session.get(
-                        f"http://127.0.0.1:{port}/v1/environments/{ENV_ID}/work/stats", headers=headers
+                        f"{scheme}://127.0.0.1:{port}/v1/environments/{ENV_ID}/work/stats", headers=headers
                     ) as r:
                         stats = await r.json()
                         break
@@ -256,6 +271,9 @@ def test_simulate_upstream_refuses_missing_keys_and_bad_faults() -> None:
     result = run("simulate-upstream", "--error-rate", "2", env={"SIM_ENVIRONMENT_KEY": "k"})
     assert result.returncode == 2
     assert "error_rate must be between 0 and 1" in result.stderr
+    result = run("simulate-upstream", "--tls-cert", "sim.crt", env={"SIM_ENVIRONMENT_KEY": "k"})
+    assert result.returncode == 2
+    assert "--tls-cert and --tls-key go together" in result.stderr
 
 
 async def test_demo_runs_prints_progress_and_ends_with_json() -> None:
