@@ -26,7 +26,7 @@ measured beside its parent in the same rounds (`--targets
 minimal,gateway@HEAD~1,gateway`).
 
     .venv/bin/python bench/throughput_bench.py --rounds 3
-    .venv/bin/python bench/throughput_bench.py --rounds 3 --upstream https   # the API over TLS
+    .venv/bin/python bench/throughput_bench.py --rounds 3 --upstream http,https   # and over TLS, per round
 
 With `--upstream https` the fake API is served over TLS with a CA made for the
 run, every proxy verifies it, and `direct` workers speak TLS to it themselves
@@ -137,7 +137,8 @@ async def open_loop(endpoint: rig.Endpoint, credential: str, args: Any) -> dict[
     }
 
 
-async def one_round(n: int, args: Any, tmp: Path, tls: rig.UpstreamTls | None) -> list[dict[str, Any]]:
+async def one_round(n: int, args: Any, tmp: Path, tls: rig.UpstreamTls | None, label: str) -> list[dict[str, Any]]:
+    """Every target once, the fake API over one scheme; `label` names the scheme when a run compares two."""
     rows: list[dict[str, Any]] = []
     modes = [(t, "forwarded") for t in args.targets.split(",")]
     modes += [(t, "absorbed") for t in args.targets.split(",") if rig.is_gateway(t)]
@@ -156,7 +157,8 @@ async def one_round(n: int, args: Any, tmp: Path, tls: rig.UpstreamTls | None) -
                 )
             proxy, port = await rig.start_target(target, tmp, api_port, credentials, extra, pool=args.pool, tls=tls)
             credential = credentials.token if rig.is_gateway(target) else credentials.key
-            row: dict[str, Any] = {"round": n, "target": target if mode == "forwarded" else f"{target} absorbed"}
+            name = target if mode == "forwarded" else f"{target} absorbed"
+            row: dict[str, Any] = {"round": n, "target": f"{name}{label}"}
             if proxy is not None and mode == "forwarded":
                 profile = bool(args.profile) and target == "gateway" and n == 1
                 row["heartbeat"] = await closed_loop("heartbeat", port, credential, proxy, args, tmp, profile=profile)
@@ -176,14 +178,14 @@ async def one_round(n: int, args: Any, tmp: Path, tls: rig.UpstreamTls | None) -
                     process.stop()
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
-    direct = next((r for r in rows if r["target"] == "direct"), None)
+    direct = next((r for r in rows if r["target"] == f"direct{label}"), None)
     for row in rows:
         if direct is not None and row is not direct:
             for q in ("p50", "p99"):
                 row["open_loop"][f"added_{q}_ms"] = round(
                     row["open_loop"][f"{q}_ms"] - direct["open_loop"][f"{q}_ms"], 3
                 )
-    minimal = next((r for r in rows if r["target"] == "minimal"), None)
+    minimal = next((r for r in rows if r["target"] == f"minimal{label}"), None)
     for row in rows:
         if minimal is not None and "heartbeat" in row:
             row["heartbeat"]["cpu_vs_minimal"] = round(
@@ -193,6 +195,16 @@ async def one_round(n: int, args: Any, tmp: Path, tls: rig.UpstreamTls | None) -
     return rows
 
 
+def tls_cost(rows: list[dict[str, Any]]) -> None:
+    """For each target over https, its CPU per request against the same target over http in the same round."""
+    by_target = {r["target"]: r for r in rows}
+    for row in rows:
+        plain = by_target.get(row["target"].replace(" over https", " over http"))
+        if row["target"].endswith(" over https") and plain is not None and "heartbeat" in row:
+            for part in ("heartbeat", "get"):
+                row[part]["cpu_vs_http"] = round(row[part]["cpu_us_per_request"] / plain[part]["cpu_us_per_request"], 2)
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     """Per target, each figure as `median [min..max]` over the rounds."""
     figures = {
@@ -200,9 +212,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         "heartbeat CPU µs/req": ("heartbeat", "cpu_us_per_request"),
         "heartbeat CPU vs minimal": ("heartbeat", "cpu_vs_minimal"),
         "heartbeat not 2xx": ("heartbeat", "non_2xx"),
+        "heartbeat CPU vs http": ("heartbeat", "cpu_vs_http"),
         "GET req/s": ("get", "requests_per_s"),
         "GET req/s vs minimal": ("get", "rate_vs_minimal"),
         "GET not 2xx": ("get", "non_2xx"),
+        "GET CPU vs http": ("get", "cpu_vs_http"),
         "500/s p50 ms": ("open_loop", "p50_ms"),
         "500/s p99 ms": ("open_loop", "p99_ms"),
         "500/s added p50 ms": ("open_loop", "added_p50_ms"),
@@ -224,9 +238,15 @@ async def main(args: Any) -> dict[str, Any]:
     rig.pin_this_process_to_load_core()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tls = rig.upstream_tls(args.upstream, Path(tmp))
+        # Each round every scheme in turn: what TLS costs, side by side in one run.
+        kinds = args.upstream.split(",")
+        schemes = {kind: rig.upstream_tls(kind, Path(tmp)) for kind in kinds}
         for n in range(1, args.rounds + 1):
-            rows += await one_round(n, args, Path(tmp), tls)
+            this_round: list[dict[str, Any]] = []
+            for kind, tls in schemes.items():
+                this_round += await one_round(n, args, Path(tmp), tls, f" over {kind}" if len(kinds) > 1 else "")
+            tls_cost(this_round)
+            rows += this_round
     return {
         "command": " ".join(["bench/throughput_bench.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -256,7 +276,9 @@ if __name__ == "__main__":
     parser.add_argument("--targets", default=",".join(rig.TARGETS))
     parser.add_argument("--pool", type=int, default=1024, help="the minimal proxy's one pool")
     parser.add_argument("--log-level", default="info", help="the gateway's logging.level (info: as shipped)")
-    parser.add_argument("--upstream", default="http", help="the fake API over http, or https with a private CA")
+    parser.add_argument(
+        "--upstream", default="http", help="the fake API over http, https (a private CA), or both: http,https"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy the gateway in round 1's closed loops (FILE.heartbeat, FILE.get)"
