@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -145,8 +143,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         rows.append(await run_one(target, leases, kind, Path(tmp)))
     return {
         "command": " ".join(["bench/cold_start_bench.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}",
+        "machine": rig.machine(),
         "summary": summarise(rows),
         "rounds": rows,
     }

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import re
 import resource
 import secrets
@@ -37,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+
+from gateway import loop as event_loop
 
 ENV_ID = "env_bench00000000000000001"
 BETA = "managed-agents-2026-04-01"
@@ -186,6 +189,14 @@ class Endpoint:
 
     async def connect(self) -> Connection:
         return await Connection.open(self.port, self.tls)
+
+
+def machine(placement: str = f"proxy on core {PROXY_CORE}, load and fake API on {LOAD_CORE}") -> str:
+    """The machine a result was measured on, and where the benchmark put its processes."""
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{event_loop.loop_name()} event loop; {placement}"
+    )
 
 
 def free_port() -> int:

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -222,9 +220,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 results.append(outcome)
     return {
         "command": " ".join(["bench/scale_bench.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}; "
-        f"the fake API over {args.upstream}",
+        "machine": rig.machine() + f"; the fake API over {args.upstream}",
         "results": results,
     }
 

@@ -63,7 +63,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import secrets
 import signal
@@ -528,9 +527,9 @@ async def main(args: Any) -> dict[str, Any]:
             results.append({**tally.summary(direct), "leases_lost_by_round": lost_by_round[target]})
     return {
         "command": " ".join(["bench/storm_bench.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; replicas on core {PROXY_CORE}, fleet and simulator on {LOAD_CORE}; "
-        f"the simulator over {args.upstream}",
+        "machine": rig.machine(
+            f"replicas on core {PROXY_CORE}, fleet and simulator on {LOAD_CORE}; the simulator over {args.upstream}"
+        ),
         "scenario": args.scenario,
         "results": results,
     }

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -249,9 +247,7 @@ async def main(args: Any) -> dict[str, Any]:
             rows += this_round
     return {
         "command": " ".join(["bench/throughput_bench.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{event_loop.loop_name()} event loop; proxy on core {rig.PROXY_CORE}, load and fake API on {rig.LOAD_CORE}; "
-        f"the fake API over {args.upstream}",
+        "machine": rig.machine() + f"; the fake API over {args.upstream}",
         "summary": summarise(rows),
         "rounds": rows,
     }
