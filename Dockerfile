@@ -9,6 +9,8 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
+# So `make image` can drop this stage's image once the final one is built (podman keeps it, untagged).
+LABEL heartbeat-gateway.stage=build
 ARG PIP_ARGS=""
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

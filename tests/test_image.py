@@ -38,7 +38,7 @@ from .tools import free_port
 from .workers import Served, items_done, run_python_worker
 
 ROOT = Path(__file__).parent.parent
-IMAGE = "heartbeat-gateway:dev"
+IMAGE = "heartbeat-gateway:test"  # its own tag: a test leaves the image `make image` built alone
 SCRIPT = AgentScript(commands=("echo hello",))
 
 
@@ -56,7 +56,7 @@ def container_engine() -> str:
 
 @pytest.fixture(scope="module")
 def image() -> tuple[str, int]:
-    """`make image`'s script, as a user runs it: the engine and the image's size in bytes."""
+    """`make image`'s script, as a user runs it (under its own tag): the engine and the image's size in bytes."""
     engine = container_engine()
     build = subprocess.run(
         [str(ROOT / "scripts" / "build-image")],
