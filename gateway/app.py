@@ -169,7 +169,7 @@ class Gateway:
         admin = create_admin_app(self.health, live=self._live, metrics=self.metrics, leases_source=running.leases)
         self._admin = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         self._certificates = {
-            name: server_context(tls.cert_file, tls.key_file, tls.client_ca_file, f"{name} port's certificate")
+            name: server_context(tls.cert_file, tls.key_file, tls.client_ca_file, f"{name} port")
             for name, tls in (("worker", settings.listen.tls), ("admin", settings.admin.tls))
             if tls.cert_file is not None and tls.key_file is not None
         }

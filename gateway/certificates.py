@@ -52,9 +52,22 @@ def _identity(paths: Sequence[str]) -> Identity | None:
 class Rotating:
     """TLS files of one context, checked every `CHECK_SECONDS` and loaded again when they change."""
 
-    _what: str
+    def __init__(self, context: ssl.SSLContext, files: Sequence[str], what: str) -> None:
+        self.context = context
+        self._files, self._what = tuple(files), what
+        self._seen = _identity(self._files)
 
     def reload_if_changed(self) -> bool:
+        """Load the files again if they changed and load whole; True if they did."""
+        now = _identity(self._files)
+        if now is None or now == self._seen or not self._reload():
+            return False
+        self._seen = now
+        log.info("reloaded the %s", self._what, extra={"fields": {"event": "certificate_reloaded"}})
+        return True
+
+    def _reload(self) -> bool:
+        """Load the changed files into the context; False (and the context as it was) if they do not load."""
         raise NotImplementedError
 
     async def watch(self) -> None:
@@ -70,24 +83,16 @@ class RotatingCertificate(Rotating):
     """A certificate and its key in `context`, loaded again whenever their files change."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, what: str) -> None:
-        self.context = context
-        self._cert_file, self._key_file, self._what = cert_file, key_file, what
-        self._seen = self._identity()
+        super().__init__(context, (cert_file, key_file), what)
         self._good = self._read()
         _load(context, self._good)
 
-    def _identity(self) -> Identity | None:
-        return _identity((self._cert_file, self._key_file))
-
     def _read(self) -> Pair:
-        with open(self._cert_file, "rb") as cert, open(self._key_file, "rb") as key:
+        cert_file, key_file = self._files
+        with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
             return cert.read(), key.read()
 
-    def reload_if_changed(self) -> bool:
-        """Load the pair again if its files changed and it loads whole; True if it did."""
-        now = self._identity()
-        if now is None or now == self._seen:
-            return False
+    def _reload(self) -> bool:
         try:
             pair = self._read()
             _load(ssl.create_default_context(), pair)
@@ -101,24 +106,14 @@ class RotatingCertificate(Rotating):
             _load(self.context, self._good)  # the old key is gone already: the last good pair again
             log.error("the %s could not be swapped in (%s); keeping the one loaded", self._what, exc)
             return False
-        self._good, self._seen = pair, now
-        log.info("reloaded the %s", self._what, extra={"fields": {"event": "certificate_reloaded"}})
+        self._good = pair
         return True
 
 
 class RotatingTrust(Rotating):
     """CA bundles trusted by `context` (already loaded by the caller), added to it again when they change."""
 
-    def __init__(self, context: ssl.SSLContext, ca_files: Sequence[str], what: str) -> None:
-        self.context = context
-        self._files, self._what = tuple(ca_files), what
-        self._seen = _identity(self._files)
-
-    def reload_if_changed(self) -> bool:
-        """Add each bundle again if the files changed and every one loads; True if they did."""
-        now = _identity(self._files)
-        if now is None or now == self._seen:
-            return False
+    def _reload(self) -> bool:
         try:
             bundles = []
             for path in self._files:
@@ -131,8 +126,6 @@ class RotatingTrust(Rotating):
             return False
         for bundle in bundles:
             self.context.load_verify_locations(cadata=bundle)
-        self._seen = now
-        log.info("added the %s again", self._what, extra={"fields": {"event": "certificate_reloaded"}})
         return True
 
 
@@ -153,15 +146,15 @@ def _load(context: ssl.SSLContext, pair: Pair) -> None:
 
 
 def server_context(
-    cert_file: str, key_file: str, client_ca_file: str | None, what: str
+    cert_file: str, key_file: str, client_ca_file: str | None, port: str
 ) -> tuple[ssl.SSLContext, tuple[Rotating, ...]]:
-    """A listening port's TLS: its certificate, and the clients' CA when it requires client certificates;
-    with what keeps each of them current."""
+    """A listening port's TLS (`port` names it in logs): its certificate, and the clients' CA when it
+    requires client certificates; with what keeps each of them current."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.set_alpn_protocols(["http/1.1"])
-    rotating: list[Rotating] = [RotatingCertificate(context, cert_file, key_file, what)]
+    rotating: list[Rotating] = [RotatingCertificate(context, cert_file, key_file, f"{port}'s certificate")]
     if client_ca_file is not None:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=client_ca_file)
-        rotating.append(RotatingTrust(context, (client_ca_file,), f"{what.removesuffix(' certificate')} client CA"))
+        rotating.append(RotatingTrust(context, (client_ca_file,), f"{port}'s client CA"))
     return context, tuple(rotating)
