@@ -206,17 +206,19 @@ async def _probe_upstream(settings: Settings) -> int:
     return EXIT_OK if reached else EXIT_FAILURE
 
 
-def _egress_secrets(settings: Settings) -> tuple[str, ...]:
-    """A password the environment's proxy URL carries (`HTTPS_PROXY=http://user:pass@host`): scrubbed too."""
+def _scrubbed(settings: Settings) -> tuple[str, ...]:
+    """What the log scrubber hides: the config's secrets, and a password the environment's proxy URL
+    carries (`HTTPS_PROXY=http://user:pass@host`)."""
     credentials = egress_route(settings).credentials
-    return () if credentials is None else tuple(c for c in (credentials[1], ":".join(credentials)) if c)
+    egress = () if credentials is None else tuple(c for c in (credentials[1], ":".join(credentials)) if c)
+    return (*settings.secret_values(), *egress)
 
 
 def _serve(path: str) -> int:
     settings = _load(path)
     if settings is None:
         return EXIT_USAGE
-    configure_logging(settings.logging, (*settings.secret_values(), *_egress_secrets(settings)))
+    configure_logging(settings.logging, _scrubbed(settings))
     try:
         event_loop.run(lambda: _serve_until_signal(settings, path))
     except OSError as exc:
@@ -281,7 +283,7 @@ def _reload(gateway: Gateway, path: str) -> None:
         log.error("reload refused: %s", refusal, extra={"fields": {"event": "reload_failed"}})
     if not refusals:
         # New secrets must be scrubbed too (and rotated-out ones still are); the level may have changed.
-        configure_logging(settings.logging, (*old_secrets, *settings.secret_values(), *_egress_secrets(settings)))
+        configure_logging(settings.logging, (*old_secrets, *_scrubbed(settings)))
         summary = settings.summary().removeprefix("ok: ")
         log.info("config reloaded: %s", summary, extra={"fields": {"event": "reloaded"}})
 

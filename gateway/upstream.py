@@ -217,7 +217,7 @@ class HttpUpstream:
             proxy=self.egress.address,
         )
 
-    def _proxy_authorization(self) -> dict[str, str] | None:
+    def _current_proxy_headers(self) -> dict[str, str] | None:
         proxy = self._proxy_settings()
         if proxy is not self._proxy_for:  # a reload: the credentials may have rotated
             self._proxy_for, self._proxy_headers = proxy, _proxy_authorization(self.egress, proxy)
@@ -252,7 +252,7 @@ class HttpUpstream:
                 compress=None,
                 timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
                 server_hostname=self._server_name,
-                proxy_headers=self._proxy_authorization(),
+                proxy_headers=self._current_proxy_headers(),
             )
         except Exception as exc:
             self._raise_translated(request.route, exc)
