@@ -151,6 +151,10 @@ class UpstreamTls:
         served.private_key_pem.write_to_path(str(tls.key_file))
         return tls
 
+    def gateway_upstream(self, base_url: str) -> str:
+        """The gateway's `upstream:` settings for the fake API served with this: its CA added to the trust."""
+        return f"base_url: '{base_url}', tls: {{ca_files: ['{self.ca_file}']}}"
+
     def client_context(self) -> ssl.SSLContext:
         """What a worker going direct verifies the API with."""
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -332,7 +336,7 @@ def gateway_yaml(
     """The README's minimal config, pointed at the fake API, plus what a benchmark sets."""
     upstream = f"base_url: http://127.0.0.1:{upstream_port}"
     if tls is not None:
-        upstream = f"base_url: https://127.0.0.1:{upstream_port}, tls: {{ca_files: ['{tls.ca_file}']}}"
+        upstream = tls.gateway_upstream(f"https://127.0.0.1:{upstream_port}")
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}

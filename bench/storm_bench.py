@@ -336,7 +336,7 @@ def gateway_yaml(
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
-upstream: {{base_url: "{sim_url}"{f", tls: {{ca_files: ['{tls.ca_file}']}}" if tls else ""}}}
+upstream: {{{tls.gateway_upstream(sim_url) if tls else f"base_url: '{sim_url}'"}}}
 environments: [{{id: {ENV_ID}, key_env: BENCH_ENV_KEY}}, {{id: {HOLD_ENV_ID}, key_env: BENCH_ENV_KEY}}]
 clients: {{tokens: [{{token_env: BENCH_TOKEN}}]}}
 limits: {{max_client_connections: 20000}}
