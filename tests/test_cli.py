@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.demo.bad_day import PHASES
 
 from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, config_yaml, worker_headers
-from .tools import free_port
+from .tools import free_port, write_pair
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
 BIN = Path(sys.executable).parent / "heartbeat-gateway"
@@ -228,10 +228,7 @@ async def test_simulate_upstream_serves_the_work_api(scheme: str, tmp_path: Path
     client_tls: ssl.SSLContext | bool = True
     if scheme == "https":
         ca = trustme.CA()
-        issued = ca.issue_cert("127.0.0.1")
-        cert, key = tmp_path / "sim.crt", tmp_path / "sim.key"
-        issued.cert_chain_pems[0].write_to_path(str(cert))
-        issued.private_key_pem.write_to_path(str(key))
+        cert, key = write_pair(ca, tmp_path / "sim", "127.0.0.1")
         served = ["--tls-cert", str(cert), "--tls-key", str(key)]
         client_tls = ssl.create_default_context()
         ca.configure_trust(client_tls)

@@ -21,7 +21,7 @@ import pytest
 import trustme
 import yaml
 
-from .tools import require
+from .tools import require, write_pair
 
 ROOT = Path(__file__).parent.parent
 CHART = ROOT / "helm" / "heartbeat-gateway"
@@ -401,11 +401,8 @@ def check_config(docs: list[dict[str, Any]], tmp_path: Path, extra_env: dict[str
     env.update(extra_env or {})
     # The TLS Secret's files (tls.crt, tls.key, ca.crt), as cert-manager or its owner would fill them.
     tls_dir = tmp_path / "tls"
-    tls_dir.mkdir()
     ca = trustme.CA()
-    issued = ca.issue_cert("gw-heartbeat-gateway.agents.svc")
-    issued.cert_chain_pems[0].write_to_path(str(tls_dir / "tls.crt"))
-    issued.private_key_pem.write_to_path(str(tls_dir / "tls.key"))
+    write_pair(ca, tls_dir, "gw-heartbeat-gateway.agents.svc")
     ca.cert_pem.write_to_path(str(tls_dir / "ca.crt"))
     config = config.replace("/etc/heartbeat-gateway/tls", str(tls_dir))
     path = tmp_path / "config.yaml"

@@ -34,7 +34,7 @@ from gateway.simulator import AgentScript
 
 from .support import ENV_ID, ENV_KEY, TOKEN, SimFactory
 from .test_workers_end_to_end import ITEMS, MAX_IDLE, TTL, assert_least_privilege, assert_served_whole
-from .tools import free_port
+from .tools import free_port, write_pair
 from .workers import Served, items_done, run_python_worker
 
 ROOT = Path(__file__).parent.parent
@@ -111,9 +111,7 @@ async def test_the_image_run_as_the_chart_runs_it_serves_sessions_through_an_egr
     for directory in (config_dir, secrets_dir, tls_dir, config_dir / "secrets", config_dir / "tls"):
         directory.mkdir()  # the last two: mount points inside the read-only config mount
     ca.cert_pem.write_to_path(str(secrets_dir / "api-ca.pem"))
-    served = ca.issue_cert("127.0.0.1")
-    served.cert_chain_pems[0].write_to_path(str(tls_dir / "tls.crt"))
-    served.private_key_pem.write_to_path(str(tls_dir / "tls.key"))
+    write_pair(ca, tls_dir, "127.0.0.1")
     (secrets_dir / "TEST_TOKEN").write_text(TOKEN)
     port, admin_port = free_port(), free_port()
     (config_dir / "config.yaml").write_text(

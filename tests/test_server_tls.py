@@ -15,7 +15,8 @@ from gateway.config import ConfigError, load_settings
 
 from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
 from .test_heartbeat_driver import held_item
-from .test_upstream_tls import rotate, write_pair
+from .test_upstream_tls import rotate
+from .tools import write_pair
 
 
 def trusting(ca: trustme.CA, client: trustme.LeafCert | None = None) -> ssl.SSLContext:
@@ -30,10 +31,7 @@ def trusting(ca: trustme.CA, client: trustme.LeafCert | None = None) -> ssl.SSLC
 def secret_volume(ca: trustme.CA, mount: Path, *versions: str) -> None:
     """A Secret mounted as a volume: tls.crt -> ..data/tls.crt, ..data -> the first version's directory."""
     for version in versions:
-        issued = ca.issue_cert("127.0.0.1")
-        (mount / version).mkdir(parents=True)
-        issued.cert_chain_pems[0].write_to_path(str(mount / version / "tls.crt"))
-        issued.private_key_pem.write_to_path(str(mount / version / "tls.key"))
+        write_pair(ca, mount / version, "127.0.0.1")
     (mount / "..data").symlink_to(versions[0])
     for name in ("tls.crt", "tls.key"):
         (mount / name).symlink_to(f"..data/{name}")

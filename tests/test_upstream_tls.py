@@ -34,7 +34,7 @@ from .support import (
     worker_headers,
 )
 from .test_heartbeat_driver import held_item
-from .tools import free_port, require, wait_listening
+from .tools import free_port, require, wait_listening, write_pair
 
 
 @pytest.fixture
@@ -226,15 +226,6 @@ def requiring_clients(ca: trustme.CA, client_ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
-def write_pair(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    issued = ca.issue_cert("heartbeat-gateway.test")
-    cert, key = directory / "tls.crt", directory / "tls.key"
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    issued.private_key_pem.write_to_path(str(key))
-    return cert, key
-
-
 def rotate(mount: Path, new: Path) -> None:
     """As the kubelet rotates a mounted Secret: the `..data` symlink swapped in one rename."""
     (mount / "..data_tmp").symlink_to(new.name)
@@ -357,10 +348,7 @@ def proxy_py(ca: trustme.CA, tmp_path: Path) -> Iterator[Callable[[bool], str]]:
         command = [binary, "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
                    "--num-acceptors", "1", "--basic-auth", "gateway:pr0xy-pass"]  # fmt: skip
         if tls:
-            issued = ca.issue_cert("127.0.0.1")
-            cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
-            issued.cert_chain_pems[0].write_to_path(str(cert))
-            issued.private_key_pem.write_to_path(str(key))
+            cert, key = write_pair(ca, tmp_path / "proxy", "127.0.0.1")
             command += ["--cert-file", str(cert), "--key-file", str(key)]
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_listening(port, processes[-1], "proxy.py")

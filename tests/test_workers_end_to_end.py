@@ -28,6 +28,7 @@ from gateway.config import load_settings
 from gateway.simulator import AgentScript, Faults, fingerprint
 
 from .support import API_KEY, ENV_ID, ENV_KEY, ENVIRON, OTHER_ENV_ID, TOKEN, SimFactory, SimHandle, worker_headers
+from .tools import write_pair
 from .workers import (
     NodeWorker,
     Served,
@@ -476,10 +477,7 @@ async def test_the_workers_serve_sessions_over_https_to_the_gateway_and_through_
     ca.issue_cert("127.0.0.1").configure_cert(api_tls)
     sim = await make_simulator(ttl=TTL, script=SCRIPT, tls=api_tls)
     sim.sim.enqueue(ENV_ID, count=ITEMS)
-    served = ca.issue_cert("127.0.0.1")
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    served.cert_chain_pems[0].write_to_path(str(cert))
-    served.private_key_pem.write_to_path(str(key))
+    cert, key = write_pair(ca, tmp_path / "tls", "127.0.0.1")
     config = MINIMAL.replace(
         "listen: {host: 127.0.0.1, port: 0}",
         f"listen: {{host: 127.0.0.1, port: 0, tls: {{cert_file: '{cert}', key_file: '{key}'}}}}",

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 
 def free_port() -> int:
@@ -20,6 +21,17 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def write_pair(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
+    """A certificate from `ca` for `names` and its key, as a `kubernetes.io/tls` Secret holds them:
+    `directory/tls.crt` and `directory/tls.key`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    issued = ca.issue_cert(*(names or ("heartbeat-gateway.test",)))
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    return cert, key
 
 
 def require(tool: str, install: str) -> str:
