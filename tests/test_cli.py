@@ -271,6 +271,11 @@ def test_simulate_upstream_refuses_missing_keys_and_bad_faults() -> None:
     result = run("simulate-upstream", "--tls-cert", "sim.crt", env={"SIM_ENVIRONMENT_KEY": "k"})
     assert result.returncode == 2
     assert "--tls-cert and --tls-key go together" in result.stderr
+    result = run(
+        "simulate-upstream", "--tls-cert", "none.crt", "--tls-key", "none.key", env={"SIM_ENVIRONMENT_KEY": "k"}
+    )
+    assert result.returncode == 2
+    assert "simulate-upstream: --tls-cert/--tls-key: [Errno 2] No such file or directory" in result.stderr
 
 
 async def test_demo_runs_prints_progress_and_ends_with_json() -> None:
