@@ -303,8 +303,8 @@ async def test_a_lease_call_waits_for_a_connection_no_longer_than_its_worker_wai
 async def test_with_coalescing_off_a_vouched_heartbeat_still_draws_on_the_lease_class(
     recorder: tuple[Recorder, str], make_gateway: GatewayFactory
 ) -> None:
-    """`heartbeat.coalesce: false` sends each beat on its own, but never in the `other` class: a flood of
-    pass-through calls that fills it must not cost a held lease its beat."""
+    """`heartbeat.coalesce: false` sends each beat on its own, but a vouched beat never in the `other`
+    class: a flood of pass-through calls that fills it must not cost a held lease its beat."""
     rec, url = recorder
     release = asyncio.Event()
 
@@ -332,5 +332,9 @@ heartbeat: {{coalesce: false}}
         params = {"expected_last_heartbeat": "NO_HEARTBEAT"}
         async with http.post(target, params=params, headers=worker_headers()) as r:
             assert r.status == 200
+        # A credential the gateway does not vouch for (passed through as presented) never takes a
+        # lease's capacity: its beat waits in `other` with everything else, and finds it full.
+        async with http.post(target, params=params, headers={"x-api-key": "not-a-gateway-token"}) as r:
+            assert r.status == 503
         release.set()
         (await held).release()

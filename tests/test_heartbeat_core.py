@@ -993,3 +993,13 @@ def test_a_lapse_is_reported_behind_a_check_that_a_shorter_ttl_made_stale() -> N
     events = [e for e in c.tick(200.0) if isinstance(e, LeaseEvent) and e.kind is LeaseEventKind.EXPIRED]
     lapsed = sorted(e.key[1] for e in events)
     assert lapsed == ["work_a", "work_b"]
+
+
+def test_the_latency_margin_is_nothing_before_a_round_trip_and_twice_the_slowest_recent_one_after() -> None:
+    """Before the gateway has timed any upstream heartbeat it adds no margin of its own (the
+    worker model's floor applies); after, twice the slowest recent round trip."""
+    c = core()
+    assert (c.round_trip(), c.latency_margin()) == (0.0, 0.0)
+    (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT"), 0.0))
+    c.completed(KEY, send.flight, ok("T1"), 0.3)
+    assert (c.round_trip(), c.latency_margin()) == pytest.approx((0.3, 0.6))

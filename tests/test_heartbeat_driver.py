@@ -463,6 +463,10 @@ async def test_coalesce_false_forwards_every_beat_one_for_one_and_keeps_no_lease
     # The 412 still counts as a conflict: the metrics read the answer, whoever decided it.
     conflicts = next(iter(gateway.metrics.conflicts.collect())).samples
     assert sum(s.value for s in conflicts if s.name.endswith("_total")) == 1
+    # Every beat is counted as forwarded: a dashboard shows the mode's one-for-one at a glance.
+    answered = next(iter(gateway.metrics.heartbeats.collect())).samples
+    by_outcome = {s.labels["outcome"]: s.value for s in answered if s.name.endswith("_total") and s.value}
+    assert by_outcome == {"forwarded": 8}
 
 
 class _Events:

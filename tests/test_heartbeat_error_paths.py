@@ -525,3 +525,157 @@ async def test_closing_the_service_answers_every_waiting_worker() -> None:
     answers = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), ANSWER_BOUND)
     # The flight is cancelled at shutdown; its worker and the one queued behind it are told so, API-shaped.
     assert all(isinstance(a, UpstreamUnavailable) and a.status == 502 for a in answers), answers
+
+
+# -- the driver's own decisions on a fault: each pinned by what the worker gets ----------------------
+
+
+def _refusal(status: int, *headers: tuple[str, str]) -> Fault:
+    body = {"type": "error", "error": {"type": "api_error", "message": "scripted"}}
+    return status, body, headers
+
+
+@pytest.mark.parametrize(
+    ("status", "kept"),
+    [(500, False), (502, False), (504, False), (503, True), (529, True), (400, True), (429, True)],
+)
+async def test_a_kept_answer_survives_a_refusal_but_not_a_server_error_that_may_have_applied(
+    status: int, kept: bool
+) -> None:
+    """A worker's beat landed but the worker had gone: its answer waits for the worker's retry.
+
+    If another beat on the lease then meets a server error, that beat may have been applied
+    (the lease moved on), so handing the kept answer over could hand out a stale value: the
+    retry goes to the API instead. A refusal (4xx, 503, 529) applied nothing: the answer is
+    still the lease's latest, and the retry gets it at once.
+    """
+    upstream = HonestLease()
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
+    rig = Rig(service, upstream, Observed())
+    try:
+        await rig.claim("w")
+        claimed = rig.held["w"]
+        upstream.open.clear()
+        left = rig.beat("w", claimed)
+        await asyncio.sleep(0.01)
+        left.cancel()  # the worker gives up; its beat lands upstream, the answer is kept
+        upstream.open.set()
+        await rig.settle()
+        upstream.faults = [_refusal(status)]  # no retry-after: passed on, never retried
+        other = await asyncio.wait_for(rig.beat("w", None), ANSWER_BOUND)
+        assert isinstance(other, HeartbeatResult)
+        assert other.response.status == status
+        retry = await asyncio.wait_for(rig.beat("w", claimed), ANSWER_BOUND)
+        assert isinstance(retry, HeartbeatResult)
+        if kept:
+            assert (retry.outcome, retry.response.status) == ("handed_off", 200)
+        else:
+            # Forwarded: the API answers for itself (here the lease did move on, so a 412).
+            assert (retry.outcome, retry.response.status) == ("forwarded", 412)
+    finally:
+        await service.close()
+
+
+@pytest.mark.parametrize(("retry_after", "retried"), [(1.0, True), (1.6, False)])
+async def test_a_rate_limited_beat_is_retried_only_if_the_answer_can_still_reach_its_worker(
+    retry_after: float, retried: bool
+) -> None:
+    """With a 4 s lease the SDK worker gives a beat 2 s. A retry after 1 s comes back in time; one
+    after 1.6 s (plus a round trip and the safety margin) would answer nobody, so the 429 is passed
+    on at once and the worker's own retry decides, as it would going direct. The lease itself has
+    time left for either: only the worker's window tells them apart."""
+    upstream = HonestLease(ttl=4)
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings(), rng=random.Random(7))
+    rig = Rig(service, upstream, Observed())
+    try:
+        await rig.claim("w")
+        calls = upstream.calls
+        upstream.faults = [_refusal(429, ("retry-after", str(retry_after)))]
+        started = asyncio.get_running_loop().time()
+        answer = await asyncio.wait_for(rig.beat("w", rig.held["w"]), ANSWER_BOUND)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        await service.close()
+    assert isinstance(answer, HeartbeatResult)
+    if retried:
+        assert (answer.response.status, upstream.calls - calls) == (200, 2)
+        assert waited >= retry_after
+    else:
+        assert (answer.response.status, upstream.calls - calls) == (429, 1)
+        assert waited < 0.5
+
+
+class _ExpiryClock(Observed):
+    """Notes when the first expiry is reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expired = asyncio.Event()
+        self.expired_at = 0.0
+
+    def lease_event(self, environment_id: str, kind: LeaseEventKind, reason: LostReason | None) -> None:
+        super().lease_event(environment_id, kind, reason)
+        if kind is LeaseEventKind.EXPIRED and not self.expired.is_set():
+            self.expired_at = asyncio.get_running_loop().time()
+            self.expired.set()
+
+
+async def test_a_lease_nobody_renews_is_reported_expired_on_time() -> None:
+    """The driver's one timer wakes the core when a lease may lapse: an expiry is reported when it is
+    due, including one the core asks for less than a second ahead (a lease renewed in between)."""
+    observed = _ExpiryClock()
+    upstream = HonestLease(ttl=1)
+    settings = HeartbeatSettings(leases=LeaseTrackingSettings(expiry_grace_seconds=0.0))
+    service = CoalescingHeartbeats(upstream, settings, observer=observed)
+    rig = Rig(service, upstream, observed)
+    try:
+        await rig.claim("w")
+        await asyncio.sleep(0.5)
+        # Renewed half-way: the check due at 1 s finds it renewed and asks again for 0.5 s later.
+        renewed_at = asyncio.get_running_loop().time()
+        await asyncio.wait_for(rig.beat("w", rig.held["w"]), ANSWER_BOUND)
+        await asyncio.wait_for(observed.expired.wait(), ANSWER_BOUND)
+    finally:
+        await service.close()
+    # Due 1 s after the renewal was sent; reported then, not a timer period later.
+    assert 0.9 <= observed.expired_at - renewed_at < 1.3, observed.expired_at - renewed_at
+
+
+@pytest.mark.parametrize("news", ["requeued", "conflict", "confirms a kept answer"])
+async def test_the_api_s_412_tells_the_gateway_what_became_of_the_lease(news: str) -> None:
+    """A 412 carries the lease's current state: the gateway records the loss by its reason, shows the
+    state the API reported, and keeps an answer the 412 shows is still current."""
+    observed = Observed()
+    upstream = HonestLease()
+    service = CoalescingHeartbeats(upstream, HeartbeatSettings(), observer=observed)
+    rig = Rig(service, upstream, observed)
+    try:
+        await rig.claim("w")
+        claimed = rig.held["w"]
+        if news == "confirms a kept answer":
+            upstream.open.clear()
+            left = rig.beat("w", claimed)
+            await asyncio.sleep(0.01)
+            left.cancel()  # its beat lands; the answer is kept for the worker's retry
+            upstream.open.set()
+            await rig.settle()
+            # A stale value meets the API's 412, which names the kept answer's value as current.
+            stale = await asyncio.wait_for(rig.beat("w", "stale-value"), ANSWER_BOUND)
+            assert isinstance(stale, HeartbeatResult)
+            assert (stale.outcome, stale.response.status) == ("forwarded", 412)
+            retry = await asyncio.wait_for(rig.beat("w", claimed), ANSWER_BOUND)
+            assert isinstance(retry, HeartbeatResult)
+            assert (retry.outcome, retry.response.status) == ("handed_off", 200)
+            assert [kind for kind, _ in observed.events] == ["claimed"]
+            return
+        # The lease changed upstream without this gateway: requeued, or renewed by another replica.
+        upstream.current["w"] = None if news == "requeued" else "hb-elsewhere"
+        first = await asyncio.wait_for(rig.beat("w", claimed), ANSWER_BOUND)
+        assert isinstance(first, HeartbeatResult)
+        assert (first.outcome, first.response.status) == ("forwarded", 412)
+        assert observed.events[-1] == ("lost", news)
+        # The admin view shows the state the API reported.
+        (row,) = service.leases()
+        assert row.state == ("queued" if news == "requeued" else "active")
+    finally:
+        await service.close()
