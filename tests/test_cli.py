@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.demo.bad_day import PHASES
 
+from .served import Ports, start_serve, wait_ready
 from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, config_yaml, worker_headers
 from .tools import free_port, write_pair
 
@@ -90,33 +91,10 @@ def config_file(tmp_path: Path) -> tuple[Path, int, int]:
 def write_config(path: Path, upstream: str, proxy_port: int, admin_port: int, grace: float = 5) -> None:
     text = config_yaml(
         upstream,
-        f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\nadmin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        f"limits: {{shutdown_grace_seconds: {grace}}}\nlogging: {{level: info, format: json}}\n",
+        Ports(proxy_port, admin_port).listen_yaml()
+        + f"limits: {{shutdown_grace_seconds: {grace}}}\nlogging: {{level: info, format: json}}\n",
     )
     path.write_text(text)
-
-
-async def start_serve(path: Path, stderr: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
-    """`python -m gateway serve` with the test secrets in its environment."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(path),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
-    )  # fmt: skip
-
-
-async def wait_ready(admin_port: int, proc: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.returncode is None, "the gateway exited during start-up"
-            try:
-                async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("the gateway never became ready")
 
 
 async def test_serve_drains_in_flight_requests_on_sigterm_and_exits_0(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +17,10 @@ from aiohttp import web
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_settings
 
+from .served import Ports, start_serve, wait_ready
 from .support import (
     ENV_ID,
     ENV_KEY,
-    ENVIRON,
     TOKEN,
     GatewayFactory,
     Recorder,
@@ -394,29 +392,17 @@ async def test_sigterm_mid_flight_exits_within_one_grace_period(make_simulator: 
     """A heartbeat, a long poll and an event stream open when SIGTERM comes: out in one grace, cutting the rest."""
     from gateway.simulator import Faults
 
-    from .test_cli import wait_ready
-    from .tools import free_port
-
     sim = await make_simulator(faults=Faults(latency_seconds=10, endpoints=("heartbeat", "poll")))
     (work_id,) = sim.sim.enqueue(ENV_ID)
     sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="w", reclaim_older_than_ms=None)
     sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
-    proxy_port, admin_port, grace = free_port(), free_port(), 2.0
+    ports, grace = Ports.free(), 2.0
     config = tmp_path / "gateway.yaml"
-    config.write_text(
-        config_yaml(
-            sim.url,
-            f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\nadmin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-            f"limits: {{shutdown_grace_seconds: {grace}}}\n",
-        )
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    config.write_text(config_yaml(sim.url, ports.listen_yaml() + f"limits: {{shutdown_grace_seconds: {grace}}}\n"))
+    proc = await start_serve(config, stderr=asyncio.subprocess.DEVNULL)
     try:
-        await wait_ready(admin_port, proc)
-        base = f"http://127.0.0.1:{proxy_port}"
+        await wait_ready(ports.admin, proc)
+        base = f"http://127.0.0.1:{ports.proxy}"
         session_id = sim.sim.sessions.all()[0].id
         async with aiohttp.ClientSession() as http:
             beat = asyncio.ensure_future(
@@ -458,27 +444,16 @@ async def test_under_a_low_descriptor_limit_the_cap_follows_it_and_health_stays_
     """Before: with descriptors used up, new workers and /healthz failed, and asyncio logged an error per accept."""
     import resource
 
-    from .test_cli import wait_ready
-    from .tools import free_port
-
     _, url = recorder
-    proxy_port, admin_port = free_port(), free_port()
+    ports = Ports.free()
+    proxy_port, admin_port = ports.proxy, ports.admin
     config = tmp_path / "gateway.yaml"
-    config.write_text(
-        config_yaml(
-            url,
-            f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\nadmin: {{host: 127.0.0.1, port: {admin_port}}}\n",
-        )
-    )
+    config.write_text(config_yaml(url, ports.listen_yaml()))
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (320, 320))  # room for (320 - 256) // 2 = 32 clients
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=low_limit,
-    )  # fmt: skip
+    proc = await start_serve(config, preexec_fn=low_limit)
     held = []
     try:
         await wait_ready(admin_port, proc)

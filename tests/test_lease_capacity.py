@@ -21,26 +21,10 @@ import aiohttp
 from gateway.server import RESERVED_DESCRIPTORS
 from gateway.simulator import Faults, Simulator
 
-from .support import ENV_ID, SimFactory, config_yaml, worker_headers
-from .test_cli import start_serve, wait_ready
-from .tools import free_port
+from .served import served_gateway
+from .support import ENV_ID, SimFactory, worker_headers
 
 SLOW_HEARTBEATS = Faults(latency_seconds=1.5, endpoints=("heartbeat",))
-
-
-async def serve(tmp_path: Path, upstream: str, extra: str = "") -> tuple[asyncio.subprocess.Process, str, str]:
-    path, proxy_port, admin_port = tmp_path / "gateway.yaml", free_port(), free_port()
-    ports = f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\nadmin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-    path.write_text(config_yaml(upstream, ports + extra))
-    proc = await start_serve(path, stderr=asyncio.subprocess.DEVNULL)
-    await wait_ready(admin_port, proc)
-    return proc, f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}"
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def claim(http: aiohttp.ClientSession, proxy: str, work_id: str) -> tuple[int, str, str | None, float]:
@@ -74,8 +58,8 @@ async def test_a_full_lease_class_answers_at_once_and_never_wedges_a_lease(
     sim = await make_simulator(ttl=30, faults=SLOW_HEARTBEATS)
     items = ready_items(sim.sim, 4)
     tight = "upstream: {pools: {lease: {max_connections: 1, max_queued: 1, max_queue_seconds: 0.5}}}"
-    proc, proxy, _ = await serve(tmp_path, sim.url, _with_upstream(sim.url, tight))
-    try:
+    async with served_gateway(tmp_path, sim.url, _with_upstream(sim.url, tight)) as gateway:
+        proxy = gateway.proxy_url
         async with aiohttp.ClientSession() as http:
             answers = await asyncio.gather(*(claim(http, proxy, w) for w in items))
             granted = [w for w, a in zip(items, answers, strict=True) if a[0] == 200]
@@ -91,21 +75,18 @@ async def test_a_full_lease_class_answers_at_once_and_never_wedges_a_lease(
                 status, _, _, seconds = await claim(http, proxy, work_id)
                 assert status == 200
                 assert seconds < 3
-    finally:
-        await stop(proc)
 
 
 async def test_by_default_a_slow_api_never_queues_a_lease_call(make_simulator: SimFactory, tmp_path: Path) -> None:
     """Forty claims at once against an API taking 1.5 s a beat: each gets its own connection, as going direct."""
     sim = await make_simulator(ttl=30, faults=SLOW_HEARTBEATS)
     items = ready_items(sim.sim, 40)
-    proc, proxy, admin = await serve(tmp_path, sim.url)
-    try:
+    async with served_gateway(tmp_path, sim.url) as gateway:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            answers = await asyncio.gather(*(claim(http, proxy, w) for w in items))
+            answers = await asyncio.gather(*(claim(http, gateway.proxy_url, w) for w in items))
             assert [a[0] for a in answers] == [200] * 40
             assert max(a[3] for a in answers) < 3.0  # one slow round trip, not forty queued ones
-            async with http.get(f"{admin}/metrics") as r:
+            async with http.get(f"{gateway.admin_url}/metrics") as r:
                 metrics = await r.text()
         # The lease class is sized to the worker connections the replica accepts: 10,000 by default, fewer
         # where the descriptor limit (raised to its hard limit by `serve`) cannot hold two per connection.
@@ -113,8 +94,6 @@ async def test_by_default_a_slow_api_never_queues_a_lease_call(make_simulator: S
         expected = min(10_000, (hard - RESERVED_DESCRIPTORS) // 2)
         assert f'heartbeat_gateway_upstream_pool_limit{{pool="lease"}} {expected:.1f}' in metrics
         assert 'heartbeat_gateway_upstream_pool_wait_seconds_count{pool="lease"} 0.0' in metrics
-    finally:
-        await stop(proc)
 
 
 def _with_upstream(url: str, extra: str) -> str:
