@@ -30,13 +30,13 @@ import tracemalloc
 from prometheus_client import generate_latest
 
 from gateway.cli import GC_THRESHOLDS
-from gateway.config import load_settings
+from gateway.config.load import load_settings
+from gateway.config.settings import LeaseTrackingSettings
 from gateway.heartbeat.core import Beat, Coalescer, Send, Succeeded
 from gateway.heartbeat.driver import Reply
 from gateway.heartbeat.wire import HeartbeatAnswer, read_answer
-from gateway.metrics import GatewayMetrics
-from gateway.settings import LeaseTrackingSettings
-from gateway.upstream import BufferedResponse
+from gateway.observability.metrics import GatewayMetrics
+from gateway.upstream.client import BufferedResponse
 
 ENV_ID = "env_011CZkZ9X2dpNyB7HsEFoRfW"
 CONFIG = f"""

@@ -18,24 +18,25 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .admin import Health, create_admin_app
-from .capacity import Gate
+from gateway.config.settings import LiveSettings, PoolName, Settings, restart_needed
+from gateway.edge.admin import Health, create_admin_app
+from gateway.edge.middleware import access_log_middleware, error_middleware
+from gateway.edge.overload import Governor, LagProbe, PollHold, cpu_capacity
+from gateway.edge.polls import PollAdmission
+from gateway.edge.proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
+from gateway.edge.server import LISTEN_BACKLOG, GatewayAppRunner, descriptor_budget
+from gateway.heartbeat.core import LeaseView, TableCounts
+from gateway.heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
+from gateway.observability.metrics import GatewayMetrics
+from gateway.policy.credentials import RetiredTokens
+from gateway.policy.egress import ProxyRoute, proxy_route
+from gateway.policy.links import Links
+from gateway.upstream.capacity import Gate
+from gateway.upstream.client import HttpUpstream, Upstream
+from gateway.upstream.discovery import SessionDiscovery
+
 from .certificates import server_context
-from .credentials import RetiredTokens
-from .discovery import SessionDiscovery
-from .egress import ProxyRoute, proxy_route
-from .heartbeat.core import LeaseView, TableCounts
-from .heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
-from .links import Links
-from .metrics import GatewayMetrics
-from .middleware import access_log_middleware, error_middleware
-from .overload import Governor, LagProbe, PollHold, cpu_capacity
-from .polls import PollAdmission
-from .proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
-from .server import LISTEN_BACKLOG, GatewayAppRunner, descriptor_budget
-from .settings import LiveSettings, PoolName, Settings, restart_needed
 from .tasks import Tasks
-from .upstream import HttpUpstream, Upstream
 
 __all__ = ["HELD_POLLS", "Gateway", "create_proxy_app"]
 

@@ -18,17 +18,18 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway.config.load import ConfigError, load_settings_file
+from gateway.config.settings import LoggingSettings, Settings
+from gateway.edge.server import LISTEN_BACKLOG, descriptor_budget, raise_descriptor_limit
+from gateway.observability.logs import configure_logging
+from gateway.policy.credentials import environment_key
+from gateway.policy.headers import request_headers
+from gateway.upstream.client import UpstreamRequest, fetch
+
 from . import __version__
 from . import loop as event_loop
 from .app import Gateway, egress_route, upstream_client
-from .config import ConfigError, load_settings_file
-from .credentials import environment_key
 from .errors import UpstreamError
-from .headers import request_headers
-from .logs import configure_logging
-from .server import LISTEN_BACKLOG, descriptor_budget, raise_descriptor_limit
-from .settings import LoggingSettings, Settings
-from .upstream import UpstreamRequest, fetch
 
 __all__ = ["main"]
 
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "simulate-upstream":
         return _simulate(args)
     if args.bad_day:
-        from .demo.bad_day import run_bad_day
+        from gateway.demo.bad_day import run_bad_day
 
         return run_bad_day(workers=args.workers, as_json=args.json)
     from .demo import run_demo

@@ -1,7 +1,7 @@
 """Errors the gateway itself answers with, each carrying its HTTP status.
 
 Every refusal and every upstream failure is one of these; one middleware
-(`gateway.middleware.error_middleware`) renders them as Anthropic-shaped JSON,
+(`gateway.edge.middleware.error_middleware`) renders them as Anthropic-shaped JSON,
 so workers' SDKs parse them like any API error::
 
     GatewayError
@@ -22,7 +22,7 @@ so workers' SDKs parse them like any API error::
 
 The status and type pairs follow the API's own error table
 (https://platform.claude.com/docs/en/api/errors). Messages never contain a
-key or token: they are written here or in `gateway.upstream`, never copied
+key or token: they are written here or in `gateway.upstream.client`, never copied
 from a request.
 """
 
@@ -122,7 +122,7 @@ class RequestTooLarge(RequestRefused):
 
 
 class Overloaded(RequestRefused):
-    """The replica sheds work while its event loop runs late (`gateway.overload`)."""
+    """The replica sheds work while its event loop runs late (`gateway.edge.overload`)."""
 
     status = 503
     error_type = "overloaded_error"

@@ -10,8 +10,8 @@ import yaml
 from aiohttp import web
 
 from gateway.app import Gateway
-from gateway.config import load_settings
-from gateway.settings import Settings
+from gateway.config.load import load_settings
+from gateway.config.settings import Settings
 from gateway.simulator import Simulator
 
 # Distinctive values, so a leak scan can search every output for them.

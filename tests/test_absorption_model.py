@@ -32,10 +32,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.config.settings import AbsorbSettings
 from gateway.heartbeat.core import Beat, Coalescer, Deliver, DeliverLocal, Rejected, Send, Succeeded, Unsuccessful
 from gateway.heartbeat.wire import NO_HEARTBEAT, HeartbeatAnswer
 from gateway.heartbeat.worker_model import worker_interval
-from gateway.settings import AbsorbSettings
 
 settings.register_profile("model-fast", max_examples=150, deadline=None)
 settings.register_profile("model-deep", max_examples=3000, deadline=None)

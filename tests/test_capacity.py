@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.capacity import Gate
+from gateway.config.settings import PoolName, PoolSettings
 from gateway.errors import CapacityExceeded
-from gateway.settings import PoolName, PoolSettings
+from gateway.upstream.capacity import Gate
 
 from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_settings, load_settings_file
-from gateway.settings import DEFAULT_ALLOW_PREFIXES, Secret, Settings
+from gateway.config.load import ConfigError, load_settings, load_settings_file
+from gateway.config.settings import DEFAULT_ALLOW_PREFIXES, Secret, Settings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
 # The README's two exports, nothing else.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.credentials import Discover, Inject, PassThrough, decide_credential
+from gateway.config.settings import Settings
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.links import Link, Links
-from gateway.routing import RouteName, classify, parse_target
-from gateway.settings import Settings
+from gateway.policy.credentials import Discover, Inject, PassThrough, decide_credential
+from gateway.policy.links import Link, Links
+from gateway.policy.routing import RouteName, classify, parse_target
 
 from .support import (
     ALL_ENVIRONMENTS_CLIENTS,

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import Gateway
-from gateway.config import ConfigError, load_settings
+from gateway.config.load import ConfigError, load_settings
 
 from .served import Ports, start_serve, wait_ready
 from .support import (
@@ -479,7 +479,7 @@ async def test_under_a_low_descriptor_limit_the_cap_follows_it_and_health_stays_
 
 
 def test_the_redactor_replaces_every_secret_whole_in_text_bytes_and_headers() -> None:
-    from gateway.redaction import Redactor
+    from gateway.policy.redaction import Redactor
 
     redactor = Redactor(["sk-short", "sk-short-and-longer", ""])
     # The longer secret that contains the shorter one goes whole, not as "<redacted>-and-longer".

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import ConfigError, load_settings
-from gateway.egress import EgressError, proxy_route
+from gateway.config.load import ConfigError, load_settings
+from gateway.policy.egress import EgressError, proxy_route
 
 from .support import ENVIRON, config_yaml
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.credentials import Inject, PassThrough
-from gateway.headers import merge_betas, request_headers, response_headers
-from gateway.settings import HeaderSettings
+from gateway.config.settings import HeaderSettings
+from gateway.policy.credentials import Inject, PassThrough
+from gateway.policy.headers import merge_betas, request_headers, response_headers
 
 SETTINGS = HeaderSettings("2023-06-01", ("managed-agents-2026-04-01", "files-api-2025-04-14"))
 

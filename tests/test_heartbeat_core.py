@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
 from gateway.heartbeat.core import (
     Action,
     Beat,
@@ -28,7 +29,6 @@ from gateway.heartbeat.core import (
 from gateway.heartbeat.retry import MAX_RETRIES, retry_delay
 from gateway.heartbeat.wire import HeartbeatAnswer, LeaseEventKind
 from gateway.heartbeat.worker_model import keeps_pace, worker_interval
-from gateway.settings import AbsorbSettings, LeaseTrackingSettings
 
 KEY = ("env_1", "work_1")
 ME = "identity-shared-token"

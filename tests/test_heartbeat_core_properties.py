@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
 from gateway.heartbeat.core import (
     Action,
     Beat,
@@ -53,7 +54,6 @@ from gateway.heartbeat.core import (
     Wakeup,
 )
 from gateway.heartbeat.wire import HeartbeatAnswer
-from gateway.settings import AbsorbSettings, LeaseTrackingSettings
 from gateway.simulator import ControlPlane, SimError, TtlPolicy
 
 settings.register_profile("fast", max_examples=200, stateful_step_count=50, deadline=None)

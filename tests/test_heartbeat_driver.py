@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 
 from gateway.app import Gateway
+from gateway.config.settings import HeartbeatSettings, LeaseTrackingSettings, PoolName
 from gateway.errors import UpstreamUnavailable
 from gateway.heartbeat.driver import OUTCOME_HEADER, CoalescingHeartbeats, HeartbeatCall
 from gateway.heartbeat.query import HeartbeatQuery
 from gateway.heartbeat.wire import LeaseEventKind, LostReason
-from gateway.settings import HeartbeatSettings, LeaseTrackingSettings, PoolName
 from gateway.simulator import Faults
-from gateway.upstream import UpstreamRequest, UpstreamResponse
+from gateway.upstream.client import UpstreamRequest, UpstreamResponse
 
 from .support import ENV_ID, GatewayFactory, Recorder, SimFactory, SimHandle, worker_headers
 

@@ -32,6 +32,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from gateway.config.settings import AbsorbSettings, HeartbeatSettings, LeaseTrackingSettings
 from gateway.errors import (
     CapacityExceeded,
     GatewayError,
@@ -41,9 +42,8 @@ from gateway.errors import (
 from gateway.heartbeat.driver import CoalescingHeartbeats, HeartbeatCall, HeartbeatResult
 from gateway.heartbeat.query import HeartbeatQuery
 from gateway.heartbeat.wire import NO_HEARTBEAT, LeaseEventKind, LostReason
-from gateway.settings import AbsorbSettings, HeartbeatSettings, LeaseTrackingSettings
 from gateway.tasks import Tasks
-from gateway.upstream import UpstreamRequest, UpstreamResponse
+from gateway.upstream.client import UpstreamRequest, UpstreamResponse
 
 # How long any waiter may wait in these cases: far more than a scripted exchange takes.
 ANSWER_BOUND = 5.0

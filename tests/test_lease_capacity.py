@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.server import RESERVED_DESCRIPTORS
+from gateway.edge.server import RESERVED_DESCRIPTORS
 from gateway.simulator import Faults, Simulator
 
 from .served import served_gateway

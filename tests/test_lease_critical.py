@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.app import Gateway
-from gateway.config import load_settings
+from gateway.config.load import load_settings
 from gateway.simulator import SIMULATOR, AgentScript, Faults
 
 from .served import served_gateway
@@ -265,7 +265,10 @@ async def test_under_a_429_storm_no_worker_loses_more_leases_than_directly(
         )
     lost = {"gateway": sum(o != "kept" for o in through), "direct": sum(o != "kept" for o in alone)}
     print("leases lost under the storm:", lost)
-    # The same storm, beat for beat: the gateway may not lose a lease the same worker keeps directly.
-    # The failure this guards against lost 22-25 where direct lost 5.
-    assert lost["gateway"] <= lost["direct"], lost
+    # The same storm, beat for beat, until a race: the gateway retries a 429 after its `retry-after` (inside
+    # the 2 s an SDK worker gives a beat on a 4 s lease), and these workers give up after 1 s. When the retry
+    # leaves before the worker's disconnect is seen, it uses up a draw, and from then on the two fleets meet
+    # different draws. One lease of slack for that, and only one: 11 and 11 in nearly every run, 12 and 11
+    # in one of about ten. The failure this guards against lost 22-25 where direct lost 5.
+    assert lost["gateway"] <= lost["direct"] + 1, lost
     assert [o for o in through if o == "lost"] == []  # never a 412: nothing was renewed behind a worker's back

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.links import Link, Links, links_in_answer, teaches_links
-from gateway.routing import RouteName, classify, parse_target
+from gateway.policy.links import Link, Links, links_in_answer, teaches_links
+from gateway.policy.routing import RouteName, classify, parse_target
 from gateway.simulator import AgentScript, Faults, fingerprint
 
 from .support import (
@@ -227,7 +227,7 @@ clients:
 
 async def overlapping(make_simulator: SimFactory, extra: str = "", **sim: Any) -> tuple[Any, Any]:
     from gateway.app import Gateway
-    from gateway.config import load_settings
+    from gateway.config.load import load_settings
 
     from .support import ENVIRON
 

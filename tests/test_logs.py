@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.logs import Scrubber, configure_logging
-from gateway.settings import LoggingSettings
+from gateway.config.settings import LoggingSettings
+from gateway.observability.logs import Scrubber, configure_logging
 
 from .support import ENV_ID, SECRETS, TOKEN, GatewayFactory, Recorder, SimHandle, worker_headers
 

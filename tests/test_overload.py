@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.overload import Governor, Load, PollHold, cpu_capacity
-from gateway.routing import RouteName
-from gateway.settings import OverloadSettings
+from gateway.config.settings import OverloadSettings
+from gateway.edge.overload import Governor, Load, PollHold, cpu_capacity
+from gateway.policy.routing import RouteName
 
 from .support import ENV_ID, GatewayFactory, SimFactory, make_settings, worker_headers
 from .test_heartbeat_driver import held_item

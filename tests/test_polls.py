@@ -8,9 +8,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.polls import PollAdmission, block_seconds
-from gateway.routing import with_param
-from gateway.settings import PollSettings
+from gateway.config.settings import PollSettings
+from gateway.edge.polls import PollAdmission, block_seconds
+from gateway.policy.routing import with_param
 
 from .support import ENV_ID, GatewayFactory, SimFactory, worker_headers
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.config.settings import DEFAULT_ALLOW_PREFIXES
 from gateway.errors import InvalidRequest
-from gateway.routing import Route, RouteName, classify, is_allowed, parse_target
-from gateway.settings import DEFAULT_ALLOW_PREFIXES
+from gateway.policy.routing import Route, RouteName, classify, is_allowed, parse_target
 
 ENV = "/v1/environments/env_1"
 

@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from gateway import certificates
-from gateway.config import ConfigError, load_settings
+from gateway.config.load import ConfigError, load_settings
 
 from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
 from .test_heartbeat_driver import held_item

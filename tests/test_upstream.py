@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.config.settings import UpstreamSettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.settings import UpstreamSettings
-from gateway.upstream import HttpUpstream, UpstreamRequest, fetch, translate
+from gateway.upstream.client import HttpUpstream, UpstreamRequest, fetch, translate
 
 from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
 from .tools import free_port

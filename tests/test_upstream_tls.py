@@ -19,9 +19,9 @@ import pytest
 import trustme
 
 from gateway import certificates
-from gateway.config import ConfigError, load_settings
-from gateway.logs import configure_logging
-from gateway.settings import LoggingSettings
+from gateway.config.load import ConfigError, load_settings
+from gateway.config.settings import LoggingSettings
+from gateway.observability.logs import configure_logging
 
 from .support import (
     ENV_ID,

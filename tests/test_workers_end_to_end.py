@@ -24,7 +24,7 @@ import pytest
 import trustme
 
 from gateway.app import Gateway
-from gateway.config import load_settings
+from gateway.config.load import load_settings
 from gateway.simulator import AgentScript, Faults, fingerprint
 
 from .support import API_KEY, ENV_ID, ENV_KEY, ENVIRON, OTHER_ENV_ID, TOKEN, SimFactory, SimHandle, worker_headers

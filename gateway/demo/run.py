@@ -26,10 +26,10 @@ from aiohttp import web
 
 from gateway import loop as event_loop
 from gateway.app import Gateway
-from gateway.config import load_settings
+from gateway.config.load import load_settings
+from gateway.config.settings import LoggingSettings
 from gateway.demo.worker import DemoStats, SimulatedWorker, WorkerBehaviour
-from gateway.logs import configure_logging
-from gateway.settings import LoggingSettings
+from gateway.observability.logs import configure_logging
 from gateway.simulator import SIMULATOR, Simulator, SimulatorConfig, TtlPolicy, create_simulator_app
 
 __all__ = ["DEMO_CONFIG", "ENVIRONMENT_ID", "run_demo"]

@@ -8,6 +8,6 @@
 - `driver`: the async edge that carries out the core's actions
   (`CoalescingHeartbeats`), or forwards one for one (`DirectHeartbeats`).
 
-The proxy (`gateway.proxy`) only parses the query and hands a
+The proxy (`gateway.edge.proxy`) only parses the query and hands a
 `driver.HeartbeatCall` to a `driver.HeartbeatService`.
 """

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
-from gateway.settings import AbsorbSettings, LeaseTrackingSettings
+from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
 
 from .wire import (
     NO_HEARTBEAT,

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Protocol, get_args
 
+from gateway.config.settings import HeartbeatSettings, PoolName
 from gateway.errors import CapacityExceeded, UpstreamError, UpstreamUnavailable
-from gateway.routing import without_param
-from gateway.settings import HeartbeatSettings, PoolName
+from gateway.policy.routing import without_param
 from gateway.tasks import Tasks
-from gateway.upstream import BufferedResponse, Upstream, UpstreamRequest, fetch
+from gateway.upstream.client import BufferedResponse, Upstream, UpstreamRequest, fetch
 
 from .core import (
     Action,

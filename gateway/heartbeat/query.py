@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from gateway.errors import InvalidRequest
-from gateway.routing import with_param
+from gateway.policy.routing import with_param
 
 from .wire import NO_HEARTBEAT
 

@@ -25,12 +25,13 @@ from typing import NoReturn, Protocol
 import aiohttp
 from yarl import URL
 
+from gateway.certificates import Rotating, RotatingCertificate, RotatingTrust
+from gateway.config.settings import PoolName, UpstreamProxy, UpstreamSettings, UpstreamTls
+from gateway.errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
+from gateway.observability.logs import QuietLog
+from gateway.policy.egress import ProxyRoute
+
 from .capacity import Gate
-from .certificates import Rotating, RotatingCertificate, RotatingTrust
-from .egress import ProxyRoute
-from .errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
-from .logs import QuietLog
-from .settings import PoolName, UpstreamProxy, UpstreamSettings, UpstreamTls
 
 log = logging.getLogger("gateway.upstream")
 
@@ -60,7 +61,7 @@ class UpstreamRequest:
     timeout: float | None = None
     # The route name it is counted under in metrics.
     route: str = "other"
-    # The class of upstream capacity it draws on (`gateway.capacity`).
+    # The class of upstream capacity it draws on (`gateway.upstream.capacity`).
     pool: PoolName = PoolName.OTHER
     # How long it may wait for a connection of its class, if less than the class allows.
     max_queue_seconds: float | None = None

@@ -19,8 +19,8 @@ from typing import TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .redaction import REDACTED, Redactor
-from .settings import LoggingSettings
+from gateway.config.settings import LoggingSettings
+from gateway.policy.redaction import REDACTED, Redactor
 
 __all__ = ["DirectLines", "QuietLog", "Scrubber", "configure_logging", "direct_lines"]
 

@@ -2,7 +2,7 @@
 
 Each field is a config key: its name is the YAML key, its type the YAML
 type, its default the default, and its `rule(...)` metadata the range or
-format it must have. `gateway.config` walks these classes to read and
+format it must have. `gateway.config.load` walks these classes to read and
 validate YAML, and to name the allowed keys in its messages; nothing else
 lists them. Adding a setting is one field here and one row in the README's
 configuration reference (a test checks the row is there).
@@ -20,7 +20,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .redaction import REDACTED, Redactor
+from gateway.policy.redaction import REDACTED, Redactor
 
 __all__ = [
     "FALLBACK_ROUTES",
@@ -76,7 +76,7 @@ LogFormat = Literal["json", "text"]
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """What a value must be, beyond its type; read by `gateway.config`."""
+    """What a value must be, beyond its type; read by `gateway.config.load`."""
 
     # Integers: the smallest and largest allowed. Numbers: the largest.
     at_least: int | None = None
@@ -126,7 +126,7 @@ class ListenAddress:
 
 
 class PoolName(StrEnum):
-    """The classes of upstream capacity (`gateway.capacity`)."""
+    """The classes of upstream capacity (`gateway.upstream.capacity`)."""
 
     LEASE = "lease"
     POLL = "poll"
@@ -192,7 +192,10 @@ class UpstreamTls:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamProxy:
-    """An egress proxy on the way to the upstream (`gateway.egress` decides which, and refuses what it cannot use)."""
+    """An egress proxy on the way to the upstream.
+
+    `gateway.policy.egress` decides which, and refuses what it cannot use.
+    """
 
     # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as curl, Go and the SDKs read them.
     from_environment: bool = True
@@ -283,7 +286,7 @@ class RouteSettings:
 
 @dataclass(frozen=True, slots=True)
 class PollSettings:
-    """Poll admission (`gateway.polls`): idle long polls held at the gateway."""
+    """Poll admission (`gateway.edge.polls`): idle long polls held at the gateway."""
 
     # Long polls one environment may have upstream at once; beyond, a poll waits here for up to its
     # own block time and, if no slot frees, is answered `null` as the API answers an empty queue.
@@ -296,7 +299,7 @@ class PollSettings:
 
 @dataclass(frozen=True, slots=True)
 class OverloadSettings:
-    """Shedding safe work while the replica's event loop runs late (`gateway.overload`)."""
+    """Shedding safe work while the replica's event loop runs late (`gateway.edge.overload`)."""
 
     enabled: bool = True
     # The median event-loop lag over a second past which long polls are answered `null` at the gateway.

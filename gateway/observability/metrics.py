@@ -28,14 +28,14 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 
-from . import __version__
-from .errors import UpstreamErrorKind
-from .heartbeat.core import TableCounts
-from .heartbeat.driver import FAILSAFE_POINTS, FailsafePoint
-from .heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
-from .polls import PollOutcome
-from .routing import RouteName
-from .settings import PoolName, Settings
+from gateway import __version__
+from gateway.config.settings import PoolName, Settings
+from gateway.edge.polls import PollOutcome
+from gateway.errors import UpstreamErrorKind
+from gateway.heartbeat.core import TableCounts
+from gateway.heartbeat.driver import FAILSAFE_POINTS, FailsafePoint
+from gateway.heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
+from gateway.policy.routing import RouteName
 
 __all__ = ["GatewayMetrics"]
 

@@ -22,8 +22,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from urllib.parse import unquote_plus, unquote_to_bytes
 
-from .errors import InvalidRequest
-from .settings import PoolName
+from gateway.config.settings import PoolName
+from gateway.errors import InvalidRequest
 
 __all__ = [
     "Route",
@@ -185,7 +185,7 @@ _LEASE_CRITICAL = frozenset({RouteName.HEARTBEAT, RouteName.ACK, RouteName.STOP}
 
 
 def upstream_pool(route: Route, target: Target, *, vouched: bool) -> PoolName:
-    """The class of upstream capacity a request draws on (`gateway.capacity`).
+    """The class of upstream capacity a request draws on (`gateway.upstream.capacity`).
 
     Lease-critical calls get their own only with a credential the gateway
     vouches for: a junk Bearer on a heartbeat path takes no lease capacity.

@@ -5,7 +5,7 @@ include these paths, and it is another app on another socket).
 - `GET /healthz`: the process is alive.
 - `GET /readyz`: config loaded and the upstream client ready; 503 while starting, draining,
   while lease-critical upstream capacity has had requests waiting for a second or more, or while
-  the replica's event loop runs so late that it refuses requests (`gateway.overload`'s second level).
+  the replica's event loop runs so late that it refuses requests (`gateway.edge.overload`'s second level).
 - `GET /metrics`: Prometheus exposition of this gateway's own registry.
 - `GET /admin/leases`: the lease table, filtered by `environment` and `state`, paginated.
 - `GET /admin/config`: the effective config, every secret shown as "<redacted>".
@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .errors import error_body
-from .heartbeat.core import LeaseView
-from .metrics import GatewayMetrics
-from .settings import LiveSettings
+from gateway.config.settings import LiveSettings
+from gateway.errors import error_body
+from gateway.heartbeat.core import LeaseView
+from gateway.observability.metrics import GatewayMetrics
 
 __all__ = ["HEALTH", "Health", "create_admin_app"]
 
@@ -43,7 +43,7 @@ class Health:
     draining: bool = False
     # Seconds the lease-critical class has had requests waiting for a connection.
     lease_capacity_waiting: Callable[[], float] = lambda: 0.0
-    # The event loop runs late and the replica refuses requests (`gateway.overload`'s second level).
+    # The event loop runs late and the replica refuses requests (`gateway.edge.overload`'s second level).
     overloaded: Callable[[], bool] = lambda: False
 
     @property

@@ -1,7 +1,7 @@
 """Asking the API which environment a session belongs to, when the gateway has not seen it.
 
 A gateway learns a session's environment from the work item that named it
-(`gateway.links`). After a restart, on another replica, or for a worker that
+(`gateway.policy.links`). After a restart, on another replica, or for a worker that
 polled elsewhere, it has not; for a client token of one environment that does
 not matter, but a token of several environments could stand for any of
 their keys. Rather than guess, or fall back to a wider key, the gateway reads
@@ -24,14 +24,15 @@ import time
 from collections import OrderedDict
 from typing import Literal, Protocol
 
-from .credentials import environment_key
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from .headers import merge_betas
-from .links import Links, links_in_answer
-from .routing import Route, RouteName
-from .settings import Environment, HeaderSettings
-from .tasks import Tasks
-from .upstream import Upstream, UpstreamRequest, fetch
+from gateway.config.settings import Environment, HeaderSettings
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.policy.credentials import environment_key
+from gateway.policy.headers import merge_betas
+from gateway.policy.links import Links, links_in_answer
+from gateway.policy.routing import Route, RouteName
+from gateway.tasks import Tasks
+
+from .client import Upstream, UpstreamRequest, fetch
 
 __all__ = ["DiscoveryObserver", "DiscoveryResult", "SessionDiscovery"]
 

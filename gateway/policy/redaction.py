@@ -4,7 +4,7 @@ The API never should, but an upstream error body or header could echo the
 request's `Authorization`, which carries the real environment key. Every
 configured key and token is replaced by `<redacted>` in response headers, in
 heartbeat answers and in error bodies on their way to a worker (and, with
-more patterns, in log lines: `gateway.logs`). Pure: no I/O.
+more patterns, in log lines: `gateway.observability.logs`). Pure: no I/O.
 """
 
 from __future__ import annotations

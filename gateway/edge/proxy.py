@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from .access_log import EXCHANGE, Exchange
-from .credentials import Discover, Inject, RetiredTokens, decide_credential, token_in_forwarded_request
-from .discovery import SessionDiscovery
-from .errors import (
+from gateway.config.settings import LiveSettings, PoolName, Settings
+from gateway.errors import (
     AuthenticationFailed,
     InvalidRequest,
     MethodNotAllowed,
@@ -36,18 +34,30 @@ from .errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from .headers import request_headers, response_headers
-from .heartbeat.driver import HeartbeatCall, HeartbeatService, upstream_credential
-from .heartbeat.query import apply_desired_ttl, parse_heartbeat_query
-from .heartbeat.wire import Outcome
-from .links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
-from .metrics import GatewayMetrics
+from gateway.heartbeat.driver import HeartbeatCall, HeartbeatService, upstream_credential
+from gateway.heartbeat.query import apply_desired_ttl, parse_heartbeat_query
+from gateway.heartbeat.wire import Outcome
+from gateway.observability.access_log import EXCHANGE, Exchange
+from gateway.observability.metrics import GatewayMetrics
+from gateway.policy.credentials import Discover, Inject, RetiredTokens, decide_credential, token_in_forwarded_request
+from gateway.policy.headers import request_headers, response_headers
+from gateway.policy.links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
+from gateway.policy.redaction import Redactor
+from gateway.policy.routing import (
+    Route,
+    RouteName,
+    Target,
+    classify,
+    is_allowed,
+    parse_target,
+    upstream_pool,
+    with_param,
+)
+from gateway.upstream.client import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
+from gateway.upstream.discovery import SessionDiscovery
+
 from .overload import Governor, PollHold, Shed
 from .polls import PollAdmission, block_seconds
-from .redaction import Redactor
-from .routing import Route, RouteName, Target, classify, is_allowed, parse_target, upstream_pool, with_param
-from .settings import LiveSettings, PoolName, Settings
-from .upstream import CHUNK_SIZE, BufferedResponse, Upstream, UpstreamRequest, UpstreamResponse
 
 __all__ = ["INFLIGHT", "PROXY", "InFlight", "ProxyContext", "handle"]
 
@@ -189,7 +199,7 @@ async def _poll(
     *,
     injected: bool,
 ) -> web.StreamResponse:
-    """A long poll, admitted upstream or held here (`gateway.polls`)."""
+    """A long poll, admitted upstream or held here (`gateway.edge.polls`)."""
     block = block_seconds(target.raw_query)
     if block is None or not injected or request.can_read_body:
         # Not one of the fleet's long polls the slots are for: a poll that does not block (or that the
@@ -212,7 +222,7 @@ async def _poll(
 
 
 async def _shed(ctx: ProxyContext, exchange: Exchange, shed: Shed, target: Target) -> web.Response:
-    """The replica is overloaded (`gateway.overload`): a poll finds the queue empty, anything else a 503."""
+    """The replica is overloaded (`gateway.edge.overload`): a poll finds the queue empty, anything else a 503."""
     ctx.metrics.request_shed(exchange.route, "answered_empty" if shed == "poll" else "refused")
     if shed == "poll":
         # As an empty queue answers, after a while: a timer, not a connection upstream. Held past its

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import parse_qsl
 
-from .settings import PollSettings
+from gateway.config.settings import PollSettings
 
 __all__ = ["PollAdmission", "PollObserver", "block_seconds"]
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gateway.config.settings import HeaderSettings
+
 from .credentials import CredentialDecision, Inject
-from .settings import HeaderSettings
 
 __all__ = ["HOP_BY_HOP", "merge_betas", "request_headers", "response_headers"]
 

@@ -37,8 +37,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Protocol
 
-from .errors import CapacityExceeded
-from .settings import DEFAULT_MAX_CLIENT_CONNECTIONS, PoolName, PoolSettings
+from gateway.config.settings import DEFAULT_MAX_CLIENT_CONNECTIONS, PoolName, PoolSettings
+from gateway.errors import CapacityExceeded
 
 __all__ = ["CapacityObserver", "Gate"]
 

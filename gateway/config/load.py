@@ -1,4 +1,4 @@
-"""YAML config in, a validated `gateway.settings.Settings` out.
+"""YAML config in, a validated `gateway.config.settings.Settings` out.
 
 `load_settings(text, environ)` collects *every* problem before failing, each
 as `key.path: problem`, so one run of `heartbeat-gateway check-config` shows
@@ -11,7 +11,7 @@ all that is wrong:
   A literal secret in the YAML is an error. Messages name the key, the
   variable or the file, never the value.
 
-The reader walks the settings classes (`gateway.settings`): a class is a
+The reader walks the settings classes (`gateway.config.settings`): a class is a
 mapping whose allowed keys are its fields, a field's type says how to read
 it and its `rule(...)` the range or format; only values that need more than
 that (the environment list, token scopes, checks across keys) have a reader
@@ -39,9 +39,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .egress import EgressError, has_credentials, is_loopback_url, proxy_route
-from .heartbeat.worker_model import absorption_blocker
-from .redaction import REDACTED
+from gateway.heartbeat.worker_model import absorption_blocker
+from gateway.policy.egress import EgressError, has_credentials, is_loopback_url, proxy_route
+from gateway.policy.redaction import REDACTED
+
 from .settings import (
     FALLBACK_ROUTES,
     ClientSettings,

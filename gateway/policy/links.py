@@ -21,7 +21,7 @@ And which sessions tokens the API issued for which work item: a poll's
 answer carries the item's `secret` (base64url JSON with a `sessions_token`),
 which the worker then uses on that item's heartbeats and stop. A credential
 the gateway saw issued for an item is one it can vouch for there
-(`gateway.capacity`: lease-critical capacity). Only a SHA-256 digest of the
+(`gateway.upstream.capacity`: lease-critical capacity). Only a SHA-256 digest of the
 token is kept, bounded like the links. Pure: no I/O.
 """
 

@@ -14,8 +14,9 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .access_log import EXCHANGE, Exchange, log_exchange
-from .errors import GatewayError, RequestTimedOut, RequestTooLarge, UpstreamError, error_body
+from gateway.errors import GatewayError, RequestTimedOut, RequestTooLarge, UpstreamError, error_body
+from gateway.observability.access_log import EXCHANGE, Exchange, log_exchange
+
 from .proxy import INFLIGHT, PROXY
 
 __all__ = ["access_log_middleware", "error_middleware"]

@@ -75,8 +75,8 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Literal, Protocol
 
-from .routing import RouteName
-from .settings import OverloadSettings
+from gateway.config.settings import OverloadSettings
+from gateway.policy.routing import RouteName
 
 __all__ = [
     "LEASE_ROUTES",

@@ -22,7 +22,7 @@ time. Here, on the worker-facing port only:
 
 Timeouts and the cap are read from the live settings for each new
 connection, so a reload applies to connections opened after it. The body
-timeout is the request path's (`gateway.proxy`: it reads the body).
+timeout is the request path's (`gateway.edge.proxy`: it reads the body).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from .logs import QuietLog
-from .settings import Limits
+from gateway.config.settings import Limits
+from gateway.observability.logs import QuietLog
 
 __all__ = ["LISTEN_BACKLOG", "GatewayAppRunner", "RefusalObserver", "descriptor_budget", "raise_descriptor_limit"]
 

@@ -8,7 +8,7 @@ upstream), and never for anything wider:
 
 - on `/v1/environments/{id}/...`: that environment's key;
 - on a session, skill or memory store: the key of the environment it belongs
-  to, as the gateway learned from the API's answers (`gateway.links`), or the
+  to, as the gateway learned from the API's answers (`gateway.policy.links`), or the
   only environment the token may use; for a session of a token with several
   environments, the gateway asks the API which one (`Discover`);
 - only where none of that tells, and only on routes the operator listed in
@@ -31,10 +31,11 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import unquote
 
-from .errors import AuthenticationFailed, PermissionDenied
+from gateway.config.settings import ClientToken, Environment, Settings
+from gateway.errors import AuthenticationFailed, PermissionDenied
+
 from .links import LINKED_ROUTES
 from .routing import Route, RouteName
-from .settings import ClientToken, Environment, Settings
 
 __all__ = [
     "CredentialDecision",
