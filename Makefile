@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 UNIT_TESTS := tests/test_config.py tests/test_credentials.py tests/test_headers.py \
 	tests/test_heartbeat_core.py tests/test_heartbeat_core_properties.py tests/test_heartbeat_query.py \
 	tests/test_heartbeat_wire.py tests/test_absorption_model.py tests/test_routing.py tests/test_links.py tests/test_simulator_sessions.py \
-	tests/test_egress.py \
+	tests/test_egress.py tests/test_credential_text.py \
 	tests/test_edges.py::test_the_redactor_replaces_every_secret_whole_in_text_bytes_and_headers
 
 coverage: $(STAMP)

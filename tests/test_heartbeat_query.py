@@ -48,10 +48,10 @@ def test_invalid_queries(raw: str) -> None:
         parse_heartbeat_query(raw)
 
 
-def test_claims_and_conditions() -> None:
-    assert parse_heartbeat_query("expected_last_heartbeat=NO_HEARTBEAT").is_claim
-    assert parse_heartbeat_query("expected_last_heartbeat=x").is_conditional
-    assert not parse_heartbeat_query("").is_conditional
+def test_a_claim_an_echo_and_an_unconditional_beat_are_read_as_sent() -> None:
+    assert parse_heartbeat_query("expected_last_heartbeat=NO_HEARTBEAT").expected_last_heartbeat == "NO_HEARTBEAT"
+    assert parse_heartbeat_query("expected_last_heartbeat=x").expected_last_heartbeat == "x"
+    assert parse_heartbeat_query("").expected_last_heartbeat is None
 
 
 def test_default_ttl_is_added_only_when_absent() -> None:

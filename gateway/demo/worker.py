@@ -12,7 +12,6 @@ the TTL mean the lease is assumed lost. Every other exit force-stops the item.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -184,9 +183,3 @@ class SimulatedWorker:
                 await asyncio.sleep(ttl + interval)
             else:
                 await asyncio.sleep(min(interval, max(0.0, done_at - time.monotonic())))
-
-
-async def stop_quietly(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -39,6 +39,7 @@ from gateway.heartbeat.query import apply_desired_ttl, parse_heartbeat_query
 from gateway.heartbeat.wire import Outcome
 from gateway.observability.access_log import EXCHANGE, Exchange
 from gateway.observability.metrics import GatewayMetrics
+from gateway.policy.credential_text import bearer_value
 from gateway.policy.credentials import Discover, Inject, RetiredTokens, decide_credential, token_in_forwarded_request
 from gateway.policy.headers import request_headers, response_headers
 from gateway.policy.links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
@@ -243,7 +244,7 @@ def _vouched_for(ctx: ProxyContext, route: Route, headers: tuple[tuple[str, str]
     if route.environment_id is None or route.work_id is None:
         return False
     credential = upstream_credential(headers)
-    bearer = next((v[7:] for v in credential if v[:7].lower() == "bearer "), None)
+    bearer = next((b for b in map(bearer_value, credential) if b is not None), None)
     return ctx.links.vouches(route.environment_id, route.work_id, bearer) or ctx.heartbeats.holds(
         route.environment_id, route.work_id, credential
     )

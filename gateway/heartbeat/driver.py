@@ -221,7 +221,6 @@ class CoalescingHeartbeats:
         # The one timer for the core's earliest Wakeup, and when it is due.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self.upstream_calls = 0
 
     # -- the service -------------------------------------------------------------------
 
@@ -494,7 +493,6 @@ class CoalescingHeartbeats:
 
     async def _attempt(self, request: UpstreamRequest) -> tuple[FlightResult[Reply, UpstreamError], float | None, bool]:
         """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""
-        self.upstream_calls += 1
         try:
             response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
         except CapacityExceeded as error:

@@ -31,14 +31,6 @@ class HeartbeatQuery:
     expected_last_heartbeat: str | None
     desired_ttl_seconds: int | None
 
-    @property
-    def is_claim(self) -> bool:
-        return self.expected_last_heartbeat == NO_HEARTBEAT
-
-    @property
-    def is_conditional(self) -> bool:
-        return self.expected_last_heartbeat is not None
-
 
 def parse_heartbeat_query(raw_query: str | None) -> HeartbeatQuery:
     try:

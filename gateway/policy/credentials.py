@@ -22,8 +22,6 @@ called: the gateway is never an open proxy for the keys it holds.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from urllib.parse import unquote
 from gateway.config.settings import ClientToken, Environment, Settings
 from gateway.errors import AuthenticationFailed, PermissionDenied
 
+from .credential_text import b64decode_unpadded, bearer_value, token_digest
 from .links import LINKED_ROUTES
 from .routing import Route, RouteName
 
@@ -103,22 +102,18 @@ class RetiredTokens:
 
     def retire(self, tokens: Iterable[str], now: float) -> None:
         for token in tokens:
-            self._until[_digest(token)] = now + self.keep_seconds
+            self._until[token_digest(token)] = now + self.keep_seconds
         while len(self._until) > self.max_tokens:
             del self._until[min(self._until, key=self._until.__getitem__)]
 
     def restore(self, tokens: Iterable[str]) -> None:
         """Tokens configured again are tokens again."""
         for token in tokens:
-            self._until.pop(_digest(token), None)
+            self._until.pop(token_digest(token), None)
 
     def is_retired(self, presented: str, now: float) -> bool:
-        until = self._until.get(_digest(presented))
+        until = self._until.get(token_digest(presented))
         return until is not None and now < until
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def decide_credential(
@@ -138,7 +133,7 @@ def decide_credential(
             # gateway serves only the environments it is configured for.
             raise PermissionDenied(f"environment {route.environment_id} is not served by this gateway")
 
-    bearer = _bearer(authorization)
+    bearer = bearer_value(authorization)
     presented = [c for c in (bearer, api_key) if c]
     # Another scheme (Basic, ...) is a credential too, just never a gateway token.
     foreign_scheme = bool(authorization and authorization.strip()) and bearer is None
@@ -214,15 +209,6 @@ def _fallback_names(use_for: frozenset[str]) -> frozenset[str]:
     return use_for | {name.value for name in RouteName if name not in LINKED_ROUTES}
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization is None:
-        return None
-    parts = authorization.split(None, 1)
-    if not parts or parts[0].lower() != "bearer":
-        return None
-    return parts[1].strip() if len(parts) == 2 else ""
-
-
 def token_in_forwarded_request(
     headers: Iterable[tuple[str, str]], raw_target: str, tokens: tuple[ClientToken, ...]
 ) -> bool:
@@ -241,9 +227,7 @@ def _basic_credentials(authorization: str) -> str:
     if scheme.lower() != "basic":
         return ""
     try:
-        return base64.b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4), validate=False).decode(
-            "utf-8", "replace"
-        )
+        return b64decode_unpadded(encoded.strip()).decode("utf-8", "replace")
     except ValueError:
         return ""
 

@@ -27,14 +27,13 @@ token is kept, bounded like the links. Pure: no I/O.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import zlib
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from .credential_text import b64decode_unpadded, token_digest
 from .routing import Route, RouteName
 
 __all__ = [
@@ -92,7 +91,7 @@ class Links:
         if not bearer:
             return False
         digests = self._issued.get((environment_id, work_id))
-        return digests is not None and _digest(bearer) in digests
+        return digests is not None and token_digest(bearer) in digests
 
     def learn(self, link: Link) -> None:
         key = (link.kind, link.resource_id)
@@ -208,14 +207,10 @@ def token_in_answer(route: Route, body: bytes, served: Collection[str]) -> Token
     if not isinstance(work_id, str) or not isinstance(secret, str) or not secret:
         return None
     try:
-        payload = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+        payload = json.loads(b64decode_unpadded(secret, urlsafe=True))
     except (ValueError, RecursionError):
         return None
     token = payload.get("sessions_token") if isinstance(payload, dict) else None
     if not isinstance(token, str) or not token:
         return None
-    return TokenIssued(environment_id, work_id, _digest(token))
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return TokenIssued(environment_id, work_id, token_digest(token))
