@@ -213,6 +213,18 @@ class Rig:
         assert isinstance(result, HeartbeatResult)
         assert result.response.status == 200
 
+    async def leave_a_kept_answer(self, work_id: str) -> str:
+        """The holder's beat lands upstream after its worker gave up: its answer is kept for the worker's
+        retry. Returns the value that worker presented (and will present again)."""
+        presented = self.held[work_id]
+        self.upstream.open.clear()
+        left = self.beat(work_id, presented)
+        await asyncio.sleep(0.01)
+        left.cancel()
+        self.upstream.open.set()
+        await self.settle()
+        return presented
+
     async def settle(self) -> None:
         """Let scheduled callbacks and flights run until nothing more is out."""
         for _ in range(200):
@@ -280,13 +292,7 @@ async def on_retry(rig: Rig, fault: Fault) -> list[asyncio.Task[Answered]]:
 
 async def after_handoff(rig: Rig, fault: Fault) -> list[asyncio.Task[Answered]]:
     await rig.claim("w")
-    claimed = rig.held["w"]
-    rig.upstream.open.clear()
-    left = rig.beat("w", claimed)
-    await asyncio.sleep(0.01)
-    left.cancel()  # the worker gives up; its beat lands, the answer is kept for its retry
-    rig.upstream.open.set()
-    await rig.settle()
+    claimed = await rig.leave_a_kept_answer("w")
     handed = await asyncio.wait_for(rig.beat("w", claimed), ANSWER_BOUND)
     assert isinstance(handed, HeartbeatResult)
     assert handed.outcome == "handed_off"
@@ -554,13 +560,7 @@ async def test_a_kept_answer_survives_a_refusal_but_not_a_server_error_that_may_
     rig = Rig(service, upstream, Observed())
     try:
         await rig.claim("w")
-        claimed = rig.held["w"]
-        upstream.open.clear()
-        left = rig.beat("w", claimed)
-        await asyncio.sleep(0.01)
-        left.cancel()  # the worker gives up; its beat lands upstream, the answer is kept
-        upstream.open.set()
-        await rig.settle()
+        claimed = await rig.leave_a_kept_answer("w")
         upstream.faults = [_refusal(status)]  # no retry-after: passed on, never retried
         other = await asyncio.wait_for(rig.beat("w", None), ANSWER_BOUND)
         assert isinstance(other, HeartbeatResult)
@@ -653,12 +653,7 @@ async def test_the_api_s_412_tells_the_gateway_what_became_of_the_lease(news: st
         await rig.claim("w")
         claimed = rig.held["w"]
         if news == "confirms a kept answer":
-            upstream.open.clear()
-            left = rig.beat("w", claimed)
-            await asyncio.sleep(0.01)
-            left.cancel()  # its beat lands; the answer is kept for the worker's retry
-            upstream.open.set()
-            await rig.settle()
+            await rig.leave_a_kept_answer("w")
             # A stale value meets the API's 412, which names the kept answer's value as current.
             stale = await asyncio.wait_for(rig.beat("w", "stale-value"), ANSWER_BOUND)
             assert isinstance(stale, HeartbeatResult)
