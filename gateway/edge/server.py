@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import resource
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from gateway.config.settings import Limits
+from gateway.errors import error_body
 from gateway.observability.logs import QuietLog
 
 __all__ = ["LISTEN_BACKLOG", "GatewayAppRunner", "RefusalObserver", "descriptor_budget", "raise_descriptor_limit"]
@@ -60,7 +60,7 @@ LISTEN_BACKLOG = 4096
 
 
 def _raw_response(status: int, reason: str, error_type: str, message: str) -> bytes:
-    body = json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+    body = error_body(error_type, message)
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -182,12 +182,11 @@ class _Handler(RequestHandler):
         self._gateway.refused(status, what)
         if status >= 500:
             log.error("the HTTP layer failed a request (%s)", what)
-            body = {"type": "error", "error": {"type": "api_error", "message": "internal gateway error"}}
+            body = error_body("api_error", "internal gateway error")
         else:
             error_type = "request_too_large" if status in (413, 431) else "invalid_request_error"
-            text = f"the request is not valid HTTP/1.1 ({what}); nothing was forwarded"
-            body = {"type": "error", "error": {"type": error_type, "message": text}}
-        response = web.Response(status=status, text=json.dumps(body), content_type="application/json")
+            body = error_body(error_type, f"the request is not valid HTTP/1.1 ({what}); nothing was forwarded")
+        response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
         return response
 
