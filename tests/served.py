@@ -25,7 +25,10 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(free_port(), free_port())
+        proxy = free_port()
+        while (admin := free_port()) == proxy:
+            pass
+        return cls(proxy, admin)
 
     def listen_yaml(self) -> str:
         """The config's `listen` and `admin` sections on these loopback ports."""
@@ -70,9 +73,15 @@ async def served_gateway(directory: Path, upstream: str, extra: str = "") -> Asy
     ports = Ports.free()
     path = directory / "gateway.yaml"
     path.write_text(config_yaml(upstream, ports.listen_yaml() + extra))
-    proc = await start_serve(path, stderr=asyncio.subprocess.DEVNULL)
+    # Its log goes to a file (a pipe nobody reads would fill and stall it), shown if it fails to start.
+    log = directory / "gateway.log"
+    with log.open("wb") as sink:
+        proc = await start_serve(path, stderr=sink.fileno())
     try:
-        await wait_ready(ports.admin, proc)
+        try:
+            await wait_ready(ports.admin, proc)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; its log ends:\n{log.read_text()[-2000:]}") from None
         yield Served(proc, f"http://127.0.0.1:{ports.proxy}", f"http://127.0.0.1:{ports.admin}")
     finally:
         if proc.returncode is None:

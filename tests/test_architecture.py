@@ -48,6 +48,32 @@ def test_pure_modules_import_no_io(module: str) -> None:
     assert imported_roots(PACKAGE / module) & IO_LIBRARIES == set()
 
 
+# The libraries a pure module must not load even indirectly (`socket` is left out: the standard library's
+# own `email.utils`, under `importlib.metadata`, imports it).
+FRAMEWORKS = sorted(IO_LIBRARIES - {"socket"})
+
+
+def test_importing_the_pure_modules_loads_no_io_library() -> None:
+    """What each imports, all the way down: a pure module importing an I/O one of the gateway's own would pass
+    the check above (it sees only `gateway`), and drag aiohttp in all the same."""
+    modules = [
+        "gateway." + m.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+        for m in PURE
+        if "simulator" not in m
+    ]
+    code = (
+        "import importlib, sys; importlib.import_module(sys.argv[1]); "
+        "print(sorted(set(sys.argv[2:]) & {m.split('.')[0] for m in sys.modules}))"
+    )
+    loaded = {
+        module: subprocess.run(
+            [sys.executable, "-c", code, module, *FRAMEWORKS], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for module in modules
+    }
+    assert {m: libs for m, libs in loaded.items() if libs != "[]"} == {}
+
+
 def test_coverage_measures_exactly_the_pure_modules() -> None:
     """`make coverage` holds the pure code to its floor: the folders above, every module in them."""
     run = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["coverage"]["run"]

@@ -1,4 +1,7 @@
-"""The way to the upstream: an egress proxy from the environment or the config, or straight (`gateway/egress.py`)."""
+"""The way to the upstream: an egress proxy from the environment or the config, or straight.
+
+`gateway/policy/egress.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The worker-facing server's edges (`gateway/server.py`), on real sockets."""
+"""The worker-facing server's edges (`gateway/edge/server.py`), on real sockets."""
 
 from __future__ import annotations
 
