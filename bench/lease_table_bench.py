@@ -32,8 +32,9 @@ from prometheus_client import generate_latest
 from gateway.cli import GC_THRESHOLDS
 from gateway.config.load import load_settings
 from gateway.config.settings import LeaseTrackingSettings
-from gateway.heartbeat.core import Beat, Coalescer, Send, Succeeded
+from gateway.heartbeat.core import Coalescer, Send, Succeeded
 from gateway.heartbeat.driver import Reply
+from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.wire import HeartbeatAnswer, read_answer
 from gateway.observability.metrics import GatewayMetrics
 from gateway.upstream.client import BufferedResponse

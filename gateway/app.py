@@ -25,8 +25,8 @@ from gateway.edge.overload import Governor, LagProbe, PollHold, cpu_capacity
 from gateway.edge.polls import PollAdmission
 from gateway.edge.proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
 from gateway.edge.server import LISTEN_BACKLOG, GatewayAppRunner, descriptor_budget
-from gateway.heartbeat.core import LeaseView, TableCounts
 from gateway.heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
+from gateway.heartbeat.table import LeaseView, TableCounts
 from gateway.observability.metrics import GatewayMetrics
 from gateway.policy.credentials import RetiredTokens
 from gateway.policy.egress import ProxyRoute, proxy_route

@@ -13,7 +13,6 @@ import pytest
 from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
 from gateway.heartbeat.core import (
     Action,
-    Beat,
     Coalescer,
     Deliver,
     DeliverError,
@@ -26,6 +25,7 @@ from gateway.heartbeat.core import (
     Unsuccessful,
     Wakeup,
 )
+from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.retry import MAX_RETRIES, retry_delay
 from gateway.heartbeat.wire import HeartbeatAnswer, LeaseEventKind
 from gateway.heartbeat.worker_model import keeps_pace, worker_interval
@@ -468,7 +468,7 @@ def test_a_busy_lease_keeps_one_pending_check() -> None:
         c.tick(t + 0.5)
         last = f"T{i}"
         c.completed(KEY, send.flight, ok(last, ttl=2), t + 0.6)
-    assert len(c._deadlines) < 10
+    assert c.table.pending_checks < 10
 
 
 # -- lanes: no other credential delays the holder ---------------------------------------
@@ -674,7 +674,7 @@ def test_a_junk_flood_leaves_nothing_behind_in_the_table_or_its_schedule() -> No
         (send,) = sends(c.submit(Beat(10 + n, key, "NO_HEARTBEAT", JUNK, vouched=False), 1.0))
         c.completed(key, send.flight, Unsuccessful("401"), 1.01)
     assert len(c) == 1
-    assert len(c._deadlines) <= 2  # the real lease's own checks only
+    assert c.table.pending_checks <= 2  # the real lease's own checks only
 
 
 def test_a_lapse_is_recorded_even_while_other_credentials_keep_beating_the_lease() -> None:

@@ -39,7 +39,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
 from gateway.heartbeat.core import (
     Action,
-    Beat,
     Coalescer,
     Deliver,
     DeliverError,
@@ -53,6 +52,7 @@ from gateway.heartbeat.core import (
     Unsuccessful,
     Wakeup,
 )
+from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.wire import HeartbeatAnswer
 from gateway.simulator import ControlPlane, SimError, TtlPolicy
 

@@ -21,7 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.config.settings import LiveSettings
 from gateway.errors import error_body
-from gateway.heartbeat.core import LeaseView
+from gateway.heartbeat.table import LeaseView
 from gateway.observability.metrics import GatewayMetrics
 
 __all__ = ["HEALTH", "Health", "create_admin_app"]

@@ -33,7 +33,6 @@ from gateway.upstream.client import BufferedResponse, Upstream, UpstreamRequest,
 
 from .core import (
     Action,
-    Beat,
     Coalescer,
     Deliver,
     DeliverError,
@@ -41,17 +40,16 @@ from .core import (
     Failed,
     FlightResult,
     LeaseEvent,
-    LeaseKey,
-    LeaseView,
     Rejected,
     Send,
     Succeeded,
-    TableCounts,
     Unsuccessful,
     Wakeup,
 )
+from .lease import Beat, LeaseKey
 from .query import HeartbeatQuery
 from .retry import retry_delay
+from .table import LeaseView, TableCounts
 from .wire import Answer, LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 
 __all__ = [
@@ -268,7 +266,7 @@ class CoalescingHeartbeats:
     def configure(self, settings: HeartbeatSettings) -> None:
         self._timeout = settings.upstream_timeout_seconds
         self.core.absorb = settings.absorb
-        self.core.tracking = settings.leases
+        self.core.table.tracking = settings.leases
 
     def leases(self) -> list[LeaseView]:
         return list(self.core.leases(self._clock()))

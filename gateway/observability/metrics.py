@@ -32,8 +32,8 @@ from gateway import __version__
 from gateway.config.settings import PoolName, Settings
 from gateway.edge.polls import PollOutcome
 from gateway.errors import UpstreamErrorKind
-from gateway.heartbeat.core import TableCounts
 from gateway.heartbeat.driver import FAILSAFE_POINTS, FailsafePoint
+from gateway.heartbeat.table import TableCounts
 from gateway.heartbeat.wire import LeaseEventKind, LeaseState, LostReason, Outcome
 from gateway.policy.routing import RouteName
 
