@@ -31,6 +31,7 @@ from typing import Literal, Protocol
 from urllib.parse import parse_qsl
 
 from gateway.config.settings import PollSettings
+from gateway.observability.nobody import NOBODY
 
 __all__ = ["PollAdmission", "PollObserver", "block_seconds"]
 
@@ -47,11 +48,6 @@ PollOutcome = Literal["forwarded", "held", "answered_empty"]
 
 class PollObserver(Protocol):
     def poll_admitted(self, environment_id: str, outcome: PollOutcome, held: int) -> None: ...
-
-
-class _Unobserved:
-    def poll_admitted(self, environment_id: str, outcome: PollOutcome, held: int) -> None:
-        pass
 
 
 def block_seconds(raw_query: str | None) -> float | None:
@@ -93,7 +89,7 @@ class PollAdmission:
     ) -> None:
         # The settings in force (a reload swaps them): read per poll.
         self._settings = settings
-        self._observer = observer or _Unobserved()
+        self._observer = observer or NOBODY
         self._clock = clock
         self._environments: dict[str, _Environment] = {}
         # Worker id (a digest: ids are the client's to choose, of any length) -> when its poll last went

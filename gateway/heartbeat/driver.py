@@ -27,6 +27,7 @@ from typing import Literal, Protocol, get_args
 
 from gateway.config.settings import HeartbeatSettings, PoolName
 from gateway.errors import CapacityExceeded, UpstreamError, UpstreamUnavailable
+from gateway.observability.nobody import NOBODY
 from gateway.policy.routing import without_param
 from gateway.tasks import Tasks
 from gateway.upstream.client import BufferedResponse, Upstream, UpstreamRequest, fetch
@@ -177,20 +178,6 @@ class HeartbeatObserver(Protocol):
         """A decision or action failed unexpectedly and the failsafe answered for it (a bug, logged)."""
 
 
-class _Unobserved:
-    def retried(self, route: str) -> None:
-        pass
-
-    def lease_event(self, environment_id: str, kind: LeaseEventKind, reason: LostReason | None) -> None:
-        pass
-
-    def lease_remaining_at_beat(self, environment_id: str, seconds: float) -> None:
-        pass
-
-    def internal_error(self, where: FailsafePoint) -> None:
-        pass
-
-
 Core = Coalescer[Reply, UpstreamError]
 
 
@@ -206,7 +193,7 @@ class CoalescingHeartbeats:
         rng: random.Random | None = None,
     ) -> None:
         self._upstream = upstream
-        self._observer = observer or _Unobserved()
+        self._observer = observer or NOBODY
         self._label = label
         self._clock = clock
         self._rng = rng or random.Random()

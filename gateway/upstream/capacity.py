@@ -39,6 +39,7 @@ from typing import Protocol
 
 from gateway.config.settings import DEFAULT_MAX_CLIENT_CONNECTIONS, PoolName, PoolSettings
 from gateway.errors import CapacityExceeded
+from gateway.observability.nobody import NOBODY
 
 __all__ = ["CapacityObserver", "Gate"]
 
@@ -55,20 +56,6 @@ class CapacityObserver(Protocol):
     def pool_sized(self, pool: PoolName, limit: int) -> None: ...
 
 
-class _Unobserved:
-    def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None:
-        pass
-
-    def pool_waited(self, pool: PoolName, seconds: float) -> None:
-        pass
-
-    def pool_refused(self, pool: PoolName, reason: str) -> None:
-        pass
-
-    def pool_sized(self, pool: PoolName, limit: int) -> None:
-        pass
-
-
 class Gate:
     def __init__(
         self,
@@ -82,7 +69,7 @@ class Gate:
         self.settings = settings
         # Fixed at start: the connector behind the gate is built with it.
         self.limit = settings.limit(client_connections)
-        self._observer = observer or _Unobserved()
+        self._observer = observer or NOBODY
         self._observer.pool_sized(pool, self.limit)
         self.in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()

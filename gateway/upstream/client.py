@@ -29,6 +29,7 @@ from gateway.certificates import Rotating, RotatingCertificate, RotatingTrust
 from gateway.config.settings import PoolName, UpstreamProxy, UpstreamSettings, UpstreamTls
 from gateway.errors import UpstreamError, UpstreamErrorKind, UpstreamTimeout, UpstreamUnavailable
 from gateway.observability.logs import QuietLog
+from gateway.observability.nobody import NOBODY
 from gateway.policy.egress import ProxyRoute
 
 from .capacity import Gate
@@ -96,14 +97,6 @@ class UpstreamObserver(Protocol):
     def upstream_answered(self, route: str, status: int, seconds: float) -> None: ...
 
     def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None: ...
-
-
-class _Unobserved:
-    def upstream_answered(self, route: str, status: int, seconds: float) -> None:
-        pass
-
-    def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
-        pass
 
 
 class Upstream(Protocol):
@@ -183,7 +176,7 @@ class HttpUpstream:
         egress: ProxyRoute | None = None,
         proxy: Callable[[], UpstreamProxy] | None = None,
     ) -> None:
-        self._observer = observer or _Unobserved()
+        self._observer = observer or NOBODY
         # Every class, heartbeats and streams alike, takes the one way out the config chose.
         self.egress = egress or ProxyRoute(None, "no proxy given")
         # The proxy's credentials as the live settings have them: a reload rotates them in place.

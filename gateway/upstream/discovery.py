@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 from gateway.config.settings import Environment, HeaderSettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.observability.nobody import NOBODY
 from gateway.policy.credentials import environment_key
 from gateway.policy.headers import merge_betas
 from gateway.policy.links import Links, links_in_answer
@@ -57,16 +58,11 @@ class DiscoveryObserver(Protocol):
     def session_discovered(self, result: DiscoveryResult) -> None: ...
 
 
-class _Unobserved:
-    def session_discovered(self, result: DiscoveryResult) -> None:
-        pass
-
-
 class SessionDiscovery:
     def __init__(self, upstream: Upstream, links: Links, *, observer: DiscoveryObserver | None = None) -> None:
         self._upstream = upstream
         self._links = links
-        self._observer = observer or _Unobserved()
+        self._observer = observer or NOBODY
         # Running lookups, by session and the environments they ask about: a lookup
         # for other environments answers a different question.
         self._lookups: dict[tuple[str, frozenset[str]], asyncio.Task[str | None]] = {}
