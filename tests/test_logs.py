@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -13,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config.settings import LoggingSettings
-from gateway.observability.logs import Scrubber, configure_logging
+from gateway.observability.logs import QuietLog, Scrubber, configure_logging
 
 from .support import ENV_ID, SECRETS, TOKEN, GatewayFactory, Recorder, SimHandle, worker_headers
 
@@ -287,3 +288,20 @@ def test_a_field_never_replaces_the_lines_own_level(captured: io.StringIO) -> No
         "overload",
         51,
     )
+
+
+def test_a_flood_is_one_line_per_period_with_how_often_it_happened(captured: io.StringIO) -> None:
+    """Refused connections, failed accepts: a line each would drown the log (and cost the loop)."""
+    quiet = QuietLog(logging.getLogger("gateway.proxy"), logging.WARNING, "refused", "refused %d time(s): %s", 0.2)
+    for n in range(500):
+        quiet.note(f"reason {n}")
+    time.sleep(0.25)
+    quiet.note("the last")
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert [(line["count"], line["reason"]) for line in lines] == [(1, "reason 0"), (500, "the last")]
+    # asyncio's own flood of failed accepts, filtered the same way.
+    asyncio_log = logging.getLogger("asyncio")
+    for _ in range(300):
+        asyncio_log.error("socket.accept() out of system resource\nsocket: %s", "fd")
+    accept_lines = [json.loads(line) for line in captured.getvalue().splitlines()][2:]
+    assert [line["message"] for line in accept_lines] == ["accept() failed 1 time(s): out of file descriptors"]

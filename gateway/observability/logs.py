@@ -213,22 +213,36 @@ class _ProtocolErrorFilter(logging.Filter):
         return True
 
 
+class _Throttle:
+    """At most one report every `every` seconds, carrying how many times it happened since the last."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._next = 0.0
+        self._unsaid = 0
+
+    def happened(self, now: float) -> int | None:
+        """It happened again: the count to report now, or None while the last report is recent."""
+        self._unsaid += 1
+        if now < self._next:
+            return None
+        count, self._unsaid, self._next = self._unsaid, 0, now + self.every
+        return count
+
+
 class QuietLog:
     """A line for something that may happen in floods: at most one every `every` seconds, with how many
     times it happened since the last (`template` takes that count and the latest occurrence)."""
 
     def __init__(self, logger: logging.Logger, level: int, event: str, template: str, every: float = 10.0) -> None:
-        self._logger, self._level, self._event, self._template, self._every = logger, level, event, template, every
-        self._next = 0.0
-        self._unsaid = 0
+        self._logger, self._level, self._event, self._template = logger, level, event, template
+        self._throttle = _Throttle(every)
 
     def note(self, latest: str) -> None:
-        self._unsaid += 1
-        now = time.monotonic()
-        if now >= self._next:
-            fields = {"event": self._event, "count": self._unsaid, "reason": latest}
-            self._logger.log(self._level, self._template, self._unsaid, latest, extra={"fields": fields})
-            self._next, self._unsaid = now + self._every, 0
+        count = self._throttle.happened(time.monotonic())
+        if count is not None:
+            fields = {"event": self._event, "count": count, "reason": latest}
+            self._logger.log(self._level, self._template, count, latest, extra={"fields": fields})
 
 
 class _RepeatFilter(logging.Filter):
@@ -237,19 +251,16 @@ class _RepeatFilter(logging.Filter):
 
     def __init__(self, every: float = 10.0) -> None:
         super().__init__()
-        self.every = every
-        self._next = 0.0
-        self._unsaid = 0
+        self._throttle = _Throttle(every)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "asyncio" or not str(record.msg).startswith("socket.accept() out of system resource"):
             return True
-        self._unsaid += 1
-        if record.created < self._next:
+        count = self._throttle.happened(record.created)
+        if count is None:
             return False
-        record.msg, record.args = "accept() failed %d time(s): out of file descriptors", (self._unsaid,)
+        record.msg, record.args = "accept() failed %d time(s): out of file descriptors", (count,)
         record.exc_info = record.exc_text = None
-        self._next, self._unsaid = record.created + self.every, 0
         return True
 
 
