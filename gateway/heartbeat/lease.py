@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .wire import HeartbeatAnswer, LeaseState
+from .wire import HeartbeatAnswer, LastOutcome, LeaseState
 
 __all__ = ["Beat", "Flight", "Lane", "Lease", "LeaseKey", "Success", "presents"]
 
@@ -137,7 +137,7 @@ class Lease(Generic[R]):
     last_heartbeat: str | None = None
     ttl_seconds: int | None = None
     last_success_sent_at: float | None = None
-    last_outcome: str | None = None
+    last_outcome: LastOutcome | None = None
     last_seen: float = 0.0
     reported_stopping: bool = False
     ended: bool = False  # stopped, lost or expired: kept only for the retention time

@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 from gateway.config.settings import LeaseTrackingSettings
 
 from .lease import Lease, LeaseKey
-from .wire import LeaseState
+from .wire import LastOutcome, LeaseState
 
 __all__ = ["EXPIRY_RECHECK_SECONDS", "LeaseTable", "LeaseView", "TableCounts"]
 
@@ -52,7 +52,7 @@ class LeaseView:
     last_heartbeat: str | None
     ttl_seconds: int | None
     seconds_left: float | None
-    last_outcome: str | None
+    last_outcome: LastOutcome | None
     in_flight: bool
     waiting: int
 

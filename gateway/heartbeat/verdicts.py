@@ -19,18 +19,24 @@ from typing import Any, TypeVar
 from .actions import Action, Deliver, DeliverError, Failed, FlightResult, LeaseEvent, Rejected, Succeeded, Unsuccessful
 from .lease import Flight, Lane, Lease, Success
 from .table import LeaseTable
-from .wire import NO_HEARTBEAT, HeartbeatAnswer, LeaseEventKind, LeaseState, LostReason, Outcome, rejection_reason
+from .wire import (
+    NO_HEARTBEAT,
+    HeartbeatAnswer,
+    LeaseEventKind,
+    LeaseState,
+    LostReason,
+    Outcome,
+    UpstreamVerdict,
+    rejection_reason,
+)
 
-__all__ = ["REJECTED_UPSTREAM", "UPSTREAM_ERROR", "learn"]
+__all__ = ["learn"]
 
 R = TypeVar("R")
 E = TypeVar("E")
 
 # How many superseded values per lease are remembered for local rejection.
 _SUPERSEDED_MEMORY = 8
-# Why a lease's last beat ended as it did, beyond the outcomes a worker is told.
-UPSTREAM_ERROR = "upstream_error"
-REJECTED_UPSTREAM = "rejected_upstream"
 
 
 def learn(
@@ -93,7 +99,7 @@ def _on_rejected(
         events.append(LeaseEvent(lease.key, LeaseEventKind.LOST, rejection_reason(outcome.current_state)))
     if outcome.current_state is not None:
         table.observed(lease, outcome.current_state, lease.ttl_seconds)
-    lease.last_outcome = REJECTED_UPSTREAM
+    lease.last_outcome = UpstreamVerdict.REJECTED
     return [*events, *answers]
 
 
@@ -115,7 +121,7 @@ def _failed(lease: Lease[R], lane: Lane, may_have_applied: bool) -> None:
     if lane.main:
         # The holder's beat came back without a verdict: nothing is answered here until one comes.
         lease.known = None
-        lease.last_outcome = UPSTREAM_ERROR
+        lease.last_outcome = UpstreamVerdict.ERROR
     if may_have_applied:
         # The lease may have moved on: a kept answer could now be stale.
         lease.known = lease.undelivered = None

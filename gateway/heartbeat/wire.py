@@ -21,10 +21,12 @@ __all__ = [
     "NO_HEARTBEAT",
     "Answer",
     "HeartbeatAnswer",
+    "LastOutcome",
     "LeaseEventKind",
     "LeaseState",
     "LostReason",
     "Outcome",
+    "UpstreamVerdict",
     "encode",
     "precondition_failed_body",
     "read_answer",
@@ -59,6 +61,17 @@ class Outcome(StrEnum):
     ABSORBED = "absorbed"  # answered here from a fresh upstream success
     REJECTED = "rejected"  # a 412 here: the value presented is surely stale
     THROTTLED = "throttled"  # a 429 here: too many beats wait on the lease
+
+
+class UpstreamVerdict(StrEnum):
+    """How a lease's last forwarded beat ended when it was not a success: shown as the lease's `last_outcome`."""
+
+    ERROR = "upstream_error"  # no answer, or an answer that was not a verdict on the lease (a 5xx, a 429)
+    REJECTED = "rejected_upstream"  # the API's own 412
+
+
+# A lease's `last_outcome` in the admin API: how its last beat was answered.
+LastOutcome = Outcome | UpstreamVerdict
 
 
 class LostReason(StrEnum):
