@@ -338,3 +338,46 @@ heartbeat: {{coalesce: false}}
             assert r.status == 503
         release.set()
         (await held).release()
+
+
+async def test_the_credential_the_api_accepted_on_a_lease_keeps_lease_capacity_for_its_stop(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    """A holder the gateway cannot vouch for by its own token (a sessions token issued before a restart,
+    passed through as presented): once the API accepted its beat on the lease, the gateway vouches for it
+    there, and its stop is lease-critical, while the same credential elsewhere, and any other, is not."""
+    rec, url = recorder
+    release = asyncio.Event()
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/v1/sessions/"):
+            await release.wait()  # pass-through calls hold the `other` class
+            return web.json_response({"id": "sesn_1"})
+        if request.path.endswith("/stop"):
+            return web.json_response({"type": "work_stop"})
+        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
+        return web.json_response({**answer, "ttl_seconds": 30})
+
+    rec.respond = respond
+    config = f"""upstream:
+  base_url: "{url}"
+  pools:
+    other: {{max_connections: 1, max_queued: 0, max_queue_seconds: 0.1}}
+"""
+    gateway = await make_gateway(url, config)
+    holder = {"x-api-key": "sessions-token-issued-before-a-restart"}
+    work = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{work}/w1/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=holder
+        ) as r:
+            assert r.status == 200  # the API accepted it: the lease's holder
+        held = asyncio.ensure_future(http.get(f"{gateway.proxy_url}/v1/sessions/sesn_1", headers=worker_headers()))
+        await asyncio.sleep(0.2)  # the `other` class is full now
+        async with http.post(f"{work}/w1/stop", headers=holder) as r:
+            assert r.status == 200  # lease-critical: it does not wait behind the pass-through call
+        for headers, item in ((holder, "w2"), ({"x-api-key": "another-credential"}, "w1")):
+            async with http.post(f"{work}/{item}/stop", headers=headers) as r:
+                assert r.status == 503  # vouched for nowhere else, and for no one else
+        release.set()
+        (await held).release()

@@ -248,7 +248,7 @@ class CoalescingHeartbeats:
     def holds(self, environment_id: str, work_id: str, credential: tuple[str, ...]) -> bool:
         """Whether `credential` is the one the upstream last accepted on this lease."""
         holder = self.core.holder((environment_id, work_id))
-        return isinstance(holder, tuple) and holder[: len(credential) + 1] == (*credential, "")
+        return isinstance(holder, Identity) and holder.credential == credential
 
     def configure(self, settings: HeartbeatSettings) -> None:
         self._timeout = settings.upstream_timeout_seconds
@@ -517,12 +517,20 @@ def upstream_credential(headers: Iterable[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(v for k, v in headers if k.lower() in ("authorization", "x-api-key"))
 
 
-def _identity(request: UpstreamRequest) -> tuple[str, ...]:
-    """Requests merge only if the upstream would see the same credential and the same parameters."""
-    credential = upstream_credential(request.headers)
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What the upstream would see of a beat but its `expected_last_heartbeat`: beats merge, are handed an
+    answer or absorbed only between equal identities."""
+
+    credential: tuple[str, ...]
+    # The query's other parameters, sorted (desired_ttl_seconds, ...).
+    params: tuple[str, ...]
+
+
+def _identity(request: UpstreamRequest) -> Identity:
     _, _, query = request.target.partition("?")
     params = sorted(without_param(query, "expected_last_heartbeat").split("&"))
-    return (*credential, "", *params)
+    return Identity(upstream_credential(request.headers), tuple(params))
 
 
 def _classify(reply: Reply) -> FlightResult[Reply, UpstreamError]:

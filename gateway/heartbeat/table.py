@@ -219,9 +219,10 @@ class LeaseTable(Generic[R]):
             left = None
             if lease.last_success_sent_at is not None and lease.ttl_seconds and not lease.ended:
                 left = max(0.0, lease.last_success_sent_at + lease.ttl_seconds - now)
+            environment_id, work_id = lease.key
             yield LeaseView(
-                environment_id=lease.key[0],
-                work_id=lease.key[1],
+                environment_id=environment_id,
+                work_id=work_id,
                 state=lease.state,
                 last_heartbeat=lease.last_heartbeat,
                 ttl_seconds=lease.ttl_seconds,
@@ -240,7 +241,7 @@ class LeaseTable(Generic[R]):
         return MappingProxyType(self._by_state), shortest
 
     def _count(self, lease: Lease[R], sign: int) -> None:
-        env = lease.key[0]
+        env, _ = lease.key
         state = lease.state if lease.state in _STATES else LeaseState.UNKNOWN
         key = (env, str(state))
         self._by_state[key] += sign
