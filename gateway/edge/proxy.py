@@ -124,8 +124,43 @@ class InFlight:
 INFLIGHT = web.AppKey("inflight", InFlight)
 
 
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """A worker's request once the policy has spoken: what it is, where it goes, with which headers."""
+
+    request: web.Request
+    ctx: ProxyContext
+    route: Route
+    target: Target
+    headers: tuple[tuple[str, str], ...]
+    # The credential is the gateway's own (injected), or one it vouches for on this work item.
+    injected: bool
+    vouched: bool
+
+    @property
+    def pool(self) -> PoolName:
+        return upstream_pool(self.route, self.target, vouched=self.vouched)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
+    """The one worker-facing handler: the policy decides, then the route's own path forwards."""
     ctx = request.app[PROXY]
+    decided = await _decide(request, ctx)
+    if isinstance(decided, web.StreamResponse):
+        return decided
+    route = decided.route
+    if route.name is RouteName.HEARTBEAT:
+        return await _heartbeat(decided)
+    if route.name is RouteName.STOP and route.environment_id is not None and route.work_id is not None:
+        # Whatever the gateway knew of this lease may be about to change.
+        ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
+    if route.name is RouteName.POLL and route.environment_id is not None:
+        return await _poll(decided, route.environment_id)
+    return await _pass_through(decided)
+
+
+def _admitted(request: web.Request, ctx: ProxyContext) -> tuple[Target, Route]:
+    """The request's target and route, if the gateway forwards it at all; counted from here on."""
     settings = ctx.settings
     exchange = request[EXCHANGE]
     target = parse_target(request.raw_path)
@@ -138,10 +173,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     _describe(exchange, route, settings)
     ctx.metrics.request_started(exchange.route)
     exchange.counted_inflight = True
+    return target, route
+
+
+async def _decide(request: web.Request, ctx: ProxyContext) -> _Forward | web.StreamResponse:
+    """Route, allow-list, credential, headers and overload, in that order: a `_Forward`, or the answer."""
+    target, route = _admitted(request, ctx)
+    exchange = request[EXCHANGE]
+    settings = ctx.settings
     incoming = _incoming_headers(request)
     authorization, api_key = _single_header(request, "Authorization"), _single_header(request, "x-api-key")
-    now = time.monotonic()
-    retired = functools.partial(_is_retired, ctx.retired, now)
+    retired = functools.partial(_is_retired, ctx.retired, time.monotonic())
     credential = decide_credential(
         settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
     )
@@ -174,39 +216,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if isinstance(credential, Discover):
             credential = _fallback(credential)
         headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers))
+    injected = isinstance(credential, Inject)
     if isinstance(credential, Inject):
         ctx.metrics.credential_injected(exchange.route, credential.kind)
-    vouched = isinstance(credential, Inject) or _vouched_for(ctx, route, headers)
-    if route.name is RouteName.HEARTBEAT:
-        return await _heartbeat(request, ctx, route, target, headers, vouched=vouched)
-    if route.name is RouteName.STOP and route.environment_id is not None and route.work_id is not None:
-        # Whatever the gateway knew of this lease may be about to change.
-        ctx.heartbeats.stop_seen(route.environment_id, route.work_id)
-    pool = upstream_pool(route, target, vouched=vouched)
-    if route.name is RouteName.POLL and route.environment_id is not None:
-        injected = isinstance(credential, Inject)
-        return await _poll(request, ctx, route, target, headers, pool, route.environment_id, injected=injected)
-    return await _pass_through(request, ctx, route, target, headers, pool)
+    vouched = injected or _vouched_for(ctx, route, headers)
+    return _Forward(request, ctx, route, target, headers, injected=injected, vouched=vouched)
 
 
-async def _poll(
-    request: web.Request,
-    ctx: ProxyContext,
-    route: Route,
-    target: Target,
-    headers: tuple[tuple[str, str], ...],
-    pool: PoolName,
-    environment_id: str,
-    *,
-    injected: bool,
-) -> web.StreamResponse:
+async def _poll(forward: _Forward, environment_id: str) -> web.StreamResponse:
     """A long poll, admitted upstream or held here (`gateway.edge.polls`)."""
+    request, ctx, target = forward.request, forward.ctx, forward.target
     block = block_seconds(target.raw_query)
-    if block is None or not injected or request.can_read_body:
+    if block is None or not forward.injected or request.can_read_body:
         # Not one of the fleet's long polls the slots are for: a poll that does not block (or that the
         # API would refuse), one with a credential the gateway did not inject (it must not take the
         # slots honest workers wait for), or one with a body (which could hold a slot while it trickles).
-        return await _pass_through(request, ctx, route, target, headers, pool)
+        return await _pass_through(forward)
     waited = await ctx.polls.admit(environment_id, _single_header(request, "Anthropic-Worker-ID"), block)
     if waited is None:
         return _empty_queue()
@@ -217,7 +242,8 @@ async def _poll(
                 return _empty_queue()
             # Upstream on the worker's behalf, for the block time it has left.
             target = dataclasses.replace(target, raw_query=with_param(target.raw_query, "block_ms", left_ms))
-        return await _pass_through(request, ctx, route, target, headers, pool)
+            forward = dataclasses.replace(forward, target=target)
+        return await _pass_through(forward)
     finally:
         ctx.polls.release(environment_id)
 
@@ -286,15 +312,8 @@ def _single_header(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _heartbeat(
-    request: web.Request,
-    ctx: ProxyContext,
-    route: Route,
-    target: Target,
-    headers: tuple[tuple[str, str], ...],
-    *,
-    vouched: bool,
-) -> web.StreamResponse:
+async def _heartbeat(forward: _Forward) -> web.StreamResponse:
+    request, ctx, route, target, headers = forward.request, forward.ctx, forward.route, forward.target, forward.headers
     assert route.environment_id is not None
     assert route.work_id is not None
     query = parse_heartbeat_query(target.raw_query)
@@ -312,7 +331,7 @@ async def _heartbeat(
         work_id=route.work_id,
         query=query,
         request=UpstreamRequest("POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value),
-        vouched=vouched,
+        vouched=forward.vouched,
     )
     result = await ctx.heartbeats.heartbeat(call)
     exchange = request[EXCHANGE]
@@ -336,20 +355,16 @@ async def _heartbeat(
     return response
 
 
-async def _pass_through(
-    request: web.Request,
-    ctx: ProxyContext,
-    route: Route,
-    target: Target,
-    headers: tuple[tuple[str, str], ...],
-    pool: PoolName,
-) -> web.StreamResponse:
+async def _pass_through(forward: _Forward) -> web.StreamResponse:
+    request, ctx, route, target = forward.request, forward.ctx, forward.route, forward.target
     limits = ctx.settings.limits
     meter = _BodyMeter(limits.max_body_bytes, limits.body_timeout_seconds)
     body = meter.stream(request) if request.can_read_body else None
     exchange = request[EXCHANGE]
     try:
-        outbound = UpstreamRequest(request.method, target.raw, headers, body, route=exchange.route, pool=pool)
+        outbound = UpstreamRequest(
+            request.method, target.raw, forward.headers, body, route=exchange.route, pool=forward.pool
+        )
         async with ctx.upstream.exchange(outbound) as upstream:
             _note_upstream(exchange, upstream.status, upstream.headers)
             chunks = upstream.chunks()
