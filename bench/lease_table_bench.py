@@ -32,7 +32,8 @@ from prometheus_client import generate_latest
 from gateway.cli import GC_THRESHOLDS
 from gateway.config.load import load_settings
 from gateway.config.settings import LeaseTrackingSettings
-from gateway.heartbeat.core import Coalescer, Send, Succeeded
+from gateway.heartbeat.actions import Send, Succeeded
+from gateway.heartbeat.core import Coalescer
 from gateway.heartbeat.driver import Reply
 from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.wire import HeartbeatAnswer, read_answer

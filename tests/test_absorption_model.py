@@ -33,7 +33,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config.settings import AbsorbSettings
-from gateway.heartbeat.core import Coalescer, Deliver, DeliverLocal, Rejected, Send, Succeeded, Unsuccessful
+from gateway.heartbeat.actions import Deliver, DeliverLocal, Rejected, Send, Succeeded, Unsuccessful
+from gateway.heartbeat.core import Coalescer
 from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.wire import NO_HEARTBEAT, HeartbeatAnswer
 from gateway.heartbeat.worker_model import worker_interval

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
-from gateway.heartbeat.core import (
+from gateway.heartbeat.actions import (
     Action,
-    Coalescer,
     Deliver,
     DeliverError,
     DeliverLocal,
@@ -25,6 +24,7 @@ from gateway.heartbeat.core import (
     Unsuccessful,
     Wakeup,
 )
+from gateway.heartbeat.core import Coalescer
 from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.retry import MAX_RETRIES, retry_delay
 from gateway.heartbeat.wire import HeartbeatAnswer, LeaseEventKind

@@ -37,9 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
-from gateway.heartbeat.core import (
+from gateway.heartbeat.actions import (
     Action,
-    Coalescer,
     Deliver,
     DeliverError,
     DeliverLocal,
@@ -52,6 +51,7 @@ from gateway.heartbeat.core import (
     Unsuccessful,
     Wakeup,
 )
+from gateway.heartbeat.core import Coalescer
 from gateway.heartbeat.lease import Beat
 from gateway.heartbeat.wire import HeartbeatAnswer
 from gateway.simulator import ControlPlane, SimError, TtlPolicy

@@ -416,7 +416,7 @@ def _encoded(step: tuple[int, dict[str, Any]]) -> tuple[int, bytes]:
 
 
 async def test_a_worker_that_leaves_before_its_flight_starts_sends_nothing() -> None:
-    from gateway.heartbeat.core import Send
+    from gateway.heartbeat.actions import Send
     from gateway.heartbeat.lease import Beat
 
     upstream = ScriptedUpstream(OK)

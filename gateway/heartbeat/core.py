@@ -78,16 +78,10 @@ from gateway.config.settings import AbsorbSettings, LeaseTrackingSettings
 
 from .actions import (
     Action,
-    Deliver,
-    DeliverError,
     DeliverLocal,
-    Failed,
     FlightResult,
     LeaseEvent,
-    Rejected,
     Send,
-    Succeeded,
-    Unsuccessful,
     Wakeup,
 )
 from .lease import Beat, Flight, Lane, Lease, LeaseKey, presents
@@ -97,21 +91,7 @@ from .verdicts import learn
 from .wire import LeaseEventKind, Outcome, throttled_body
 from .worker_model import worker_interval
 
-__all__ = [
-    "Action",
-    "Coalescer",
-    "Deliver",
-    "DeliverError",
-    "DeliverLocal",
-    "Failed",
-    "FlightResult",
-    "LeaseEvent",
-    "Rejected",
-    "Send",
-    "Succeeded",
-    "Unsuccessful",
-    "Wakeup",
-]
+__all__ = ["MAX_MAIN_QUEUE", "MAX_SIDE_CREDENTIALS", "MAX_SIDE_QUEUE", "Coalescer"]
 
 # Beats waiting in one lease's main lane: a worker beats once per interval, so
 # more than a few means a flood, not a fleet.

@@ -32,9 +32,8 @@ from gateway.policy.routing import without_param
 from gateway.tasks import Tasks
 from gateway.upstream.client import BufferedResponse, Upstream, UpstreamRequest, fetch
 
-from .core import (
+from .actions import (
     Action,
-    Coalescer,
     Deliver,
     DeliverError,
     DeliverLocal,
@@ -47,6 +46,7 @@ from .core import (
     Unsuccessful,
     Wakeup,
 )
+from .core import Coalescer
 from .lease import Beat, LeaseKey
 from .query import HeartbeatQuery
 from .retry import retry_delay
