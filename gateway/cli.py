@@ -15,6 +15,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -30,6 +31,9 @@ from . import __version__
 from . import loop as event_loop
 from .app import Gateway, egress_route, upstream_client
 from .errors import UpstreamError
+
+if TYPE_CHECKING:
+    from .simulator import Faults, SimulatorConfig
 
 __all__ = ["main"]
 
@@ -289,26 +293,53 @@ def _reload(gateway: Gateway, path: str) -> None:
         log.info("config reloaded: %s", summary, extra={"fields": {"event": "reloaded"}})
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    # Imported here: serving the gateway never loads the simulator.
-    from .simulator import SIMULATOR, AgentScript, Faults, FaultsError, SimulatorConfig, TtlPolicy, create_simulator_app
+def _simulator_config(args: argparse.Namespace) -> SimulatorConfig:
+    from .simulator import AgentScript, SimulatorConfig, TtlPolicy
 
-    configure_logging(LoggingSettings("info", "text"), ())
+    if not args.min_ttl <= args.ttl <= args.max_ttl:
+        raise _Usage("simulate-upstream: --ttl must lie between --min-ttl and --max-ttl")
+    script = AgentScript(
+        commands=tuple(args.tool_command) if args.tool_command else AgentScript().commands,
+        terminate_after_turn=args.terminate_sessions,
+        skills=tuple(args.skill or ()),
+        memory_store=args.memory_store,
+    )
+    return SimulatorConfig(
+        environments=_simulator_environments(args.environment or ["env_sim=SIM_ENVIRONMENT_KEY"]),
+        ttl=TtlPolicy(args.ttl, args.min_ttl, args.max_ttl),
+        faults=_simulator_faults(args),
+        org_api_keys=(_secret_from(args.org_key_env, "--org-key-env: environment variable {var} is not set"),)
+        if args.org_key_env
+        else (),
+        issue_secrets=args.issue_secrets,
+        script=script,
+        seed=args.seed,
+    )
+
+
+def _simulator_environments(specs: list[str]) -> dict[str, str]:
     environments: dict[str, str] = {}
-    for spec in args.environment or ["env_sim=SIM_ENVIRONMENT_KEY"]:
+    for spec in specs:
         env_id, sep, var = spec.partition("=")
         if not sep or not env_id or not var:
-            print(f"--environment {spec}: expected ID=KEY_ENV", file=sys.stderr)
-            return EXIT_USAGE
-        key = os.environ.get(var, "").strip()
-        if not key:
-            print(
-                f"--environment {env_id}: environment variable {var} (the key of {env_id}) is not set", file=sys.stderr
-            )
-            return EXIT_USAGE
-        environments[env_id] = key
+            raise _Usage(f"--environment {spec}: expected ID=KEY_ENV")
+        message = f"--environment {env_id}: environment variable {{var}} (the key of {env_id}) is not set"
+        environments[env_id] = _secret_from(var, message)
+    return environments
+
+
+def _secret_from(var: str, missing: str) -> str:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        raise _Usage(missing.format(var=var))
+    return value
+
+
+def _simulator_faults(args: argparse.Namespace) -> Faults:
+    from .simulator import Faults, FaultsError
+
     try:
-        faults = Faults(
+        return Faults(
             latency_seconds=args.latency,
             error_rate=args.error_rate,
             rate_limit_rate=args.rate_limit_rate,
@@ -318,44 +349,38 @@ def _simulate(args: argparse.Namespace) -> int:
             endpoints=tuple(e for e in args.fault_endpoints.split(",") if e),
         )
     except FaultsError as exc:
-        print(f"simulate-upstream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not args.min_ttl <= args.ttl <= args.max_ttl:
-        print("simulate-upstream: --ttl must lie between --min-ttl and --max-ttl", file=sys.stderr)
-        return EXIT_USAGE
-    org_keys: tuple[str, ...] = ()
-    if args.org_key_env:
-        org_key = os.environ.get(args.org_key_env, "").strip()
-        if not org_key:
-            print(f"--org-key-env: environment variable {args.org_key_env} is not set", file=sys.stderr)
-            return EXIT_USAGE
-        org_keys = (org_key,)
-    script = AgentScript(
-        commands=tuple(args.tool_command) if args.tool_command else AgentScript().commands,
-        terminate_after_turn=args.terminate_sessions,
-        skills=tuple(args.skill or ()),
-        memory_store=args.memory_store,
-    )
-    config = SimulatorConfig(
-        environments=environments,
-        ttl=TtlPolicy(args.ttl, args.min_ttl, args.max_ttl),
-        faults=faults,
-        org_api_keys=org_keys,
-        issue_secrets=args.issue_secrets,
-        script=script,
-        seed=args.seed,
-    )
-    tls = None
+        raise _Usage(f"simulate-upstream: {exc}") from None
+
+
+def _simulator_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     if (args.tls_cert is None) != (args.tls_key is None):
-        print("simulate-upstream: --tls-cert and --tls-key go together", file=sys.stderr)
+        raise _Usage("simulate-upstream: --tls-cert and --tls-key go together")
+    if args.tls_cert is None:
+        return None
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as exc:
+        raise _Usage(f"simulate-upstream: --tls-cert/--tls-key: {exc}") from None
+    return tls
+
+
+class _Usage(Exception):
+    """A command-line mistake: printed as it is, exit status 2."""
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    # Imported here: serving the gateway never loads the simulator.
+    from .simulator import SIMULATOR, create_simulator_app
+
+    configure_logging(LoggingSettings("info", "text"), ())
+    try:
+        config = _simulator_config(args)
+        tls = _simulator_tls(args)
+    except _Usage as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
-    if args.tls_cert is not None:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            tls.load_cert_chain(args.tls_cert, args.tls_key)
-        except (OSError, ValueError) as exc:
-            print(f"simulate-upstream: --tls-cert/--tls-key: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    environments = config.environments
     app = create_simulator_app(config)
     if args.work_items:
         for env_id in environments:
