@@ -125,14 +125,33 @@ def decide_credential(
     links: LinkLookup = lambda kind, resource_id: (),
     retired: Callable[[str], bool] = lambda token: False,
 ) -> CredentialDecision:
-    environment = None
-    if route.environment_id is not None:
-        environment = settings.environment(route.environment_id)
-        if environment is None:
-            # Checked before the credential: whatever the client holds, the
-            # gateway serves only the environments it is configured for.
-            raise PermissionDenied(f"environment {route.environment_id} is not served by this gateway")
+    # Checked before the credential: whatever the client holds, the
+    # gateway serves only the environments it is configured for.
+    environment = _served_environment(settings, route)
+    token = _client_token(settings, authorization, api_key, retired)
+    if isinstance(token, PassThrough):
+        return token
+    if environment is not None:
+        if token is not None and not token.allows(environment.id):
+            raise PermissionDenied(f"this client token may not use environment {environment.id}")
+        return environment_key(environment)
+    return _outside_environments(settings, route, token, links)
 
+
+def _served_environment(settings: Settings, route: Route) -> Environment | None:
+    """The environment the path names (None if it names none); refused if this gateway does not serve it."""
+    if route.environment_id is None:
+        return None
+    environment = settings.environment(route.environment_id)
+    if environment is None:
+        raise PermissionDenied(f"environment {route.environment_id} is not served by this gateway")
+    return environment
+
+
+def _client_token(
+    settings: Settings, authorization: str | None, api_key: str | None, retired: Callable[[str], bool]
+) -> ClientToken | PassThrough | None:
+    """The gateway client token presented; None where none is needed; PassThrough for any other credential."""
     bearer = bearer_value(authorization)
     presented = [c for c in (bearer, api_key) if c]
     # Another scheme (Basic, ...) is a credential too, just never a gateway token.
@@ -142,20 +161,14 @@ def decide_credential(
             raise AuthenticationFailed(
                 "missing credential: present a gateway client token as Authorization: Bearer or x-api-key"
             )
-        token: ClientToken | None = None
-    else:
-        token = _match(settings.clients.tokens, presented)
-        if token is None:
-            basic = _basic_credentials(authorization or "").split(":", 1)
-            if any(retired(value) for value in (*presented, *basic) if value):
-                raise AuthenticationFailed("this client token is no longer accepted by the gateway")
-            return PassThrough()
-
-    if environment is not None:
-        if token is not None and not token.allows(environment.id):
-            raise PermissionDenied(f"this client token may not use environment {environment.id}")
-        return environment_key(environment)
-    return _outside_environments(settings, route, token, links)
+        return None
+    token = _match(settings.clients.tokens, presented)
+    if token is not None:
+        return token
+    basic = _basic_credentials(authorization or "").split(":", 1)
+    if any(retired(value) for value in (*presented, *basic) if value):
+        raise AuthenticationFailed("this client token is no longer accepted by the gateway")
+    return PassThrough()
 
 
 def _outside_environments(
@@ -164,15 +177,9 @@ def _outside_environments(
     """A client token on a path that names no environment (sessions, skills, memory stores, other)."""
     scope = tuple(e for e in settings.environments if token is None or token.allows(e.id))
     resource_id = route.resource_id if route.name in LINKED_ROUTES else None
-    if resource_id is not None:
-        seen_in = [e for e in map(settings.environment, links(route.name, resource_id)) if e is not None]
-        allowed = [e for e in seen_in if e in scope]
-        if allowed:
-            return environment_key(allowed[0])
-        if seen_in and route.name is RouteName.SESSIONS:
-            # A session is in exactly one environment. Skills and memory stores are the
-            # organisation's and may serve several, so for them the rules below still apply.
-            raise PermissionDenied(f"session {resource_id} belongs to an environment this client token may not use")
+    linked = _linked_environment(settings, route, resource_id, scope, links) if resource_id is not None else None
+    if linked is not None:
+        return environment_key(linked)
     if len(scope) == 1:
         # The token can only ever stand for this environment's key.
         return environment_key(scope[0])
@@ -182,6 +189,21 @@ def _outside_environments(
     if isinstance(fallback, PermissionDenied):
         raise fallback
     return fallback
+
+
+def _linked_environment(
+    settings: Settings, route: Route, resource_id: str, scope: tuple[Environment, ...], links: LinkLookup
+) -> Environment | None:
+    """The environment the API's answers tied the resource to, if the token may use it."""
+    seen_in = [e for e in map(settings.environment, links(route.name, resource_id)) if e is not None]
+    allowed = [e for e in seen_in if e in scope]
+    if allowed:
+        return allowed[0]
+    if seen_in and route.name is RouteName.SESSIONS:
+        # A session is in exactly one environment. Skills and memory stores are the
+        # organisation's and may serve several, so for them the rules below still apply.
+        raise PermissionDenied(f"session {resource_id} belongs to an environment this client token may not use")
+    return None
 
 
 def _fallback(settings: Settings, route: Route, scope: tuple[Environment, ...]) -> Inject | PermissionDenied:
