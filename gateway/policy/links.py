@@ -154,19 +154,23 @@ def _session_links(session: dict[str, object], session_id: str | None, served: C
         return []
     if env not in served or session_id is None:
         return []
-    links = [Link(RouteName.SESSIONS, session_id, env)]
     agent = session.get("agent")
-    skills = agent.get("skills") if isinstance(agent, dict) else None
-    for skill in skills if isinstance(skills, list) else ():
-        skill_id = skill.get("skill_id") if isinstance(skill, dict) else None
-        if isinstance(skill_id, str):
-            links.append(Link(RouteName.SKILLS, skill_id, env))
-    resources = session.get("resources")
-    for resource in resources if isinstance(resources, list) else ():
-        store_id = resource.get("memory_store_id") if isinstance(resource, dict) else None
-        if isinstance(store_id, str) and resource.get("type") == "memory_store":
-            links.append(Link(RouteName.MEMORY_STORES, store_id, env))
-    return links
+    skills = [
+        Link(RouteName.SKILLS, skill_id, env)
+        for skill in _dicts(agent.get("skills") if isinstance(agent, dict) else None)
+        if isinstance(skill_id := skill.get("skill_id"), str)
+    ]
+    stores = [
+        Link(RouteName.MEMORY_STORES, store_id, env)
+        for resource in _dicts(session.get("resources"))
+        if resource.get("type") == "memory_store" and isinstance(store_id := resource.get("memory_store_id"), str)
+    ]
+    return [Link(RouteName.SESSIONS, session_id, env), *skills, *stores]
+
+
+def _dicts(value: object) -> list[dict[str, object]]:
+    """The objects of a JSON array (anything else in it, or anything but an array, is nothing)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def decoded(body: bytes, content_encoding: str | None) -> bytes | None:
