@@ -28,29 +28,28 @@ import dataclasses
 import difflib
 import functools
 import re
-import ssl
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, assert_never, cast, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.heartbeat.worker_model import absorption_blocker
-from gateway.policy.egress import EgressError, has_credentials, is_loopback_url, proxy_route
 from gateway.policy.redaction import REDACTED
 
+from .checks import ca_file, check_settings, join_path, os_reason
 from .settings import (
     FALLBACK_ROUTES,
     ClientSettings,
     ClientToken,
     DefaultCredential,
     Environment,
+    Format,
     HeaderSettings,
-    ListenAddress,
+    Reader,
     Rule,
     Secret,
     Settings,
@@ -110,7 +109,7 @@ def load_settings_file(path: str | Path, environ: Mapping[str, str]) -> Settings
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(str(path), f"cannot read the config file: {_os_reason(exc)}")]) from None
+        raise ConfigError([Problem(str(path), f"cannot read the config file: {os_reason(exc)}")]) from None
     return load_settings(text, environ)
 
 
@@ -141,16 +140,6 @@ def load_settings(
 
 def _read_text_file(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return "not UTF-8 text"
-    if isinstance(exc, ValueError):
-        return "not a usable path"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -198,7 +187,7 @@ class _Reader:
             if not isinstance(key, str):
                 self.problem(path, f"keys must be strings, not {_type_name(key)}")
             elif key not in allowed:
-                self.problem(_join(path, str(_shown(key))), _unknown_key_message(key, allowed))
+                self.problem(join_path(path, str(_shown(key))), _unknown_key_message(key, allowed))
         return {k: v for k, v in value.items() if k in allowed}
 
     def items(self, value: object, path: str) -> list[tuple[str, object]]:
@@ -271,9 +260,9 @@ class _Reader:
         if len(given) == 2:
             self.problem(path, f"set only one of {env_key} and {file_key}")
         elif given == [env_key]:
-            return self.secret_from_env(m[env_key], _join(path, env_key))
+            return self.secret_from_env(m[env_key], join_path(path, env_key))
         elif given == [file_key]:
-            return self.secret_from_file(m[file_key], _join(path, file_key))
+            return self.secret_from_file(m[file_key], join_path(path, file_key))
         elif required:
             self.problem(path, f"one of {env_key} or {file_key} is required")
         return _PLACEHOLDER_SECRET if required else None
@@ -302,7 +291,7 @@ class _Reader:
             # Mounted Kubernetes secrets and `echo > file` often end in a newline.
             secret = self.read_file(file_path).strip()
         except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the path
-            self.problem(path, f"cannot read {file_path}: {_os_reason(exc)}")
+            self.problem(path, f"cannot read {file_path}: {os_reason(exc)}")
             return _PLACEHOLDER_SECRET
         if not secret:
             self.problem(path, f"{file_path} is empty")
@@ -321,13 +310,7 @@ class _Reader:
         self.mapping(data, "", _keys(Settings))
         self.scan_for_literal_secrets(data, "")
         settings = self.section(data, "", Settings, None)
-        self.check_ports(settings.listen, settings.admin)
-        self.check_distinct_secrets(settings)
-        self.check_absorption(settings)
-        self.check_overload(settings)
-        self.check_egress(settings)
-        self.check_client_certificate(settings)
-        self.check_server_tls(settings)
+        check_settings(settings, self.environ, self.problem)
         return settings
 
     def section(self, value: object, path: str, cls: type[_D], default: _D | None) -> _D:
@@ -338,20 +321,19 @@ class _Reader:
             for key, message in retired.items():
                 if key.rpartition(".")[2] in value:
                     self.problem(key, message)
-            value = {k: v for k, v in value.items() if _join(path, k) not in retired}
+            value = {k: v for k, v in value.items() if join_path(path, k) not in retired}
         m = self.mapping(value, path, keys)
         hints = _hints(cast(type, cls))
         values: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             fallback = getattr(default, f.name) if default is not None else f.default
-            values[f.name] = self.field(m, _join(path, f.name), f.name, hints[f.name], _rule(f), fallback)
+            values[f.name] = self.field(m, join_path(path, f.name), f.name, hints[f.name], _rule(f), fallback)
         return self.after(cls(**values), path, m)
 
     def field(self, m: dict[str, Any], path: str, name: str, hint: Any, rule: Rule, default: Any) -> Any:
         """One field's value; `default` is `dataclasses.MISSING` for a field that must be given."""
         if rule.reader is not None:
-            read: Callable[[object, str, Any], Any] = getattr(self, rule.reader)
-            return read(m.get(name, _MISSING), path, default)
+            return self.special(rule.reader, m.get(name, _MISSING), path, default)
         optional, hint = _unwrap_optional(hint)
         if hint is Secret:
             parent, _, _ = path.rpartition(".")
@@ -391,35 +373,51 @@ class _Reader:
 
     # -- formats and checks that need more than one value ----------------------
 
-    def formatted(self, value: str, path: str, format: str | None) -> str:
+    def special(self, reader: Reader, raw: object, path: str, default: Any) -> Any:
+        """A setting read by a reader of its own (`Rule.reader`): every `Reader` has its method here."""
+        match reader:
+            case Reader.ENVIRONMENTS:
+                return self.environments(raw, path, default)
+            case Reader.FALLBACK_ROUTES:
+                return self.fallback_routes(raw, path, default)
+            case Reader.CLIENT_TOKENS:
+                return self.client_tokens(raw, path, default)
+            case Reader.TOKEN_SCOPE:
+                return self.token_scope(raw, path, default)
+            case _:
+                assert_never(reader)
+
+    def formatted(self, value: str, path: str, format: Format | None) -> str:
         """`value` checked against a named format (a bad value has been reported already when empty)."""
         if not value or format is None:
             return value
-        if format == "url":
-            return self.base_url(value, path)
-        if format == "header_token" and not _HEADER_TOKEN.match(value):
-            self.problem(path, "must be a single header token")
-        elif format == "beta_token" and not _HEADER_TOKEN.match(value):
-            self.problem(path, "must be a single header token (no commas or spaces)")
-        elif format == "environment_id" and not _ENVIRONMENT_ID.match(value):
-            self.problem(path, "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW")
-        elif format == "ca_file":
-            self.ca_file(value, path)
-        elif format == "path_prefix":
-            if not value.startswith("/") or not value.endswith("/"):
-                self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
-            elif "%" in value or "//" in value or "/../" in value or "/./" in value:
-                self.problem(path, "must be a plain path without %, // or dot segments")
+        match format:
+            case Format.URL:
+                return self.base_url(value, path)
+            case Format.HEADER_TOKEN:
+                self.expect(_HEADER_TOKEN.match(value), path, "must be a single header token")
+            case Format.BETA_TOKEN:
+                self.expect(_HEADER_TOKEN.match(value), path, "must be a single header token (no commas or spaces)")
+            case Format.ENVIRONMENT_ID:
+                message = "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW"
+                self.expect(_ENVIRONMENT_ID.match(value), path, message)
+            case Format.CA_FILE:
+                ca_file(value, path, self.problem)
+            case Format.PATH_PREFIX:
+                self.path_prefix(value, path)
+            case _:
+                assert_never(format)
         return value
 
-    def ca_file(self, file_path: str, path: str) -> None:
-        """A PEM bundle of certificate authorities, as the upstream client will load it."""
-        try:
-            ssl.create_default_context().load_verify_locations(cafile=file_path)
-        except ssl.SSLError:  # an OSError too: first
-            self.problem(path, f"{file_path} holds no PEM certificate")
-        except (OSError, ValueError) as exc:
-            self.problem(path, f"cannot read {file_path}: {_os_reason(exc)}")
+    def expect(self, ok: object, path: str, message: str) -> None:
+        if not ok:
+            self.problem(path, message)
+
+    def path_prefix(self, value: str, path: str) -> None:
+        if not value.startswith("/") or not value.endswith("/"):
+            self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
+        elif "%" in value or "//" in value or "/../" in value or "/./" in value:
+            self.problem(path, "must be a plain path without %, // or dot segments")
 
     def after(self, section: _D, path: str, given: dict[str, Any]) -> _D:
         """Checks across a section's fields, once they are read; `given` is what the YAML had."""
@@ -428,7 +426,7 @@ class _Reader:
         if isinstance(section, DefaultCredential):
             if section.api_key is not None and not given.get("use_for"):
                 self.problem(
-                    _join(path, "use_for"),
+                    join_path(path, "use_for"),
                     "is required with a key: list where the gateway may send this organisation-scoped key when it "
                     f"cannot tell a request's environment ({', '.join(FALLBACK_ROUTES)})",
                 )
@@ -436,7 +434,7 @@ class _Reader:
                 self.problem(path, "use_for needs api_key_env or api_key_file")
         if isinstance(section, ClientSettings) and not section.tokens and not section.allow_unauthenticated:
             self.problem(
-                _join(path, "tokens"),
+                join_path(path, "tokens"),
                 "is required: list at least one client token, or set clients.allow_unauthenticated: true",
             )
         return section
@@ -452,9 +450,9 @@ class _Reader:
         for item_path, item in self.items(raw, path):
             env = self.section(item, item_path, Environment, None)
             if env.id and any(e.id == env.id for e in result):
-                self.problem(_join(item_path, "id"), f"duplicate environment id {env.id}")
+                self.problem(join_path(item_path, "id"), f"duplicate environment id {env.id}")
             if env.name and any(e.name == env.name for e in result):
-                self.problem(_join(item_path, "name"), f"duplicate environment name {env.name}")
+                self.problem(join_path(item_path, "name"), f"duplicate environment name {env.name}")
             result.append(env)
         if isinstance(raw, list) and not raw:
             self.problem(path, "must list at least one environment")
@@ -498,17 +496,12 @@ class _Reader:
             for k, v in node.items():
                 # `key: ...` and friends are reported as literal secrets by `mapping`.
                 if k not in _LITERAL_SECRET_KEYS:
-                    self.scan_for_literal_secrets(v, _join(path, str(k)))
+                    self.scan_for_literal_secrets(v, join_path(path, str(k)))
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 self.scan_for_literal_secrets(v, f"{path}[{i}]")
         elif isinstance(node, str) and node.startswith(_SECRET_PREFIXES):
             self.problem(path, _LITERAL_SECRET)
-
-    def check_ports(self, listen: ListenAddress, admin: ListenAddress) -> None:
-        wildcard = "0.0.0.0" in (listen.host, admin.host) or "::" in (listen.host, admin.host)
-        if listen.port and listen.port == admin.port and (listen.host == admin.host or wildcard):
-            self.problem("admin.port", "must differ from listen.port: the admin API must not share the worker port")
 
     def base_url(self, url: str, path: str) -> str:
         parts = urlsplit(url)
@@ -524,115 +517,6 @@ class _Reader:
         elif parts.query or parts.fragment:
             self.problem(path, "must not have a query string or fragment")
         return url.rstrip("/")
-
-    def check_absorption(self, settings: Settings) -> None:
-        """Absorption that could never answer an SDK worker's beat is a config error, not a silent no-op.
-
-        Only configured TTLs can be judged: without one, the lease is the API's default (the SDK
-        workers send none) and the core's own rule decides beat by beat.
-        """
-        heartbeat = settings.heartbeat
-        absorb = heartbeat.absorb
-        if not absorb.enabled:
-            return
-        # Each environment's lease as configured: its own TTL, else the global one (None: the API's default).
-        leases = [
-            (f"environments[{i}].heartbeat", env.heartbeat.desired_ttl_seconds)
-            if env.heartbeat.desired_ttl_seconds is not None
-            else ("heartbeat", heartbeat.desired_ttl_seconds)
-            for i, env in enumerate(settings.environments)
-        ]
-        if any(ttl is None for _, ttl in leases):
-            return  # a lease of unknown length: the core judges each beat
-        # Absorption is one switch for every environment: a lease too short to absorb is simply forwarded,
-        # so the config is refused only when no environment's lease could ever be absorbed.
-        blockers = {
-            path: absorption_blocker(ttl, absorb.max_signal_delay_seconds, absorb.min_remaining_fraction)
-            for path, ttl in leases
-            if ttl is not None
-        }
-        if all(blocker is not None for blocker in blockers.values()):
-            for path, blocker in blockers.items():
-                assert blocker is not None
-                key, why = blocker
-                self.problem(f"{path}.{key}" if key == "desired_ttl_seconds" else f"heartbeat.absorb.{key}", why)
-
-    def check_overload(self, settings: Settings) -> None:
-        overload = settings.overload
-        if overload.shed_requests_lag_seconds < overload.shed_polls_lag_seconds:
-            self.problem(
-                "overload.shed_requests_lag_seconds",
-                "must not be below overload.shed_polls_lag_seconds: polls are shed first, then requests",
-            )
-
-    def check_client_certificate(self, settings: Settings) -> None:
-        tls = settings.upstream.tls
-        self.check_pair(
-            "upstream.tls", "client_cert_file", tls.client_cert_file, "client_key_file", tls.client_key_file
-        )
-
-    def check_server_tls(self, settings: Settings) -> None:
-        for name, address in (("listen", settings.listen), ("admin", settings.admin)):
-            tls, path = address.tls, f"{name}.tls"
-            self.check_pair(path, "cert_file", tls.cert_file, "key_file", tls.key_file)
-            if tls.client_ca_file is not None:
-                if tls.cert_file is None:
-                    self.problem(_join(path, "client_ca_file"), "needs cert_file and key_file: TLS first")
-                else:
-                    self.ca_file(tls.client_ca_file, _join(path, "client_ca_file"))
-
-    def check_pair(self, path: str, cert_key: str, cert: str | None, key_key: str, key: str | None) -> None:
-        """A certificate and its key: both or neither, and a pair that loads."""
-        if (cert is None) != (key is None):
-            self.problem(path, f"{cert_key} and {key_key} go together")
-            return
-        if cert is None or key is None:
-            return
-        try:
-            ssl.create_default_context().load_cert_chain(cert, key)
-        except ssl.SSLError as exc:  # an OSError too: first
-            self.problem(_join(path, cert_key), f"not a certificate and its key: {exc.reason or exc}")
-        except (OSError, ValueError) as exc:
-            self.problem(_join(path, cert_key), f"cannot read the certificate or its key: {_os_reason(exc)}")
-
-    def check_egress(self, settings: Settings) -> None:
-        """A proxy the gateway cannot use is refused here, never dropped for a direct connection."""
-        upstream = settings.upstream
-        if (
-            upstream.base_url.startswith("http://")
-            and not is_loopback_url(upstream.base_url)
-            and not upstream.allow_insecure_http
-        ):
-            self.problem(
-                "upstream.base_url",
-                "http:// sends the environment keys in clear (and past any proxy on the way); use https://, "
-                "a loopback address, or set upstream.allow_insecure_http: true",
-            )
-        proxy = upstream.proxy
-        if proxy.url is not None and has_credentials(proxy.url):
-            self.problem(
-                "upstream.proxy.url",
-                "holds credentials; secrets never go in the config: use credentials_env or credentials_file",
-            )
-        try:
-            proxy_route(settings.upstream.base_url, proxy.url, proxy.from_environment, self.environ)
-        except EgressError as exc:
-            self.problem("upstream.proxy", str(exc))
-        except ValueError:
-            pass  # the base URL itself: upstream.base_url's own problem says so
-        if proxy.credentials is not None and ":" not in proxy.credentials.value:
-            self.problem("upstream.proxy.credentials", "must be user:password")
-
-    def check_distinct_secrets(self, settings: Settings) -> None:
-        """A client token equal to a real key would hand that key to every worker."""
-        real: dict[str, str] = {}
-        for i, env in enumerate(settings.environments):
-            real.setdefault(env.key.value, f"environments[{i}]")
-        if settings.default_credential.api_key is not None:
-            real.setdefault(settings.default_credential.api_key.value, "default_credential")
-        for i, token in enumerate(settings.clients.tokens):
-            if token.token.value and token.token.value in real:
-                self.problem(f"clients.tokens[{i}]", f"holds the same value as the key of {real[token.token.value]}")
 
 
 # Keys that once existed, with where their setting went: a clear pointer beats "unknown key".
@@ -711,10 +595,6 @@ def _shown(value: object) -> object:
     ):
         return REDACTED
     return value
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def _type_name(value: object) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "ClientToken",
     "DefaultCredential",
     "Environment",
+    "Format",
     "HeaderSettings",
     "HeartbeatSettings",
     "LeaseTrackingSettings",
@@ -39,6 +40,7 @@ __all__ = [
     "PollSettings",
     "PoolName",
     "PoolSettings",
+    "Reader",
     "RouteSettings",
     "Secret",
     "ServerTls",
@@ -74,6 +76,26 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 
 
+class Format(StrEnum):
+    """A named format a string setting must have, checked when the config is read."""
+
+    URL = "url"
+    HEADER_TOKEN = "header_token"
+    BETA_TOKEN = "beta_token"
+    ENVIRONMENT_ID = "environment_id"
+    CA_FILE = "ca_file"
+    PATH_PREFIX = "path_prefix"
+
+
+class Reader(StrEnum):
+    """A setting that needs more than a field-by-field reading: which of the config reader's own readers reads it."""
+
+    ENVIRONMENTS = "environments"
+    FALLBACK_ROUTES = "fallback_routes"
+    CLIENT_TOKENS = "client_tokens"
+    TOKEN_SCOPE = "token_scope"
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """What a value must be, beyond its type; read by `gateway.config.load`."""
@@ -83,10 +105,10 @@ class Rule:
     at_most: float | None = None
     # Numbers: whether 0 is allowed (they are never negative).
     zero_ok: bool = False
-    # A named format the config reader checks (e.g. "url", "header_token").
-    format: str | None = None
-    # A value that needs more than a field-by-field reading: the reader method that reads it.
-    reader: str | None = None
+    # A named format the config reader checks.
+    format: Format | None = None
+    # A value that needs more than a field-by-field reading.
+    reader: Reader | None = None
 
 
 def rule(**constraints: Any) -> Mapping[str, Rule]:
@@ -180,7 +202,7 @@ class UpstreamTls:
     """How the upstream's certificate is checked: always verified, against the system's trust store
     (or `SSL_CERT_FILE`/`SSL_CERT_DIR`, as OpenSSL reads them) plus these PEM bundles."""
 
-    ca_files: tuple[str, ...] = field(default=(), metadata=rule(format="ca_file"))
+    ca_files: tuple[str, ...] = field(default=(), metadata=rule(format=Format.CA_FILE))
     # A client certificate (PEM, chain included) and its key, for an upstream or egress that asks for one
     # (mTLS); read again when they change on disk, as a mounted Secret's rotation changes them.
     client_cert_file: str | None = None
@@ -207,7 +229,7 @@ class UpstreamProxy:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    base_url: str = field(default=DEFAULT_BASE_URL, metadata=rule(format="url"))
+    base_url: str = field(default=DEFAULT_BASE_URL, metadata=rule(format=Format.URL))
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT
     pools: UpstreamPools = UpstreamPools()
@@ -219,9 +241,9 @@ class UpstreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class HeaderSettings:
-    anthropic_version: str = field(default=DEFAULT_ANTHROPIC_VERSION, metadata=rule(format="header_token"))
+    anthropic_version: str = field(default=DEFAULT_ANTHROPIC_VERSION, metadata=rule(format=Format.HEADER_TOKEN))
     # Listed once each, in the order given.
-    anthropic_beta: tuple[str, ...] = field(default=DEFAULT_BETAS, metadata=rule(format="beta_token"))
+    anthropic_beta: tuple[str, ...] = field(default=DEFAULT_BETAS, metadata=rule(format=Format.BETA_TOKEN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +256,7 @@ class TtlOverride:
 
 @dataclass(frozen=True, slots=True)
 class Environment:
-    id: str = field(metadata=rule(format="environment_id"))
+    id: str = field(metadata=rule(format=Format.ENVIRONMENT_ID))
     # The label in logs and metrics.
     name: str | None
     key: Secret
@@ -257,14 +279,14 @@ class DefaultCredential:
     api_key: Secret | None = None
     # The routes (of FALLBACK_ROUTES) where a client token may go upstream with
     # this key when the gateway cannot tell which environment the request is for.
-    use_for: frozenset[str] = field(default=frozenset(), metadata=rule(reader="fallback_routes"))
+    use_for: frozenset[str] = field(default=frozenset(), metadata=rule(reader=Reader.FALLBACK_ROUTES))
 
 
 @dataclass(frozen=True, slots=True)
 class ClientToken:
     token: Secret
     # None means every configured environment ("*").
-    environments: frozenset[str] | None = field(default=None, metadata=rule(reader="token_scope"))
+    environments: frozenset[str] | None = field(default=None, metadata=rule(reader=Reader.TOKEN_SCOPE))
 
     def allows(self, environment_id: str) -> bool:
         return self.environments is None or environment_id in self.environments
@@ -272,7 +294,7 @@ class ClientToken:
 
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
-    tokens: tuple[ClientToken, ...] = field(default=(), metadata=rule(reader="client_tokens"))
+    tokens: tuple[ClientToken, ...] = field(default=(), metadata=rule(reader=Reader.CLIENT_TOKENS))
     allow_unauthenticated: bool = False
     # For a token of several environments on a session the gateway has not seen:
     # ask the API (GET /v1/sessions/{id}) with each of the token's environment keys.
@@ -281,7 +303,7 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class RouteSettings:
-    allow_prefixes: tuple[str, ...] = field(default=DEFAULT_ALLOW_PREFIXES, metadata=rule(format="path_prefix"))
+    allow_prefixes: tuple[str, ...] = field(default=DEFAULT_ALLOW_PREFIXES, metadata=rule(format=Format.PATH_PREFIX))
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +407,7 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     headers: HeaderSettings = HeaderSettings()
     # Required: the only environments served.
-    environments: tuple[Environment, ...] = field(metadata=rule(reader="environments"))
+    environments: tuple[Environment, ...] = field(metadata=rule(reader=Reader.ENVIRONMENTS))
     default_credential: DefaultCredential = DefaultCredential()
     clients: ClientSettings = ClientSettings()
     routes: RouteSettings = RouteSettings()
