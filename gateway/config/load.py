@@ -159,8 +159,8 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-class _Reader:
-    """Walks the parsed YAML, recording problems and building typed values."""
+class _Values:
+    """Reads one YAML value as a type or a named format, recording what is wrong with it."""
 
     def __init__(self, environ: Mapping[str, str], read_file: Callable[[str], str]) -> None:
         self.environ = environ
@@ -303,6 +303,59 @@ class _Reader:
             return Secret(secret, f"file:{file_path}")
         return _PLACEHOLDER_SECRET
 
+    # -- named formats --------------------------------------------------------
+
+    def formatted(self, value: str, path: str, format: Format | None) -> str:
+        """`value` checked against a named format (a bad value has been reported already when empty)."""
+        if not value or format is None:
+            return value
+        match format:
+            case Format.URL:
+                return self.base_url(value, path)
+            case Format.HEADER_TOKEN:
+                self.expect(_HEADER_TOKEN.match(value), path, "must be a single header token")
+            case Format.BETA_TOKEN:
+                self.expect(_HEADER_TOKEN.match(value), path, "must be a single header token (no commas or spaces)")
+            case Format.ENVIRONMENT_ID:
+                message = "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW"
+                self.expect(_ENVIRONMENT_ID.match(value), path, message)
+            case Format.CA_FILE:
+                ca_file(value, path, self.problem)
+            case Format.PATH_PREFIX:
+                self.path_prefix(value, path)
+            case _:
+                assert_never(format)
+        return value
+
+    def expect(self, ok: object, path: str, message: str) -> None:
+        if not ok:
+            self.problem(path, message)
+
+    def path_prefix(self, value: str, path: str) -> None:
+        if not value.startswith("/") or not value.endswith("/"):
+            self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
+        elif "%" in value or "//" in value or "/../" in value or "/./" in value:
+            self.problem(path, "must be a plain path without %, // or dot segments")
+
+    def base_url(self, url: str, path: str) -> str:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+            port_ok = True
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            self.problem(path, "must be an http:// or https:// URL with a host")
+        elif parts.username or parts.password:
+            self.problem(path, "must not carry credentials; they would leak into logs")
+        elif parts.query or parts.fragment:
+            self.problem(path, "must not have a query string or fragment")
+        return url.rstrip("/")
+
+
+class _Reader(_Values):
+    """Walks the parsed YAML along the settings classes, building typed settings."""
+
     # -- sections, walked from the settings classes ---------------------------
 
     def settings(self, data: object) -> Settings:
@@ -371,7 +424,7 @@ class _Reader:
             )
         raise TypeError(f"{path}: no reader for settings of type {hint!r}")  # a settings class bug, not a config one
 
-    # -- formats and checks that need more than one value ----------------------
+    # -- settings with readers of their own ------------------------------------
 
     def special(self, reader: Reader, raw: object, path: str, default: Any) -> Any:
         """A setting read by a reader of its own (`Rule.reader`): every `Reader` has its method here."""
@@ -386,38 +439,6 @@ class _Reader:
                 return self.token_scope(raw, path, default)
             case _:
                 assert_never(reader)
-
-    def formatted(self, value: str, path: str, format: Format | None) -> str:
-        """`value` checked against a named format (a bad value has been reported already when empty)."""
-        if not value or format is None:
-            return value
-        match format:
-            case Format.URL:
-                return self.base_url(value, path)
-            case Format.HEADER_TOKEN:
-                self.expect(_HEADER_TOKEN.match(value), path, "must be a single header token")
-            case Format.BETA_TOKEN:
-                self.expect(_HEADER_TOKEN.match(value), path, "must be a single header token (no commas or spaces)")
-            case Format.ENVIRONMENT_ID:
-                message = "must be an environment id such as env_011CZkZ9X2dpNyB7HsEFoRfW"
-                self.expect(_ENVIRONMENT_ID.match(value), path, message)
-            case Format.CA_FILE:
-                ca_file(value, path, self.problem)
-            case Format.PATH_PREFIX:
-                self.path_prefix(value, path)
-            case _:
-                assert_never(format)
-        return value
-
-    def expect(self, ok: object, path: str, message: str) -> None:
-        if not ok:
-            self.problem(path, message)
-
-    def path_prefix(self, value: str, path: str) -> None:
-        if not value.startswith("/") or not value.endswith("/"):
-            self.problem(path, "must start and end with / (e.g. /v1/sessions/)")
-        elif "%" in value or "//" in value or "/../" in value or "/./" in value:
-            self.problem(path, "must be a plain path without %, // or dot segments")
 
     def after(self, section: _D, path: str, given: dict[str, Any]) -> _D:
         """Checks across a section's fields, once they are read; `given` is what the YAML had."""
@@ -502,21 +523,6 @@ class _Reader:
                 self.scan_for_literal_secrets(v, f"{path}[{i}]")
         elif isinstance(node, str) and node.startswith(_SECRET_PREFIXES):
             self.problem(path, _LITERAL_SECRET)
-
-    def base_url(self, url: str, path: str) -> str:
-        parts = urlsplit(url)
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-            port_ok = True
-        except ValueError:
-            port_ok = False
-        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-            self.problem(path, "must be an http:// or https:// URL with a host")
-        elif parts.username or parts.password:
-            self.problem(path, "must not carry credentials; they would leak into logs")
-        elif parts.query or parts.fragment:
-            self.problem(path, "must not have a query string or fragment")
-        return url.rstrip("/")
 
 
 # Keys that once existed, with where their setting went: a clear pointer beats "unknown key".
