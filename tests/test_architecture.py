@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).parent.parent / "gateway"
 # what the request path asks (policy), what it is configured with (config), or the lease protocol
 # (heartbeat), so each can be tested with values in and decisions out.
 PURE_FOLDERS = ("config", "policy", "heartbeat")
-# The heartbeat package's one I/O module: the shell that drives its sans-IO core (as httpcore drives h11).
-SHELLS = {"heartbeat/driver.py"}
+# The heartbeat package's I/O shell, which drives its sans-IO core (as httpcore drives h11): the driver carries
+# out the core's actions, and the sender makes each flight's upstream call.
+SHELLS = {"heartbeat/driver.py", "heartbeat/sending.py"}
 # Pure modules outside those folders: the gateway's errors, and the simulator's model of the API.
 PURE_MODULES = (
     "errors.py",

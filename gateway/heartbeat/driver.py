@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Literal, Protocol, get_args
 
 from gateway.config.settings import HeartbeatSettings, PoolName
-from gateway.errors import CapacityExceeded, UpstreamError, UpstreamUnavailable
+from gateway.errors import UpstreamError, UpstreamUnavailable
 from gateway.observability.nobody import NOBODY
 from gateway.policy.routing import without_param
 from gateway.tasks import Tasks
@@ -40,22 +40,18 @@ from .actions import (
     Failed,
     FlightResult,
     LeaseEvent,
-    Rejected,
     Send,
-    Succeeded,
-    Unsuccessful,
     Wakeup,
 )
 from .core import Coalescer
 from .lease import Beat, LeaseKey
 from .query import HeartbeatQuery
-from .retry import retry_delay
+from .sending import MAX_HEARTBEAT_RESPONSE_BYTES, FlightSender, Reply
 from .table import LeaseView, TableCounts
 from .wire import Answer, LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 
 __all__ = [
     "FAILSAFE_POINTS",
-    "MAX_HEARTBEAT_RESPONSE_BYTES",
     "OUTCOME_HEADER",
     "CoalescingHeartbeats",
     "DirectHeartbeats",
@@ -69,8 +65,6 @@ __all__ = [
 
 log = logging.getLogger("gateway.leases")
 
-# A heartbeat answer is a few hundred bytes; anything near this is not one.
-MAX_HEARTBEAT_RESPONSE_BYTES = 1024 * 1024
 OUTCOME_HEADER = "heartbeat-gateway-outcome"
 # Where the failsafe may have to answer for a failed decision or action (a metric label).
 FailsafePoint = Literal["flight", "submit", "completed", "abandoned", "tick", "action"]
@@ -96,14 +90,6 @@ class HeartbeatResult:
     answer: Answer
     # What the service needs to hear back if the answer could not be written.
     receipt: tuple[int, LeaseKey] | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An upstream answer and what it says: the core's response type, read once when it arrives."""
-
-    response: BufferedResponse
-    answer: Answer
 
 
 class HeartbeatService(Protocol):
@@ -192,12 +178,18 @@ class CoalescingHeartbeats:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self._upstream = upstream
         self._observer = observer or NOBODY
         self._label = label
         self._clock = clock
-        self._rng = rng or random.Random()
         self.core: Core = Coalescer()
+        self._sender = FlightSender(
+            upstream,
+            self.core,
+            observer=self._observer,
+            clock=clock,
+            rng=rng or random.Random(),
+            timeout=settings.upstream_timeout_seconds,
+        )
         self.configure(settings)
         self._calls: dict[int, HeartbeatCall] = {}
         self._futures: dict[int, asyncio.Future[HeartbeatResult]] = {}
@@ -251,7 +243,7 @@ class CoalescingHeartbeats:
         return isinstance(holder, Identity) and holder.credential == credential
 
     def configure(self, settings: HeartbeatSettings) -> None:
-        self._timeout = settings.upstream_timeout_seconds
+        self._sender.timeout = settings.upstream_timeout_seconds
         self.core.absorb = settings.absorb
         self.core.table.tracking = settings.leases
 
@@ -418,7 +410,7 @@ class CoalescingHeartbeats:
         """
         outcome: FlightResult[Reply, UpstreamError]
         try:
-            outcome = await self._send(key, flight, request, pool)
+            outcome = await self._sender.send(key, flight, request, pool)
         except Exception:
             log.exception("heartbeat flight failed unexpectedly")
             self._observer.internal_error("flight")
@@ -431,65 +423,6 @@ class CoalescingHeartbeats:
         finally:
             now = self._clock()
             self._decide(key, "completed", lambda: self.core.completed(key, flight, outcome, now), finished=flight)
-
-    async def _send(
-        self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
-    ) -> FlightResult[Reply, UpstreamError]:
-        if not self.core.flight_wanted(key, flight):
-            # The worker left before the task started: never send what nobody waits for.
-            gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
-            return Failed(gone, may_have_applied=False)
-        request = dataclasses.replace(request, pool=pool, timeout=self._timeout)
-        attempt = 0
-        while True:
-            outcome, wait_hint, retryable = await self._attempt(self._within_window(request, key, flight))
-            if not retryable:
-                return outcome
-            now = self._clock()
-            time_left = self.core.lease_time_left(key, now)
-            deadline = self.core.retry_deadline(key, flight)
-            delay = retry_delay(
-                attempt,
-                retry_after=wait_hint,
-                time_left=time_left,
-                draw=self._rng.random(),
-                window_left=None if deadline is None else deadline - now,
-            )
-            if delay is None:
-                return outcome
-            attempt += 1
-            await asyncio.sleep(delay)
-            self._observer.retried("heartbeat")
-            if not self.core.flight_wanted(key, flight):
-                return outcome  # nobody waits any more: a retry now would renew what no one asked for
-
-    def _within_window(self, request: UpstreamRequest, key: LeaseKey, flight: int) -> UpstreamRequest:
-        """The request, waiting for a connection no longer than its answer can still reach its workers.
-
-        The SDK workers abort a beat after one interval: a beat that waited in the
-        lease class's queue past that, less a round trip, would be answered to nobody
-        (and might renew a lease no worker knows it holds). It gets a 503 while they wait.
-        """
-        deadline = self.core.retry_deadline(key, flight)
-        if deadline is None:
-            return request
-        patience = deadline - self._clock() - self.core.round_trip()
-        return dataclasses.replace(request, max_queue_seconds=max(0.0, patience))
-
-    async def _attempt(self, request: UpstreamRequest) -> tuple[FlightResult[Reply, UpstreamError], float | None, bool]:
-        """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""
-        try:
-            response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
-        except CapacityExceeded as error:
-            # The gateway's own capacity: handed back at once, so the worker's own retry decides.
-            return Failed(error, may_have_applied=False), None, False
-        except UpstreamError as error:
-            # Only a request that never left may be sent again: the first one may have been applied.
-            failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
-            return failed, None, not error.may_have_reached_upstream
-        outcome = _classify(Reply(response, read_answer(response.status, response.body)))
-        retry_after = _retry_after(response) if response.status in (429, 503) else None
-        return outcome, retry_after, retry_after is not None
 
     def _log_event(self, event: LeaseEvent) -> None:
         environment_id, work_id = event.key
@@ -531,27 +464,6 @@ def _identity(request: UpstreamRequest) -> Identity:
     _, _, query = request.target.partition("?")
     params = sorted(without_param(query, "expected_last_heartbeat").split("&"))
     return Identity(upstream_credential(request.headers), tuple(params))
-
-
-def _classify(reply: Reply) -> FlightResult[Reply, UpstreamError]:
-    answer = reply.answer
-    if answer.status == 412:
-        return Rejected(reply, answer.current_state, answer.current_last_heartbeat)
-    if answer.success is not None:
-        return Succeeded(answer.success, reply)
-    # A server error may follow a write that landed; refusals (4xx, 503, 529) did not apply.
-    return Unsuccessful(reply, may_have_applied=answer.status >= 500 and answer.status not in (503, 529))
-
-
-def _retry_after(response: BufferedResponse) -> float | None:
-    for name, value in response.headers:
-        if name.lower() == "retry-after":
-            try:
-                seconds = float(value)
-            except ValueError:
-                return None  # an HTTP date: not worth the clock comparison for a heartbeat
-            return seconds if seconds >= 0 else None
-    return None
 
 
 _LOCAL_REASONS = MappingProxyType({200: "OK", 412: "Precondition Failed", 429: "Too Many Requests"})
