@@ -12,6 +12,7 @@ driver report to, so neither imports prometheus_client.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,8 +69,7 @@ class GatewayMetrics:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        # Status codes are bounded in practice (the HTTP set), so this stays small.
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._child = _Children()
         self._labels: dict[str, str] = {}
         self.environments: tuple[str, ...] = ()
 
@@ -224,49 +224,37 @@ class GatewayMetrics:
     def set_environments(self, settings: Settings) -> None:
         """Name the configured environments (again, after a reload); new ones start at zero."""
         self._labels = {env.id: env.label for env in settings.environments}
-        self.environments = (*dict.fromkeys(self._labels.values()), OTHER)
-        for env in self.environments:
-            for outcome in OUTCOMES:
-                self.heartbeats.labels(env, outcome)
-            for reason in LOST_REASONS:
-                self.leases_lost.labels(env, reason)
-            for state in STOP_STATES:
-                self.work_stops.labels(env, state)
-            self.conflicts.labels(env)
-            self.lease_remaining.labels(env)
-            for poll_outcome in POLL_OUTCOMES:
-                self.polls.labels(env, poll_outcome)
-            self.polls_waiting.labels(env)
+        envs = self.environments = (*dict.fromkeys(self._labels.values()), OTHER)
+        _start_at_zero(
+            (self.heartbeats, envs, OUTCOMES),
+            (self.leases_lost, envs, LOST_REASONS),
+            (self.work_stops, envs, STOP_STATES),
+            (self.conflicts, envs),
+            (self.lease_remaining, envs),
+            (self.polls, envs, POLL_OUTCOMES),
+            (self.polls_waiting, envs),
+        )
 
     def _initialise(self) -> None:
-        for route in ROUTES:
-            for code in CLIENT_CODES:
-                self.requests.labels(route, code)
-            for code in UPSTREAM_CODES:
-                self.upstream_requests.labels(route, code)
-            for kind in ERROR_KINDS:
-                self.upstream_errors.labels(route, kind)
-            self.request_duration.labels(route)
-            self.upstream_duration.labels(route)
-            self.upstream_retries.labels(route)
-            self.inflight.labels(route)
-            for action in SHED_ACTIONS:
-                self.shed.labels(route, action)
-        for where in FAILSAFE_POINTS:
-            self.internal_errors.labels(where)
-        for result in ("success", "failure"):
-            self.config_reloads.labels(result)
-        for result in DISCOVERY_RESULTS:
-            self.session_discoveries.labels(result)
-        for pool in PoolName:
-            self.pool_in_use.labels(pool.value)
-            self.pool_queued.labels(pool.value)
-            self.pool_wait.labels(pool.value)
-            for reason in POOL_REFUSALS:
-                self.pool_refusals.labels(pool.value, reason)
-        for route in ROUTES:
-            for credential in CREDENTIAL_KINDS:
-                self.credentials_chosen.labels(route, credential)
+        pools = tuple(pool.value for pool in PoolName)
+        _start_at_zero(
+            (self.requests, ROUTES, CLIENT_CODES),
+            (self.upstream_requests, ROUTES, UPSTREAM_CODES),
+            (self.upstream_errors, ROUTES, ERROR_KINDS),
+            (self.request_duration, ROUTES),
+            (self.upstream_duration, ROUTES),
+            (self.upstream_retries, ROUTES),
+            (self.inflight, ROUTES),
+            (self.shed, ROUTES, SHED_ACTIONS),
+            (self.internal_errors, FAILSAFE_POINTS),
+            (self.config_reloads, ("success", "failure")),
+            (self.session_discoveries, DISCOVERY_RESULTS),
+            (self.pool_in_use, pools),
+            (self.pool_queued, pools),
+            (self.pool_wait, pools),
+            (self.pool_refusals, pools, POOL_REFUSALS),
+            (self.credentials_chosen, ROUTES, CREDENTIAL_KINDS),
+        )
 
     def environment(self, environment_id: str | None) -> str:
         return self._labels.get(environment_id or "", OTHER)
@@ -276,14 +264,6 @@ class GatewayMetrics:
         self.registry.register(_LeaseTableCollector(counts, self))
 
     # -- the client-facing side -------------------------------------------------------
-
-    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
-        """`metric.labels(*labels)`, remembered: on the request path, labels() costs a lock and a check."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def request_started(self, route: str) -> None:
         self._child(self.inflight, route).inc()
@@ -377,6 +357,31 @@ class GatewayMetrics:
 
     def internal_error(self, where: FailsafePoint) -> None:
         self.internal_errors.labels(where).inc()
+
+
+class _Children:
+    """`metric.labels(*labels)`, remembered: on the request path, labels() costs a lock and a check.
+
+    Status codes are bounded in practice (the HTTP set), and every other label is, so this stays small.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def __call__(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._known.get(key)
+        if child is None:
+            child = self._known[key] = metric.labels(*labels)
+        return child
+
+
+def _start_at_zero(*series: tuple[Any, ...]) -> None:
+    """Each `(metric, values of its first label, values of its second, ...)`: a series for every combination,
+    so a dashboard and a `rate()` see 0 before the first event rather than nothing."""
+    for metric, *label_values in series:
+        for labels in itertools.product(*label_values):
+            metric.labels(*labels)
 
 
 class _LeaseTableCollector:
