@@ -140,50 +140,13 @@ async def _run(workers: int, environment_key: str, token: str, seed: int) -> dic
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
             asyncio.TaskGroup() as group,
         ):
-            tasks = []
-            for fleet, base, credential in (
-                (fleets[0], direct_url, environment_key),
-                (fleets[1], gateway.proxy_url, token),
-            ):
-                rng = random.Random(seed)
-                for i in range(workers):
-                    worker = SimulatedWorker(
-                        session,
-                        base_url=base,
-                        environment_id=ENVIRONMENT_ID,
-                        token=credential,
-                        worker_id=f"{fleet.name}-worker-{i}",
-                        stats=fleet.stats,
-                        behaviour=WorkerBehaviour(work_seconds=(8.0, 16.0)),
-                        rng=random.Random(rng.random()),
-                    )
-                    tasks.append(group.create_task(worker.run(), name=f"{fleet.name}-worker-{i}"))
-                tasks.append(group.create_task(_feed(fleet.sim, workers), name=f"{fleet.name}-feeder"))
-            started = time.monotonic()
-            second = 0
-            for phase in PHASES:
-                for fleet in fleets:
-                    fleet.sim.faults = phase.faults
-                before = [_snapshot(f) for f in fleets]
-                phase_end = started + second + phase.seconds
-                print(f"-- {phase.name} --", flush=True)
-                while time.monotonic() < phase_end and not stop.is_set():
-                    second += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), max(0.0, started + second - time.monotonic()))
-                    print(
-                        f"[{second:3d}s] "
-                        + "\n       ".join(f.line(gw) for f, gw in zip(fleets, (None, gateway), strict=True)),
-                        flush=True,
-                    )
-                by_phase.append(
-                    {
-                        "phase": phase.name,
-                        **{f.name: _delta(b, _snapshot(f)) for f, b in zip(fleets, before, strict=True)},
-                    }
-                )
-                if stop.is_set():
-                    break
+            targets = ((fleets[0], direct_url, environment_key), (fleets[1], gateway.proxy_url, token))
+            tasks = [
+                task
+                for fleet, base, credential in targets
+                for task in _start(group, session, fleet, base, credential, workers, seed)
+            ]
+            by_phase = await _play(fleets, gateway, stop)
             for task in tasks:
                 task.cancel()
     finally:
@@ -200,6 +163,62 @@ async def _run(workers: int, environment_key: str, token: str, seed: int) -> dic
             o: _count(gateway, o) for o in ("forwarded", "joined", "handed_off", "absorbed", "rejected")
         },
     }
+
+
+def _start(
+    group: asyncio.TaskGroup,
+    session: aiohttp.ClientSession,
+    fleet: Fleet,
+    base: str,
+    credential: str,
+    workers: int,
+    seed: int,
+) -> list[asyncio.Task[None]]:
+    """One fleet's workers, and the feeder that queues their work: the same seeds for both fleets."""
+    rng = random.Random(seed)
+    tasks = []
+    for i in range(workers):
+        worker = SimulatedWorker(
+            session,
+            base_url=base,
+            environment_id=ENVIRONMENT_ID,
+            token=credential,
+            worker_id=f"{fleet.name}-worker-{i}",
+            stats=fleet.stats,
+            behaviour=WorkerBehaviour(work_seconds=(8.0, 16.0)),
+            rng=random.Random(rng.random()),
+        )
+        tasks.append(group.create_task(worker.run(), name=f"{fleet.name}-worker-{i}"))
+    tasks.append(group.create_task(_feed(fleet.sim, workers), name=f"{fleet.name}-feeder"))
+    return tasks
+
+
+async def _play(fleets: tuple[Fleet, Fleet], gateway: Gateway, stop: asyncio.Event) -> list[dict[str, Any]]:
+    """The bad day's phases in turn, a line a second, each phase's figures as it ends."""
+    by_phase: list[dict[str, Any]] = []
+    started = time.monotonic()
+    second = 0
+    for phase in PHASES:
+        for fleet in fleets:
+            fleet.sim.faults = phase.faults
+        before = [_snapshot(f) for f in fleets]
+        phase_end = started + second + phase.seconds
+        print(f"-- {phase.name} --", flush=True)
+        while time.monotonic() < phase_end and not stop.is_set():
+            second += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, started + second - time.monotonic()))
+            print(
+                f"[{second:3d}s] "
+                + "\n       ".join(f.line(gw) for f, gw in zip(fleets, (None, gateway), strict=True)),
+                flush=True,
+            )
+        by_phase.append(
+            {"phase": phase.name, **{f.name: _delta(b, _snapshot(f)) for f, b in zip(fleets, before, strict=True)}}
+        )
+        if stop.is_set():
+            break
+    return by_phase
 
 
 def _snapshot(fleet: Fleet) -> dict[str, int]:
