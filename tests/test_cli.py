@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.demo.bad_day import PHASES
 
 from .served import Ports, start_serve, wait_ready
-from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, config_yaml, worker_headers
+from .support import ENV_ID, ENVIRON, SECRETS, TOKEN, Recorder, SimFactory, config_yaml, worker_headers
 from .tools import free_port, write_pair
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.yaml"
@@ -366,3 +366,53 @@ async def test_sighup_reloads_keys_and_refuses_bad_or_restart_only_changes(
 def header_value(rec: Recorder, index: int, name: str) -> str:
     (value,) = [v for k, v in rec.requests[index].headers if k.lower() == name.lower()]
     return value
+
+
+async def test_sigterm_mid_flight_exits_within_one_grace_period(make_simulator: SimFactory, tmp_path: Path) -> None:
+    """A heartbeat, a long poll and an event stream open when SIGTERM comes: out in one grace, cutting the rest."""
+    from gateway.simulator import Faults
+
+    sim = await make_simulator(faults=Faults(latency_seconds=10, endpoints=("heartbeat", "poll")))
+    (work_id,) = sim.sim.enqueue(ENV_ID)
+    sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="w", reclaim_older_than_ms=None)
+    sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+    ports, grace = Ports.free(), 2.0
+    config = tmp_path / "gateway.yaml"
+    config.write_text(config_yaml(sim.url, ports.listen_yaml() + f"limits: {{shutdown_grace_seconds: {grace}}}\n"))
+    proc = await start_serve(config, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_ready(ports.admin, proc)
+        base = f"http://127.0.0.1:{ports.proxy}"
+        session_id = sim.sim.sessions.all()[0].id
+        async with aiohttp.ClientSession() as http:
+            beat = asyncio.ensure_future(
+                http.post(
+                    f"{base}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat",
+                    params={"expected_last_heartbeat": "NO_HEARTBEAT"},
+                    headers=worker_headers(),
+                )
+            )
+            poll = asyncio.ensure_future(
+                http.get(
+                    f"{base}/v1/environments/{ENV_ID}/work/poll", params={"block_ms": "999"}, headers=worker_headers()
+                )
+            )
+            stream = await http.get(f"{base}/v1/sessions/{session_id}/events/stream", headers=worker_headers())
+            assert stream.status == 200
+            await asyncio.sleep(0.3)  # all three are in flight
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 3 * grace)
+            elapsed = time.monotonic() - started
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await stream.content.read()  # cut, not finished
+            stream.close()
+            for request in (beat, poll):
+                with pytest.raises(aiohttp.ClientError):
+                    await request
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert grace - 0.2 < elapsed < grace + 1.0, elapsed

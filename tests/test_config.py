@@ -424,3 +424,21 @@ def test_null_means_none_where_none_is_allowed_and_a_missing_key_means_the_defau
         "polls.max_upstream_per_environment: must be at least 1, not 0",
         "polls.refresh_seconds: must be greater than 0",
     ]
+
+
+def test_config_errors_redact_secret_shaped_keys_and_values() -> None:
+    pasted = "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUv0123456789"
+    texts = [
+        f"environments: [{{id: env_1, key_env: K, {pasted}: 1}}]\nclients: {{tokens: [{{token_env: T}}]}}",
+        f"environments: [{{id: env_1, key_env: K}}]\nclients: {{tokens: [{{token_env: T}}]}}\n"
+        f"logging: {{level: {pasted}}}",
+        "environments: [{id: env_1, key_env: K}]\nclients: {tokens: [{token_env: T}]}\n"
+        "upstream: {a1B2c3D4e5F6g7H8i9J0k1L2m3N4: 1}",
+    ]
+    for text in texts:
+        with pytest.raises(ConfigError) as caught:
+            load_settings(text, {"K": "k", "T": "t"})
+        message = str(caught.value)
+        assert pasted not in message
+        assert "a1B2c3D4e5F6g7H8i9J0k1L2m3N4" not in message
+        assert "<redacted>" in message

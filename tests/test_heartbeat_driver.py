@@ -511,3 +511,33 @@ async def test_the_driver_wakes_when_the_core_asks_and_keeps_no_ticker() -> None
         assert row.state == "expired"
     finally:
         await service.close()
+
+
+async def test_leases_stopped_through_the_gateway_are_never_counted_as_expired_or_lost(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    sim = await make_simulator(ttl=1)
+    gateway = await make_gateway(sim.url, "heartbeat: {leases: {expiry_grace_seconds: 0.2}}")
+    work_ids = sim.sim.enqueue(ENV_ID, count=40)
+    async with aiohttp.ClientSession() as http:
+
+        async def churn(work_id: str, force: bool) -> None:
+            sim.sim.plane.poll(ENV_ID, sim.sim.now(), worker_id="w", reclaim_older_than_ms=None)
+            sim.sim.plane.ack(ENV_ID, work_id, sim.sim.now())
+            base = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}"
+            last = "NO_HEARTBEAT"
+            for _ in range(4):  # the claim and three beats
+                async with http.post(
+                    f"{base}/heartbeat", params={"expected_last_heartbeat": last}, headers=worker_headers()
+                ) as r:
+                    assert r.status == 200
+                    last = (await r.json())["last_heartbeat"]
+            async with http.post(f"{base}/stop", json={"force": force}, headers=worker_headers()) as r:
+                assert r.status == 200
+
+        for n, work_id in enumerate(work_ids):
+            await churn(work_id, force=n % 2 == 0)  # force stops, and graceful ones the holder never finishes
+        await asyncio.sleep(1.5)  # every TTL (1 s) and grace (0.2 s) past: the core woke for each check
+    metrics = next(iter(gateway.metrics.leases_lost.collect())).samples
+    lost = {s.labels["reason"]: s.value for s in metrics if s.name.endswith("_total") and s.value}
+    assert lost == {}

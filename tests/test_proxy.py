@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from yarl import URL
 
 from gateway.app import Gateway
 
+from .raw_http import FAST, raw, status_and_json
 from .support import (
     ALL_ENVIRONMENTS_CLIENTS,
     API_KEY,
@@ -30,6 +32,7 @@ from .support import (
     GatewayFactory,
     Recorder,
     header,
+    make_settings,
     worker_headers,
 )
 
@@ -590,3 +593,165 @@ async def test_non_ascii_header_values_are_refused(via_recorder: tuple[Recorder,
     writer.close()
     assert status_line.split()[1] == b"400"
     assert rec.requests == []
+
+
+async def test_a_stalled_body_gets_a_408_and_the_upstream_exchange_ends(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    upstream_done = asyncio.Event()
+
+    async def reads_the_body(request: web.Request) -> web.StreamResponse:
+        try:
+            await request.read()
+        finally:
+            upstream_done.set()  # however it ended: cut off, or cancelled as the connection closed
+        return web.json_response({})
+
+    rec.respond = reads_the_body
+    gateway = await make_gateway(url, FAST)
+    head = f"POST /v1/sessions/s/events HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nContent-Length: 100\r\n\r\n"
+    received, seconds = await raw(gateway, head.encode() + b'{"events": [')
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (408, "timeout_error")
+    assert seconds < 1.5
+    await asyncio.wait_for(upstream_done.wait(), 2)  # the upstream saw its request end, cut off
+
+
+@pytest.mark.parametrize("path", ["/v1/sessions/s/events", f"/v1/environments/{ENV_ID}/work/w/heartbeat"])
+async def test_a_chunked_body_that_breaks_gets_a_fast_400(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory, path: str
+) -> None:
+    _rec, url = recorder
+    gateway = await make_gateway(url, FAST)
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    received, seconds = await raw(gateway, head.encode() + b"2\r\n{}\r\nzz\r\nnot a chunk\r\n")
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+    assert seconds < 1.0
+
+
+@pytest.mark.parametrize("path", ["/v1/sessions/s/events", f"/v1/environments/{ENV_ID}/work/w/heartbeat"])
+async def test_a_chunk_that_breaks_after_the_body_started_gets_400_at_once_not_the_body_timeout(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory, path: str
+) -> None:
+    """The first chunk is read (the request is under way), then a bad chunk size: 400 at once, the connection
+    closed, and the upstream never sees a request it could apply (the body timeout stays at its 30 s)."""
+    rec, url = recorder
+    gateway = await make_gateway(url)
+    host, port = gateway.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    writer.write(head.encode() + b"1\r\n{\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the handler is reading the body
+    started = time.monotonic()
+    writer.write(b"zz\r\n}\r\n0\r\n\r\n")
+    await writer.drain()
+    received = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes the connection
+    writer.close()
+    assert time.monotonic() - started < 1.0
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+    assert received.count(b"HTTP/1.1") == 1  # one answer for the one request
+    assert [r for r in rec.requests if r.body] == []  # nothing whole reached the upstream
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_heartbeat_with_a_body_over_4_kib_is_413_without_buffering(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory, chunked: bool
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url)
+    path = f"/v1/environments/{ENV_ID}/work/w/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
+    if chunked:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        data = head.encode() + b"1388\r\n" + b"x" * 5000 + b"\r\n"
+    else:
+        # Declared, not sent: the answer must not wait for it.
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nContent-Length: 33000000\r\n\r\n"
+        data = head.encode()
+    received, seconds = await raw(gateway, data)
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (413, "request_too_large")
+    assert seconds < 1.0
+    assert rec.requests == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        f"/v1/environments/{ENV_ID}/%252e%252e/env_other/work/poll",
+        "/v1/sessions/%252e%252e/%252e%252e/environments/env_other/work/poll",
+        "/v1/sessions/s%2525/events",
+        "/v1/sessions/%E2%80%A4%E2%80%A4/events",  # U+2024 ONE DOT LEADER: `.` under NFKC
+        "/v1/sessions/%EF%BC%8E%EF%BC%8E/events",  # U+FF0E FULLWIDTH FULL STOP
+        "/v1/sessions/sesn_%EF%AC%81/events",  # U+FB01, the `fi` ligature
+    ],
+)
+async def test_paths_that_a_second_decoding_or_normalisation_would_change_are_refused(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory, target: str
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url)
+    received, _ = await raw(gateway, f"GET {target} HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\n\r\n".encode())
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+    assert rec.requests == []
+
+
+async def test_a_token_wrapped_in_basic_auth_is_refused_not_passed_on(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url)
+    for basic in (f"user:{TOKEN}", f"{TOKEN}:", f"{TOKEN}:x"):
+        auth = "Basic " + base64.b64encode(basic.encode()).decode()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{gateway.proxy_url}/v1/sessions/s", headers={"Authorization": auth}) as r,
+        ):
+            assert r.status == 401
+    assert rec.requests == []
+
+
+async def test_a_token_removed_by_a_reload_is_refused_not_forwarded(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+    gateway = await make_gateway(url)
+    headers = worker_headers()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway.proxy_url}/v1/sessions/s", headers=headers) as r:
+            assert r.status == 200
+        rotated = "clients: {tokens: [{token_env: TEST_LIMITED_TOKEN}]}"
+        assert gateway.reload(make_settings(url, clients=rotated)) == []
+        async with http.get(f"{gateway.proxy_url}/v1/sessions/s", headers=headers) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["message"] == "this client token is no longer accepted by the gateway"
+    assert len(rec.requests) == 1  # the second never left
+    assert not any(TOKEN in value for request in rec.requests for _, value in request.headers)
+
+
+async def test_keys_echoed_by_the_upstream_never_reach_the_worker(
+    recorder: tuple[Recorder, str], make_gateway: GatewayFactory
+) -> None:
+    rec, url = recorder
+
+    async def echoes(request: web.Request) -> web.StreamResponse:
+        echoed = request.headers.get("Authorization", "")
+        status = 200 if request.path.endswith("/heartbeat") else 401
+        body = {"type": "error", "error": {"type": "authentication_error", "message": f"bad credential {echoed}"}}
+        return web.json_response(body, status=status, headers={"x-echo": echoed})
+
+    rec.respond = echoes
+    gateway = await make_gateway(url)
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/sessions/s", f"/v1/environments/{ENV_ID}/work/w/heartbeat"):
+            method = "POST" if "heartbeat" in path else "GET"
+            async with http.request(method, gateway.proxy_url + path, headers=worker_headers()) as r:
+                text = await r.text()
+                assert ENV_KEY not in text
+                assert ENV_KEY not in r.headers.get("x-echo", "")
+                assert "<redacted>" in text
+                assert r.headers["x-echo"] == "Bearer <redacted>"
