@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from typing import Any
 
 import aiohttp
@@ -197,12 +198,22 @@ async def test_slots_beyond_the_limit_are_given_back_not_passed_on() -> None:
     assert await waiting is not None  # the last one, within the limit, passes on
 
 
-async def test_worker_ids_are_remembered_by_a_small_digest_whatever_their_length() -> None:
+async def test_worker_ids_cost_the_same_small_memory_whatever_their_length() -> None:
+    """A client choosing 8 KB worker ids must not make the gateway keep 8 KB per id: ids are remembered by a
+    digest, so 200 of them keep well under what their text alone would take (1.6 MB)."""
     settings = PollSettings(max_upstream_per_environment=1, refresh_seconds=30)
     polls = PollAdmission(lambda: settings)
-    for n in range(200):
-        await polls.admit(ENV_ID, f"{n}-" + "x" * 8000, 0.001)
-    assert {len(key) for key in polls._seen} == {16}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for n in range(200):
+            await polls.admit(ENV_ID, f"{n}-" + "x" * 8000, 0.001)
+            polls.release(ENV_ID)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    kept = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert kept < 100_000, kept
 
 
 async def test_polls_the_slots_are_not_for_go_straight_upstream(
