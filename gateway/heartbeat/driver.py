@@ -48,7 +48,7 @@ from .lease import Beat, LeaseKey
 from .query import HeartbeatQuery
 from .sending import MAX_HEARTBEAT_RESPONSE_BYTES, FlightSender, Reply
 from .table import LeaseView, TableCounts
-from .wire import Answer, LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
+from .wire import LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 
 __all__ = [
     "FAILSAFE_POINTS",
@@ -83,11 +83,10 @@ class HeartbeatCall:
 
 
 @dataclass(frozen=True, slots=True)
-class HeartbeatResult:
-    response: BufferedResponse
+class HeartbeatResult(Reply):
+    """A reply as a worker gets it: labelled with how it was decided (`outcome`)."""
+
     outcome: Outcome
-    # What the answer says about the lease, read once.
-    answer: Answer
     # What the service needs to hear back if the answer could not be written.
     receipt: tuple[int, LeaseKey] | None = field(default=None, compare=False)
 
@@ -127,7 +126,7 @@ class DirectHeartbeats:
         request = dataclasses.replace(call.request, pool=pool)
         response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
         answer = read_answer(response.status, response.body)
-        return HeartbeatResult(_labelled(response, Outcome.FORWARDED), Outcome.FORWARDED, answer)
+        return HeartbeatResult(_labelled(response, Outcome.FORWARDED), answer, Outcome.FORWARDED)
 
     def holds(self, environment_id: str, work_id: str, credential: tuple[str, ...]) -> bool:
         return False
@@ -399,7 +398,7 @@ class CoalescingHeartbeats:
         if future is None or future.done() or call is None:
             return
         key = (call.environment_id, call.work_id)
-        future.set_result(HeartbeatResult(_labelled(reply.response, outcome), outcome, reply.answer, (waiter, key)))
+        future.set_result(HeartbeatResult(_labelled(reply.response, outcome), reply.answer, outcome, (waiter, key)))
 
     async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName) -> None:
         """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter.

@@ -36,7 +36,8 @@ MAX_HEARTBEAT_RESPONSE_BYTES = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An upstream answer and what it says: the core's response type, read once when it arrives."""
+    """An upstream answer and what it says about the lease (`wire.Answer`), read once when it arrives: the
+    core's response type, and what the driver hands the proxy (`driver.HeartbeatResult`, with its outcome)."""
 
     response: BufferedResponse
     answer: Answer

@@ -7,7 +7,15 @@ Pure. Everything that knows what a heartbeat answer looks like lives here
 logs share for lease states, answer outcomes, lost reasons and lease events.
 
 An answer is read once, into an `Answer`; an answer that cannot be read is
-no signal at all, never a guess.
+no signal at all, never a guess. The answer types, from the wire up:
+
+- `upstream.client.BufferedResponse`: the HTTP answer, bytes and headers;
+- `HeartbeatAnswer`: the lease fields of a 200 (value, state, TTL, extended);
+- `Answer`: what any answer says about the lease (its status, the 200's
+  `HeartbeatAnswer`, or a 412's current state);
+- `sending.Reply`: a `BufferedResponse` with its `Answer`, the core's
+  response type;
+- `driver.HeartbeatResult`: a `Reply` as a worker gets it, with its outcome.
 """
 
 from __future__ import annotations
