@@ -19,6 +19,8 @@ and through the gateway alike) shorter than the slack absorption keeps,
 defers renewals by up to `max_signal_delay`, so a longer outage that starts
 right then can outlast a lease that direct renewals would have stretched;
 README, "Absorption", says so).
+
+Checks `gateway/heartbeat/worker_model.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The admin port: probes, the lease table, the effective config, and nothing of it on the worker port."""
+"""The admin port: probes, the lease table, the effective config, and nothing of it on the worker port.
+
+Checks `gateway/edge/admin.py`, `gateway/app.py`.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -176,3 +177,19 @@ def test_the_readme_architecture_names_every_folder_and_top_level_module() -> No
     assert [name for name in folders + top if f"`{name}`" not in section] == []
     inits = PACKAGE.glob("*/__init__.py")
     assert [p.parent.name for p in inits if not ast.get_docstring(ast.parse(p.read_text()))] == []
+
+
+def test_every_module_is_checked_by_a_test_file_that_names_it() -> None:
+    """Tests mirror the code: each module has test files that say, in their docstring, that they check it
+    ("Checks `gateway/policy/routing.py`."), and no test file names a module that is gone."""
+    tests = PACKAGE.parent / "tests"
+    named: dict[str, list[str]] = {}
+    for path in sorted(tests.glob("test_*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        for module in re.findall(r"`gateway/([\w/]+\.py)`", doc):
+            named.setdefault(module, []).append(path.name)
+    modules = {
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert sorted(modules - set(named)) == [], "modules no test file says it checks"
+    assert sorted(set(named) - modules) == [], "test files naming modules that do not exist"

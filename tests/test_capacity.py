@@ -1,4 +1,7 @@
-"""Upstream capacity by class: a bounded, timed queue per class, and no class waiting for another's connections."""
+"""Upstream capacity by class: a bounded, timed queue per class, and no class waiting for another's connections.
+
+Checks `gateway/upstream/capacity.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The command line, run as users run it: real processes, real signals, real ports."""
+"""The command line, run as users run it: real processes, real signals, real ports.
+
+Checks `gateway/cli.py`, `gateway/demo/run.py`, `gateway/demo/bad_day.py`, `gateway/demo/worker.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Config validation: every problem reported with its key path, secrets never echoed."""
+"""Config validation: every problem reported with its key path, secrets never echoed.
+
+Checks `gateway/config/load.py`, `gateway/config/settings.py`, `gateway/config/checks.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Which credential goes upstream, and which requests are refused before it."""
+"""Which credential goes upstream, and which requests are refused before it.
+
+Checks `gateway/policy/credentials.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Header policy, both directions."""
+"""Header policy, both directions.
+
+Checks `gateway/policy/headers.py`.
+"""
 
 from __future__ import annotations
 

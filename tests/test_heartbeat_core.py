@@ -2,6 +2,10 @@
 
 Each test reads like the contract point it checks ("claim at t=0, beat at
 t=0.1, upstream answers at t=0.3, expect ...").
+
+Checks `gateway/heartbeat/core.py`, `gateway/heartbeat/lease.py`, `gateway/heartbeat/table.py`,
+`gateway/heartbeat/verdicts.py`, `gateway/heartbeat/local.py`, `gateway/heartbeat/actions.py`,
+`gateway/heartbeat/retry.py`.
 """
 
 from __future__ import annotations

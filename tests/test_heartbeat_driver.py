@@ -1,4 +1,7 @@
-"""Coalescing through real sockets: workers → gateway → simulator, and the driver's own rules."""
+"""Coalescing through real sockets: workers → gateway → simulator, and the driver's own rules.
+
+Checks `gateway/heartbeat/driver.py`, `gateway/heartbeat/sending.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Heartbeat query validation and the default TTL."""
+"""Heartbeat query validation and the default TTL.
+
+Checks `gateway/heartbeat/query.py`.
+"""
 
 from __future__ import annotations
 

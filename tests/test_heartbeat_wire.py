@@ -1,4 +1,7 @@
-"""The heartbeat's wire format: what an answer says, read once, and the gateway's own answers."""
+"""The heartbeat's wire format: what an answer says, read once, and the gateway's own answers.
+
+Checks `gateway/heartbeat/wire.py`.
+"""
 
 from __future__ import annotations
 

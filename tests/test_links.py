@@ -1,4 +1,7 @@
-"""Which environment a session belongs to: learned from answers, discovered when unseen, never guessed."""
+"""Which environment a session belongs to: learned from answers, discovered when unseen, never guessed.
+
+Checks `gateway/policy/links.py`, `gateway/upstream/discovery.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Log output: JSON lines with request fields, and no secret in any line, whatever happens."""
+"""Log output: JSON lines with request fields, and no secret in any line, whatever happens.
+
+Checks `gateway/observability/logs.py`, `gateway/observability/access_log.py`, `gateway/edge/middleware.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Metrics as the contract names them, read from the live /metrics of a running gateway."""
+"""Metrics as the contract names them, read from the live /metrics of a running gateway.
+
+Checks `gateway/observability/metrics.py`.
+"""
 
 from __future__ import annotations
 

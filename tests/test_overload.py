@@ -1,4 +1,7 @@
-"""Overload: the replica sheds what is safe to shed while its event loop runs late, and never a lease call."""
+"""Overload: the replica sheds what is safe to shed while its event loop runs late, and never a lease call.
+
+Checks `gateway/edge/overload.py`.
+"""
 
 from __future__ import annotations
 

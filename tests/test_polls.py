@@ -1,4 +1,7 @@
-"""Poll admission: idle long polls held at the gateway, first come first served, never an item for nobody."""
+"""Poll admission: idle long polls held at the gateway, first come first served, never an item for nobody.
+
+Checks `gateway/edge/polls.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The proxy path against real sockets: forwarding fidelity, credentials, refusals, streaming, limits."""
+"""The proxy path against real sockets: forwarding fidelity, credentials, refusals, streaming, limits.
+
+Checks `gateway/edge/proxy.py`, `gateway/errors.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Request targets: what the gateway accepts, refuses, and which route it names."""
+"""Request targets: what the gateway accepts, refuses, and which route it names.
+
+Checks `gateway/policy/routing.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TLS on the worker-facing port (and the admin port): certificates that rotate, client certificates required."""
+"""TLS on the worker-facing port (and the admin port): certificates that rotate, client certificates required.
+
+Checks `gateway/certificates.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""The simulator: its control plane as transcripts with a fake clock, and its HTTP surface."""
+"""The simulator: its control plane as transcripts with a fake clock, and its HTTP surface.
+
+Checks `gateway/simulator/app.py`, `gateway/simulator/api.py`, `gateway/simulator/auth.py`,
+`gateway/simulator/control_plane.py`, `gateway/simulator/faults.py`,
+`gateway/simulator/middleware.py`, `gateway/simulator/state.py`.
+"""
 
 from __future__ import annotations
 

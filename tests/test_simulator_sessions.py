@@ -1,4 +1,7 @@
-"""The simulator's sessions: the scripted agent as transcripts, and its HTTP surface with the API's credential rules."""
+"""The simulator's sessions: the scripted agent as transcripts, and its HTTP surface with the API's credential rules.
+
+Checks `gateway/simulator/sessions.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The gateway against deliberately broken upstreams, and the one place their errors are translated."""
+"""The gateway against deliberately broken upstreams, and the one place their errors are translated.
+
+Checks `gateway/upstream/client.py`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""HTTPS to the upstream, with certificate authorities made here: trusted, untrusted, the wrong name."""
+"""HTTPS to the upstream, with certificate authorities made here: trusted, untrusted, the wrong name.
+
+Checks `gateway/upstream/client.py` (its TLS) and `gateway/certificates.py` (trust that rotates).
+"""
 
 from __future__ import annotations
 
