@@ -102,7 +102,7 @@ async def measure(target: str, kind: str, args: Any, tmp: Path) -> dict[str, Any
 async def main(args: Any) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="instructions-bench-") as tmp:
-        for kind in KINDS:
+        for kind in args.kinds.split(","):
             for target in args.targets.split(","):
                 row = await measure(target, kind, args, Path(tmp))
                 print(row, file=sys.stderr, flush=True)
@@ -111,11 +111,11 @@ async def main(args: Any) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]], args: Any) -> None:
-    print(f"\nbench/instructions_bench.py --targets {args.targets} --requests {args.requests}")
+    print(f"\nbench/instructions_bench.py --targets {args.targets} --kinds {args.kinds} --requests {args.requests}")
     print("instructions per request in the proxy's process (callgrind); ratio to the first target")
     targets = args.targets.split(",")
     print(f"{'':12}" + "".join(f"{t:>26}" for t in targets))
-    for kind in KINDS:
+    for kind in args.kinds.split(","):
         counts = {r["target"]: r["instructions_per_request"] for r in rows if r["kind"] == kind}
         base = counts[targets[0]]
         cells = "".join(f"{f'{counts[t]:,} ({counts[t] / base:.2f}x)':>26}" for t in targets)
@@ -126,6 +126,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default="minimal,gateway")
     parser.add_argument("--requests", type=int, default=2000, help="counted, per kind and target")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"of {', '.join(KINDS)}")
     parser.add_argument("--warmup", type=int, default=1100, help="sent first, not counted (every lease once)")
     arguments = parser.parse_args()
     print_table(event_loop.run(lambda: main(arguments)), arguments)

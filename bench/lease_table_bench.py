@@ -34,8 +34,8 @@ from gateway.config.load import load_settings
 from gateway.config.settings import LeaseTrackingSettings
 from gateway.heartbeat.actions import Send, Succeeded
 from gateway.heartbeat.core import Coalescer
-from gateway.heartbeat.sending import Reply
 from gateway.heartbeat.lease import Beat
+from gateway.heartbeat.sending import Reply
 from gateway.heartbeat.wire import HeartbeatAnswer, read_answer
 from gateway.observability.metrics import GatewayMetrics
 from gateway.upstream.client import BufferedResponse

@@ -124,7 +124,7 @@ class InFlight:
 INFLIGHT = web.AppKey("inflight", InFlight)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Forward:
     """A worker's request once the policy has spoken: what it is, where it goes, with which headers."""
 

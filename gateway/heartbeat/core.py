@@ -176,10 +176,9 @@ class Coalescer(Generic[R, E]):
 
     def _completed(self, key: LeaseKey, flight_id: int, outcome: FlightResult[R, E], now: float) -> list[Action[R, E]]:
         lease = self.table.get(key)
-        found = lease.lane_of(flight_id) if lease is not None else None
-        if lease is None or found is None:
+        lane = lease.lane_of(flight_id) if lease is not None else None
+        if lease is None or lane is None:
             return []  # a completion for a flight the lease no longer has
-        _, lane = found
         flight = lane.flight
         assert flight is not None  # lane_of found it there
         lane.flight = None
@@ -304,12 +303,12 @@ class Coalescer(Generic[R, E]):
     def in_flight(self, key: LeaseKey) -> int:
         """Flights out for the lease: its main lane's, plus one per side lane."""
         lease = self.table.get(key)
-        return sum(1 for _ in lease.flights()) if lease is not None else 0
+        return len(lease.flights()) if lease is not None else 0
 
     def _flight(self, key: LeaseKey, flight_id: int) -> Flight | None:
         lease = self.table.get(key)
-        found = lease.lane_of(flight_id) if lease is not None else None
-        return found[1].flight if found is not None else None
+        lane = lease.lane_of(flight_id) if lease is not None else None
+        return lane.flight if lane is not None else None
 
     def flight_wanted(self, key: LeaseKey, flight_id: int) -> bool:
         """Whether any worker still waits for flight `flight_id`: retries need one."""

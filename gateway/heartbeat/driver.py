@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, get_args
 
 from gateway.config.settings import HeartbeatSettings, PoolName
 from gateway.errors import UpstreamError, UpstreamUnavailable
@@ -449,10 +449,9 @@ def upstream_credential(headers: Iterable[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(v for k, v in headers if k.lower() in ("authorization", "x-api-key"))
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     """What the upstream would see of a beat but its `expected_last_heartbeat`: beats merge, are handed an
-    answer or absorbed only between equal identities."""
+    answer or absorbed only between equal identities. A tuple: compared and hashed on every beat, in C."""
 
     credential: tuple[str, ...]
     # The query's other parameters, sorted (desired_ttl_seconds, ...).

@@ -157,17 +157,21 @@ class Lease(Generic[R]):
         yield None, self.main
         yield from self.side.items()
 
-    def flights(self) -> Iterator[Flight]:
-        """Every flight of the lease still out."""
-        for _, lane in self.lanes():
-            if lane.flight is not None:
-                yield lane.flight
+    def flights(self) -> list[Flight]:
+        """Every flight of the lease still out (a list: asked for on every beat sent)."""
+        flights = [self.main.flight] if self.main.flight is not None else []
+        if self.side:
+            flights += [lane.flight for lane in self.side.values() if lane.flight is not None]
+        return flights
 
-    def lane_of(self, flight_id: int) -> tuple[Hashable | None, Lane] | None:
-        """The lane whose flight is `flight_id`, with its identity."""
-        for identity, lane in self.lanes():
+    def lane_of(self, flight_id: int) -> Lane | None:
+        """The lane whose flight is `flight_id` (the main lane's first: asked for on every completion)."""
+        main = self.main
+        if main.flight is not None and main.flight.id == flight_id:
+            return main
+        for lane in self.side.values():
             if lane.flight is not None and lane.flight.id == flight_id:
-                return identity, lane
+                return lane
         return None
 
     def drop_idle_side_lanes(self) -> None:

@@ -228,7 +228,7 @@ class LeaseTable(Generic[R]):
                 ttl_seconds=lease.ttl_seconds,
                 seconds_left=left,
                 last_outcome=lease.last_outcome,
-                in_flight=any(True for _ in lease.flights()),
+                in_flight=bool(lease.flights()),
                 waiting=sum(lane.waiting() for _, lane in lease.lanes()),
             )
 
