@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -303,6 +304,28 @@ async def test_a_lease_call_waits_for_a_connection_no_longer_than_its_worker_wai
         assert (await holder)[0] == 200
 
 
+def _sessions_held_until(release: asyncio.Event) -> Any:
+    """An upstream whose session calls (pass-through, the `other` class) wait for `release`; heartbeats
+    and stops are answered at once."""
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/v1/sessions/"):
+            await release.wait()
+            return web.json_response({"id": "sesn_1"})
+        if request.path.endswith("/stop"):
+            return web.json_response({"type": "work_stop"})
+        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
+        return web.json_response({**answer, "ttl_seconds": 30})
+
+    return respond
+
+
+def _one_other_connection(url: str, extra: str = "") -> str:
+    """The `other` class one connection wide, with no queue: one held pass-through call fills it."""
+    pools = "{other: {max_connections: 1, max_queued: 0, max_queue_seconds: 0.1}}"
+    return f'upstream: {{base_url: "{url}", pools: {pools}}}\n{extra}\n'
+
+
 async def test_with_coalescing_off_a_vouched_heartbeat_still_draws_on_the_lease_class(
     recorder: tuple[Recorder, str], make_gateway: GatewayFactory
 ) -> None:
@@ -310,22 +333,8 @@ async def test_with_coalescing_off_a_vouched_heartbeat_still_draws_on_the_lease_
     class: a flood of pass-through calls that fills it must not cost a held lease its beat."""
     rec, url = recorder
     release = asyncio.Event()
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        if request.path.startswith("/v1/sessions/"):
-            await release.wait()  # pass-through calls hold the `other` class
-            return web.json_response({"id": "sesn_1"})
-        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
-        return web.json_response({**answer, "ttl_seconds": 9})
-
-    rec.respond = respond
-    config = f"""upstream:
-  base_url: "{url}"
-  pools:
-    other: {{max_connections: 1, max_queued: 0, max_queue_seconds: 0.1}}
-heartbeat: {{coalesce: false}}
-"""
-    gateway = await make_gateway(url, config)
+    rec.respond = _sessions_held_until(release)
+    gateway = await make_gateway(url, _one_other_connection(url, "heartbeat: {coalesce: false}"))
     async with aiohttp.ClientSession() as http:
         held = asyncio.ensure_future(http.get(f"{gateway.proxy_url}/v1/sessions/sesn_1", headers=worker_headers()))
         await asyncio.sleep(0.2)
@@ -351,23 +360,8 @@ async def test_the_credential_the_api_accepted_on_a_lease_keeps_lease_capacity_f
     there, and its stop is lease-critical, while the same credential elsewhere, and any other, is not."""
     rec, url = recorder
     release = asyncio.Event()
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        if request.path.startswith("/v1/sessions/"):
-            await release.wait()  # pass-through calls hold the `other` class
-            return web.json_response({"id": "sesn_1"})
-        if request.path.endswith("/stop"):
-            return web.json_response({"type": "work_stop"})
-        answer = {"type": "work_heartbeat", "last_heartbeat": "T1", "lease_extended": True, "state": "active"}
-        return web.json_response({**answer, "ttl_seconds": 30})
-
-    rec.respond = respond
-    config = f"""upstream:
-  base_url: "{url}"
-  pools:
-    other: {{max_connections: 1, max_queued: 0, max_queue_seconds: 0.1}}
-"""
-    gateway = await make_gateway(url, config)
+    rec.respond = _sessions_held_until(release)
+    gateway = await make_gateway(url, _one_other_connection(url))
     holder = {"x-api-key": "sessions-token-issued-before-a-restart"}
     work = f"{gateway.proxy_url}/v1/environments/{ENV_ID}/work"
     async with aiohttp.ClientSession() as http:

@@ -213,6 +213,16 @@ class Rig:
         assert isinstance(result, HeartbeatResult)
         assert result.response.status == 200
 
+    @classmethod
+    def made(cls, settings: HeartbeatSettings | None = None, *, ttl: int = 30, observed: Observed | None = None) -> Rig:
+        """A service over an honest lease of `ttl` seconds, its observer, and the retries' jitter fixed."""
+        observed = observed or Observed()
+        upstream = HonestLease(ttl)
+        service = CoalescingHeartbeats(
+            upstream, settings or HeartbeatSettings(), observer=observed, rng=random.Random(7)
+        )
+        return cls(service, upstream, observed)
+
     async def leave_a_kept_answer(self, work_id: str) -> str:
         """The holder's beat lands upstream after its worker gave up: its answer is kept for the worker's
         retry. Returns the value that worker presented (and will present again)."""
@@ -356,10 +366,8 @@ async def test_every_fault_at_every_point_answers_every_waiter_and_leaves_the_le
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: unhandled.append(context))
-    observed = Observed()
-    upstream = HonestLease(ttl)
-    service = CoalescingHeartbeats(upstream, settings, observer=observed, rng=random.Random(7))
-    rig = Rig(service, upstream, observed)
+    rig = Rig.made(settings, ttl=ttl)
+    service, upstream, observed = rig.service, rig.upstream, rig.observed
     try:
         waiters = await point(rig, FAULTS[fault_name]())
         done, pending = await asyncio.wait(waiters, timeout=ANSWER_BOUND)
@@ -424,10 +432,8 @@ class _SpawnFailsOnce:
 
 @pytest.mark.parametrize("seam", ["submit", "completed", "spawn"])
 async def test_a_failing_decision_answers_the_lease_with_a_502_and_the_lease_starts_afresh(seam: str) -> None:
-    observed = Observed()
-    upstream = HonestLease()
-    service = CoalescingHeartbeats(upstream, HeartbeatSettings(), observer=observed)
-    rig = Rig(service, upstream, observed)
+    rig = Rig.made()
+    service, upstream, observed = rig.service, rig.upstream, rig.observed
     try:
         await rig.claim("w")
         upstream.open.clear()
@@ -555,9 +561,8 @@ async def test_a_kept_answer_survives_a_refusal_but_not_a_server_error_that_may_
     retry goes to the API instead. A refusal (4xx, 503, 529) applied nothing: the answer is
     still the lease's latest, and the retry gets it at once.
     """
-    upstream = HonestLease()
-    service = CoalescingHeartbeats(upstream, HeartbeatSettings())
-    rig = Rig(service, upstream, Observed())
+    rig = Rig.made()
+    service, upstream = rig.service, rig.upstream
     try:
         await rig.claim("w")
         claimed = await rig.leave_a_kept_answer("w")
@@ -584,9 +589,8 @@ async def test_a_rate_limited_beat_is_retried_only_if_the_answer_can_still_reach
     after 1.6 s (plus a round trip and the safety margin) would answer nobody, so the 429 is passed
     on at once and the worker's own retry decides, as it would going direct. The lease itself has
     time left for either: only the worker's window tells them apart."""
-    upstream = HonestLease(ttl=4)
-    service = CoalescingHeartbeats(upstream, HeartbeatSettings(), rng=random.Random(7))
-    rig = Rig(service, upstream, Observed())
+    rig = Rig.made(ttl=4)
+    service, upstream = rig.service, rig.upstream
     try:
         await rig.claim("w")
         calls = upstream.calls
@@ -624,10 +628,9 @@ async def test_a_lease_nobody_renews_is_reported_expired_on_time() -> None:
     """The driver's one timer wakes the core when a lease may lapse: an expiry is reported when it is
     due, including one the core asks for less than a second ahead (a lease renewed in between)."""
     observed = _ExpiryClock()
-    upstream = HonestLease(ttl=1)
     settings = HeartbeatSettings(leases=LeaseTrackingSettings(expiry_grace_seconds=0.0))
-    service = CoalescingHeartbeats(upstream, settings, observer=observed)
-    rig = Rig(service, upstream, observed)
+    rig = Rig.made(settings, ttl=1, observed=observed)
+    service = rig.service
     try:
         await rig.claim("w")
         await asyncio.sleep(0.5)
@@ -645,10 +648,8 @@ async def test_a_lease_nobody_renews_is_reported_expired_on_time() -> None:
 async def test_the_api_s_412_tells_the_gateway_what_became_of_the_lease(news: str) -> None:
     """A 412 carries the lease's current state: the gateway records the loss by its reason, shows the
     state the API reported, and keeps an answer the 412 shows is still current."""
-    observed = Observed()
-    upstream = HonestLease()
-    service = CoalescingHeartbeats(upstream, HeartbeatSettings(), observer=observed)
-    rig = Rig(service, upstream, observed)
+    rig = Rig.made()
+    service, upstream, observed = rig.service, rig.upstream, rig.observed
     try:
         await rig.claim("w")
         claimed = rig.held["w"]
