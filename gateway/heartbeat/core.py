@@ -372,7 +372,9 @@ class Coalescer(Generic[R, E]):
         actions: list[Action[R, E]] = []
         while lane.queue and lane.flight is None:
             beat = lane.queue.pop(0)
-            local = self._answer_locally(lease, beat, now) if lane.main else None
+            local = (
+                answer_locally(lease, beat, now, absorb=self.absorb, margin=self.latency_margin) if lane.main else None
+            )
             if local is not None:
                 actions.append(local)
                 lease.last_outcome = local.outcome
@@ -394,6 +396,3 @@ class Coalescer(Generic[R, E]):
         if not lane.main and lane.idle:
             lease.drop_idle_side_lanes()
         return actions
-
-    def _answer_locally(self, lease: Lease[R], beat: Beat, now: float) -> DeliverLocal | None:
-        return answer_locally(lease, beat, now, absorb=self.absorb, margin=self.latency_margin())

@@ -9,6 +9,7 @@ lease surely held (*rejected*).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from gateway.config.settings import AbsorbSettings
@@ -28,12 +29,13 @@ MIN_HANDOFF_SECONDS = 1.0
 
 
 def answer_locally(
-    lease: Lease[R], beat: Beat, now: float, *, absorb: AbsorbSettings, margin: float
+    lease: Lease[R], beat: Beat, now: float, *, absorb: AbsorbSettings, margin: Callable[[], float]
 ) -> DeliverLocal | None:
     """The answer the gateway may give itself, if any: a kept answer handed over, one absorbed, or a 412.
 
-    `margin` is the lease time an absorbed answer must leave after the
-    worker's next interval (`Coalescer.latency_margin`).
+    `margin` gives the lease time an absorbed answer must leave after the
+    worker's next interval (`Coalescer.latency_margin`), asked for only when
+    absorption is otherwise possible.
     """
     if lease.side_in_flight:
         # Another credential's beat is out and may move the lease: only the upstream can tell.
@@ -67,7 +69,7 @@ def answer_locally(
     return None
 
 
-def _absorbable(known: Success[R], beat: Beat, now: float, policy: AbsorbSettings, margin: float) -> bool:
+def _absorbable(known: Success[R], beat: Beat, now: float, policy: AbsorbSettings, margin: Callable[[], float]) -> bool:
     if not policy.enabled or beat.identity != known.identity or not known.answer.holds_lease:
         return False
     left = known.surely_held_until() - now
@@ -75,7 +77,7 @@ def _absorbable(known: Success[R], beat: Beat, now: float, policy: AbsorbSetting
         now - known.sent_at < policy.max_signal_delay_seconds
         and left >= policy.min_remaining_fraction * known.answer.ttl_seconds
         # The SDK workers pace themselves by the answer: only what keeps their pace is absorbed.
-        and keeps_pace(known.answer.ttl_seconds, int(left), margin)
+        and keeps_pace(known.answer.ttl_seconds, int(left), margin())
     )
 
 
