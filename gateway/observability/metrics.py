@@ -69,7 +69,7 @@ class GatewayMetrics:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._child = _Children()
+        self._child = _Children().child
         self._labels: dict[str, str] = {}
         self.environments: tuple[str, ...] = ()
 
@@ -368,7 +368,7 @@ class _Children:
     def __init__(self) -> None:
         self._known: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def __call__(self, metric: MetricWrapperBase, *labels: str) -> Any:
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
         key = (id(metric), labels)
         child = self._known.get(key)
         if child is None:
