@@ -544,3 +544,22 @@ async def test_leases_stopped_through_the_gateway_are_never_counted_as_expired_o
     metrics = next(iter(gateway.metrics.leases_lost.collect())).samples
     lost = {s.labels["reason"]: s.value for s in metrics if s.name.endswith("_total") and s.value}
     assert lost == {}
+
+
+async def test_a_heartbeat_waits_upstream_no_longer_than_the_heartbeat_timeout(
+    make_simulator: SimFactory, make_gateway: GatewayFactory
+) -> None:
+    """`heartbeat.upstream_timeout_seconds` bounds a beat's upstream call on its own, however long other calls
+    may take (`upstream.request_timeout_seconds`): a stalled API costs the worker the timeout, not its own."""
+    sim = await make_simulator(ttl=30)
+    upstream = f'upstream: {{base_url: "{sim.url}", request_timeout_seconds: 10}}'
+    extra = f"{upstream}\nheartbeat: {{upstream_timeout_seconds: 0.3}}"
+    gateway = await make_gateway(sim.url, extra)
+    work_id = held_item(sim)
+    async with aiohttp.ClientSession() as session:
+        sim.sim.faults = Faults(latency_seconds=3, endpoints=("heartbeat",))
+        started = time.monotonic()
+        status, body, _ = await beat(session, gateway, work_id, "NO_HEARTBEAT", give_up_after=5)
+        waited = time.monotonic() - started
+    assert (status, body["error"]["type"]) == (504, "timeout_error"), body
+    assert waited < 1.5, waited
