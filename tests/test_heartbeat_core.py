@@ -10,6 +10,7 @@ Checks `gateway/heartbeat/core.py`, `gateway/heartbeat/lease.py`, `gateway/heart
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -1007,3 +1008,27 @@ def test_the_latency_margin_is_nothing_before_a_round_trip_and_twice_the_slowest
     (send,) = sends(c.submit(beat(1, "NO_HEARTBEAT"), 0.0))
     c.completed(KEY, send.flight, ok("T1"), 0.3)
     assert (c.round_trip(), c.latency_margin()) == pytest.approx((0.3, 0.6))
+
+
+def test_with_no_retention_an_ended_lease_still_busy_is_looked_at_later_not_forever() -> None:
+    """`leases.retention_seconds: 0` is allowed. An ended lease whose beat is still out was rescheduled at the
+    same instant, and `tick` popped that check forever: the replica's event loop hung (found by review)."""
+    c: Core = Coalescer(tracking=LeaseTrackingSettings(retention_seconds=0.0, expiry_grace_seconds=0.0))
+    claimed(c, t=0.0, last="T1", ttl=10)
+    (send,) = sends(c.submit(beat(2, "T1"), 1.0))  # the next beat is out
+    c.stop_seen(KEY, 1.1)  # ended: stopped through the gateway
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("tick never returned")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    try:
+        actions = c.tick(20.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [a.at for a in actions if isinstance(a, Wakeup)] == [21.0]  # looked at again a second later
+    c.completed(KEY, send.flight, ok("T2"), 20.5)
+    c.tick(21.0)
+    assert len(c) == 0  # idle and ended, with no retention: forgotten

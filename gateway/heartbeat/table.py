@@ -190,7 +190,9 @@ class LeaseTable(Generic[R]):
         # Ended, or never granted: forget it once it has been quiet for the retention time.
         retention = self.tracking.retention_seconds
         if not lease.idle:
-            self.schedule(lease, now + retention)
+            # Busy still: looked at again later, never at `now` (with a retention of 0, `due` would pop the
+            # same check forever and the event loop would hang).
+            self.schedule(lease, now + max(retention, EXPIRY_RECHECK_SECONDS))
         elif now - lease.last_seen >= retention:
             self.remove(lease)
         else:
