@@ -193,19 +193,22 @@ class Coalescer(Generic[R, E]):
         return actions
 
     def _done_waiting(self, flight: Flight) -> None:
-        for w in (flight.owner, *flight.waiters):
-            self._waiting.pop(w, None)
-            self._windows.pop(w, None)
+        for waiter in (flight.owner, *flight.waiters):
+            self._answered(waiter)
+
+    def _answered(self, waiter: int) -> LeaseKey | None:
+        """`waiter` is owed nothing more (answered, gone, or refused): the lease it waited on, if any."""
+        self._windows.pop(waiter, None)
+        return self._waiting.pop(waiter, None)
 
     def abandoned(self, waiter: int, now: float) -> list[Action[R, E]]:
         """A worker went away (disconnect or its own timeout) before it was answered."""
-        key = self._waiting.pop(waiter, None)
-        self._windows.pop(waiter, None)
+        key = self._answered(waiter)
         lease = self.table.get(key) if key is not None else None
         if lease is None:
             return []
         lease.last_seen = now
-        for _, lane in lease.lanes():
+        for lane in lease.lanes():
             flight = lane.flight
             if flight is not None and flight.owner == waiter:
                 # The call goes on: it may already have been applied. Its answer is kept for a retry.
@@ -258,7 +261,7 @@ class Coalescer(Generic[R, E]):
         lease = self.table.get(key)
         riding: set[int] = set()
         if lease is not None:
-            for _, lane in lease.lanes():
+            for lane in lease.lanes():
                 if lane.flight is not None and lane.flight.id == finished:
                     lane.flight = None
                 if lane.flight is not None:
@@ -269,8 +272,7 @@ class Coalescer(Generic[R, E]):
             lease.epoch += 1
         waiters = [w for w, k in self._waiting.items() if k == key and w not in riding]
         for waiter in waiters:
-            del self._waiting[waiter]
-            self._windows.pop(waiter, None)
+            self._answered(waiter)
         if lease is not None and lease.idle:
             self.table.remove(lease)
         return waiters
@@ -356,8 +358,7 @@ class Coalescer(Generic[R, E]):
 
     def _throttled(self, lease: Lease[R], beat: Beat) -> list[Action[R, E]]:
         """Too many beats waiting on this lease: refused here, as the API refuses a flood."""
-        self._waiting.pop(beat.waiter, None)
-        self._windows.pop(beat.waiter, None)
+        self._answered(beat.waiter)
         self.table.forget_if_unconfirmed(lease)
         return [DeliverLocal(beat.waiter, Outcome.THROTTLED, 429, throttled_body())]
 
@@ -378,8 +379,7 @@ class Coalescer(Generic[R, E]):
             if local is not None:
                 actions.append(local)
                 lease.last_outcome = local.outcome
-                self._waiting.pop(beat.waiter, None)
-                self._windows.pop(beat.waiter, None)
+                self._answered(beat.waiter)
                 continue
             flight = Flight(
                 next(self._flight_ids), beat.waiter, beat.expected, beat.identity, now, [], epoch=lease.epoch

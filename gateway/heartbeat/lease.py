@@ -152,10 +152,10 @@ class Lease(Generic[R]):
     # The ttl_seconds of the last success a worker was given for this lease (sets its interval).
     delivered_ttl: int | None = None
 
-    def lanes(self) -> Iterator[tuple[Hashable | None, Lane]]:
-        """Every lane of the lease, the main one first (its identity None)."""
-        yield None, self.main
-        yield from self.side.items()
+    def lanes(self) -> Iterator[Lane]:
+        """Every lane of the lease, the main one first."""
+        yield self.main
+        yield from self.side.values()
 
     def flights(self) -> list[Flight]:
         """Every flight of the lease still out (a list: asked for on every beat sent)."""

@@ -231,7 +231,7 @@ class LeaseTable(Generic[R]):
                 seconds_left=left,
                 last_outcome=lease.last_outcome,
                 in_flight=bool(lease.flights()),
-                waiting=sum(lane.waiting() for _, lane in lease.lanes()),
+                waiting=sum(lane.waiting() for lane in lease.lanes()),
             )
 
     def counts(self) -> TableCounts:
