@@ -257,6 +257,15 @@ def test_simulate_upstream_refuses_missing_keys_and_bad_faults() -> None:
     )
     assert result.returncode == 2
     assert "simulate-upstream: --tls-cert/--tls-key: [Errno 2] No such file or directory" in result.stderr
+    # Each of the other usage errors, printed as it is with exit status 2 (one exception type carries them all).
+    sim_key = {"SIM_ENVIRONMENT_KEY": "k"}
+    for args, message in (
+        (("--environment", "env_x"), "--environment env_x: expected ID=KEY_ENV"),
+        (("--ttl", "5", "--min-ttl", "10"), "simulate-upstream: --ttl must lie between --min-ttl and --max-ttl"),
+        (("--org-key-env", "NOT_SET_ANYWHERE"), "--org-key-env: environment variable NOT_SET_ANYWHERE is not set"),
+    ):
+        result = run("simulate-upstream", *args, env=sim_key)
+        assert (result.returncode, result.stderr.strip()) == (2, message), args
 
 
 async def test_demo_runs_prints_progress_and_ends_with_json() -> None:

@@ -84,9 +84,9 @@ def _on_rejected(
     ):
         # The 412 shows the lease has moved on from what was kept.
         lease.known = lease.undelivered = None
-    answers = [Deliver(w, _name(flight, w), outcome.response) for w in waiting]
+    answers: list[Action[R, E]] = [Deliver(w, _name(flight, w), outcome.response) for w in waiting]
     if not lane.main:
-        return list(answers)
+        return answers
     lease.known = None
     if flight.expected is not None and flight.expected != NO_HEARTBEAT:
         _supersede_value(lease, flight.expected)
