@@ -18,9 +18,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 # Wheels only for the dependencies (slim has no compiler); the package itself is pure Python.
+# With OpenTelemetry (the otel extra), so the chart's `tracing.enabled` needs no other image.
 # Bytecode is compiled here, because the read-only root filesystem cannot cache it at run time.
 RUN python -m venv /opt/heartbeat-gateway \
- && /opt/heartbeat-gateway/bin/pip install $PIP_ARGS --only-binary=aiohttp,uvloop,multidict,yarl,frozenlist,propcache,pyyaml ".[speed]" \
+ && /opt/heartbeat-gateway/bin/pip install $PIP_ARGS --only-binary=aiohttp,uvloop,multidict,yarl,frozenlist,propcache,pyyaml,protobuf ".[speed,otel]" \
  && /opt/heartbeat-gateway/bin/pip uninstall --yes pip setuptools \
  && python -m compileall -q /opt/heartbeat-gateway
 

@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.config.settings import LiveSettings, PoolName, Settings, restart_needed
 from gateway.edge.admin import Health, create_admin_app
-from gateway.edge.middleware import access_log_middleware, error_middleware
+from gateway.edge.middleware import access_log_middleware, error_middleware, tracing_middleware
 from gateway.edge.overload import Governor, LagProbe, PollHold, cpu_capacity
 from gateway.edge.polls import PollAdmission
 from gateway.edge.proxy import INFLIGHT, PROXY, InFlight, ProxyContext, handle
@@ -38,7 +40,11 @@ from gateway.upstream.discovery import SessionDiscovery
 from .certificates import server_context
 from .tasks import Tasks
 
-__all__ = ["HELD_POLLS", "Gateway", "create_proxy_app"]
+if TYPE_CHECKING:
+    # Only imported when tracing is on (`tracing_from_environment`): off, OpenTelemetry is never loaded.
+    from gateway.observability.tracing import Tracing
+
+__all__ = ["HELD_POLLS", "Gateway", "create_proxy_app", "tracing_from_environment", "tracing_problems"]
 
 HELD_POLLS = web.AppKey("held_polls", PollHold)
 
@@ -68,16 +74,25 @@ def create_proxy_app(
     heartbeats: HeartbeatService | None = None,
     running: _Running | None = None,
     retired: RetiredTokens | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
-    """The worker-facing app. Without `upstream`, one `HttpUpstream` is opened for the app's lifetime."""
+    """The worker-facing app. Without `upstream`, one `HttpUpstream` is opened for the app's lifetime.
+
+    With `tracing`, every request is a server span and every upstream exchange a client span; the app
+    closes it (the last spans sent) when it stops.
+    """
     live = settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
     settings = live.current
     health = health or Health()
     metrics = metrics or GatewayMetrics(settings)
     running = running or _Running()
     retired = retired or RetiredTokens()
-    # Middleware order: the access log wraps the error renderer, so it logs the status the client got.
-    app = web.Application(middlewares=[access_log_middleware, error_middleware])
+    # Middleware order: the access log wraps the error renderer, so it logs the status the client got;
+    # the span, when tracing, sits between them (it sees that status; the access log sees the span).
+    middlewares: list[Middleware] = [access_log_middleware, error_middleware]
+    if tracing is not None:
+        middlewares.insert(1, tracing_middleware(tracing))
+    app = web.Application(middlewares=middlewares)
     app[INFLIGHT] = InFlight()
 
     background = Tasks()
@@ -97,16 +112,19 @@ def create_proxy_app(
             proxy=lambda: live.current.upstream.proxy,
         )
         health.lease_capacity_waiting = gates[PoolName.LEASE].saturated_for
+        traced = up if tracing is None else tracing.traced(up)
         for rotating in up.rotating if isinstance(up, HttpUpstream) else ():
             background.spawn(rotating.watch(), name="upstream-tls-files")
         governor = Governor(lambda: live.current.overload, cpu_capacity=cpu_capacity())
         health.overloaded = lambda: governor.refusing
         background.spawn(LagProbe(governor, metrics).run(), name="overload-lag-probe")
-        service = heartbeats or _heartbeat_service(settings, up, metrics)
+        service = heartbeats or _heartbeat_service(settings, traced, metrics, tracing)
         links = Links()
-        discovery = SessionDiscovery(up, links, observer=metrics)
+        discovery = SessionDiscovery(traced, links, observer=metrics)
         polls = PollAdmission(lambda: live.current.polls, observer=metrics)
-        app[PROXY] = ProxyContext(live, up, service, metrics, links, discovery, retired, polls, governor, held_polls)
+        app[PROXY] = ProxyContext(
+            live, traced, service, metrics, links, discovery, retired, polls, governor, held_polls
+        )
         running.heartbeats = service
         health.upstream_ready = True
         try:
@@ -120,22 +138,49 @@ def create_proxy_app(
             await service.close()
             if upstream is None:
                 await up.close()
+            if tracing is not None:
+                await tracing.close()
 
     app.cleanup_ctx.append(upstream_lifecycle)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 
-def _heartbeat_service(settings: Settings, upstream: Upstream, metrics: GatewayMetrics) -> HeartbeatService:
+def _heartbeat_service(
+    settings: Settings, upstream: Upstream, metrics: GatewayMetrics, tracing: Tracing | None
+) -> HeartbeatService:
     if not settings.heartbeat.coalesce:
         return DirectHeartbeats(upstream)
-    return CoalescingHeartbeats(upstream, settings.heartbeat, label=metrics.environment, observer=metrics)
+    return CoalescingHeartbeats(
+        upstream, settings.heartbeat, label=metrics.environment, observer=metrics, tracing=tracing
+    )
+
+
+def tracing_problems(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """Why tracing cannot start as configured (checked with the config, before anything listens)."""
+    if not settings.tracing.enabled:
+        return []
+    try:
+        from gateway.observability.tracing import exporter_problems
+    except ImportError:
+        return ["tracing.enabled: true needs OpenTelemetry: pip install 'heartbeat-gateway[otel]'"]
+    return [f"tracing.enabled: {problem}" for problem in exporter_problems(environ)]
+
+
+def tracing_from_environment(settings: Settings) -> Tracing | None:
+    """The tracer `tracing.enabled` asks for, exporting as the `OTEL_*` variables say; None when off."""
+    if not settings.tracing.enabled:
+        return None
+    from gateway.observability.tracing import Tracing
+
+    return Tracing.from_environment(settings.upstream.base_url)
 
 
 class Gateway:
     """Both ports of a running gateway: start, then `stop` drains and closes them."""
 
-    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+    def __init__(self, settings: Settings, *, upstream: Upstream | None = None, tracing: Tracing | None = None) -> None:
+        """`tracing`: a tracer of the caller's; by default the one the config and `OTEL_*` variables ask for."""
         self._live = LiveSettings(settings)
         self.health = Health()
         self.metrics = GatewayMetrics(settings)
@@ -149,6 +194,7 @@ class Gateway:
             upstream=upstream,
             running=running,
             retired=self._retired,
+            tracing=tracing or tracing_from_environment(settings),
         )
         self._inflight = proxy_app[INFLIGHT]
         self._held_polls = proxy_app[HELD_POLLS]

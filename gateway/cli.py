@@ -29,7 +29,7 @@ from gateway.upstream.client import UpstreamRequest, fetch
 
 from . import __version__
 from . import loop as event_loop
-from .app import Gateway, egress_route, upstream_client
+from .app import Gateway, egress_route, tracing_problems, upstream_client
 from .errors import UpstreamError
 
 if TYPE_CHECKING:
@@ -172,11 +172,15 @@ def _positive_int(text: str) -> int:
 
 def _load(path: str) -> Settings | None:
     try:
-        return load_settings_file(path, os.environ)
+        settings = load_settings_file(path, os.environ)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
+    unusable = tracing_problems(settings, os.environ)
+    for line in unusable:
+        print(line, file=sys.stderr)
+    return None if unusable else settings
 
 
 def _check_config(path: str, *, connect: bool = False) -> int:
@@ -255,6 +259,7 @@ async def _serve_until_signal(settings: Settings, path: str) -> None:
                 "file_descriptors": soft,
                 "max_client_connections": min(settings.limits.max_client_connections, descriptor_budget()),
                 "upstream_via": egress_route(settings).shown,
+                "tracing": settings.tracing.enabled,
             }
         },
     )

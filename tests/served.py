@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +36,16 @@ class Ports:
 
 
 async def start_serve(
-    path: Path, stderr: int = asyncio.subprocess.PIPE, preexec_fn: Callable[[], None] | None = None
+    path: Path,
+    stderr: int = asyncio.subprocess.PIPE,
+    preexec_fn: Callable[[], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
-    """`python -m gateway serve` with the test secrets in its environment."""
+    """`python -m gateway serve` with the test secrets (and `env`) in its environment."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(path),
-        env={**os.environ, **ENVIRON}, stdout=asyncio.subprocess.DEVNULL, stderr=stderr, preexec_fn=preexec_fn,
+        env={**os.environ, **ENVIRON, **(env or {})}, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+        preexec_fn=preexec_fn,
     )  # fmt: skip
 
 
@@ -68,7 +72,9 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served_gateway(directory: Path, upstream: str, extra: str = "") -> AsyncIterator[Served]:
+async def served_gateway(
+    directory: Path, upstream: str, extra: str = "", env: Mapping[str, str] | None = None
+) -> AsyncIterator[Served]:
     """A gateway serving `upstream` from its own process, stopped with SIGTERM (as Kubernetes stops a pod)."""
     ports = Ports.free()
     path = directory / "gateway.yaml"
@@ -76,7 +82,7 @@ async def served_gateway(directory: Path, upstream: str, extra: str = "") -> Asy
     # Its log goes to a file (a pipe nobody reads would fill and stall it), shown if it fails to start.
     log = directory / "gateway.log"
     with log.open("wb") as sink:
-        proc = await start_serve(path, stderr=sink.fileno())
+        proc = await start_serve(path, stderr=sink.fileno(), env=env)
     try:
         try:
             await wait_ready(ports.admin, proc)

@@ -100,6 +100,10 @@ def test_the_dashboard_covers_what_operators_need() -> None:
     assert all(panel["datasource"]["uid"] == "${datasource}" for panel in dashboard["panels"])
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    # The latency panels show exemplars: a dot on a slow bucket opens its trace (with tracing on).
+    latency = [t for p in dashboard["panels"] for t in p["targets"] if "request_duration_seconds_bucket" in t["expr"]]
+    assert len(latency) == 4
+    assert all(target.get("exemplar") is True for target in latency)
 
 
 @pytest.mark.parametrize("path", [RULES, RULE_TESTS])

@@ -114,7 +114,7 @@ def test_the_single_connection_limit_is_gone_with_a_pointer_to_the_classes() -> 
 def test_typos_are_errors_with_a_suggestion() -> None:
     assert problems(MINIMAL + "limts: {}\n") == [
         "limts: unknown key (did you mean 'limits'?); allowed: listen, admin, upstream, headers, environments, "
-        "default_credential, clients, routes, polls, overload, heartbeat, limits, logging"
+        "default_credential, clients, routes, polls, overload, heartbeat, limits, logging, tracing"
     ]
 
 

@@ -148,7 +148,7 @@ class CoalescerMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(action, LeaseEvent)
 
-    def answered(self, action: Deliver[Response] | DeliverError[str] | DeliverLocal) -> None:
+    def answered(self, action: Deliver[Response] | DeliverError[str] | DeliverLocal[Response]) -> None:
         waiter = self.waiters[action.waiter]
         assert waiter.state == "waiting", f"answered a worker that is {waiter.state}"
         waiter.state = "answered"
@@ -176,7 +176,7 @@ class CoalescerMachine(RuleBasedStateMachine):
     def unseen_stop(self, work_id: str) -> bool:
         return work_id in self.stopped_at and work_id not in self.stop_seen
 
-    def check_local(self, action: DeliverLocal, waiter: Waiter, item: Any) -> None:
+    def check_local(self, action: DeliverLocal[Response], waiter: Waiter, item: Any) -> None:
         self.plane.expire(self.now)
         if action.outcome == "handed_off":
             assert waiter.expected is not None

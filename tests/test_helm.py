@@ -129,6 +129,18 @@ def test_the_schema_refuses_secrets_pasted_into_the_config(helm: Helm, tmp_path:
         (["--set", "secret.mountPath=/etc/heartbeat-gateway"], "secret.mountPath must not be"),
         (["--set", "tls.enabled=true"], "tls.enabled needs tls.existingSecret or tls.certManager.enabled"),
         (["--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true"], "tls.certManager.issuerRef.name"),
+        (["--set", "tracing.enabled=true"], "tracing.enabled needs tracing.endpoint"),
+        (
+            [
+                "--set",
+                "tracing.enabled=true",
+                "--set",
+                "tracing.endpoint=http://otel:4318",
+                "--set",
+                "networkPolicy.enabled=true",
+            ],
+            "needs networkPolicy.egress.collectorCIDRs",
+        ),
     ],
 )
 def test_impossible_combinations_fail_to_render(helm: Helm, flags: list[str], message: str) -> None:
@@ -236,6 +248,27 @@ def test_the_egress_proxy_reaches_the_container_environment(helm: Helm) -> None:
     docs = render(helm, "--set", "extraEnv[0].name=HTTPS_PROXY", "--set", "extraEnv[0].value=http://egress:3128")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert {"name": "HTTPS_PROXY", "value": "http://egress:3128"} in container["env"]
+
+
+def test_tracing_turns_on_in_the_config_and_sets_the_standard_variables(helm: Helm) -> None:
+    docs = render(helm, "-f", str(ALL_FEATURES))
+    config = yaml.safe_load(one(docs, "ConfigMap", "heartbeat-gateway")["data"]["config.yaml"])
+    assert config["tracing"] == {"enabled": True}
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4318"
+    assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == ("parentbased_traceidratio", "0.1")
+    # The pod's own name and namespace, expanded by the kubelet from the variables defined before it.
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == (
+        "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),deployment.environment.name=prod"
+    )
+    # Off by default: no tracing section, no variables.
+    default = render(helm)
+    assert "tracing" not in yaml.safe_load(one(default, "ConfigMap", "heartbeat-gateway")["data"]["config.yaml"])
+    (plain,) = one(default, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "env" not in plain
 
 
 def test_a_ca_bundle_for_the_egress_is_mounted_from_an_extra_volume(helm: Helm) -> None:
@@ -378,9 +411,11 @@ def test_the_network_policy_opens_only_the_two_ports_and_dns_and_the_upstream(he
         }
     ]
     assert monitoring["ports"] == [{"port": "admin", "protocol": "TCP"}]
-    dns, upstream = policy["egress"]
+    dns, upstream, collector = policy["egress"]
     assert {p["port"] for p in dns["ports"]} == {53}
     assert upstream["ports"] == [{"port": 443, "protocol": "TCP"}]
+    # With tracing on, the collector too, and only it, on its OTLP/HTTP port.
+    assert collector == {"to": [{"ipBlock": {"cidr": "10.0.3.0/24"}}], "ports": [{"port": 4318, "protocol": "TCP"}]}
 
 
 # -- the config the pods will read -----------------------------------------------------------
@@ -399,6 +434,9 @@ def check_config(docs: list[dict[str, Any]], tmp_path: Path, extra_env: dict[str
                 env[name] = value  # envFrom: the Secret's keys as environment variables
                 (secret_dir / name).write_text(value)  # and the same keys as files in the mount
     env.update(extra_env or {})
+    # The container's own variables (OpenTelemetry's, say), as the kubelet sets them.
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     # The TLS Secret's files (tls.crt, tls.key, ca.crt), as cert-manager or its owner would fill them.
     tls_dir = tmp_path / "tls"
     ca = trustme.CA()

@@ -190,6 +190,17 @@ def test_running_out_of_descriptors_is_said_once_in_a_while_not_per_accept(captu
     assert "out of file descriptors" in json.loads(lines[0])["message"]
 
 
+def test_a_trace_collector_that_is_down_is_said_once_a_minute_not_per_export(captured: io.StringIO) -> None:
+    """OpenTelemetry's exporter warns at every failed export and every span a full queue drops."""
+    exporter = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    for n in range(200):
+        exporter.warning("Transient error %s, retrying", f"refused {n}")
+        logging.getLogger("opentelemetry.sdk._shared_internal").warning("Queue full, dropping Span.")
+    lines = [json.loads(line)["message"] for line in captured.getvalue().splitlines()]
+    latest = "Transient error refused 0, retrying"
+    assert lines == [f"trace export trouble, 1 time(s) since the last report; latest: {latest}"]
+
+
 async def test_routine_successes_can_be_sampled_and_errors_are_always_logged(
     captured: io.StringIO, simulator: SimHandle, make_gateway: GatewayFactory
 ) -> None:

@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,21 @@ def sdk_log() -> Iterator[LogRecords]:
 
 @contextlib.asynccontextmanager
 async def python_worker(
-    base_url: str, token: str, environment_id: str, workdir: Path, **options: Any
+    base_url: str,
+    token: str,
+    environment_id: str,
+    workdir: Path,
+    *,
+    default_headers: Mapping[str, str] | None = None,
+    **options: Any,
 ) -> AsyncIterator[EnvironmentWorker]:
-    """A worker built the way the README shows; the client holds no key of its own, and is closed after."""
+    """A worker built the way the README shows; the client holds no key of its own, and is closed after.
+
+    `default_headers`: sent on every request the worker's client makes (a `traceparent`, say)."""
     _make_workdir({"workdir": workdir})
-    async with anthropic.AsyncAnthropic(base_url=base_url, api_key=None, auth_token=None) as client:
+    async with anthropic.AsyncAnthropic(
+        base_url=base_url, api_key=None, auth_token=None, default_headers=default_headers
+    ) as client:
         options.setdefault("max_idle", 1.0)
         options.setdefault("memory_sync_interval", None)
         yield client.beta.environments.work.worker(

@@ -45,6 +45,7 @@ __all__ = [
     "Secret",
     "ServerTls",
     "Settings",
+    "TracingSettings",
     "TtlOverride",
     "UpstreamPools",
     "UpstreamProxy",
@@ -399,6 +400,14 @@ class LoggingSettings:
     sample_routine: float = field(default=1.0, metadata=rule(zero_ok=True, at_most=1))
 
 
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry traces (`gateway.observability.tracing`, the `otel` extra). Where spans go, how many
+    are sampled and the resource are the standard `OTEL_*` environment variables, read at start."""
+
+    enabled: bool = False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     # In the order the config documents them (and problems are listed).
@@ -416,6 +425,7 @@ class Settings:
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     limits: Limits = Limits()
     logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
 
     def desired_ttl(self, environment_id: str) -> tuple[int | None, bool]:
         """The TTL to ask for on this environment's heartbeats, and whether it replaces the client's."""
@@ -481,8 +491,8 @@ class LiveSettings:
 
 
 # Sections a running gateway cannot change: its sockets, its upstream client
-# pool, its log format and whether heartbeats are coalesced at all.
-RESTART_ONLY = ("listen", "admin", "upstream", "heartbeat.coalesce", "logging.format")
+# pool, its log format, whether heartbeats are coalesced at all, and its tracer.
+RESTART_ONLY = ("listen", "admin", "upstream", "heartbeat.coalesce", "logging.format", "tracing")
 
 
 def restart_needed(old: Settings, new: Settings) -> list[str]:

@@ -1,6 +1,8 @@
 """The worker-facing app's middlewares; their order is set once, in `gateway.app`.
 
 - `access_log_middleware` (outermost): times the request and logs its `Exchange`.
+- `tracing_middleware` (only when `tracing.enabled`): the request's server span, current
+  while the request is handled, ended with what its `Exchange` says.
 - `error_middleware`: renders `GatewayError`s as the API's JSON error shape;
   anything unexpected becomes a logged 500, never a traceback to the client.
 """
@@ -10,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import GatewayError, RequestTimedOut, RequestTooLarge, UpstreamError, error_body
 from gateway.observability.access_log import EXCHANGE, Exchange, log_exchange
 
 from .proxy import INFLIGHT, PROXY
 
-__all__ = ["access_log_middleware", "error_middleware"]
+if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracing
+
+__all__ = ["access_log_middleware", "error_middleware", "tracing_middleware"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -50,11 +56,38 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         exchange.duration_ms = round(seconds * 1000, 3)
         proxy = request.app[PROXY]
         metrics = proxy.metrics
+        exemplar = exchange.trace.exemplar if exchange.trace is not None else None
         if exchange.counted_inflight:
-            metrics.request_finished(exchange.route, exchange.status or 500, seconds)
+            metrics.request_finished(exchange.route, exchange.status or 500, seconds, exemplar)
         else:
-            metrics.request_refused(exchange.route, exchange.status or 500, seconds)
+            metrics.request_refused(exchange.route, exchange.status or 500, seconds, exemplar)
         log_exchange(exchange, proxy.settings.logging.sample_routine)
+
+
+def tracing_middleware(tracing: Tracing) -> Middleware:
+    """Between the access log and the error renderer: it sees the status the worker gets, and the
+    access log sees its span (for the exemplar and the line's trace_id)."""
+
+    @web.middleware
+    async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+        exchange = request[EXCHANGE]
+        ref = exchange.trace = tracing.start_server(request.method, request.headers)
+        status = 500
+        try:
+            with tracing.current(ref):
+                response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            tracing.finish_server(ref, exchange, status)
+
+    return traced
 
 
 @web.middleware

@@ -226,6 +226,8 @@ async def _decide(request: web.Request, ctx: ProxyContext) -> _Forward | web.Str
 async def _poll(forward: _Forward, environment_id: str) -> web.StreamResponse:
     """A long poll, admitted upstream or held here (`gateway.edge.polls`)."""
     request, ctx, target = forward.request, forward.ctx, forward.target
+    exchange = request[EXCHANGE]
+    exchange.poll = "forwarded"
     block = block_seconds(target.raw_query)
     if block is None or not forward.injected or request.can_read_body:
         # Not one of the fleet's long polls the slots are for: a poll that does not block (or that the
@@ -234,12 +236,15 @@ async def _poll(forward: _Forward, environment_id: str) -> web.StreamResponse:
         return await _pass_through(forward)
     waited = await ctx.polls.admit(environment_id, _single_header(request, "Anthropic-Worker-ID"), block)
     if waited is None:
+        exchange.poll = "answered_empty"
         return _empty_queue()
     try:
         if waited > 0:
             left_ms = int((block - waited) * 1000)
             if left_ms < 1:
+                exchange.poll = "answered_empty"
                 return _empty_queue()
+            exchange.poll = "held_then_forwarded"
             # Upstream on the worker's behalf, for the block time it has left.
             target = dataclasses.replace(target, raw_query=with_param(target.raw_query, "block_ms", left_ms))
             forward = dataclasses.replace(forward, target=target)
@@ -252,6 +257,7 @@ async def _shed(ctx: ProxyContext, exchange: Exchange, shed: Shed, target: Targe
     """The replica is overloaded (`gateway.edge.overload`): a poll finds the queue empty, anything else a 503."""
     ctx.metrics.request_shed(exchange.route, "answered_empty" if shed == "poll" else "refused")
     if shed == "poll":
+        exchange.poll = "shed"
         # As an empty queue answers, after a while: a timer, not a connection upstream. Held past its
         # block_ms (half to all of hold_polls_seconds; at once on a drain), an idle worker polls less often.
         await ctx.held_polls.hold(block_seconds(target.raw_query) or 0.0, ctx.settings.overload.hold_polls_seconds)
@@ -326,16 +332,16 @@ async def _heartbeat(forward: _Forward) -> web.StreamResponse:
     headers = tuple((k, v) for k, v in headers if k.lower() != "content-length")
     ttl, override = ctx.settings.desired_ttl(route.environment_id)
     raw_query = apply_desired_ttl(target.raw_query, query, ttl, override=override)
-    call = HeartbeatCall(
-        environment_id=route.environment_id,
-        work_id=route.work_id,
-        query=query,
-        request=UpstreamRequest("POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value),
-        vouched=forward.vouched,
-    )
-    result = await ctx.heartbeats.heartbeat(call)
     exchange = request[EXCHANGE]
+    outbound = UpstreamRequest(
+        "POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value, trace=exchange.trace
+    )
+    call = HeartbeatCall(route.environment_id, route.work_id, query, outbound, vouched=forward.vouched)
+    result = await ctx.heartbeats.heartbeat(call)
     exchange.heartbeat_outcome = result.outcome
+    if exchange.trace is not None and result.flight is not None:
+        # Coalesced: the upstream call that answered this beat was made for another worker's.
+        exchange.trace.link_to(result.flight)
     if result.outcome in (Outcome.FORWARDED, Outcome.JOINED):
         # Only these answers came from an upstream call made for this request.
         _note_upstream(exchange, result.response.status, result.response.headers)
@@ -363,7 +369,13 @@ async def _pass_through(forward: _Forward) -> web.StreamResponse:
     exchange = request[EXCHANGE]
     try:
         outbound = UpstreamRequest(
-            request.method, target.raw, forward.headers, body, route=exchange.route, pool=forward.pool
+            request.method,
+            target.raw,
+            forward.headers,
+            body,
+            route=exchange.route,
+            pool=forward.pool,
+            trace=exchange.trace,
         )
         async with ctx.upstream.exchange(outbound) as upstream:
             _note_upstream(exchange, upstream.status, upstream.headers)

@@ -8,7 +8,7 @@ driver's own response and error types: the core passes them through unread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .lease import LeaseKey
@@ -101,13 +101,15 @@ class DeliverError(Generic[E]):
 
 
 @dataclass(frozen=True, slots=True)
-class DeliverLocal:
+class DeliverLocal(Generic[R]):
     """An answer built here: a 200 (absorbed, handed off), a 412 (rejected) or a 429 (throttled)."""
 
     waiter: int
     outcome: Outcome
     status: int
     body: dict[str, Any]
+    # Handed off: the upstream response it was built from (the answer to the worker's own earlier beat).
+    kept: R | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,4 +131,4 @@ class Wakeup:
     at: float
 
 
-Action = Send | Deliver[R] | DeliverError[E] | DeliverLocal | LeaseEvent | Wakeup
+Action = Send | Deliver[R] | DeliverError[E] | DeliverLocal[R] | LeaseEvent | Wakeup

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import random
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, NamedTuple, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
 from gateway.config.settings import HeartbeatSettings, PoolName
 from gateway.errors import UpstreamError, UpstreamUnavailable
@@ -49,6 +50,9 @@ from .query import HeartbeatQuery
 from .sending import MAX_HEARTBEAT_RESPONSE_BYTES, FlightSender, Reply
 from .table import LeaseView, TableCounts
 from .wire import LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
+
+if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracing
 
 __all__ = [
     "FAILSAFE_POINTS",
@@ -176,8 +180,10 @@ class CoalescingHeartbeats:
         observer: HeartbeatObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._observer = observer or NOBODY
+        self._tracing = tracing
         self._label = label
         self._clock = clock
         self.core: Core = Coalescer()
@@ -312,7 +318,13 @@ class CoalescingHeartbeats:
             # The main lane draws on lease-critical capacity; a side lane (a credential
             # nobody vouches for) on the general class, so it never takes a lease's connection.
             pool = PoolName.LEASE if action.main else PoolName.OTHER
-            flight = self._fly(action.key, action.flight, call.request, pool)
+            request = call.request
+            if self._tracing is not None:
+                # The flight's span: a child of the beat it sends, linked from the beats it answers.
+                environment_id, work_id = action.key
+                ref = self._tracing.start_flight(request.trace, self._label(environment_id), work_id)
+                request = dataclasses.replace(request, trace=ref)
+            flight = self._fly(action.key, action.flight, request, pool)
             try:
                 self._flights.spawn(flight, name=f"heartbeat-flight-{action.flight}")
             except BaseException:
@@ -390,7 +402,10 @@ class CoalescingHeartbeats:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()), self.wake)
+        # In a context of its own: what the table's upkeep decides belongs to no worker's request.
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, at - self._clock()), self.wake, context=contextvars.Context()
+        )
 
     def _resolve(self, waiter: int, reply: Reply, outcome: Outcome) -> None:
         future = self._futures.get(waiter)
@@ -398,9 +413,25 @@ class CoalescingHeartbeats:
         if future is None or future.done() or call is None:
             return
         key = (call.environment_id, call.work_id)
-        future.set_result(HeartbeatResult(_labelled(reply.response, outcome), reply.answer, outcome, (waiter, key)))
+        labelled = _labelled(reply.response, outcome)
+        future.set_result(HeartbeatResult(labelled, reply.answer, outcome, (waiter, key), flight=reply.flight))
 
     async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName) -> None:
+        tracing, ref = self._tracing, request.trace
+        if tracing is None or ref is None:
+            await self._flight(key, flight, request, pool)
+            return
+        # Its span is current while it flies: the lease events its end decides are told on it.
+        result = "cancelled"
+        with tracing.current(ref):
+            try:
+                result = type(await self._flight(key, flight, request, pool)).__name__.lower()
+            finally:
+                tracing.finish_flight(ref, result)
+
+    async def _flight(
+        self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
+    ) -> FlightResult[Reply, UpstreamError]:
         """One upstream heartbeat, retried only when it surely never landed; never cancelled by a waiter.
 
         However it ends (an answer, an error, an exception nobody expected, the task
@@ -422,10 +453,14 @@ class CoalescingHeartbeats:
         finally:
             now = self._clock()
             self._decide(key, "completed", lambda: self.core.completed(key, flight, outcome, now), finished=flight)
+        return outcome
 
     def _log_event(self, event: LeaseEvent) -> None:
         environment_id, work_id = event.key
         self._observer.lease_event(environment_id, event.kind, event.reason)
+        if self._tracing is not None:
+            reason = event.reason.value if event.reason else None
+            self._tracing.lease_event(event.kind.value, reason, self._label(environment_id), work_id)
         fields = {
             "event": f"lease_{event.kind.value}",
             "environment": self._label(environment_id),
@@ -467,10 +502,12 @@ def _identity(request: UpstreamRequest) -> Identity:
 _LOCAL_REASONS = MappingProxyType({200: "OK", 412: "Precondition Failed", 429: "Too Many Requests"})
 
 
-def _local_reply(action: DeliverLocal) -> Reply:
+def _local_reply(action: DeliverLocal[Reply]) -> Reply:
     """The gateway's own answer, encoded once; what it says is read from the body before encoding."""
     headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
     if action.status == 429:
         headers += (("retry-after", "1"),)
     response = BufferedResponse(action.status, _LOCAL_REASONS[action.status], headers, encode(action.body))
-    return Reply(response, read_body(action.status, action.body))
+    # A handed-off answer came from a flight: the worker's trace links to it.
+    flight = action.kept.flight if action.kept is not None else None
+    return Reply(response, read_body(action.status, action.body), flight=flight)

@@ -30,7 +30,7 @@ MIN_HANDOFF_SECONDS = 1.0
 
 def answer_locally(
     lease: Lease[R], beat: Beat, now: float, *, absorb: AbsorbSettings, margin: Callable[[], float]
-) -> DeliverLocal | None:
+) -> DeliverLocal[R] | None:
     """The answer the gateway may give itself, if any: a kept answer handed over, one absorbed, or a 412.
 
     `margin` gives the lease time an absorbed answer must leave after the
@@ -52,7 +52,7 @@ def answer_locally(
         undelivered.delivered_to = beat.waiter
         body = _answer_body(undelivered, now)
         lease.delivered_ttl = body["ttl_seconds"]
-        return DeliverLocal(beat.waiter, Outcome.HANDED_OFF, 200, body)
+        return DeliverLocal(beat.waiter, Outcome.HANDED_OFF, 200, body, kept=undelivered.response)
     known = lease.known
     # Local answers only for the credential the upstream last accepted on
     # this lease: anyone else gets the upstream's own verdict (maybe a 401).
@@ -86,5 +86,5 @@ def _answer_body(success: Success[R], now: float) -> dict[str, Any]:
     return success_body(success.answer, int(success.surely_held_until() - now))
 
 
-def _rejected_locally(beat: Beat, known: Success[R]) -> DeliverLocal:
+def _rejected_locally(beat: Beat, known: Success[R]) -> DeliverLocal[R]:
     return DeliverLocal(beat.waiter, Outcome.REJECTED, 412, precondition_failed_body(beat.expected, known.answer))

@@ -15,8 +15,8 @@ import asyncio
 import dataclasses
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.config.settings import PoolName
 from gateway.errors import CapacityExceeded, UpstreamError, UpstreamUnavailable
@@ -27,6 +27,9 @@ from .core import Coalescer
 from .lease import LeaseKey
 from .retry import retry_delay
 from .wire import Answer, read_answer
+
+if TYPE_CHECKING:
+    from gateway.observability.tracing import SpanRef
 
 __all__ = ["MAX_HEARTBEAT_RESPONSE_BYTES", "FlightSender", "Reply", "classify"]
 
@@ -41,6 +44,8 @@ class Reply:
 
     response: BufferedResponse
     answer: Answer
+    # The flight's span, when tracing is on: every worker this answer reaches links to it.
+    flight: SpanRef | None = field(default=None, compare=False, kw_only=True)
 
 
 class RetryObserver(Protocol):
@@ -123,7 +128,7 @@ class FlightSender:
             # Only a request that never left may be sent again: the first one may have been applied.
             failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
             return failed, None, not error.may_have_reached_upstream
-        outcome = classify(Reply(response, read_answer(response.status, response.body)))
+        outcome = classify(Reply(response, read_answer(response.status, response.body), flight=request.trace))
         retry_after = _retry_after(response) if response.status in (429, 503) else None
         return outcome, retry_after, retry_after is not None
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .logs import direct_lines
+
+if TYPE_CHECKING:
+    from .tracing import SpanRef
 
 __all__ = ["EXCHANGE", "Exchange", "log_exchange"]
 
@@ -33,13 +37,17 @@ class Exchange:
     upstream_status: int | None = None
     request_id: str | None = None
     heartbeat_outcome: str | None = None
+    # A long poll's way through the gateway: forwarded, held_then_forwarded, answered_empty or shed.
+    poll: str | None = None
     error: str | None = None
     # Whether the in-flight gauge was raised for this request (only once its route is known).
     counted_inflight: bool = False
+    # The request's server span, when tracing is on (`gateway.observability.tracing`).
+    trace: SpanRef | None = None
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
-_FIELDS = tuple(f.name for f in fields(Exchange) if f.name != "counted_inflight")
+_FIELDS = tuple(f.name for f in fields(Exchange) if f.name not in ("counted_inflight", "trace"))
 
 
 # Routes whose successful requests are routine: a fleet sends them all the time.
@@ -56,6 +64,9 @@ def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
     for name in _FIELDS:
         if (value := getattr(exchange, name)) is not None:
             fields[name] = value
+    if exchange.trace is not None and exchange.trace.exemplar is not None:
+        # The line a trace search starts from (only a sampled trace can be found).
+        fields["trace_id"] = exchange.trace.exemplar["trace_id"]
     direct = direct_lines(log)
     if direct is not None:
         direct.write(log.name, f"{exchange.method} {exchange.path_template} {exchange.status}", fields)

@@ -264,12 +264,38 @@ class _RepeatFilter(logging.Filter):
         return True
 
 
+class _ExporterFilter(logging.Filter):
+    """OpenTelemetry's exporter logs every failed export and every span a full queue drops: a collector
+    down for an hour would fill the log. One line every `every` seconds says it, with how often."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__()
+        self._throttle = _Throttle(every)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("opentelemetry") or record.levelno < logging.WARNING:
+            return True
+        count = self._throttle.happened(record.created)
+        if count is None:
+            return False
+        record.msg, record.args = (
+            "trace export trouble, %d time(s) since the last report; latest: %s",
+            (
+                count,
+                record.getMessage(),
+            ),
+        )
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(settings: LoggingSettings, secrets: Iterable[str], stream: TextIO | None = None) -> None:
     """Route every logger through one scrubbing handler on stderr."""
     scrub = Scrubber(secrets)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_ProtocolErrorFilter())
     handler.addFilter(_RepeatFilter())
+    handler.addFilter(_ExporterFilter())
     formatter = _JsonFormatter(scrub) if settings.format == "json" else _TextFormatter(scrub)
     handler.setFormatter(formatter)
     global _direct

@@ -268,14 +268,15 @@ class GatewayMetrics:
     def request_started(self, route: str) -> None:
         self._child(self.inflight, route).inc()
 
-    def request_finished(self, route: str, status: int, seconds: float) -> None:
+    def request_finished(self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None) -> None:
+        """`exemplar`: the request's trace, when it was sampled (shown in the OpenMetrics exposition)."""
         self._child(self.inflight, route).dec()
-        self.request_refused(route, status, seconds)
+        self.request_refused(route, status, seconds, exemplar)
 
-    def request_refused(self, route: str, status: int, seconds: float) -> None:
+    def request_refused(self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None) -> None:
         """A request answered before its route was known (or without raising the in-flight gauge)."""
         self._child(self.requests, route, str(status)).inc()
-        self._child(self.request_duration, route).observe(seconds)
+        self._child(self.request_duration, route).observe(seconds, exemplar)
 
     def heartbeat_answered(self, environment_id: str, outcome: Outcome, lost_reason: LostReason | None) -> None:
         env = self.environment(environment_id)
@@ -331,9 +332,11 @@ class GatewayMetrics:
 
     # -- UpstreamObserver -----------------------------------------------------------
 
-    def upstream_answered(self, route: str, status: int, seconds: float) -> None:
+    def upstream_answered(
+        self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None
+    ) -> None:
         self._child(self.upstream_requests, route, str(status)).inc()
-        self._child(self.upstream_duration, route).observe(seconds)
+        self._child(self.upstream_duration, route).observe(seconds, exemplar)
 
     def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
         self.upstream_errors.labels(route, kind).inc()

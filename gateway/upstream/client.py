@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import aiohttp
 from yarl import URL
@@ -33,6 +33,9 @@ from gateway.observability.nobody import NOBODY
 from gateway.policy.egress import ProxyRoute
 
 from .capacity import Gate
+
+if TYPE_CHECKING:
+    from gateway.observability.tracing import SpanRef
 
 log = logging.getLogger("gateway.upstream")
 
@@ -66,6 +69,8 @@ class UpstreamRequest:
     pool: PoolName = PoolName.OTHER
     # How long it may wait for a connection of its class, if less than the class allows.
     max_queue_seconds: float | None = None
+    # The span it is sent for, when tracing is on: a worker's request, a flight, or (sent) its own client span.
+    trace: SpanRef | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,8 @@ class UpstreamResponse(Protocol):
 class UpstreamObserver(Protocol):
     """Told about every exchange: for metrics, without this module importing them."""
 
-    def upstream_answered(self, route: str, status: int, seconds: float) -> None: ...
+    def upstream_answered(self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None) -> None:
+        """`exemplar`: the exchange's trace, when it was sampled."""
 
     def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None: ...
 
@@ -250,7 +256,9 @@ class HttpUpstream:
             )
         except Exception as exc:
             self._raise_translated(request.route, exc)
-        self._observer.upstream_answered(request.route, response.status, time.monotonic() - started)
+        trace = request.trace
+        exemplar = trace.exemplar if trace is not None else None
+        self._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
         complete = False
         try:
             yield _HttpResponse(response, functools.partial(self._raise_translated, request.route))

@@ -73,6 +73,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if or (eq $mount "/etc/heartbeat-gateway") (hasPrefix (printf "%s/" $mount) "/etc/heartbeat-gateway/") }}
 {{- fail "secret.mountPath must not be /etc/heartbeat-gateway or above it: the config is mounted there" }}
 {{- end }}
+{{- if and .Values.tracing.enabled (not .Values.tracing.endpoint) }}
+{{- fail "tracing.enabled needs tracing.endpoint: your collector's OTLP/HTTP address" }}
+{{- end }}
+{{- if and .Values.tracing.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.egress.collectorCIDRs) }}
+{{- fail "tracing.enabled with networkPolicy.enabled needs networkPolicy.egress.collectorCIDRs: where the collector is" }}
+{{- end }}
+{{- end }}
+
+{{/* OTEL_RESOURCE_ATTRIBUTES: the pod's name and namespace (from the downward API), then the user's. */}}
+{{- define "heartbeat-gateway.resourceAttributes" -}}
+{{- $pairs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" }}
+{{- range $name, $value := .Values.tracing.resourceAttributes }}
+{{- $pairs = append $pairs (printf "%s=%s" $name $value) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}
 
 {{/* The TLS Secret for the worker port: yours, or the one the chart's Certificate fills. */}}

@@ -1,0 +1,295 @@
+"""OpenTelemetry traces of the lease story: the one module that speaks OpenTelemetry (the `otel` extra).
+
+Imported only when `tracing.enabled` is true (`gateway.app`): with tracing off no
+OpenTelemetry code is loaded, and no request pays for it.
+
+- A **server span** per worker request (`gateway.edge.middleware.tracing_middleware`),
+  continuing the worker's W3C `traceparent`/`tracestate`.
+- A **flight span** per coalesced upstream heartbeat (`gateway.heartbeat.driver`): the
+  parent of its upstream call (or calls, when one that surely never landed is retried),
+  and the span every worker span its answer reached links to, but the one that started it.
+  An answer given here (absorbed, rejected, throttled) has none.
+- A **client span** per upstream exchange (`TracedUpstream`): its context is the
+  `traceparent` the API is sent.
+- **Lease events** (claimed, lost with its reason, stopped, expired, ...) on the span in
+  which they were decided; one the lease table's own timer decides gets a short span.
+
+What a span may carry is fixed here: methods, route templates and names, environment
+labels, work ids (as the access log has them), statuses, outcomes and error kinds. Never
+a header value, a key or token, a query string or a raw path.
+
+Where spans go, how many are sampled and the resource are the standard `OTEL_*`
+variables, read by the SDK at start. Spans leave through a `BatchSpanProcessor`: its own
+thread and a bounded queue that drops when full, so the event loop never waits for an
+export, and memory stays bounded when the collector is down. Shutting down waits for
+the last export on a thread, for a bounded time (`Tracing.close`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+from yarl import URL
+
+from gateway import __version__
+from gateway.errors import UpstreamError
+from gateway.upstream.client import Upstream, UpstreamRequest, UpstreamResponse
+
+if TYPE_CHECKING:
+    from gateway.observability.access_log import Exchange
+
+__all__ = ["SpanRef", "TracedUpstream", "Tracing", "TracingUnavailable", "exporter_problems"]
+
+SERVICE_NAME = "heartbeat-gateway"
+# How long a shutdown waits for the last spans to leave (the exporter's own timeout bounds each try).
+CLOSE_SECONDS = 5.0
+# Attribute names of the gateway's own, beside the semantic conventions' http.* ones.
+_ENVIRONMENT = "heartbeat_gateway.environment"
+_WORK_ID = "heartbeat_gateway.work_id"
+_ROUTE = "heartbeat_gateway.route"
+
+
+class TracingUnavailable(Exception):
+    """Tracing is asked for, but cannot be set up as asked (a message for the operator, no secrets)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRef:
+    """A span the gateway started, as the rest of the gateway holds it: it never calls OpenTelemetry itself."""
+
+    span: Span
+    # A sampled span's ids, as a Prometheus exemplar and the access line's trace_id; None when not sampled.
+    exemplar: dict[str, str] | None
+    # The server span a flight was started for (its first worker's), so that one is not linked twice.
+    parent: SpanRef | None = None
+
+    def link_to(self, other: SpanRef) -> None:
+        """This span's answer came from `other` (a flight another worker's beat started)."""
+        if other.parent is not self:
+            self.span.add_link(other.span.get_span_context())
+
+
+def exporter_problems(environ: Mapping[str, str]) -> list[str]:
+    """Why the standard variables ask for an exporter this build does not ship (OTLP over HTTP only)."""
+    problems = []
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if exporter != "otlp":
+        problems.append(f"OTEL_TRACES_EXPORTER={exporter!r}: only 'otlp' (OTLP over HTTP) is supported")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = environ.get(name)
+        if protocol is not None and protocol.strip().lower() != "http/protobuf":
+            problems.append(f"{name}={protocol.strip()!r}: only 'http/protobuf' is supported")
+            break
+    return problems
+
+
+class Tracing:
+    """The gateway's tracer: spans started and ended where the lease story happens."""
+
+    def __init__(self, provider: TracerProvider, *, upstream_url: str) -> None:
+        self._provider = provider
+        self._tracer = provider.get_tracer("heartbeat-gateway", __version__)
+        # OTEL_PROPAGATORS (W3C trace context and baggage unless set otherwise).
+        self._propagator = propagate.get_global_textmap()
+        upstream = URL(upstream_url)
+        self._server: dict[str, AttributeValue] = {"server.address": upstream.host or ""}
+        if upstream.port is not None:
+            self._server["server.port"] = upstream.port
+
+    @classmethod
+    def from_environment(cls, upstream_url: str, environ: Mapping[str, str] | None = None) -> Tracing:
+        """As the `OTEL_*` variables say: the endpoint, headers and timeout (`OTEL_EXPORTER_OTLP_*`),
+        the sampler (`OTEL_TRACES_SAMPLER[_ARG]`), the resource (`OTEL_SERVICE_NAME`,
+        `OTEL_RESOURCE_ATTRIBUTES`) and the batching (`OTEL_BSP_*`)."""
+        problems = exporter_problems(os.environ if environ is None else environ)
+        if problems:
+            raise TracingUnavailable("; ".join(problems))
+        return cls.with_processor(BatchSpanProcessor(OTLPSpanExporter()), upstream_url=upstream_url)
+
+    @classmethod
+    def with_processor(cls, processor: SpanProcessor, *, upstream_url: str) -> Tracing:
+        resource = Resource.create({"service.version": __version__})
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        # The exit hook would flush on the main thread, holding the process up; `close` does it bounded.
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        provider.add_span_processor(processor)
+        return cls(provider, upstream_url=upstream_url)
+
+    # -- server spans (one per worker request) ----------------------------------------
+
+    def start_server(self, method: str, headers: Mapping[str, str]) -> SpanRef:
+        """A worker request's span, continuing the trace its `traceparent` names (if valid)."""
+        parent = self._propagator.extract(headers)
+        span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+        return SpanRef(span, _exemplar(span))
+
+    def finish_server(self, ref: SpanRef, exchange: Exchange, status: int) -> None:
+        """Named and described once the request is done, from what the request path wrote down."""
+        span = ref.span
+        span.update_name(f"{exchange.method} {exchange.path_template}")
+        attributes: dict[str, AttributeValue] = {
+            "http.request.method": exchange.method,
+            "http.route": exchange.path_template,
+            "http.response.status_code": status,
+            _ROUTE: exchange.route,
+        }
+        for name, value in (
+            (_ENVIRONMENT, exchange.environment),
+            (_WORK_ID, exchange.work_id),
+            ("heartbeat_gateway.heartbeat.outcome", exchange.heartbeat_outcome),
+            ("heartbeat_gateway.poll", exchange.poll),
+            ("error.type", exchange.error),
+        ):
+            if value is not None:
+                attributes[name] = value
+        span.set_attributes(attributes)
+        if status >= 500:
+            if exchange.error is None:
+                span.set_attribute("error.type", str(status))
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    @contextlib.contextmanager
+    def current(self, ref: SpanRef) -> Iterator[None]:
+        """`ref` as the current span (of this task), for what is decided inside: lease events, discoveries."""
+        token = otel_context.attach(trace.set_span_in_context(ref.span))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    # -- flights (one upstream heartbeat, whoever waits for it) -----------------------
+
+    def start_flight(self, parent: SpanRef | None, environment: str, work_id: str) -> SpanRef:
+        context = trace.set_span_in_context(parent.span) if parent is not None else None
+        span = self._tracer.start_span(
+            "heartbeat flight",
+            context=context,
+            kind=SpanKind.INTERNAL,
+            attributes={_ENVIRONMENT: environment, _WORK_ID: work_id},
+        )
+        return SpanRef(span, _exemplar(span), parent)
+
+    def finish_flight(self, ref: SpanRef, result: str) -> None:
+        """`result`: what the flight brought back (succeeded, rejected, unsuccessful or failed)."""
+        ref.span.set_attribute("heartbeat_gateway.flight.result", result)
+        if result == "failed":
+            ref.span.set_status(Status(StatusCode.ERROR))
+        ref.span.end()
+
+    # -- lease events ------------------------------------------------------------------
+
+    def lease_event(self, kind: str, reason: str | None, environment: str, work_id: str) -> None:
+        """On the span it was decided in; a timer's decision (no span current) gets one of its own."""
+        attributes: dict[str, AttributeValue] = {_ENVIRONMENT: environment, _WORK_ID: work_id}
+        if reason is not None:
+            attributes["heartbeat_gateway.lease.reason"] = reason
+        name = f"lease {kind}"
+        span = trace.get_current_span()
+        if span.get_span_context().is_valid:
+            span.add_event(name, attributes)
+            return
+        with self._tracer.start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes) as own:
+            own.add_event(name, attributes)
+
+    # -- client spans (one per upstream exchange) ----------------------------------------
+
+    def traced(self, upstream: Upstream) -> Upstream:
+        """`upstream`, every exchange of which is a client span."""
+        return TracedUpstream(upstream, self)
+
+    @asynccontextmanager
+    async def client(self, inner: Upstream, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        """`request` sent through `inner` in a client span, whose context the API is sent instead of the worker's."""
+        parent = trace.set_span_in_context(request.trace.span) if request.trace is not None else None
+        span = self._tracer.start_span(
+            f"{request.method} {request.route}",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes={**self._server, "http.request.method": request.method, _ROUTE: request.route},
+        )
+        ref = SpanRef(span, _exemplar(span), request.trace)
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
+        # Only the fields written here are replaced: a worker's baggage goes on as it came.
+        written = {name.lower() for name in carrier}
+        headers = tuple((k, v) for k, v in request.headers if k.lower() not in written) + tuple(carrier.items())
+        try:
+            async with inner.exchange(dataclasses.replace(request, headers=headers, trace=ref)) as response:
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 400:
+                    span.set_attribute("error.type", str(response.status))
+                    span.set_status(Status(StatusCode.ERROR))
+                yield response
+        except UpstreamError as exc:
+            span.set_attribute("error.type", exc.kind)
+            span.set_status(Status(StatusCode.ERROR))
+            raise
+        except BaseException:
+            span.set_attribute("error.type", "cancelled")
+            raise
+        finally:
+            span.end()
+
+    # -- the exporter --------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Send what is queued and stop the exporter, on a thread: a collector that is down holds a
+        drain up for `CLOSE_SECONDS` at most, and never blocks the event loop (`force_flush` would)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def shut_down() -> None:
+            try:
+                self._provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(_settle, done)
+
+        threading.Thread(target=shut_down, name="otel-shutdown", daemon=True).start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await done
+
+
+class TracedUpstream:
+    """An `Upstream` whose every exchange is a client span (`Tracing.client`)."""
+
+    def __init__(self, inner: Upstream, tracing: Tracing) -> None:
+        self._inner = inner
+        self._tracing = tracing
+
+    def exchange(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]:
+        return self._tracing.client(self._inner, request)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _exemplar(span: Span) -> dict[str, str] | None:
+    context = span.get_span_context()
+    if not context.trace_flags.sampled:
+        return None
+    return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
