@@ -228,6 +228,8 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     stop_signal: int = signal.SIGTERM
+    # Stopped after it (a gateway's trace receiver).
+    companions: tuple[Process, ...] = ()
 
     @property
     def pid(self) -> int:
@@ -250,6 +252,8 @@ class Process:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+        for companion in self.companions:
+            companion.stop(patience)
 
 
 def _more_descriptors() -> None:
@@ -354,13 +358,37 @@ def file_safe(name: str) -> str:
 
 def is_gateway(target: str) -> bool:
     """`gateway`, or `gateway@REV`: the gateway as committed at git revision REV, so that a change
-    and its parent are measured side by side in one run (`--targets gateway@HEAD~1,gateway`)."""
-    return target == "gateway" or target.startswith("gateway@")
+    and its parent are measured side by side in one run (`--targets gateway@HEAD~1,gateway`).
+    Either may end in a variant (`TRACING_VARIANTS`): `gateway+tracing`."""
+    base = target.partition("+")[0]
+    return base == "gateway" or base.startswith("gateway@")
+
+
+# `gateway+tracing`: `tracing.enabled`, every request sampled and its spans exported over OTLP/HTTP to a
+# receiver (tests/otlp_receiver.py) on the load core; `gateway+tracing-unsampled`: the spans made, none
+# sampled (what a low sampling ratio costs for the requests it leaves out).
+TRACING_VARIANTS = {"tracing": "always_on", "tracing-unsampled": "always_off"}
+OTLP_RECEIVER = Path(__file__).resolve().parent.parent / "tests" / "otlp_receiver.py"
+
+
+def _tracing(target: str) -> tuple[str, dict[str, str], Process | None]:
+    """A gateway target's tracing variant: config to add, environment to add, and the receiver started."""
+    variant = target.partition("+")[2]
+    if not variant:
+        return "", {}, None
+    sampler = TRACING_VARIANTS[variant]
+    port = free_port()
+    receiver = start(f"otlp-receiver-{port}", [sys.executable, str(OTLP_RECEIVER), "--port", str(port)], LOAD_CORE)
+    # Exported every 100 ms: what is counted includes the export of nearly every span it made.
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_TRACES_SAMPLER": sampler}
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    return "tracing: {enabled: true}\n", env, receiver
 
 
 def _gateway_source(target: str, tmp: Path) -> Path | None:
     """For `gateway@REV`: where that revision's `gateway` package is unpacked (once); run from
     there, it is the one `python -m gateway` imports (the current directory comes first)."""
+    target = target.partition("+")[0]
     if target == "gateway":
         return None
     revision = target.removeprefix("gateway@")
@@ -411,11 +439,12 @@ async def start_target(
         )
         process = start("nginx", ["nginx", "-c", str(conf)], PROXY_CORE)
     else:
-        config = tmp / f"{target}.yaml"
-        config.write_text(
-            gateway_yaml(upstream_port, port, admin_port, gateway_extra if is_gateway(target) else "", tls)
-        )
+        config = tmp / f"{file_safe(target)}.yaml"
+        traced, tracing_env, receiver = _tracing(target) if is_gateway(target) else ("", {}, None)
+        extra = traced + gateway_extra if is_gateway(target) else ""
+        config.write_text(gateway_yaml(upstream_port, port, admin_port, extra, tls))
         cwd = None
+        env = {**credentials.env(), **tracing_env}
         if is_gateway(target):
             cwd = _gateway_source(target, tmp)
             command = [*prefix, sys.executable, "-m", "gateway", "serve", "--config", str(config)]
@@ -425,7 +454,9 @@ async def start_target(
             variant = target.removeprefix("minimal").lstrip("-") or "aiohttp"
             command = [*prefix, sys.executable, minimal, "--pool", str(pool), "--variant", variant]
             command += ["--config", str(config)]
-        process = start(target, command, PROXY_CORE, credentials.env(), cwd)
+        process = start(target, command, PROXY_CORE, env, cwd)
+        if receiver is not None:
+            process.companions = (receiver,)
     await wait_for_port(port, patience)
     if is_gateway(target) or target.startswith("minimal"):
         await wait_for_port(admin_port, patience)

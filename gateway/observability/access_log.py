@@ -64,9 +64,9 @@ def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
     for name in _FIELDS:
         if (value := getattr(exchange, name)) is not None:
             fields[name] = value
-    if exchange.trace is not None and exchange.trace.exemplar is not None:
+    if exchange.trace is not None and (exemplar := exchange.trace.exemplar) is not None:
         # The line a trace search starts from (only a sampled trace can be found).
-        fields["trace_id"] = exchange.trace.exemplar["trace_id"]
+        fields["trace_id"] = exemplar["trace_id"]
     direct = direct_lines(log)
     if direct is not None:
         direct.write(log.name, f"{exchange.method} {exchange.path_template} {exchange.status}", fields)

@@ -74,10 +74,17 @@ class SpanRef:
     """A span the gateway started, as the rest of the gateway holds it: it never calls OpenTelemetry itself."""
 
     span: Span
-    # A sampled span's ids, as a Prometheus exemplar and the access line's trace_id; None when not sampled.
-    exemplar: dict[str, str] | None
     # The server span a flight was started for (its first worker's), so that one is not linked twice.
     parent: SpanRef | None = None
+
+    @property
+    def exemplar(self) -> dict[str, str] | None:
+        """A sampled span's ids, as a Prometheus exemplar and the access line's trace_id; None when not
+        sampled (there is no trace to go to). Made when asked for: a flight's never is."""
+        context = self.span.get_span_context()
+        if not context.trace_flags.sampled:
+            return None
+        return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
 
     def link_to(self, other: SpanRef) -> None:
         """This span's answer came from `other` (a flight another worker's beat started)."""
@@ -137,12 +144,14 @@ class Tracing:
     def start_server(self, method: str, headers: Mapping[str, str]) -> SpanRef:
         """A worker request's span, continuing the trace its `traceparent` names (if valid)."""
         parent = self._propagator.extract(headers)
-        span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
-        return SpanRef(span, _exemplar(span))
+        return SpanRef(self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER))
 
     def finish_server(self, ref: SpanRef, exchange: Exchange, status: int) -> None:
         """Named and described once the request is done, from what the request path wrote down."""
         span = ref.span
+        if not span.is_recording():  # not sampled: nothing it is told is kept
+            span.end()
+            return
         span.update_name(f"{exchange.method} {exchange.path_template}")
         attributes: dict[str, AttributeValue] = {
             "http.request.method": exchange.method,
@@ -185,7 +194,7 @@ class Tracing:
             kind=SpanKind.INTERNAL,
             attributes={_ENVIRONMENT: environment, _WORK_ID: work_id},
         )
-        return SpanRef(span, _exemplar(span), parent)
+        return SpanRef(span, parent)
 
     def finish_flight(self, ref: SpanRef, result: str) -> None:
         """`result`: what the flight brought back (succeeded, rejected, unsuccessful or failed)."""
@@ -225,7 +234,7 @@ class Tracing:
             kind=SpanKind.CLIENT,
             attributes={**self._server, "http.request.method": request.method, _ROUTE: request.route},
         )
-        ref = SpanRef(span, _exemplar(span), request.trace)
+        ref = SpanRef(span, request.trace)
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=trace.set_span_in_context(span))
         # Only the fields written here are replaced: a worker's baggage goes on as it came.
@@ -281,13 +290,6 @@ class TracedUpstream:
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-def _exemplar(span: Span) -> dict[str, str] | None:
-    context = span.get_span_context()
-    if not context.trace_flags.sampled:
-        return None
-    return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
 
 
 def _settle(future: asyncio.Future[None]) -> None:
