@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -57,6 +58,19 @@ def make_simulator(aiohttp_server: AiohttpServer) -> SimFactory:
         return SimHandle(server, app[SIMULATOR])
 
     return make
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[str]:
+    """An OTLP/HTTP trace receiver in its own process (`tests/otlp_receiver.py`): its URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("otlp_receiver.py")), "--port", str(port)])
+    try:
+        wait_listening(port, process, "the OTLP receiver")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import argparse
 import gzip
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -77,6 +77,13 @@ async def receive(request: web.Request) -> web.Response:
 
 async def listed(request: web.Request) -> web.Response:
     return web.json_response(request.app[SPANS])
+
+
+async def received(url: str) -> list[dict[str, Any]]:
+    """What the receiver at `url` has been sent so far."""
+    async with ClientSession() as session, session.get(f"{url}/spans") as r:
+        spans: list[dict[str, Any]] = await r.json()
+        return spans
 
 
 def create_app() -> web.Application:

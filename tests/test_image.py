@@ -5,7 +5,8 @@ escalation, the config and the secrets mounted read-only, a writable /tmp only:
 the chart's `securityContext` and volumes. Through it, the official Python SDK
 worker's public entry point serves whole sessions against an HTTPS API signed by
 a private CA, reached only through a real CONNECT proxy named by `HTTPS_PROXY`
-(the chart's `extraEnv`), and the container stops cleanly on SIGTERM.
+(the chart's `extraEnv`), its OpenTelemetry spans reach a collector (the chart's
+`tracing.*`), and the container stops cleanly on SIGTERM.
 
 Needs docker or podman able to run containers (`.ci/run` installs podman and
 runc); the first build also makes a Debian base with debootstrap when no
@@ -32,6 +33,7 @@ import trustme
 
 from gateway.simulator import AgentScript
 
+from .otlp_receiver import received
 from .support import ENV_ID, ENV_KEY, TOKEN, SimFactory
 from .test_workers_end_to_end import ITEMS, MAX_IDLE, TTL, assert_least_privilege, assert_served_whole
 from .tools import free_port, write_pair
@@ -95,6 +97,7 @@ async def test_the_image_run_as_the_chart_runs_it_serves_sessions_through_an_egr
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     tinyproxy: tuple[str, Path],
+    otlp_receiver: str,
 ) -> None:
     engine, size = image
     proxy_url, proxy_log = tinyproxy
@@ -129,6 +132,7 @@ environments:
 clients:
   tokens: [{{token_file: /etc/heartbeat-gateway/secrets/TEST_TOKEN, environments: ["*"]}}]
 logging: {{format: json}}
+tracing: {{enabled: true}}
 """
     )
     readable(
@@ -166,6 +170,13 @@ logging: {{format: json}}
         "TEST_ENV_KEY",
         "--env",
         f"HTTPS_PROXY={proxy_url}",
+        # The chart's tracing values: the image has the otel extra, and its spans reach the collector.
+        "--env",
+        f"OTEL_EXPORTER_OTLP_ENDPOINT={otlp_receiver}",
+        "--env",
+        "OTEL_TRACES_SAMPLER=parentbased_traceidratio",
+        "--env",
+        "OTEL_TRACES_SAMPLER_ARG=1",
         # A rootful engine in a sandbox cannot raise limits to its defaults: these are what a pod gets at least.
         "--ulimit",
         "nofile=4096:4096",
@@ -227,6 +238,14 @@ logging: {{format: json}}
         if container.returncode is None:
             await engine_run(engine, "rm", "--force", name)
             await asyncio.wait_for(container.wait(), 30)
+    # Traced as it served: each heartbeat a server span, its flight and the upstream call, sent on the way out.
+    spans = await received(otlp_receiver)
+    beats = [s for s in spans if s["attributes"].get("heartbeat_gateway.route") == "heartbeat"]
+    assert {s["kind"] for s in beats} == {2, 3}  # server and client
+    assert any(s["name"] == "heartbeat flight" for s in spans)
+    assert {s["resource"]["service.name"] for s in spans} == {"heartbeat-gateway"}
+    assert ENV_KEY not in json.dumps(spans)
+    assert TOKEN not in json.dumps(spans)
     output = tail(log, None)
     assert TOKEN not in output
     assert ENV_KEY not in output

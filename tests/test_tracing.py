@@ -79,10 +79,15 @@ TracedFactory = Callable[..., Awaitable[Traced]]
 
 
 @pytest.fixture
-async def make_traced(make_simulator: SimFactory) -> AsyncIterator[TracedFactory]:
+async def make_traced(make_simulator: SimFactory, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TracedFactory]:
     started: list[Gateway] = []
 
-    async def make(extra: str = "", *, delay_heartbeats: float = 0.0, **sim_options: Any) -> Traced:
+    async def make(
+        extra: str = "", *, delay_heartbeats: float = 0.0, sampler: str | None = None, **sim_options: Any
+    ) -> Traced:
+        """`sampler`: OTEL_TRACES_SAMPLER (parentbased_always_on, the SDK's default, when None)."""
+        if sampler is not None:
+            monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
         seen: Seen = []
 
         @web.middleware
@@ -372,6 +377,25 @@ async def test_a_malformed_or_unsampled_traceparent_costs_the_request_nothing(ma
     first, second = traced.upstream_saw("/heartbeat")
     assert first["traceparent"] != "00-junk-junk-01"
     assert re.fullmatch(rf"00-{TRACE_ID}-[0-9a-f]{{16}}-00", second["traceparent"]), "the unsampled trace is lost"
+
+
+async def test_a_sampler_that_overrides_the_workers_choice_still_traces_its_unsampled_requests_whole(
+    make_traced: TracedFactory,
+) -> None:
+    """Under a parent-based sampler nothing under an unsampled request is made at all; under one that
+    decides alone, every span of such a request is kept, flight and upstream call included."""
+    traced = await make_traced(sampler="always_on")
+    work_id = held_item(traced.sim)
+    async with aiohttp.ClientSession() as session:
+        unsampled = {"traceparent": f"00-{TRACE_ID}-{WORKER_SPAN}-00"}
+        status, _, _ = await beat(session, traced, work_id, "NO_HEARTBEAT", unsampled)
+    assert status == 200
+    (server,) = traced.spans(SpanKind.SERVER)
+    (flight,) = traced.spans(name="heartbeat flight")
+    (client,) = traced.spans(SpanKind.CLIENT)
+    assert (parent_of(flight), parent_of(client)) == (hex_span(server), hex_span(flight))
+    (sent,) = traced.upstream_saw("/heartbeat")
+    assert sent["traceparent"] == traceparent_of(client)
 
 
 async def test_the_latency_histograms_carry_the_trace_as_an_exemplar(make_traced: TracedFactory) -> None:

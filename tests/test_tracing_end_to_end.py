@@ -15,7 +15,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,12 +28,12 @@ from aiohttp.typedefs import Handler
 
 from gateway.simulator import AgentScript
 
+from .otlp_receiver import received
 from .served import Served, served_gateway
 from .support import ENV_ID, SECRETS, TOKEN, SimFactory, SimHandle, worker_headers
-from .tools import free_port, require, wait_listening
-from .workers import items_done, run_python_worker
+from .tools import free_port, require
+from .workers import items_done, require_node, run_node_worker, run_python_worker
 
-RECEIVER = Path(__file__).with_name("otlp_receiver.py")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 WORKER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{WORKER_SPAN}-01"
@@ -42,28 +41,9 @@ TRACING = "tracing: {enabled: true}\n"
 SERVER, CLIENT = 2, 3  # OTLP's SpanKind numbers
 
 
-@pytest.fixture
-def receiver() -> Iterator[str]:
-    """The OTLP/HTTP receiver, in its own process."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, str(RECEIVER), "--port", str(port)])
-    try:
-        wait_listening(port, process, "the OTLP receiver")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
 def otel_env(endpoint: str, **more: str) -> dict[str, str]:
     """The standard variables as a Deployment would set them; spans batched every 100 ms."""
     return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100", **more}
-
-
-async def received(receiver: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.get(f"{receiver}/spans") as r:
-        spans: list[dict[str, Any]] = await r.json()
-        return spans
 
 
 class Recording:
@@ -97,11 +77,11 @@ def assert_nothing_secret(spans: list[dict[str, Any]], *planted: str) -> None:
 
 
 async def test_a_python_workers_session_is_one_trace_from_the_worker_to_the_api(
-    make_simulator: SimFactory, receiver: str, tmp_path: Path
+    make_simulator: SimFactory, otlp_receiver: str, tmp_path: Path
 ) -> None:
     sim, recording = await recorded_simulator(make_simulator, ttl=2, script=AgentScript(commands=("echo hello",)))
     sim.sim.enqueue(ENV_ID)
-    env = otel_env(receiver, OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=e2e")
+    env = otel_env(otlp_receiver, OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=e2e")
     async with served_gateway(tmp_path, sim.url, TRACING, env) as served:
         await run_python_worker(
             served.proxy_url,
@@ -115,7 +95,7 @@ async def test_a_python_workers_session_is_one_trace_from_the_worker_to_the_api(
             default_headers={"traceparent": TRACEPARENT},
         )
     # Stopped with SIGTERM: the gateway sent its last spans on the way out.
-    spans = await received(receiver)
+    spans = await received(otlp_receiver)
     ours = [s for s in spans if s["trace_id"] == TRACE_ID]
     index = by_id(ours)
     servers = [s for s in ours if s["kind"] == SERVER]
@@ -147,8 +127,51 @@ async def test_a_python_workers_session_is_one_trace_from_the_worker_to_the_api(
     assert_nothing_secret(spans)
 
 
+async def test_a_typescript_worker_traced_by_its_application_is_one_trace_through_the_gateway_to_the_api(
+    make_simulator: SimFactory, otlp_receiver: str, tmp_path: Path
+) -> None:
+    """The TypeScript SDK traces its own API calls when its application registers a tracer provider, and
+    sends each call span's context: the gateway's spans hang under the worker's, the API's under the gateway's."""
+    node = require_node()
+    sim, recording = await recorded_simulator(make_simulator, ttl=2, script=AgentScript(commands=("echo hello",)))
+    sim.sim.enqueue(ENV_ID)
+    async with served_gateway(tmp_path, sim.url, TRACING, otel_env(otlp_receiver)) as served:
+        options = {
+            "baseURL": served.proxy_url,
+            "environmentId": ENV_ID,
+            "environmentKey": TOKEN,
+            "workdir": str(tmp_path / "work"),
+            "maxIdleMs": 2500,
+            "otlpEndpoint": otlp_receiver,
+        }
+        run = await run_node_worker(node, options, until=items_done(sim.sim, ENV_ID, 1), within=30)
+    assert run.result["ok"], run.result
+    spans = await received(otlp_receiver)
+    worker = by_id([s for s in spans if s["resource"]["service.name"] == "sandbox-worker"])
+    gateway = [s for s in spans if s["resource"]["service.name"] == "heartbeat-gateway"]
+    servers = [s for s in gateway if s["kind"] == SERVER]
+    # Each request the worker made is a server span under the SDK's own span for that API call.
+    assert {s["attributes"]["heartbeat_gateway.route"] for s in servers} >= {"poll", "ack", "heartbeat", "stop"}
+    for span in servers:
+        call = worker[span["parent_span_id"]]
+        assert call["kind"] == CLIENT
+        assert call["trace_id"] == span["trace_id"]
+    beats = [s for s in servers if s["attributes"]["heartbeat_gateway.route"] == "heartbeat"]
+    assert {worker[b["parent_span_id"]]["name"] for b in beats} == {"anthropic.environments.work.heartbeat"}
+    # And in the work item's own trace, beside the tool the worker ran: the heartbeats of its lease.
+    (work,) = [w for w in worker.values() if w["name"] == "anthropic.environment.work"]
+    assert {b["trace_id"] for b in beats} == {work["trace_id"]}
+    # Down to the API: each beat's flight, its upstream call, and the traceparent the API was sent.
+    index = by_id(gateway)
+    calls = [s for s in gateway if s["kind"] == CLIENT and s["attributes"]["heartbeat_gateway.route"] == "heartbeat"]
+    assert calls
+    assert all(index[index[c["parent_span_id"]]["parent_span_id"]] in beats for c in calls)
+    sent = {parent for path, parent in recording.seen if path.endswith("/heartbeat")}
+    assert sent == {f"00-{c['trace_id']}-{c['span_id']}-01" for c in calls}
+
+
 async def test_a_coalesced_pair_reaches_the_receiver_linked(
-    make_simulator: SimFactory, receiver: str, tmp_path: Path
+    make_simulator: SimFactory, otlp_receiver: str, tmp_path: Path
 ) -> None:
     sim, recording = await recorded_simulator(make_simulator, ttl=30)
     (work_id,) = sim.sim.enqueue(ENV_ID)
@@ -156,7 +179,7 @@ async def test_a_coalesced_pair_reaches_the_receiver_linked(
     sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
     sim.sim.plane.ack(ENV_ID, work_id, now)
     first, second = f"00-{'1' * 32}-{'a' * 16}-01", f"00-{'2' * 32}-{'b' * 16}-01"
-    async with served_gateway(tmp_path, sim.url, TRACING, otel_env(receiver)) as served:
+    async with served_gateway(tmp_path, sim.url, TRACING, otel_env(otlp_receiver)) as served:
         url = f"{served.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
         async with aiohttp.ClientSession() as session:
             claim = {"expected_last_heartbeat": "NO_HEARTBEAT"}
@@ -172,7 +195,7 @@ async def test_a_coalesced_pair_reaches_the_receiver_linked(
             leader = asyncio.ensure_future(unconditional(first))
             await asyncio.sleep(0.2)
             assert (await unconditional(second), await leader) == ("joined", "forwarded")
-    spans = await received(receiver)
+    spans = await received(otlp_receiver)
     index = by_id(spans)
     (joiner,) = [s for s in spans if s["trace_id"] == "2" * 32]
     (flight,) = [s for s in spans if s["trace_id"] == "1" * 32 and s["name"] == "heartbeat flight"]
@@ -270,14 +293,14 @@ async def prometheus_for(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 async def test_prometheus_stores_the_trace_of_a_slow_beat_as_an_exemplar(
-    make_simulator: SimFactory, receiver: str, prometheus_for: Any, tmp_path: Path
+    make_simulator: SimFactory, otlp_receiver: str, prometheus_for: Any, tmp_path: Path
 ) -> None:
     sim, recording = await recorded_simulator(make_simulator, ttl=30)
     (work_id,) = sim.sim.enqueue(ENV_ID)
     now = sim.sim.now()
     sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
     sim.sim.plane.ack(ENV_ID, work_id, now)
-    async with served_gateway(tmp_path, sim.url, TRACING, otel_env(receiver)) as served:
+    async with served_gateway(tmp_path, sim.url, TRACING, otel_env(otlp_receiver)) as served:
         prometheus = await prometheus_for(served.admin_url)
         url = f"{served.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
         recording.heartbeat_delay = 0.3  # a slow beat: the bucket a dashboard would click on
@@ -302,5 +325,5 @@ async def test_prometheus_stores_the_trace_of_a_slow_beat_as_an_exemplar(
     assert exemplar["labels"]["trace_id"] == TRACE_ID
     assert float(exemplar["value"]) >= 0.3
     # The span it names is the beat's own, as the receiver has it.
-    spans = by_id(await received(receiver))
+    spans = by_id(await received(otlp_receiver))
     assert spans[exemplar["labels"]["span_id"]]["attributes"]["heartbeat_gateway.route"] == "heartbeat"

@@ -88,7 +88,7 @@ class SpanRef:
 
     def link_to(self, other: SpanRef) -> None:
         """This span's answer came from `other` (a flight another worker's beat started)."""
-        if other.parent is not self:
+        if other is not self and other.parent is not self:
             self.span.add_link(other.span.get_span_context())
 
 
@@ -118,6 +118,20 @@ class Tracing:
         self._server: dict[str, AttributeValue] = {"server.address": upstream.host or ""}
         if upstream.port is not None:
             self._server["server.port"] = upstream.port
+        # Whether a span under an unsampled one is never sampled, as with every sampler OTEL_TRACES_SAMPLER
+        # names (parent-based ones follow the parent; a ratio decides by the trace id, the same for the
+        # whole trace): then no span of the gateway's is made under an unsampled request, only its context
+        # passed on, and most requests at a low sampling ratio cost a fraction of a traced one.
+        sampler = provider.sampler.get_description()
+        self._unsampled_stays = (
+            sampler in ("AlwaysOffSampler", "AlwaysOnSampler")
+            or sampler.startswith("TraceIdRatioBased")
+            or "localParentNotSampled:AlwaysOffSampler" in sampler
+        )
+
+    def _unkept(self, parent: SpanRef | None) -> bool:
+        """A span under `parent` would never be kept: it is not made."""
+        return parent is not None and self._unsampled_stays and not parent.span.is_recording()
 
     @classmethod
     def from_environment(cls, upstream_url: str, environ: Mapping[str, str] | None = None) -> Tracing:
@@ -187,6 +201,8 @@ class Tracing:
     # -- flights (one upstream heartbeat, whoever waits for it) -----------------------
 
     def start_flight(self, parent: SpanRef | None, environment: str, work_id: str) -> SpanRef:
+        if parent is not None and self._unkept(parent):
+            return parent  # its own span stands in: unsampled, nothing it is told is kept
         context = trace.set_span_in_context(parent.span) if parent is not None else None
         span = self._tracer.start_span(
             "heartbeat flight",
@@ -198,6 +214,8 @@ class Tracing:
 
     def finish_flight(self, ref: SpanRef, result: str) -> None:
         """`result`: what the flight brought back (succeeded, rejected, unsuccessful or failed)."""
+        if not ref.span.is_recording():  # unsampled, or the unsampled request's own span standing in
+            return
         ref.span.set_attribute("heartbeat_gateway.flight.result", result)
         if result == "failed":
             ref.span.set_status(Status(StatusCode.ERROR))
@@ -227,6 +245,11 @@ class Tracing:
     @asynccontextmanager
     async def client(self, inner: Upstream, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         """`request` sent through `inner` in a client span, whose context the API is sent instead of the worker's."""
+        if request.trace is not None and self._unkept(request.trace):
+            # Unsampled: the API is sent the request's context, and no span is made that would not be kept.
+            async with inner.exchange(self._carrying(request, request.trace)) as response:
+                yield response
+            return
         parent = trace.set_span_in_context(request.trace.span) if request.trace is not None else None
         span = self._tracer.start_span(
             f"{request.method} {request.route}",
@@ -234,14 +257,8 @@ class Tracing:
             kind=SpanKind.CLIENT,
             attributes={**self._server, "http.request.method": request.method, _ROUTE: request.route},
         )
-        ref = SpanRef(span, request.trace)
-        carrier: dict[str, str] = {}
-        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
-        # Only the fields written here are replaced: a worker's baggage goes on as it came.
-        written = {name.lower() for name in carrier}
-        headers = tuple((k, v) for k, v in request.headers if k.lower() not in written) + tuple(carrier.items())
         try:
-            async with inner.exchange(dataclasses.replace(request, headers=headers, trace=ref)) as response:
+            async with inner.exchange(self._carrying(request, SpanRef(span, request.trace))) as response:
                 span.set_attribute("http.response.status_code", response.status)
                 if response.status >= 400:
                     span.set_attribute("error.type", str(response.status))
@@ -256,6 +273,15 @@ class Tracing:
             raise
         finally:
             span.end()
+
+    def _carrying(self, request: UpstreamRequest, ref: SpanRef) -> UpstreamRequest:
+        """`request` with `ref`'s context in place of the worker's; only the fields the propagator writes
+        are replaced (a worker's baggage goes on as it came)."""
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=trace.set_span_in_context(ref.span))
+        written = {name.lower() for name in carrier}
+        headers = tuple((k, v) for k, v in request.headers if k.lower() not in written) + tuple(carrier.items())
+        return dataclasses.replace(request, headers=headers, trace=ref)
 
     # -- the exporter --------------------------------------------------------------------
 
