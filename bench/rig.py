@@ -43,8 +43,10 @@ from gateway import loop as event_loop
 
 ENV_ID = "env_bench00000000000000001"
 BETA = "managed-agents-2026-04-01"
-PROXY_CORE = 0
-LOAD_CORE = 1
+# BENCH_PROXY_CORE=1 swaps them: two instruction counts (`instructions_bench.py`, which the other load does
+# not change) can then run at once.
+PROXY_CORE = int(os.environ.get("BENCH_PROXY_CORE", "0"))
+LOAD_CORE = 1 - PROXY_CORE
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 # What the fake API answers every heartbeat with: 128 bytes, as the API's own answer.
 # The TTL is the one asked for (`desired_ttl_seconds`), else 10 s.
