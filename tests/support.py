@@ -124,5 +124,14 @@ class Recorder:
         )
 
 
+def held_item(sim: SimHandle) -> str:
+    """A work item polled and acked on the simulator, ready for a worker to claim its lease."""
+    (work_id,) = sim.sim.enqueue(ENV_ID)
+    now = sim.sim.now()
+    sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
+    sim.sim.plane.ack(ENV_ID, work_id, now)
+    return work_id
+
+
 def header(pairs: list[tuple[str, str]], name: str) -> list[str]:
     return [v for k, v in pairs if k.lower() == name.lower()]

@@ -25,18 +25,9 @@ from gateway.heartbeat.wire import LeaseEventKind, LostReason
 from gateway.simulator import Faults
 from gateway.upstream.client import UpstreamRequest, UpstreamResponse
 
-from .support import ENV_ID, GatewayFactory, Recorder, SimFactory, SimHandle, worker_headers
+from .support import ENV_ID, GatewayFactory, Recorder, SimFactory, SimHandle, held_item, worker_headers
 
 Answer = tuple[int, dict[str, Any], str]
-
-
-def held_item(sim: SimHandle) -> str:
-    """An item polled and acked, ready to be claimed."""
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    now = sim.sim.now()
-    sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
-    sim.sim.plane.ack(ENV_ID, work_id, now)
-    return work_id
 
 
 async def beat(

@@ -19,8 +19,7 @@ from gateway.config.settings import OverloadSettings
 from gateway.edge.overload import Governor, Load, PollHold, cpu_capacity
 from gateway.policy.routing import RouteName
 
-from .support import ENV_ID, GatewayFactory, SimFactory, make_settings, worker_headers
-from .test_heartbeat_driver import held_item
+from .support import ENV_ID, GatewayFactory, SimFactory, held_item, make_settings, worker_headers
 
 SETTINGS = OverloadSettings(shed_polls_lag_seconds=0.05, shed_requests_lag_seconds=0.25, recover_seconds=5.0)
 

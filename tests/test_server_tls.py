@@ -16,8 +16,7 @@ import trustme
 from gateway import certificates
 from gateway.config.load import ConfigError, load_settings
 
-from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, worker_headers
-from .test_heartbeat_driver import held_item
+from .support import ENV_ID, ENVIRON, GatewayFactory, SimFactory, config_yaml, held_item, worker_headers
 from .test_upstream_tls import rotate
 from .tools import write_pair
 

@@ -40,6 +40,7 @@ from .support import (
     SimFactory,
     SimHandle,
     config_yaml,
+    held_item,
     make_settings,
     worker_headers,
 )
@@ -108,15 +109,6 @@ async def make_traced(make_simulator: SimFactory, monkeypatch: pytest.MonkeyPatc
     yield make
     for gateway in started:
         await gateway.stop()
-
-
-def held_item(sim: SimHandle) -> str:
-    """An item polled and acked, ready to be claimed."""
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    now = sim.sim.now()
-    sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
-    sim.sim.plane.ack(ENV_ID, work_id, now)
-    return work_id
 
 
 async def beat(

@@ -30,7 +30,7 @@ from gateway.simulator import AgentScript
 
 from .otlp_receiver import received
 from .served import Served, served_gateway
-from .support import ENV_ID, SECRETS, TOKEN, SimFactory, SimHandle, worker_headers
+from .support import ENV_ID, SECRETS, TOKEN, SimFactory, SimHandle, held_item, worker_headers
 from .tools import free_port, require
 from .workers import items_done, require_node, run_node_worker, run_python_worker
 
@@ -174,10 +174,7 @@ async def test_a_coalesced_pair_reaches_the_receiver_linked(
     make_simulator: SimFactory, otlp_receiver: str, tmp_path: Path
 ) -> None:
     sim, recording = await recorded_simulator(make_simulator, ttl=30)
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    now = sim.sim.now()
-    sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
-    sim.sim.plane.ack(ENV_ID, work_id, now)
+    work_id = held_item(sim)
     first, second = f"00-{'1' * 32}-{'a' * 16}-01", f"00-{'2' * 32}-{'b' * 16}-01"
     async with served_gateway(tmp_path, sim.url, TRACING, otel_env(otlp_receiver)) as served:
         url = f"{served.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
@@ -212,10 +209,7 @@ async def test_a_collector_that_hangs_never_slows_a_beat_nor_holds_a_drain_past_
     make_simulator: SimFactory, tmp_path: Path
 ) -> None:
     sim, _ = await recorded_simulator(make_simulator, ttl=30)
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    now = sim.sim.now()
-    sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
-    sim.sim.plane.ack(ENV_ID, work_id, now)
+    work_id = held_item(sim)
     with _black_hole() as endpoint:
         served_ctx = served_gateway(tmp_path, sim.url, TRACING, otel_env(endpoint, OTEL_BSP_MAX_EXPORT_BATCH_SIZE="8"))
         async with served_ctx as served:
@@ -296,10 +290,7 @@ async def test_prometheus_stores_the_trace_of_a_slow_beat_as_an_exemplar(
     make_simulator: SimFactory, otlp_receiver: str, prometheus_for: Any, tmp_path: Path
 ) -> None:
     sim, recording = await recorded_simulator(make_simulator, ttl=30)
-    (work_id,) = sim.sim.enqueue(ENV_ID)
-    now = sim.sim.now()
-    sim.sim.plane.poll(ENV_ID, now, worker_id="w", reclaim_older_than_ms=0)
-    sim.sim.plane.ack(ENV_ID, work_id, now)
+    work_id = held_item(sim)
     async with served_gateway(tmp_path, sim.url, TRACING, otel_env(otlp_receiver)) as served:
         prometheus = await prometheus_for(served.admin_url)
         url = f"{served.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"

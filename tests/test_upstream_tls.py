@@ -33,10 +33,10 @@ from .support import (
     SimFactory,
     SimHandle,
     config_yaml,
+    held_item,
     make_settings,
     worker_headers,
 )
-from .test_heartbeat_driver import held_item
 from .tools import free_port, require, wait_listening, write_pair
 
 
