@@ -30,6 +30,7 @@ from gateway.edge.server import LISTEN_BACKLOG, GatewayAppRunner, descriptor_bud
 from gateway.heartbeat.driver import CoalescingHeartbeats, DirectHeartbeats, HeartbeatService
 from gateway.heartbeat.table import LeaseView, TableCounts
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.otel_environment import otel_environment_problems
 from gateway.policy.credentials import RetiredTokens
 from gateway.policy.egress import ProxyRoute, proxy_route
 from gateway.policy.links import Links
@@ -92,6 +93,7 @@ def create_proxy_app(
     middlewares: list[Middleware] = [access_log_middleware, error_middleware]
     if tracing is not None:
         middlewares.insert(1, tracing_middleware(tracing))
+        tracing.redactor = lambda: live.redactor  # every secret held since start, rotated-out ones too
     app = web.Application(middlewares=middlewares)
     app[INFLIGHT] = InFlight()
 
@@ -160,11 +162,16 @@ def tracing_problems(settings: Settings, environ: Mapping[str, str]) -> list[str
     """Why tracing cannot start as configured (checked with the config, before anything listens)."""
     if not settings.tracing.enabled:
         return []
+    problems = [f"tracing.enabled: {problem}" for problem in otel_environment_problems(environ)]
+    if problems:
+        return problems  # OpenTelemetry's import reads some of them, and raises on what it cannot use
     try:
-        from gateway.observability.tracing import exporter_problems
+        import gateway.observability.tracing  # noqa: F401
     except ImportError:
         return ["tracing.enabled: true needs OpenTelemetry: pip install 'heartbeat-gateway[otel]'"]
-    return [f"tracing.enabled: {problem}" for problem in exporter_problems(environ)]
+    except Exception as error:  # its text may quote a variable's value: only its kind is shown
+        return [f"tracing.enabled: OpenTelemetry cannot start with these OTEL_* variables ({type(error).__name__})"]
+    return []
 
 
 def tracing_from_environment(settings: Settings) -> Tracing | None:

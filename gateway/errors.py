@@ -29,7 +29,7 @@ from a request.
 from __future__ import annotations
 
 import json
-from typing import ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 __all__ = [
     "AuthenticationFailed",
@@ -141,6 +141,10 @@ class UpstreamError(GatewayError):
     been applied, and a retry with the same `expected_last_heartbeat` would
     then earn a spurious 412.
     """
+
+    # With tracing, the heartbeat flight it ended (`gateway.observability.tracing.FlightLink`), for the
+    # span of each worker it reaches to link to; opaque here.
+    flight: Any = None
 
     def __init__(self, message: str, *, kind: UpstreamErrorKind, may_have_reached_upstream: bool) -> None:
         super().__init__(message)

@@ -191,14 +191,22 @@ def test_running_out_of_descriptors_is_said_once_in_a_while_not_per_accept(captu
 
 
 def test_a_trace_collector_that_is_down_is_said_once_a_minute_not_per_export(captured: io.StringIO) -> None:
-    """OpenTelemetry's exporter warns at every failed export and every span a full queue drops."""
+    """OpenTelemetry's exporter warns at every failed export and every span a full queue drops; its
+    text may quote the collector's endpoint or key, or a worker's header, and is never written."""
     exporter = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
     for n in range(200):
-        exporter.warning("Transient error %s, retrying", f"refused {n}")
+        exporter.warning("Transient error %s, retrying", f"http://user:COLLECTOR-SECRET@collector {n}")
         logging.getLogger("opentelemetry.sdk._shared_internal").warning("Queue full, dropping Span.")
-    lines = [json.loads(line)["message"] for line in captured.getvalue().splitlines()]
-    latest = "Transient error refused 0, retrying"
-    assert lines == [f"trace export trouble, 1 time(s) since the last report; latest: {latest}"]
+        logging.getLogger("opentelemetry.baggage.propagation").warning("Invalid baggage entry: %s", "a=PLANTED")
+    exporter.info("Exported %s", "quietly")
+    text = captured.getvalue()
+    assert "SECRET" not in text
+    assert "PLANTED" not in text
+    assert [json.loads(line)["message"] for line in text.splitlines()] == [
+        "trace export failed, 1 time(s) since the last report",
+        "spans dropped: the export queue is full, 1 time(s) since the last report",
+        "a trace header could not be read, 1 time(s) since the last report",
+    ]
 
 
 async def test_routine_successes_can_be_sampled_and_errors_are_always_logged(

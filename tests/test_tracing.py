@@ -1,6 +1,6 @@
 """OpenTelemetry traces, in-process: the spans a worker's requests make, how they join, what they never carry.
 
-Checks `gateway/observability/tracing.py`.
+Checks `gateway/observability/tracing.py`, `gateway/observability/otel_environment.py`.
 
 A real gateway on loopback sockets in front of the simulator, with the gateway's own
 `Tracing` ending its spans into OpenTelemetry's in-memory exporter, so each test reads
@@ -11,6 +11,7 @@ process and the real SDK worker make of it: `tests/test_tracing_end_to_end.py`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import subprocess
@@ -24,19 +25,25 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
+from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
 from gateway.app import Gateway, tracing_problems
 from gateway.config.load import load_settings
-from gateway.observability.tracing import Tracing, exporter_problems
+from gateway.observability.otel_environment import otel_environment_problems
+from gateway.observability.tracing import Tracing
 from gateway.simulator import Faults
 
+from .raw_http import raw, status_and_json
 from .support import (
     ENV_ID,
+    ENV_KEY,
     ENVIRON,
     SECRETS,
+    TOKEN,
+    GatewayFactory,
     SimFactory,
     SimHandle,
     config_yaml,
@@ -53,7 +60,7 @@ HEARTBEAT_TEMPLATE = "/v1/environments/{environment_id}/work/{work_id}/heartbeat
 PLANTED_QUERY = "planted-query-secret-6666666666666666"
 PLANTED_HEADER = "planted-header-secret-7777777777777777"
 
-Seen = list[tuple[str, dict[str, str]]]
+Seen = list[tuple[str, list[tuple[str, str]]]]
 
 
 class Traced:
@@ -73,7 +80,14 @@ class Traced:
         ]
 
     def upstream_saw(self, path_end: str) -> list[dict[str, str]]:
-        return [headers for path, headers in self.seen if path.endswith(path_end)]
+        """The headers each request to a path ending so was sent with (names in lower case; none twice)."""
+        sent = []
+        for path, pairs in self.seen:
+            if path.endswith(path_end):
+                headers = {name.lower(): value for name, value in pairs}
+                assert len(headers) == len(pairs), f"a header sent twice: {sorted(n for n, _ in pairs)}"
+                sent.append(headers)
+        return sent
 
 
 TracedFactory = Callable[..., Awaitable[Traced]]
@@ -93,7 +107,7 @@ async def make_traced(make_simulator: SimFactory, monkeypatch: pytest.MonkeyPatc
 
         @web.middleware
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-            seen.append((request.path, {k.lower(): v for k, v in request.headers.items()}))
+            seen.append((request.path, list(request.headers.items())))
             if delay_heartbeats and request.path.endswith("/heartbeat"):
                 await asyncio.sleep(delay_heartbeats)
             return await handler(request)
@@ -142,8 +156,9 @@ def parent_of(span: ReadableSpan) -> str | None:
     return format_span_id(span.parent.span_id) if span.parent is not None else None
 
 
-def traceparent_of(span: ReadableSpan, flags: str = "01") -> str:
-    return f"00-{hex_trace(span)}-{hex_span(span)}-{flags}"
+def traceparent_of(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return f"00-{hex_trace(span)}-{hex_span(span)}-{int(span.context.trace_flags):02x}"
 
 
 async def test_a_heartbeat_continues_the_workers_trace_down_to_the_upstream_call(make_traced: TracedFactory) -> None:
@@ -431,13 +446,13 @@ async def test_the_access_line_names_the_trace(make_traced: TracedFactory, caplo
 
 
 async def test_with_tracing_off_the_workers_context_passes_as_it_came(
-    make_gateway: Any, make_simulator: SimFactory
+    make_gateway: GatewayFactory, make_simulator: SimFactory
 ) -> None:
     seen: Seen = []
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        seen.append((request.path, {k.lower(): v for k, v in request.headers.items()}))
+        seen.append((request.path, list(request.headers.items())))
         return await handler(request)
 
     sim = await make_simulator(middleware=record)
@@ -449,7 +464,10 @@ async def test_with_tracing_off_the_workers_context_passes_as_it_came(
         async with session.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"}, headers=headers) as r:
             assert r.status == 200
     ((_, sent),) = [(p, h) for p, h in seen if p.endswith("/heartbeat")]
-    assert (sent["traceparent"], sent["tracestate"]) == (TRACEPARENT, "vendor=worker-state")
+    assert [(k, v) for k, v in sent if k.lower() in ("traceparent", "tracestate")] == [
+        ("traceparent", TRACEPARENT),
+        ("tracestate", "vendor=worker-state"),
+    ]
 
 
 def test_serving_with_tracing_off_never_loads_opentelemetry() -> None:
@@ -476,7 +494,7 @@ def test_a_tracing_config_that_cannot_work_is_refused_with_the_config() -> None:
     assert tracing_problems(settings, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == [
         "tracing.enabled: OTEL_EXPORTER_OTLP_PROTOCOL='grpc': only 'http/protobuf' is supported"
     ]
-    assert exporter_problems({"OTEL_TRACES_EXPORTER": "zipkin"}) == [
+    assert otel_environment_problems({"OTEL_TRACES_EXPORTER": "zipkin"}) == [
         "OTEL_TRACES_EXPORTER='zipkin': only 'otlp' (OTLP over HTTP) is supported"
     ]
     off = load_settings(config_yaml("http://127.0.0.1:9"), ENVIRON)
@@ -497,3 +515,185 @@ def test_without_the_extra_installed_tracing_is_a_clear_config_error(tmp_path: A
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **ENVIRON})
     assert result.returncode == 2
     assert result.stderr.strip() == ("tracing.enabled: true needs OpenTelemetry: pip install 'heartbeat-gateway[otel]'")
+
+
+# -- what the adversarial review found: errors, secrets and memory on the paths tests sample least ------------
+
+
+async def test_a_token_put_in_the_path_is_never_a_span_attribute(
+    make_traced: TracedFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    traced = await make_traced()
+    caplog.set_level("DEBUG")
+    async with aiohttp.ClientSession() as session:
+        for work_id in (TOKEN, ENV_KEY, "sk-ant-api03-UNKNOWN-PLANTED-9999"):
+            url = f"{traced.gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
+            async with session.post(url, headers=worker_headers()) as r:
+                assert r.status in (401, 404)
+    recorded = [(s.attributes or {}).get("heartbeat_gateway.work_id") for s in traced.spans(SpanKind.SERVER)]
+    assert recorded == ["<redacted>", "<redacted>", "<redacted>"]
+    logged = (r.getMessage() for r in caplog.records if r.name.startswith("gateway"))  # not the simulator's own
+    text = "\n".join([*map(_everything_recorded, traced.spans()), *logged])
+    for secret in (TOKEN, ENV_KEY, "UNKNOWN-PLANTED"):
+        assert secret not in text
+
+
+async def test_a_header_opentelemetry_cannot_read_is_refused_as_without_tracing(make_traced: TracedFactory) -> None:
+    """Baggage that is not UTF-8 makes OpenTelemetry's propagator raise: the request gets the 400 it gets
+    with tracing off, not a 500, and the gateway says once that tracing failed."""
+    traced = await make_traced()
+    work_id = held_item(traced.sim)
+    target = f"/v1/environments/{ENV_ID}/work/{work_id}/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
+    request = (
+        f"POST {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n"
+    ).encode() + b"baggage: a=\xff\r\nConnection: close\r\n\r\n"
+    received, _ = await raw(traced.gateway, request)
+    status, body = status_and_json(received)
+    assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+
+
+@pytest.mark.parametrize("traceparent", [None, "00-junk-junk-01", f"00-{'0' * 32}-{WORKER_SPAN}-01"])
+async def test_a_tracestate_without_its_traceparent_never_goes_upstream(
+    make_traced: TracedFactory, traceparent: str | None
+) -> None:
+    """A `tracestate` belongs to its `traceparent`: with none valid, the API is sent the gateway's new trace alone."""
+    traced = await make_traced()
+    work_id = held_item(traced.sim)
+    headers = {"tracestate": "vendor=orphan"} | ({"traceparent": traceparent} if traceparent else {})
+    async with aiohttp.ClientSession() as session:
+        await beat(session, traced, work_id, "NO_HEARTBEAT", headers)
+    (sent,) = traced.upstream_saw("/heartbeat")
+    (client,) = traced.spans(SpanKind.CLIENT)
+    assert sent["traceparent"] == traceparent_of(client)
+    assert "tracestate" not in sent
+
+
+async def test_workers_failed_by_one_flight_link_to_it_and_it_says_it_failed(make_traced: TracedFactory) -> None:
+    traced = await make_traced("heartbeat: {upstream_timeout_seconds: 0.3}")
+    work_id = held_item(traced.sim)
+    first, second = f"00-{'1' * 32}-{'a' * 16}-01", f"00-{'2' * 32}-{'b' * 16}-01"
+    async with aiohttp.ClientSession() as session:
+        await beat(session, traced, work_id, "NO_HEARTBEAT")
+        traced.exporter.clear()
+        traced.sim.sim.faults = Faults(latency_seconds=1.0, endpoints=("heartbeat",))
+        url = f"{traced.gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}/heartbeat"
+
+        async def unconditional(traceparent: str) -> int:
+            async with session.post(url, headers={**worker_headers(), "traceparent": traceparent}) as r:
+                return r.status
+
+        leader = asyncio.ensure_future(unconditional(first))
+        await asyncio.sleep(0.1)
+        assert (await unconditional(second), await leader) == (504, 504)
+    (flight,) = traced.spans(name="heartbeat flight")
+    assert (flight.attributes or {})["heartbeat_gateway.flight.result"] == "failed"
+    assert flight.status.status_code is StatusCode.ERROR
+    (call,) = traced.spans(SpanKind.CLIENT)
+    assert ((call.attributes or {})["error.type"], call.status.status_code) == ("timeout", StatusCode.ERROR)
+    servers = {hex_trace(s): s for s in traced.spans(SpanKind.SERVER)}
+    assert servers["1" * 32].links == ()
+    assert [format_span_id(link.context.span_id) for link in servers["2" * 32].links] == [hex_span(flight)]
+    for server in servers.values():
+        assert ((server.attributes or {})["error.type"], server.status.status_code) == ("timeout", StatusCode.ERROR)
+
+
+async def test_a_beat_queued_behind_another_flies_under_its_own_request(make_traced: TracedFactory) -> None:
+    """Its flight is started when the one before it ends, from that flight's task: its parent is still the
+    beat whose request it sends."""
+    traced = await make_traced(delay_heartbeats=0.3)
+    work_id = held_item(traced.sim)
+    first, second = f"00-{'1' * 32}-{'a' * 16}-01", f"00-{'2' * 32}-{'b' * 16}-01"
+    async with aiohttp.ClientSession() as session:
+        _, claimed, _ = await beat(session, traced, work_id, "NO_HEARTBEAT")
+        traced.exporter.clear()
+        leader = asyncio.ensure_future(
+            beat(session, traced, work_id, claimed["last_heartbeat"], {"traceparent": first})
+        )
+        await asyncio.sleep(0.1)
+        queued = await beat(session, traced, work_id, None, {"traceparent": second})
+        await leader
+    assert queued[2] == "forwarded"
+    servers = {hex_trace(s): s for s in traced.spans(SpanKind.SERVER)}
+    flights = {hex_trace(f): f for f in traced.spans(name="heartbeat flight")}
+    assert set(flights) == {"1" * 32, "2" * 32}
+    for trace_id, flight in flights.items():
+        assert parent_of(flight) == hex_span(servers[trace_id])
+
+
+async def test_an_unsampled_request_leaves_no_exemplar_and_no_trace_id_to_follow(
+    make_traced: TracedFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither would lead anywhere: its spans were never exported."""
+    traced = await make_traced()
+    work_id = held_item(traced.sim)
+    caplog.set_level("INFO", logger="gateway.access")
+    async with aiohttp.ClientSession() as session:
+        await beat(session, traced, work_id, "NO_HEARTBEAT", {"traceparent": f"00-{TRACE_ID}-{WORKER_SPAN}-00"})
+        openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        async with session.get(f"{traced.gateway.admin_url}/metrics", headers=openmetrics) as r:
+            exposition = await r.text()
+    assert traced.spans() == []
+    (record,) = [r for r in caplog.records if r.name == "gateway.access"]
+    assert "trace_id" not in record.__dict__["fields"]
+    assert "trace_id=" not in exposition
+
+
+async def test_a_poll_that_waited_for_a_slot_and_one_shed_say_so(make_traced: TracedFactory) -> None:
+    traced = await make_traced("polls: {max_upstream_per_environment: 1}")
+    base = f"{traced.gateway.proxy_url}/v1/environments/{ENV_ID}/work/poll"
+
+    async def poll(session: aiohttp.ClientSession, worker: str, block_ms: int) -> None:
+        headers = {**worker_headers(), "Anthropic-Worker-ID": worker}
+        async with session.get(f"{base}?block_ms={block_ms}", headers=headers) as r:
+            assert (r.status, await r.text()) == (200, "null")
+
+    async with aiohttp.ClientSession() as session:
+        # The first holds the one slot for 200 ms; the second waits for it, then goes up with the time it has left.
+        first = asyncio.ensure_future(poll(session, "worker-1", 200))
+        await asyncio.sleep(0.05)
+        await poll(session, "worker-2", 900)
+        await first
+    polls = sorted(str((s.attributes or {}).get("heartbeat_gateway.poll")) for s in traced.spans(SpanKind.SERVER))
+    assert polls == ["forwarded", "held_then_forwarded"]
+
+
+async def test_the_lease_table_keeps_no_span_alive(make_traced: TracedFactory) -> None:
+    """The kept answers of 50 leases carry their flights' ids, not the spans: exported, they are let go."""
+    traced = await make_traced()
+    work_ids = [held_item(traced.sim) for _ in range(50)]
+    async with aiohttp.ClientSession() as session:
+        for work_id in work_ids:
+            await beat(session, traced, work_id, "NO_HEARTBEAT", {"traceparent": TRACEPARENT})
+    assert len(traced.spans(name="heartbeat flight")) == 50
+    traced.exporter.clear()
+    gc.collect()
+    # A few live on, for a while: the contexts a pooled connection's timers were scheduled in (one per
+    # connection, at most); the table holds none of its 50 leases' (two each, 7 KB a lease, before).
+    assert len([o for o in gc.get_objects() if isinstance(o, SdkSpan)]) <= 6
+
+
+def test_otel_variables_tracing_cannot_honour_are_config_problems_that_show_no_secret() -> None:
+    problems = otel_environment_problems(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "htp://user:ENDPOINT-SECRET@collector:4318",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team: HEADER-SECRET",
+            "OTEL_PROPAGATORS": "tracecontext,b3",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "5%",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "0",
+        }
+    )
+    assert problems == [
+        "OTEL_EXPORTER_OTLP_ENDPOINT: not an http:// or https:// URL (not shown: it may hold a credential)",
+        "OTEL_EXPORTER_OTLP_HEADERS: not name=value pairs separated by commas (not shown: it may hold a key)",
+        "OTEL_PROPAGATORS: b3 not available (tracecontext, baggage or none)",
+        "OTEL_TRACES_SAMPLER_ARG: a share of traces to sample, from 0 to 1",
+        "OTEL_BSP_MAX_QUEUE_SIZE='0': a positive whole number",
+    ]
+    fine = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector.example:4318",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team=abc,other=1",
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.05",
+    }
+    assert otel_environment_problems(fine) == []

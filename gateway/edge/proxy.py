@@ -337,11 +337,13 @@ async def _heartbeat(forward: _Forward) -> web.StreamResponse:
         "POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value, trace=exchange.trace
     )
     call = HeartbeatCall(route.environment_id, route.work_id, query, outbound, vouched=forward.vouched)
-    result = await ctx.heartbeats.heartbeat(call)
+    try:
+        result = await ctx.heartbeats.heartbeat(call)
+    except UpstreamError as error:
+        if exchange.trace is not None and error.flight is not None:
+            exchange.trace.link_to(error.flight)  # the flight that failed it, another worker's or its own
+        raise
     exchange.heartbeat_outcome = result.outcome
-    if exchange.trace is not None and result.flight is not None:
-        # Coalesced: the upstream call that answered this beat was made for another worker's.
-        exchange.trace.link_to(result.flight)
     if result.outcome in (Outcome.FORWARDED, Outcome.JOINED):
         # Only these answers came from an upstream call made for this request.
         _note_upstream(exchange, result.response.status, result.response.headers)
@@ -358,6 +360,10 @@ async def _heartbeat(forward: _Forward) -> web.StreamResponse:
     except asyncio.CancelledError:
         ctx.heartbeats.unwritten(result)
         raise
+    if exchange.trace is not None and result.flight is not None:
+        # Coalesced or handed off: the upstream call that answered this beat was made for another (or an
+        # earlier) one. After the answer is written: nothing of tracing's stands between a lease and its worker.
+        exchange.trace.link_to(result.flight)
     return response
 
 

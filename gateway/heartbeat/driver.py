@@ -458,9 +458,6 @@ class CoalescingHeartbeats:
     def _log_event(self, event: LeaseEvent) -> None:
         environment_id, work_id = event.key
         self._observer.lease_event(environment_id, event.kind, event.reason)
-        if self._tracing is not None:
-            reason = event.reason.value if event.reason else None
-            self._tracing.lease_event(event.kind.value, reason, self._label(environment_id), work_id)
         fields = {
             "event": f"lease_{event.kind.value}",
             "environment": self._label(environment_id),
@@ -471,6 +468,9 @@ class CoalescingHeartbeats:
         # An eviction is routine upkeep of a full table (counted in a metric), not news about a lease.
         level = logging.DEBUG if event.kind is LeaseEventKind.EVICTED else logging.INFO
         log.log(level, "lease %s", event.kind.value, extra={"fields": fields})
+        if self._tracing is not None and event.kind is not LeaseEventKind.EVICTED:  # another lease's upkeep
+            reason = event.reason.value if event.reason else None
+            self._tracing.lease_event(event.kind.value, reason, self._label(environment_id), work_id)
 
 
 def _labelled(response: BufferedResponse, outcome: Outcome) -> BufferedResponse:

@@ -29,7 +29,7 @@ from .retry import retry_delay
 from .wire import Answer, read_answer
 
 if TYPE_CHECKING:
-    from gateway.observability.tracing import SpanRef
+    from gateway.observability.tracing import FlightLink
 
 __all__ = ["MAX_HEARTBEAT_RESPONSE_BYTES", "FlightSender", "Reply", "classify"]
 
@@ -45,7 +45,7 @@ class Reply:
     response: BufferedResponse
     answer: Answer
     # The flight's span, when tracing is on: every worker this answer reaches links to it.
-    flight: SpanRef | None = field(default=None, compare=False, kw_only=True)
+    flight: FlightLink | None = field(default=None, compare=False, kw_only=True)
 
 
 class RetryObserver(Protocol):
@@ -119,16 +119,20 @@ class FlightSender:
 
     async def _attempt(self, request: UpstreamRequest) -> tuple[FlightResult[Reply, UpstreamError], float | None, bool]:
         """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""
+        flight = request.trace.link if request.trace is not None else None
         try:
             response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
         except CapacityExceeded as error:
             # The gateway's own capacity: handed back at once, so the worker's own retry decides.
+            error.flight = flight
             return Failed(error, may_have_applied=False), None, False
         except UpstreamError as error:
+            # The workers it fails link to the flight, as they would to its answer.
+            error.flight = flight
             # Only a request that never left may be sent again: the first one may have been applied.
             failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
             return failed, None, not error.may_have_reached_upstream
-        outcome = classify(Reply(response, read_answer(response.status, response.body), flight=request.trace))
+        outcome = classify(Reply(response, read_answer(response.status, response.body), flight=flight))
         retry_after = _retry_after(response) if response.status in (429, 503) else None
         return outcome, retry_after, retry_after is not None
 

@@ -264,29 +264,41 @@ class _RepeatFilter(logging.Filter):
         return True
 
 
-class _ExporterFilter(logging.Filter):
-    """OpenTelemetry's exporter logs every failed export and every span a full queue drops: a collector
-    down for an hour would fill the log. One line every `every` seconds says it, with how often."""
+class _OpenTelemetryFilter(logging.Filter):
+    """OpenTelemetry logs every failed export and every span a full queue drops (a collector down for an
+    hour would fill the log), and its propagators log a header they could not parse. Each kind is one line
+    every `every` seconds with how often it happened, and never the library's text: it may quote a
+    worker's header, or the collector's endpoint or key."""
 
     def __init__(self, every: float = 60.0) -> None:
         super().__init__()
-        self._throttle = _Throttle(every)
+        self._throttles: dict[str, _Throttle] = {}
+        self._every = every
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("opentelemetry") or record.levelno < logging.WARNING:
+        if not record.name.startswith("opentelemetry"):
             return True
-        count = self._throttle.happened(record.created)
+        if record.levelno < logging.WARNING:
+            return False
+        kind = _otel_kind(record)
+        throttle = self._throttles.setdefault(kind, _Throttle(self._every))
+        count = throttle.happened(record.created)
         if count is None:
             return False
-        record.msg, record.args = (
-            "trace export trouble, %d time(s) since the last report; latest: %s",
-            (
-                count,
-                record.getMessage(),
-            ),
-        )
+        record.msg, record.args = "%s, %d time(s) since the last report", (kind, count)
         record.exc_info = record.exc_text = None
         return True
+
+
+def _otel_kind(record: logging.LogRecord) -> str:
+    text = str(record.msg).lower()
+    if "queue" in text and "full" in text:
+        return "spans dropped: the export queue is full"
+    if record.name.startswith("opentelemetry.exporter"):
+        return "trace export failed"
+    if "propagat" in record.name or "baggage" in record.name:
+        return "a trace header could not be read"
+    return f"OpenTelemetry warning ({record.name})"
 
 
 def configure_logging(settings: LoggingSettings, secrets: Iterable[str], stream: TextIO | None = None) -> None:
@@ -295,7 +307,7 @@ def configure_logging(settings: LoggingSettings, secrets: Iterable[str], stream:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_ProtocolErrorFilter())
     handler.addFilter(_RepeatFilter())
-    handler.addFilter(_ExporterFilter())
+    handler.addFilter(_OpenTelemetryFilter())
     formatter = _JsonFormatter(scrub) if settings.format == "json" else _TextFormatter(scrub)
     handler.setFormatter(formatter)
     global _direct

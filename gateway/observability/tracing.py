@@ -18,8 +18,12 @@ What a span may carry is fixed here: methods, route templates and names, environ
 labels, work ids (as the access log has them), statuses, outcomes and error kinds. Never
 a header value, a key or token, a query string or a raw path.
 
+Tracing never costs a request or a lease: every entry point here catches what
+OpenTelemetry raises (a header it cannot parse, a bug), says so in one throttled log
+line, and carries on untraced.
+
 Where spans go, how many are sampled and the resource are the standard `OTEL_*`
-variables, read by the SDK at start. Spans leave through a `BatchSpanProcessor`: its own
+variables, checked at start (`otel_environment`), read by the SDK. Spans leave through a `BatchSpanProcessor`: its own
 thread and a bounded queue that drops when full, so the event loop never waits for an
 export, and memory stays bounded when the collector is down. Shutting down waits for
 the last export on a thread, for a bounded time (`Tracing.close`).
@@ -30,31 +34,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 from yarl import URL
 
 from gateway import __version__
 from gateway.errors import UpstreamError
+from gateway.policy.redaction import REDACTED, Redactor
 from gateway.upstream.client import Upstream, UpstreamRequest, UpstreamResponse
+
+from .logs import QuietLog
+from .otel_environment import otel_environment_problems
 
 if TYPE_CHECKING:
     from gateway.observability.access_log import Exchange
 
-__all__ = ["SpanRef", "TracedUpstream", "Tracing", "TracingUnavailable", "exporter_problems"]
+__all__ = ["FlightLink", "SpanRef", "TracedUpstream", "Tracing", "TracingUnavailable"]
+
+log = logging.getLogger("gateway.tracing")
+# What tracing failed at, at most one line every 10 s: never the exception's text (it may quote a header).
+_TROUBLE = QuietLog(log, logging.WARNING, "tracing_failed", "tracing failed %d time(s), untraced; latest: %s")
+# The W3C trace-context fields: what a worker sent of them never goes upstream as it came.
+_TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
+# The longest attribute value kept, unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise.
+MAX_ATTRIBUTE_LENGTH = 256
+
+
+def _trouble(where: str, error: BaseException) -> None:
+    _TROUBLE.note(f"{where}: {type(error).__name__}")
+
 
 SERVICE_NAME = "heartbeat-gateway"
 # How long a shutdown waits for the last spans to leave (the exporter's own timeout bounds each try).
@@ -67,6 +89,14 @@ _ROUTE = "heartbeat_gateway.route"
 
 class TracingUnavailable(Exception):
     """Tracing is asked for, but cannot be set up as asked (a message for the operator, no secrets)."""
+
+
+class FlightLink(NamedTuple):
+    """What a flight's answer carries for the workers it reaches: the flight span's context, and the server
+    span that started it (not linked to itself). Ids only: the lease table keeps answers, never spans."""
+
+    context: SpanContext
+    starter: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,24 +116,19 @@ class SpanRef:
             return None
         return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
 
-    def link_to(self, other: SpanRef) -> None:
-        """This span's answer came from `other` (a flight another worker's beat started)."""
-        if other is not self and other.parent is not self:
-            self.span.add_link(other.span.get_span_context())
+    @property
+    def link(self) -> FlightLink:
+        starter = self.parent.span.get_span_context().span_id if self.parent is not None else 0
+        return FlightLink(self.span.get_span_context(), starter)
 
-
-def exporter_problems(environ: Mapping[str, str]) -> list[str]:
-    """Why the standard variables ask for an exporter this build does not ship (OTLP over HTTP only)."""
-    problems = []
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
-    if exporter != "otlp":
-        problems.append(f"OTEL_TRACES_EXPORTER={exporter!r}: only 'otlp' (OTLP over HTTP) is supported")
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        protocol = environ.get(name)
-        if protocol is not None and protocol.strip().lower() != "http/protobuf":
-            problems.append(f"{name}={protocol.strip()!r}: only 'http/protobuf' is supported")
-            break
-    return problems
+    def link_to(self, flight: FlightLink) -> None:
+        """This span's answer came from `flight` (one another worker's beat started, or its own earlier one)."""
+        try:
+            own = self.span.get_span_context().span_id
+            if own not in (flight.context.span_id, flight.starter):
+                self.span.add_link(flight.context)
+        except Exception as error:
+            _trouble("link", error)
 
 
 class Tracing:
@@ -111,6 +136,9 @@ class Tracing:
 
     def __init__(self, provider: TracerProvider, *, upstream_url: str) -> None:
         self._provider = provider
+        # The secrets the gateway holds now, kept out of the one attribute a client writes (the work id,
+        # read from the path); the composition root gives the live settings' redactor.
+        self.redactor: Callable[[], Redactor] = lambda: Redactor(())
         self._tracer = provider.get_tracer("heartbeat-gateway", __version__)
         # OTEL_PROPAGATORS (W3C trace context and baggage unless set otherwise).
         self._propagator = propagate.get_global_textmap()
@@ -134,22 +162,27 @@ class Tracing:
         return parent is not None and self._unsampled_stays and not parent.span.is_recording()
 
     @classmethod
-    def from_environment(cls, upstream_url: str, environ: Mapping[str, str] | None = None) -> Tracing:
+    def from_environment(cls, upstream_url: str) -> Tracing:
         """As the `OTEL_*` variables say: the endpoint, headers and timeout (`OTEL_EXPORTER_OTLP_*`),
         the sampler (`OTEL_TRACES_SAMPLER[_ARG]`), the resource (`OTEL_SERVICE_NAME`,
         `OTEL_RESOURCE_ATTRIBUTES`) and the batching (`OTEL_BSP_*`)."""
-        problems = exporter_problems(os.environ if environ is None else environ)
+        problems = otel_environment_problems(os.environ)
         if problems:
             raise TracingUnavailable("; ".join(problems))
-        return cls.with_processor(BatchSpanProcessor(OTLPSpanExporter()), upstream_url=upstream_url)
+        processor = BatchSpanProcessor(OTLPSpanExporter())
+        return cls.with_processor(processor, upstream_url=upstream_url)
 
     @classmethod
     def with_processor(cls, processor: SpanProcessor, *, upstream_url: str) -> Tracing:
         resource = Resource.create({"service.version": __version__})
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        # A value a client wrote (a junk work id) is cut short, as the log's fields are.
+        limit = None if "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT" in os.environ else MAX_ATTRIBUTE_LENGTH
         # The exit hook would flush on the main thread, holding the process up; `close` does it bounded.
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        provider = TracerProvider(
+            resource=resource, span_limits=SpanLimits(max_attribute_length=limit), shutdown_on_exit=False
+        )
         provider.add_span_processor(processor)
         return cls(provider, upstream_url=upstream_url)
 
@@ -157,14 +190,25 @@ class Tracing:
 
     def start_server(self, method: str, headers: Mapping[str, str]) -> SpanRef:
         """A worker request's span, continuing the trace its `traceparent` names (if valid)."""
-        parent = self._propagator.extract(headers)
-        return SpanRef(self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER))
+        try:
+            parent = self._propagator.extract(headers)
+            return SpanRef(self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER))
+        except Exception as error:  # a header the propagator chokes on: the request goes on untraced
+            _trouble("server span", error)
+            return SpanRef(INVALID_SPAN)
 
     def finish_server(self, ref: SpanRef, exchange: Exchange, status: int) -> None:
         """Named and described once the request is done, from what the request path wrote down."""
-        span = ref.span
+        try:
+            self._describe(ref.span, exchange, status)
+        except Exception as error:
+            _trouble("server span", error)
+        finally:
+            with contextlib.suppress(Exception):
+                ref.span.end()
+
+    def _describe(self, span: Span, exchange: Exchange, status: int) -> None:
         if not span.is_recording():  # not sampled: nothing it is told is kept
-            span.end()
             return
         span.update_name(f"{exchange.method} {exchange.path_template}")
         attributes: dict[str, AttributeValue] = {
@@ -175,7 +219,7 @@ class Tracing:
         }
         for name, value in (
             (_ENVIRONMENT, exchange.environment),
-            (_WORK_ID, exchange.work_id),
+            (_WORK_ID, self._scrubbed(exchange.work_id)),
             ("heartbeat_gateway.heartbeat.outcome", exchange.heartbeat_outcome),
             ("heartbeat_gateway.poll", exchange.poll),
             ("error.type", exchange.error),
@@ -187,54 +231,80 @@ class Tracing:
             if exchange.error is None:
                 span.set_attribute("error.type", str(status))
             span.set_status(Status(StatusCode.ERROR))
-        span.end()
+
+    def _scrubbed(self, work_id: str | None) -> str | None:
+        """The work id, which is whatever a client put in the path: never a secret the gateway holds."""
+        if work_id is None:
+            return None
+        work_id = self.redactor().text(work_id)
+        return REDACTED if "sk-ant-" in work_id else work_id
 
     @contextlib.contextmanager
     def current(self, ref: SpanRef) -> Iterator[None]:
         """`ref` as the current span (of this task), for what is decided inside: lease events, discoveries."""
-        token = otel_context.attach(trace.set_span_in_context(ref.span))
+        token = None
+        try:
+            token = otel_context.attach(trace.set_span_in_context(ref.span))
+        except Exception as error:
+            _trouble("context", error)
         try:
             yield
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                try:
+                    otel_context.detach(token)
+                except Exception as error:
+                    _trouble("context", error)
 
     # -- flights (one upstream heartbeat, whoever waits for it) -----------------------
 
     def start_flight(self, parent: SpanRef | None, environment: str, work_id: str) -> SpanRef:
+        """The span of one upstream heartbeat, under the beat whose request it sends (`parent`)."""
         if parent is not None and self._unkept(parent):
             return parent  # its own span stands in: unsampled, nothing it is told is kept
-        context = trace.set_span_in_context(parent.span) if parent is not None else None
-        span = self._tracer.start_span(
-            "heartbeat flight",
-            context=context,
-            kind=SpanKind.INTERNAL,
-            attributes={_ENVIRONMENT: environment, _WORK_ID: work_id},
-        )
-        return SpanRef(span, parent)
+        try:
+            context = trace.set_span_in_context(parent.span) if parent is not None else None
+            attributes: dict[str, AttributeValue] = {_ENVIRONMENT: environment}
+            if (scrubbed := self._scrubbed(work_id)) is not None:
+                attributes[_WORK_ID] = scrubbed
+            span = self._tracer.start_span("heartbeat flight", context=context, kind=SpanKind.INTERNAL)
+            span.set_attributes(attributes)
+            return SpanRef(span, parent)
+        except Exception as error:
+            _trouble("flight span", error)
+            return parent or SpanRef(INVALID_SPAN)
 
     def finish_flight(self, ref: SpanRef, result: str) -> None:
-        """`result`: what the flight brought back (succeeded, rejected, unsuccessful or failed)."""
-        if not ref.span.is_recording():  # unsampled, or the unsampled request's own span standing in
-            return
-        ref.span.set_attribute("heartbeat_gateway.flight.result", result)
-        if result == "failed":
-            ref.span.set_status(Status(StatusCode.ERROR))
-        ref.span.end()
+        """`result`: what the flight brought back (succeeded, rejected, unsuccessful, failed or cancelled)."""
+        try:
+            if not ref.span.is_recording():  # unsampled, or the unsampled request's own span standing in
+                return
+            ref.span.set_attribute("heartbeat_gateway.flight.result", result)
+            if result in ("failed", "cancelled"):
+                ref.span.set_status(Status(StatusCode.ERROR))
+            ref.span.end()
+        except Exception as error:
+            _trouble("flight span", error)
 
     # -- lease events ------------------------------------------------------------------
 
     def lease_event(self, kind: str, reason: str | None, environment: str, work_id: str) -> None:
         """On the span it was decided in; a timer's decision (no span current) gets one of its own."""
-        attributes: dict[str, AttributeValue] = {_ENVIRONMENT: environment, _WORK_ID: work_id}
-        if reason is not None:
-            attributes["heartbeat_gateway.lease.reason"] = reason
-        name = f"lease {kind}"
-        span = trace.get_current_span()
-        if span.get_span_context().is_valid:
-            span.add_event(name, attributes)
-            return
-        with self._tracer.start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes) as own:
-            own.add_event(name, attributes)
+        try:
+            attributes: dict[str, AttributeValue] = {_ENVIRONMENT: environment}
+            if (scrubbed := self._scrubbed(work_id)) is not None:
+                attributes[_WORK_ID] = scrubbed
+            if reason is not None:
+                attributes["heartbeat_gateway.lease.reason"] = reason
+            name = f"lease {kind}"
+            span = trace.get_current_span()
+            if span.get_span_context().is_valid:
+                span.add_event(name, attributes)
+                return
+            with self._tracer.start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes) as own:
+                own.add_event(name, attributes)
+        except Exception as error:
+            _trouble("lease event", error)
 
     # -- client spans (one per upstream exchange) ----------------------------------------
 
@@ -245,43 +315,68 @@ class Tracing:
     @asynccontextmanager
     async def client(self, inner: Upstream, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         """`request` sent through `inner` in a client span, whose context the API is sent instead of the worker's."""
-        if request.trace is not None and self._unkept(request.trace):
-            # Unsampled: the API is sent the request's context, and no span is made that would not be kept.
-            async with inner.exchange(self._carrying(request, request.trace)) as response:
-                yield response
-            return
-        parent = trace.set_span_in_context(request.trace.span) if request.trace is not None else None
-        span = self._tracer.start_span(
-            f"{request.method} {request.route}",
-            context=parent,
-            kind=SpanKind.CLIENT,
-            attributes={**self._server, "http.request.method": request.method, _ROUTE: request.route},
-        )
+        span, outbound = self._client_span(request)
         try:
-            async with inner.exchange(self._carrying(request, SpanRef(span, request.trace))) as response:
-                span.set_attribute("http.response.status_code", response.status)
-                if response.status >= 400:
-                    span.set_attribute("error.type", str(response.status))
-                    span.set_status(Status(StatusCode.ERROR))
+            async with inner.exchange(outbound) as response:
+                self._answered(span, response.status)
                 yield response
-        except UpstreamError as exc:
-            span.set_attribute("error.type", exc.kind)
-            span.set_status(Status(StatusCode.ERROR))
+        except UpstreamError as error:
+            self._failed(span, error.kind)
             raise
-        except BaseException:
-            span.set_attribute("error.type", "cancelled")
+        except asyncio.CancelledError:
+            self._failed(span, "cancelled")
+            raise
+        except BaseException as error:  # the worker's side broke off (a stream it stopped reading)
+            self._failed(span, type(error).__name__)
             raise
         finally:
-            span.end()
+            with contextlib.suppress(Exception):
+                span.end()
+
+    def _client_span(self, request: UpstreamRequest) -> tuple[Span, UpstreamRequest]:
+        """The exchange's span, and the request carrying its context; untraced if that cannot be done."""
+        try:
+            if request.trace is not None and self._unkept(request.trace):
+                # Unsampled: the API is sent the request's context, and no span is made that would not be kept.
+                return INVALID_SPAN, self._carrying(request, request.trace)
+            parent = trace.set_span_in_context(request.trace.span) if request.trace is not None else None
+            span = self._tracer.start_span(
+                f"{request.method} {request.route}",
+                context=parent,
+                kind=SpanKind.CLIENT,
+                attributes={**self._server, "http.request.method": request.method, _ROUTE: request.route},
+            )
+            return span, self._carrying(request, SpanRef(span, request.trace))
+        except Exception as error:
+            _trouble("client span", error)
+            return INVALID_SPAN, request
 
     def _carrying(self, request: UpstreamRequest, ref: SpanRef) -> UpstreamRequest:
-        """`request` with `ref`'s context in place of the worker's; only the fields the propagator writes
-        are replaced (a worker's baggage goes on as it came)."""
+        """`request` with `ref`'s context in place of any the worker sent. The W3C fields always go (a
+        worker's `tracestate` belongs to its `traceparent`); its baggage goes on as it came."""
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=trace.set_span_in_context(ref.span))
-        written = {name.lower() for name in carrier}
-        headers = tuple((k, v) for k, v in request.headers if k.lower() not in written) + tuple(carrier.items())
+        replaced = _TRACE_CONTEXT.union(name.lower() for name in carrier)
+        headers = tuple((k, v) for k, v in request.headers if k.lower() not in replaced) + tuple(carrier.items())
         return dataclasses.replace(request, headers=headers, trace=ref)
+
+    @staticmethod
+    def _answered(span: Span, status: int) -> None:
+        try:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                span.set_attribute("error.type", str(status))
+                span.set_status(Status(StatusCode.ERROR))
+        except Exception as error:
+            _trouble("client span", error)
+
+    @staticmethod
+    def _failed(span: Span, kind: str) -> None:
+        try:
+            span.set_attribute("error.type", kind)
+            span.set_status(Status(StatusCode.ERROR))
+        except Exception as error:
+            _trouble("client span", error)
 
     # -- the exporter --------------------------------------------------------------------
 
