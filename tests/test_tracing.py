@@ -66,8 +66,11 @@ Seen = list[tuple[str, list[tuple[str, str]]]]
 class Traced:
     """A gateway with tracing on, what it exported, and what its upstream was sent."""
 
-    def __init__(self, gateway: Gateway, exporter: InMemorySpanExporter, seen: Seen, sim: SimHandle) -> None:
+    def __init__(
+        self, gateway: Gateway, tracing: Tracing, exporter: InMemorySpanExporter, seen: Seen, sim: SimHandle
+    ) -> None:
         self.gateway = gateway
+        self.tracing = tracing
         self.exporter = exporter
         self.seen = seen
         self.sim = sim
@@ -118,7 +121,7 @@ async def make_traced(make_simulator: SimFactory, monkeypatch: pytest.MonkeyPatc
         gateway = Gateway(make_settings(sim.url, "tracing: {enabled: true}\n" + extra), tracing=tracing)
         await gateway.start()
         started.append(gateway)
-        return Traced(gateway, exporter, seen, sim)
+        return Traced(gateway, tracing, exporter, seen, sim)
 
     yield make
     for gateway in started:
@@ -378,11 +381,15 @@ async def test_a_malformed_or_unsampled_traceparent_costs_the_request_nothing(ma
         assert status == 200
         status, _, _ = await beat(session, traced, work_id, answer["last_heartbeat"], {"traceparent": unsampled})
         assert status == 200
-    # The junk one starts a trace of its own; the unsampled one is not recorded, as its worker asked.
-    assert {hex_trace(s) for s in traced.spans()} != {TRACE_ID}
-    assert all(hex_trace(s) != TRACE_ID for s in traced.spans())
+    # The junk one starts a trace of its own, whole; the unsampled one is not recorded, as its worker asked.
+    (server,) = traced.spans(SpanKind.SERVER)
+    assert server.parent is None
+    assert hex_trace(server) != TRACE_ID
+    assert len(traced.spans()) == 3  # its server span, flight and upstream call
+    assert {hex_trace(s) for s in traced.spans()} == {hex_trace(server)}
     first, second = traced.upstream_saw("/heartbeat")
-    assert first["traceparent"] != "00-junk-junk-01"
+    (client,) = traced.spans(SpanKind.CLIENT)
+    assert first["traceparent"] == traceparent_of(client)
     assert re.fullmatch(rf"00-{TRACE_ID}-[0-9a-f]{{16}}-00", second["traceparent"]), "the unsampled trace is lost"
 
 
@@ -495,7 +502,7 @@ def test_a_tracing_config_that_cannot_work_is_refused_with_the_config() -> None:
         "tracing.enabled: OTEL_EXPORTER_OTLP_PROTOCOL='grpc': only 'http/protobuf' is supported"
     ]
     assert otel_environment_problems({"OTEL_TRACES_EXPORTER": "zipkin"}) == [
-        "OTEL_TRACES_EXPORTER='zipkin': only 'otlp' (OTLP over HTTP) is supported"
+        "OTEL_TRACES_EXPORTER='zipkin': only 'otlp' (OTLP over HTTP) or 'none'"
     ]
     off = load_settings(config_yaml("http://127.0.0.1:9"), ENVIRON)
     assert tracing_problems(off, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == []
@@ -538,7 +545,9 @@ async def test_a_token_put_in_the_path_is_never_a_span_attribute(
         assert secret not in text
 
 
-async def test_a_header_opentelemetry_cannot_read_is_refused_as_without_tracing(make_traced: TracedFactory) -> None:
+async def test_a_header_opentelemetry_cannot_read_is_refused_as_without_tracing(
+    make_traced: TracedFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     """Baggage that is not UTF-8 makes OpenTelemetry's propagator raise: the request gets the 400 it gets
     with tracing off, not a 500, and the gateway says once that tracing failed."""
     traced = await make_traced()
@@ -547,9 +556,12 @@ async def test_a_header_opentelemetry_cannot_read_is_refused_as_without_tracing(
     request = (
         f"POST {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n"
     ).encode() + b"baggage: a=\xff\r\nConnection: close\r\n\r\n"
-    received, _ = await raw(traced.gateway, request)
+    with caplog.at_level("WARNING", logger="gateway.tracing"):
+        received, _ = await raw(traced.gateway, request)
     status, body = status_and_json(received)
     assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+    (said,) = [r for r in caplog.records if r.name == "gateway.tracing"]
+    assert said.getMessage() == "tracing failed 1 time(s), untraced; latest: server span: UnicodeEncodeError"
 
 
 @pytest.mark.parametrize("traceparent", [None, "00-junk-junk-01", f"00-{'0' * 32}-{WORKER_SPAN}-01"])
@@ -677,23 +689,75 @@ def test_otel_variables_tracing_cannot_honour_are_config_problems_that_show_no_s
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": "htp://user:ENDPOINT-SECRET@collector:4318",
             "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team: HEADER-SECRET",
-            "OTEL_PROPAGATORS": "tracecontext,b3",
-            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": "5%",
-            "OTEL_BSP_MAX_QUEUE_SIZE": "0",
+            "OTEL_PROPAGATORS": "tracecontext,b3,TraceContext",
+            "OTEL_TRACES_SAMPLER": " traceidratio",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+            "OTEL_BSP_SCHEDULE_DELAY": "\u00b2",
         }
     )
     assert problems == [
         "OTEL_EXPORTER_OTLP_ENDPOINT: not an http:// or https:// URL (not shown: it may hold a credential)",
         "OTEL_EXPORTER_OTLP_HEADERS: not name=value pairs separated by commas (not shown: it may hold a key)",
-        "OTEL_PROPAGATORS: b3 not available (tracecontext, baggage or none)",
-        "OTEL_TRACES_SAMPLER_ARG: a share of traces to sample, from 0 to 1",
-        "OTEL_BSP_MAX_QUEUE_SIZE='0': a positive whole number",
+        "OTEL_PROPAGATORS: 'b3', 'TraceContext' not available (tracecontext, baggage or none, in lower case)",
+        "OTEL_TRACES_SAMPLER=' traceidratio': one of always_off, always_on, parentbased_always_off, "
+        "parentbased_always_on, parentbased_traceidratio, traceidratio",
+        "OTEL_BSP_SCHEDULE_DELAY='\u00b2': a positive whole number",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512) is larger than OTEL_BSP_MAX_QUEUE_SIZE (100)",
     ]
+    assert "SECRET" not in "\n".join(problems)
     fine = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector.example:4318",
-        "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team=abc,other=1",
-        "OTEL_TRACES_SAMPLER": "traceidratio",
-        "OTEL_TRACES_SAMPLER_ARG": "0.05",
+        # The traces-specific setting wins over the general one; an empty variable is unset.
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://collector.example:4318/v1/traces",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team=abc%20def,other=1",
+        "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
+        "OTEL_TRACES_SAMPLER_ARG": "",
+        "OTEL_PROPAGATORS": " tracecontext , baggage ",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "",
     }
     assert otel_environment_problems(fine) == []
+    assert otel_environment_problems({"OTEL_TRACES_EXPORTER": "none"}) == []
+
+
+async def test_a_flight_span_that_cannot_start_costs_the_beat_nothing(
+    make_traced: TracedFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenTelemetry failing inside the lease path (a sampler plug-in, a bug): the beat is answered as
+    ever, its own span is whole, and its upstream call still hangs under it."""
+    traced = await make_traced()
+    work_id = held_item(traced.sim)
+    tracer = traced.tracing._tracer
+    real = tracer.start_span
+
+    def failing(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "heartbeat flight":
+            raise RuntimeError("a sampler plug-in failed")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(tracer, "start_span", failing)
+    async with aiohttp.ClientSession() as session:
+        status, _, outcome = await beat(session, traced, work_id, "NO_HEARTBEAT", {"traceparent": TRACEPARENT})
+    assert (status, outcome) == (200, "forwarded")
+    (server,) = traced.spans(SpanKind.SERVER)
+    assert (server.attributes or {})["heartbeat_gateway.heartbeat.outcome"] == "forwarded"
+    assert "heartbeat_gateway.flight.result" not in (server.attributes or {})
+    (client,) = traced.spans(SpanKind.CLIENT)
+    assert parent_of(client) == hex_span(server)
+
+
+async def test_a_sampled_beat_riding_an_unsampled_flight_links_to_nothing(make_traced: TracedFactory) -> None:
+    """That flight was never exported: a link to it would lead nowhere."""
+    traced = await make_traced(delay_heartbeats=0.3)
+    work_id = held_item(traced.sim)
+    async with aiohttp.ClientSession() as session:
+        await beat(session, traced, work_id, "NO_HEARTBEAT")
+        traced.exporter.clear()
+        unsampled, sampled = f"00-{'1' * 32}-{'a' * 16}-00", f"00-{'2' * 32}-{'b' * 16}-01"
+        leader = asyncio.ensure_future(beat(session, traced, work_id, None, {"traceparent": unsampled}))
+        await asyncio.sleep(0.1)
+        joined = await beat(session, traced, work_id, None, {"traceparent": sampled})
+        await leader
+    assert joined[2] == "joined"
+    (rider,) = traced.spans()
+    assert rider.links == ()

@@ -44,7 +44,7 @@ class Reply:
 
     response: BufferedResponse
     answer: Answer
-    # The flight's span, when tracing is on: every worker this answer reaches links to it.
+    # The flight, when tracing is on: every worker this answer reaches links to it.
     flight: FlightLink | None = field(default=None, compare=False, kw_only=True)
 
 

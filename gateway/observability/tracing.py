@@ -72,6 +72,7 @@ _TROUBLE = QuietLog(log, logging.WARNING, "tracing_failed", "tracing failed %d t
 _TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
 # The longest attribute value kept, unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise.
 MAX_ATTRIBUTE_LENGTH = 256
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 def _trouble(where: str, error: BaseException) -> None:
@@ -106,26 +107,42 @@ class SpanRef:
     span: Span
     # The server span a flight was started for (its first worker's), so that one is not linked twice.
     parent: SpanRef | None = None
+    # Another's span standing in (a flight under an unsampled request, or one that could not be started):
+    # told nothing, never ended here.
+    borrowed: bool = False
 
     @property
     def exemplar(self) -> dict[str, str] | None:
         """A sampled span's ids, as a Prometheus exemplar and the access line's trace_id; None when not
         sampled (there is no trace to go to). Made when asked for: a flight's never is."""
-        context = self.span.get_span_context()
-        if not context.trace_flags.sampled:
+        try:
+            context = self.span.get_span_context()
+            if not context.trace_flags.sampled:
+                return None
+            return {
+                "trace_id": trace.format_trace_id(context.trace_id),
+                "span_id": trace.format_span_id(context.span_id),
+            }
+        except Exception as error:
+            _trouble("exemplar", error)
             return None
-        return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
 
     @property
-    def link(self) -> FlightLink:
-        starter = self.parent.span.get_span_context().span_id if self.parent is not None else 0
-        return FlightLink(self.span.get_span_context(), starter)
+    def link(self) -> FlightLink | None:
+        """What the workers a flight answers link to; None if nothing can be."""
+        try:
+            starter = self.parent.span.get_span_context().span_id if self.parent is not None else 0
+            return FlightLink(self.span.get_span_context(), starter)
+        except Exception as error:
+            _trouble("link", error)
+            return None
 
     def link_to(self, flight: FlightLink) -> None:
         """This span's answer came from `flight` (one another worker's beat started, or its own earlier one)."""
         try:
             own = self.span.get_span_context().span_id
-            if own not in (flight.context.span_id, flight.starter):
+            # An unsampled flight was never exported: a link to it would lead nowhere.
+            if flight.context.trace_flags.sampled and own not in (flight.context.span_id, flight.starter):
                 self.span.add_link(flight.context)
         except Exception as error:
             _trouble("link", error)
@@ -158,7 +175,7 @@ class Tracing:
         )
 
     def _unkept(self, parent: SpanRef | None) -> bool:
-        """A span under `parent` would never be kept: it is not made."""
+        """A span under `parent` would never be kept: it is not made (called inside a guard)."""
         return parent is not None and self._unsampled_stays and not parent.span.is_recording()
 
     @classmethod
@@ -169,11 +186,13 @@ class Tracing:
         problems = otel_environment_problems(os.environ)
         if problems:
             raise TracingUnavailable("; ".join(problems))
-        processor = BatchSpanProcessor(OTLPSpanExporter())
-        return cls.with_processor(processor, upstream_url=upstream_url)
+        if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+            # Contexts are continued and passed upstream, but no span leaves the process.
+            return cls.with_processor(None, upstream_url=upstream_url)
+        return cls.with_processor(BatchSpanProcessor(OTLPSpanExporter()), upstream_url=upstream_url)
 
     @classmethod
-    def with_processor(cls, processor: SpanProcessor, *, upstream_url: str) -> Tracing:
+    def with_processor(cls, processor: SpanProcessor | None, *, upstream_url: str) -> Tracing:
         resource = Resource.create({"service.version": __version__})
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
@@ -183,7 +202,8 @@ class Tracing:
         provider = TracerProvider(
             resource=resource, span_limits=SpanLimits(max_attribute_length=limit), shutdown_on_exit=False
         )
-        provider.add_span_processor(processor)
+        if processor is not None:
+            provider.add_span_processor(processor)
         return cls(provider, upstream_url=upstream_url)
 
     # -- server spans (one per worker request) ----------------------------------------
@@ -192,7 +212,7 @@ class Tracing:
         """A worker request's span, continuing the trace its `traceparent` names (if valid)."""
         try:
             parent = self._propagator.extract(headers)
-            return SpanRef(self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER))
+            return SpanRef(self._tracer.start_span(_method(method), context=parent, kind=SpanKind.SERVER))
         except Exception as error:  # a header the propagator chokes on: the request goes on untraced
             _trouble("server span", error)
             return SpanRef(INVALID_SPAN)
@@ -210,9 +230,10 @@ class Tracing:
     def _describe(self, span: Span, exchange: Exchange, status: int) -> None:
         if not span.is_recording():  # not sampled: nothing it is told is kept
             return
-        span.update_name(f"{exchange.method} {exchange.path_template}")
+        method = _method(exchange.method)
+        span.update_name(f"{method} {exchange.path_template}")
         attributes: dict[str, AttributeValue] = {
-            "http.request.method": exchange.method,
+            "http.request.method": method,
             "http.route": exchange.path_template,
             "http.response.status_code": status,
             _ROUTE: exchange.route,
@@ -260,9 +281,9 @@ class Tracing:
 
     def start_flight(self, parent: SpanRef | None, environment: str, work_id: str) -> SpanRef:
         """The span of one upstream heartbeat, under the beat whose request it sends (`parent`)."""
-        if parent is not None and self._unkept(parent):
-            return parent  # its own span stands in: unsampled, nothing it is told is kept
         try:
+            if parent is not None and self._unkept(parent):
+                return _stand_in(parent)  # unsampled: nothing a flight span is told would be kept
             context = trace.set_span_in_context(parent.span) if parent is not None else None
             attributes: dict[str, AttributeValue] = {_ENVIRONMENT: environment}
             if (scrubbed := self._scrubbed(work_id)) is not None:
@@ -272,19 +293,21 @@ class Tracing:
             return SpanRef(span, parent)
         except Exception as error:
             _trouble("flight span", error)
-            return parent or SpanRef(INVALID_SPAN)
+            return _stand_in(parent) if parent is not None else SpanRef(INVALID_SPAN)
 
     def finish_flight(self, ref: SpanRef, result: str) -> None:
         """`result`: what the flight brought back (succeeded, rejected, unsuccessful, failed or cancelled)."""
+        if ref.borrowed:
+            return
         try:
-            if not ref.span.is_recording():  # unsampled, or the unsampled request's own span standing in
-                return
             ref.span.set_attribute("heartbeat_gateway.flight.result", result)
             if result in ("failed", "cancelled"):
                 ref.span.set_status(Status(StatusCode.ERROR))
-            ref.span.end()
         except Exception as error:
             _trouble("flight span", error)
+        finally:
+            with contextlib.suppress(Exception):
+                ref.span.end()
 
     # -- lease events ------------------------------------------------------------------
 
@@ -340,11 +363,12 @@ class Tracing:
                 # Unsampled: the API is sent the request's context, and no span is made that would not be kept.
                 return INVALID_SPAN, self._carrying(request, request.trace)
             parent = trace.set_span_in_context(request.trace.span) if request.trace is not None else None
+            method = _method(request.method)
             span = self._tracer.start_span(
-                f"{request.method} {request.route}",
+                f"{method} {request.route}",
                 context=parent,
                 kind=SpanKind.CLIENT,
-                attributes={**self._server, "http.request.method": request.method, _ROUTE: request.route},
+                attributes={**self._server, "http.request.method": method, _ROUTE: request.route},
             )
             return span, self._carrying(request, SpanRef(span, request.trace))
         except Exception as error:
@@ -411,6 +435,17 @@ class TracedUpstream:
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def _stand_in(ref: SpanRef) -> SpanRef:
+    """`ref`'s span standing in for a flight's: its context carried on, never told or ended as a flight."""
+    return SpanRef(ref.span, ref.parent, borrowed=True)
+
+
+def _method(method: str) -> str:
+    """As the semantic conventions ask: a method aiohttp accepted but HTTP does not name is `_OTHER` (it is
+    whatever a client sent)."""
+    return method if method in _METHODS else "_OTHER"
 
 
 def _settle(future: asyncio.Future[None]) -> None:
