@@ -419,7 +419,7 @@ async def test_a_worker_that_leaves_before_its_flight_starts_sends_nothing() -> 
     # The decision to send is taken; the worker leaves before the flight task gets to run.
     (send,) = [a for a in service.core.submit(Beat(1, key, "NO_HEARTBEAT", ("id",)), 0.0) if isinstance(a, Send)]
     service.core.abandoned(1, 0.0)
-    await service._fly(key, send.flight, call().request, PoolName.LEASE)
+    await service._flight(key, send.flight, call().request, PoolName.LEASE)
     await service.close()
     assert upstream.calls == 0
     assert service.core.in_flight(key) == 0

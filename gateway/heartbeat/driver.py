@@ -21,10 +21,10 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, get_args
 
 from gateway.config.settings import HeartbeatSettings, PoolName
 from gateway.errors import UpstreamError, UpstreamUnavailable
@@ -319,12 +319,15 @@ class CoalescingHeartbeats:
             # nobody vouches for) on the general class, so it never takes a lease's connection.
             pool = PoolName.LEASE if action.main else PoolName.OTHER
             request = call.request
-            if self._tracing is not None:
+            flight: Coroutine[Any, Any, object]
+            if self._tracing is None:
+                flight = self._flight(action.key, action.flight, request, pool)
+            else:
                 # The flight's span: a child of the beat it sends, linked from the beats it answers.
                 environment_id, work_id = action.key
                 ref = self._tracing.start_flight(request.trace, self._label(environment_id), work_id)
                 request = dataclasses.replace(request, trace=ref)
-            flight = self._fly(action.key, action.flight, request, pool)
+                flight = self._traced_flight(self._tracing, action.key, action.flight, request, pool)
             try:
                 self._flights.spawn(flight, name=f"heartbeat-flight-{action.flight}")
             except BaseException:
@@ -402,10 +405,9 @@ class CoalescingHeartbeats:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        # In a context of its own: what the table's upkeep decides belongs to no worker's request.
-        self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, at - self._clock()), self.wake, context=contextvars.Context()
-        )
+        # Traced, in a context of its own: what the table's upkeep decides belongs to no worker's request.
+        context = contextvars.Context() if self._tracing is not None else None
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()), self.wake, context=context)
 
     def _resolve(self, waiter: int, reply: Reply, outcome: Outcome) -> None:
         future = self._futures.get(waiter)
@@ -416,12 +418,14 @@ class CoalescingHeartbeats:
         labelled = _labelled(reply.response, outcome)
         future.set_result(HeartbeatResult(labelled, reply.answer, outcome, (waiter, key), flight=reply.flight))
 
-    async def _fly(self, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName) -> None:
-        tracing, ref = self._tracing, request.trace
-        if tracing is None or ref is None:
+    async def _traced_flight(
+        self, tracing: Tracing, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
+    ) -> None:
+        """`_flight` with its span current while it flies: the lease events its end decides are told on it."""
+        ref = request.trace
+        if ref is None:
             await self._flight(key, flight, request, pool)
             return
-        # Its span is current while it flies: the lease events its end decides are told on it.
         result = "cancelled"
         with tracing.current(ref):
             try:
