@@ -250,6 +250,9 @@ def test_the_egress_proxy_reaches_the_container_environment(helm: Helm) -> None:
     assert {"name": "HTTPS_PROXY", "value": "http://egress:3128"} in container["env"]
 
 
+TRACING = ["--set", "tracing.enabled=true", "--set", "tracing.endpoint=http://otel-collector:4318"]
+
+
 def test_tracing_turns_on_in_the_config_and_sets_the_standard_variables(helm: Helm) -> None:
     docs = render(helm, "-f", str(ALL_FEATURES))
     config = yaml.safe_load(one(docs, "ConfigMap", "heartbeat-gateway")["data"]["config.yaml"])
@@ -264,6 +267,15 @@ def test_tracing_turns_on_in_the_config_and_sets_the_standard_variables(helm: He
     assert env["OTEL_RESOURCE_ATTRIBUTES"] == (
         "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),deployment.environment.name=prod"
     )
+    # A value with the format's own separators in it is percent-encoded, and OpenTelemetry reads it back whole.
+    odd = render(helm, *TRACING, "--set-json", 'tracing.resourceAttributes={"team": "agents, platform=1"}')
+    (odd_container,) = one(odd, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (attributes,) = [e["value"] for e in odd_container["env"] if e["name"] == "OTEL_RESOURCE_ATTRIBUTES"]
+    assert attributes.endswith(",team=agents%2C%20platform%3D1")
+    read_back = "from opentelemetry.sdk.resources import Resource; print(Resource.create().attributes['team'])"
+    environment = {**os.environ, "OTEL_RESOURCE_ATTRIBUTES": attributes}
+    detected = subprocess.run([sys.executable, "-c", read_back], env=environment, capture_output=True, text=True)
+    assert detected.stdout.strip() == "agents, platform=1"
     # Off by default: no tracing section, no variables.
     default = render(helm)
     assert "tracing" not in yaml.safe_load(one(default, "ConfigMap", "heartbeat-gateway")["data"]["config.yaml"])

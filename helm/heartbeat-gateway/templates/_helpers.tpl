@@ -81,11 +81,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* OTEL_RESOURCE_ATTRIBUTES: the pod's name and namespace (from the downward API), then the user's. */}}
+{{/* OTEL_RESOURCE_ATTRIBUTES: the pod's name and namespace (from the downward API), then the user's,
+     each value percent-encoded as the variable's format asks (a "," or "=" in it would split it). */}}
 {{- define "heartbeat-gateway.resourceAttributes" -}}
 {{- $pairs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" }}
 {{- range $name, $value := .Values.tracing.resourceAttributes }}
-{{- $pairs = append $pairs (printf "%s=%s" $name $value) }}
+{{- $pairs = append $pairs (printf "%s=%s" $name ($value | urlquery | replace "+" "%20")) }}
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}
