@@ -61,7 +61,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             metrics.request_finished(exchange.route, exchange.status or 500, seconds, exemplar)
         else:
             metrics.request_refused(exchange.route, exchange.status or 500, seconds, exemplar)
-        log_exchange(exchange, proxy.settings.logging.sample_routine)
+        log_exchange(exchange, proxy.settings.logging.sample_routine, exemplar)
 
 
 def tracing_middleware(tracing: Tracing) -> Middleware:

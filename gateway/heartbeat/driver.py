@@ -52,7 +52,7 @@ from .table import LeaseView, TableCounts
 from .wire import LeaseEventKind, LostReason, Outcome, encode, read_answer, read_body
 
 if TYPE_CHECKING:
-    from gateway.observability.tracing import Tracing
+    from gateway.observability.tracing import SpanRef, Tracing
 
 __all__ = [
     "FAILSAFE_POINTS",
@@ -327,7 +327,7 @@ class CoalescingHeartbeats:
                 environment_id, work_id = action.key
                 ref = self._tracing.start_flight(request.trace, self._label(environment_id), work_id)
                 request = dataclasses.replace(request, trace=ref)
-                flight = self._traced_flight(self._tracing, action.key, action.flight, request, pool)
+                flight = self._traced_flight(self._tracing, ref, action.key, action.flight, request, pool)
             try:
                 self._flights.spawn(flight, name=f"heartbeat-flight-{action.flight}")
             except BaseException:
@@ -419,13 +419,9 @@ class CoalescingHeartbeats:
         future.set_result(HeartbeatResult(labelled, reply.answer, outcome, (waiter, key), flight=reply.flight))
 
     async def _traced_flight(
-        self, tracing: Tracing, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
+        self, tracing: Tracing, ref: SpanRef, key: LeaseKey, flight: int, request: UpstreamRequest, pool: PoolName
     ) -> None:
         """`_flight` with its span current while it flies: the lease events its end decides are told on it."""
-        ref = request.trace
-        if ref is None:
-            await self._flight(key, flight, request, pool)
-            return
         result = "cancelled"
         with tracing.current(ref):
             try:

@@ -122,13 +122,12 @@ class FlightSender:
         flight = request.trace.link if request.trace is not None else None
         try:
             response = await fetch(self._upstream, request, max_bytes=MAX_HEARTBEAT_RESPONSE_BYTES)
-        except CapacityExceeded as error:
-            # The gateway's own capacity: handed back at once, so the worker's own retry decides.
-            error.flight = flight
-            return Failed(error, may_have_applied=False), None, False
         except UpstreamError as error:
             # The workers it fails link to the flight, as they would to its answer.
             error.flight = flight
+            if isinstance(error, CapacityExceeded):
+                # The gateway's own capacity: handed back at once, so the worker's own retry decides.
+                return Failed(error, may_have_applied=False), None, False
             # Only a request that never left may be sent again: the first one may have been applied.
             failed = Failed(error, may_have_applied=error.may_have_reached_upstream)
             return failed, None, not error.may_have_reached_upstream

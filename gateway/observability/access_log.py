@@ -54,7 +54,8 @@ _FIELDS = tuple(f.name for f in fields(Exchange) if f.name not in ("counted_infl
 ROUTINE_ROUTES = frozenset({"heartbeat", "poll"})
 
 
-def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
+def log_exchange(exchange: Exchange, sample_routine: float = 1.0, exemplar: dict[str, str] | None = None) -> None:
+    """`exemplar`: the request's sampled trace (`SpanRef.exemplar`, made once for the metrics and this line)."""
     if not log.isEnabledFor(logging.INFO):
         return
     routine = exchange.route in ROUTINE_ROUTES and exchange.error is None and (exchange.status or 500) < 400
@@ -64,7 +65,7 @@ def log_exchange(exchange: Exchange, sample_routine: float = 1.0) -> None:
     for name in _FIELDS:
         if (value := getattr(exchange, name)) is not None:
             fields[name] = value
-    if exchange.trace is not None and (exemplar := exchange.trace.exemplar) is not None:
+    if exemplar is not None:
         # The line a trace search starts from (only a sampled trace can be found).
         fields["trace_id"] = exemplar["trace_id"]
     direct = direct_lines(log)
