@@ -11,6 +11,7 @@ process and the real SDK worker make of it: `tests/test_tracing_end_to_end.py`.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import gc
 import os
 import re
@@ -33,7 +34,7 @@ from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_tra
 from gateway.app import Gateway, tracing_problems
 from gateway.config.load import load_settings
 from gateway.observability.otel_environment import otel_environment_problems
-from gateway.observability.tracing import Tracing
+from gateway.observability.tracing import Tracing, TracingUnavailable
 from gateway.simulator import Faults
 
 from .raw_http import raw, status_and_json
@@ -761,3 +762,66 @@ async def test_a_sampled_beat_riding_an_unsampled_flight_links_to_nothing(make_t
     assert joined[2] == "joined"
     (rider,) = traced.spans()
     assert rider.links == ()
+
+
+async def test_opentelemetry_failing_at_every_span_and_header_leaves_every_answer_as_without_tracing(
+    make_traced: TracedFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No span starts and no context can be written: beats, retrieves and the lease are served as ever,
+    untraced, and the failures are said in the throttled line."""
+    traced = await make_traced()
+    work_id = held_item(traced.sim)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("OpenTelemetry is broken")
+
+    monkeypatch.setattr(traced.tracing._tracer, "start_span", broken)
+    monkeypatch.setattr(traced.tracing._propagator, "inject", broken)
+    caplog.set_level("WARNING", logger="gateway.tracing")
+    async with aiohttp.ClientSession() as session:
+        status, claimed, outcome = await beat(session, traced, work_id, "NO_HEARTBEAT", {"traceparent": TRACEPARENT})
+        assert (status, outcome) == (200, "forwarded")
+        status, _, outcome = await beat(session, traced, work_id, claimed["last_heartbeat"])
+        assert (status, outcome) == (200, "forwarded")
+        url = f"{traced.gateway.proxy_url}/v1/environments/{ENV_ID}/work/{work_id}"
+        async with session.get(url, headers=worker_headers()) as r:
+            assert r.status == 200
+    assert traced.spans() == []
+    # What went upstream: the requests as tracing off sends them, the worker's context as it came.
+    first, second = traced.upstream_saw("/heartbeat")
+    assert first["traceparent"] == TRACEPARENT
+    assert "traceparent" not in second
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.tracing"] == [
+        "tracing failed 1 time(s), untraced; latest: server span: RuntimeError"
+    ]
+
+
+def test_a_gateway_built_without_the_cli_refuses_otel_variables_it_cannot_honour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-key: PLANTED-COLLECTOR-KEY")
+    settings = load_settings(config_yaml("http://127.0.0.1:9", "tracing: {enabled: true}"), ENVIRON)
+    with pytest.raises(TracingUnavailable) as refused:
+        Gateway(settings)
+    assert str(refused.value) == (
+        "OTEL_EXPORTER_OTLP_HEADERS: not name=value pairs separated by commas (not shown: it may hold a key)"
+    )
+
+
+def test_opentelemetry_that_cannot_load_is_a_config_problem_naming_only_its_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its import raises on some variables (a propagator entry point that fails, say): the config is refused
+    with the error's kind, never its text, which may quote a variable's value."""
+    real_import = builtins.__import__
+
+    def failing(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "gateway.observability.tracing":
+            raise ValueError("OTEL_SOMETHING=PLANTED-VALUE")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    settings = load_settings(config_yaml("http://127.0.0.1:9", "tracing: {enabled: true}"), ENVIRON)
+    assert tracing_problems(settings, {}) == [
+        "tracing.enabled: OpenTelemetry cannot start with these OTEL_* variables (ValueError)"
+    ]

@@ -39,7 +39,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from opentelemetry import context as otel_context
@@ -66,8 +66,6 @@ if TYPE_CHECKING:
 __all__ = ["FlightLink", "SpanRef", "TracedUpstream", "Tracing", "TracingUnavailable"]
 
 log = logging.getLogger("gateway.tracing")
-# What tracing failed at, at most one line every 10 s: never the exception's text (it may quote a header).
-_TROUBLE = QuietLog(log, logging.WARNING, "tracing_failed", "tracing failed %d time(s), untraced; latest: %s")
 # The W3C trace-context fields: what a worker sent of them never goes upstream as it came.
 _TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
 # The longest attribute value kept, unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise.
@@ -75,8 +73,15 @@ MAX_ATTRIBUTE_LENGTH = 256
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
-def _trouble(where: str, error: BaseException) -> None:
-    _TROUBLE.note(f"{where}: {type(error).__name__}")
+class _Trouble:
+    """What a tracer failed at, at most one line every 10 s: never the exception's text (it may quote a
+    header). One per tracer, with its spans."""
+
+    def __init__(self) -> None:
+        self._said = QuietLog(log, logging.WARNING, "tracing_failed", "tracing failed %d time(s), untraced; latest: %s")
+
+    def __call__(self, where: str, error: BaseException) -> None:
+        self._said.note(f"{where}: {type(error).__name__}")
 
 
 SERVICE_NAME = "heartbeat-gateway"
@@ -105,6 +110,8 @@ class SpanRef:
     """A span the gateway started, as the rest of the gateway holds it: it never calls OpenTelemetry itself."""
 
     span: Span
+    # Its tracer's account of what failed.
+    trouble: _Trouble = field(repr=False)
     # The server span a flight was started for (its first worker's), so that one is not linked twice.
     parent: SpanRef | None = None
     # Another's span standing in (a flight under an unsampled request, or one that could not be started):
@@ -124,7 +131,7 @@ class SpanRef:
                 "span_id": trace.format_span_id(context.span_id),
             }
         except Exception as error:
-            _trouble("exemplar", error)
+            self.trouble("exemplar", error)
             return None
 
     @property
@@ -134,7 +141,7 @@ class SpanRef:
             starter = self.parent.span.get_span_context().span_id if self.parent is not None else 0
             return FlightLink(self.span.get_span_context(), starter)
         except Exception as error:
-            _trouble("link", error)
+            self.trouble("link", error)
             return None
 
     def link_to(self, flight: FlightLink) -> None:
@@ -145,7 +152,7 @@ class SpanRef:
             if flight.context.trace_flags.sampled and own not in (flight.context.span_id, flight.starter):
                 self.span.add_link(flight.context)
         except Exception as error:
-            _trouble("link", error)
+            self.trouble("link", error)
 
 
 class Tracing:
@@ -153,6 +160,7 @@ class Tracing:
 
     def __init__(self, provider: TracerProvider, *, upstream_url: str) -> None:
         self._provider = provider
+        self._trouble = _Trouble()
         # The secrets the gateway holds now, kept out of the one attribute a client writes (the work id,
         # read from the path); the composition root gives the live settings' redactor.
         self.redactor: Callable[[], Redactor] = lambda: Redactor(())
@@ -212,17 +220,18 @@ class Tracing:
         """A worker request's span, continuing the trace its `traceparent` names (if valid)."""
         try:
             parent = self._propagator.extract(headers)
-            return SpanRef(self._tracer.start_span(_method(method), context=parent, kind=SpanKind.SERVER))
+            span = self._tracer.start_span(_method(method), context=parent, kind=SpanKind.SERVER)
+            return SpanRef(span, self._trouble)
         except Exception as error:  # a header the propagator chokes on: the request goes on untraced
-            _trouble("server span", error)
-            return SpanRef(INVALID_SPAN)
+            self._trouble("server span", error)
+            return SpanRef(INVALID_SPAN, self._trouble)
 
     def finish_server(self, ref: SpanRef, exchange: Exchange, status: int) -> None:
         """Named and described once the request is done, from what the request path wrote down."""
         try:
             self._describe(ref.span, exchange, status)
         except Exception as error:
-            _trouble("server span", error)
+            self._trouble("server span", error)
         finally:
             with contextlib.suppress(Exception):
                 ref.span.end()
@@ -267,7 +276,7 @@ class Tracing:
         try:
             token = otel_context.attach(trace.set_span_in_context(ref.span))
         except Exception as error:
-            _trouble("context", error)
+            self._trouble("context", error)
         try:
             yield
         finally:
@@ -275,7 +284,7 @@ class Tracing:
                 try:
                     otel_context.detach(token)
                 except Exception as error:
-                    _trouble("context", error)
+                    self._trouble("context", error)
 
     # -- flights (one upstream heartbeat, whoever waits for it) -----------------------
 
@@ -290,10 +299,10 @@ class Tracing:
                 attributes[_WORK_ID] = scrubbed
             span = self._tracer.start_span("heartbeat flight", context=context, kind=SpanKind.INTERNAL)
             span.set_attributes(attributes)
-            return SpanRef(span, parent)
+            return SpanRef(span, self._trouble, parent)
         except Exception as error:
-            _trouble("flight span", error)
-            return _stand_in(parent) if parent is not None else SpanRef(INVALID_SPAN)
+            self._trouble("flight span", error)
+            return _stand_in(parent) if parent is not None else SpanRef(INVALID_SPAN, self._trouble)
 
     def finish_flight(self, ref: SpanRef, result: str) -> None:
         """`result`: what the flight brought back (succeeded, rejected, unsuccessful, failed or cancelled)."""
@@ -304,7 +313,7 @@ class Tracing:
             if result in ("failed", "cancelled"):
                 ref.span.set_status(Status(StatusCode.ERROR))
         except Exception as error:
-            _trouble("flight span", error)
+            self._trouble("flight span", error)
         finally:
             with contextlib.suppress(Exception):
                 ref.span.end()
@@ -327,7 +336,7 @@ class Tracing:
             with self._tracer.start_as_current_span(name, kind=SpanKind.INTERNAL, attributes=attributes) as own:
                 own.add_event(name, attributes)
         except Exception as error:
-            _trouble("lease event", error)
+            self._trouble("lease event", error)
 
     # -- client spans (one per upstream exchange) ----------------------------------------
 
@@ -370,9 +379,9 @@ class Tracing:
                 kind=SpanKind.CLIENT,
                 attributes={**self._server, "http.request.method": method, _ROUTE: request.route},
             )
-            return span, self._carrying(request, SpanRef(span, request.trace))
+            return span, self._carrying(request, SpanRef(span, self._trouble, request.trace))
         except Exception as error:
-            _trouble("client span", error)
+            self._trouble("client span", error)
             return INVALID_SPAN, request
 
     def _carrying(self, request: UpstreamRequest, ref: SpanRef) -> UpstreamRequest:
@@ -384,23 +393,21 @@ class Tracing:
         headers = tuple((k, v) for k, v in request.headers if k.lower() not in replaced) + tuple(carrier.items())
         return dataclasses.replace(request, headers=headers, trace=ref)
 
-    @staticmethod
-    def _answered(span: Span, status: int) -> None:
+    def _answered(self, span: Span, status: int) -> None:
         try:
             span.set_attribute("http.response.status_code", status)
             if status >= 400:
                 span.set_attribute("error.type", str(status))
                 span.set_status(Status(StatusCode.ERROR))
         except Exception as error:
-            _trouble("client span", error)
+            self._trouble("client span", error)
 
-    @staticmethod
-    def _failed(span: Span, kind: str) -> None:
+    def _failed(self, span: Span, kind: str) -> None:
         try:
             span.set_attribute("error.type", kind)
             span.set_status(Status(StatusCode.ERROR))
         except Exception as error:
-            _trouble("client span", error)
+            self._trouble("client span", error)
 
     # -- the exporter --------------------------------------------------------------------
 
@@ -439,7 +446,7 @@ class TracedUpstream:
 
 def _stand_in(ref: SpanRef) -> SpanRef:
     """`ref`'s span standing in for a flight's: its context carried on, never told or ended as a flight."""
-    return SpanRef(ref.span, ref.parent, borrowed=True)
+    return SpanRef(ref.span, ref.trouble, ref.parent, borrowed=True)
 
 
 def _method(method: str) -> str:
