@@ -73,6 +73,15 @@ MAX_ATTRIBUTE_LENGTH = 256
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
+SERVICE_NAME = "heartbeat-gateway"
+# How long a shutdown waits for the last spans to leave (the exporter's own timeout bounds each try).
+CLOSE_SECONDS = 5.0
+# Attribute names of the gateway's own, beside the semantic conventions' http.* ones.
+_ENVIRONMENT = "heartbeat_gateway.environment"
+_WORK_ID = "heartbeat_gateway.work_id"
+_ROUTE = "heartbeat_gateway.route"
+
+
 class _Trouble:
     """What a tracer failed at, at most one line every 10 s: never the exception's text (it may quote a
     header). One per tracer, with its spans."""
@@ -82,15 +91,6 @@ class _Trouble:
 
     def __call__(self, where: str, error: BaseException) -> None:
         self._said.note(f"{where}: {type(error).__name__}")
-
-
-SERVICE_NAME = "heartbeat-gateway"
-# How long a shutdown waits for the last spans to leave (the exporter's own timeout bounds each try).
-CLOSE_SECONDS = 5.0
-# Attribute names of the gateway's own, beside the semantic conventions' http.* ones.
-_ENVIRONMENT = "heartbeat_gateway.environment"
-_WORK_ID = "heartbeat_gateway.work_id"
-_ROUTE = "heartbeat_gateway.route"
 
 
 class TracingUnavailable(Exception):
