@@ -34,6 +34,7 @@ from gateway.observability.otel_environment import otel_environment_problems
 from gateway.policy.credentials import RetiredTokens
 from gateway.policy.egress import ProxyRoute, proxy_route
 from gateway.policy.links import Links
+from gateway.policy.plan import CurrentPolicy
 from gateway.upstream.capacity import Gate
 from gateway.upstream.client import HttpUpstream, Upstream
 from gateway.upstream.discovery import SessionDiscovery
@@ -106,6 +107,7 @@ def create_proxy_app(
         clients = min(settings.limits.max_client_connections, descriptor_budget())
         pools = settings.upstream.pools
         gates = {p: Gate(p, pools.of(p), client_connections=clients, observer=metrics) for p in PoolName}
+        metrics.track_pools(lambda: {p: (gate.in_use, gate.queued) for p, gate in gates.items()})
         up = upstream or HttpUpstream(
             settings.upstream,
             observer=metrics,
@@ -125,7 +127,7 @@ def create_proxy_app(
         discovery = SessionDiscovery(traced, links, observer=metrics)
         polls = PollAdmission(lambda: live.current.polls, observer=metrics)
         app[PROXY] = ProxyContext(
-            live, traced, service, metrics, links, discovery, retired, polls, governor, held_polls
+            live, CurrentPolicy(live), traced, service, metrics, links, discovery, retired, polls, governor, held_polls
         )
         running.heartbeats = service
         health.upstream_ready = True

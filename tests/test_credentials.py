@@ -11,6 +11,7 @@ from gateway.config.settings import Settings
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.policy.credentials import Discover, Inject, PassThrough, decide_credential
 from gateway.policy.links import Link, Links
+from gateway.policy.plan import Policy
 from gateway.policy.routing import RouteName, classify, parse_target
 
 from .support import (
@@ -40,7 +41,7 @@ def decide(
     links: Links | None = None,
 ) -> object:
     return decide_credential(
-        settings,
+        Policy(settings),
         classify("GET", parse_target(path)),
         authorization=authorization,
         api_key=api_key,

@@ -43,6 +43,7 @@ from gateway.policy.credential_text import bearer_value
 from gateway.policy.credentials import Discover, Inject, RetiredTokens, decide_credential, token_in_forwarded_request
 from gateway.policy.headers import request_headers, response_headers
 from gateway.policy.links import MAX_LEARNED_BODY_BYTES, Links, decoded, links_in_answer, teaches_links, token_in_answer
+from gateway.policy.plan import CurrentPolicy, Policy
 from gateway.policy.redaction import Redactor
 from gateway.policy.routing import (
     Route,
@@ -79,6 +80,8 @@ FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", 
 @dataclass(frozen=True, slots=True)
 class ProxyContext:
     live: LiveSettings
+    # The settings in force, as the request path asks them (`gateway.policy.plan`).
+    policy: CurrentPolicy
     upstream: Upstream
     heartbeats: HeartbeatService
     metrics: GatewayMetrics
@@ -130,6 +133,8 @@ class _Forward:
 
     request: web.Request
     ctx: ProxyContext
+    # The settings it was decided under.
+    policy: Policy
     route: Route
     target: Target
     headers: tuple[tuple[str, str], ...]
@@ -159,18 +164,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await _pass_through(decided)
 
 
-def _admitted(request: web.Request, ctx: ProxyContext) -> tuple[Target, Route]:
+def _admitted(request: web.Request, ctx: ProxyContext, policy: Policy) -> tuple[Target, Route]:
     """The request's target and route, if the gateway forwards it at all; counted from here on."""
-    settings = ctx.settings
     exchange = request[EXCHANGE]
     target = parse_target(request.raw_path)
-    if not is_allowed(target, settings.routes.allow_prefixes):
+    if not is_allowed(target, policy.settings.routes.allow_prefixes):
         raise NotFound(f"the gateway does not forward {target.decoded_path}")
     if request.method not in FORWARDED_METHODS:
         # TRACE would echo the injected key back to the client; CONNECT tunnels.
         raise MethodNotAllowed(f"the gateway does not forward {request.method} requests")
     route = classify(request.method, target)
-    _describe(exchange, route, settings)
+    _describe(exchange, route, policy)
     ctx.metrics.request_started(exchange.route)
     exchange.counted_inflight = True
     return target, route
@@ -178,22 +182,25 @@ def _admitted(request: web.Request, ctx: ProxyContext) -> tuple[Target, Route]:
 
 async def _decide(request: web.Request, ctx: ProxyContext) -> _Forward | web.StreamResponse:
     """Route, allow-list, credential, headers and overload, in that order: a `_Forward`, or the answer."""
-    target, route = _admitted(request, ctx)
+    policy = ctx.policy.current
+    target, route = _admitted(request, ctx, policy)
     exchange = request[EXCHANGE]
-    settings = ctx.settings
+    settings = policy.settings
     incoming = _incoming_headers(request)
     authorization, api_key = _single_header(request, "Authorization"), _single_header(request, "x-api-key")
     retired = functools.partial(_is_retired, ctx.retired, time.monotonic())
     credential = decide_credential(
-        settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
+        policy, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
     )
     limit = settings.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"the request body is larger than the gateway's limit of {limit} bytes")
     # Every refusal of the gateway's own comes before a discovery asks the upstream anything.
     replaced = _CREDENTIAL_REPLACED if isinstance(credential, Discover) else credential
-    headers = tuple(request_headers(incoming, credential=replaced, settings=settings.headers))
-    if token_in_forwarded_request(headers, target.raw, settings.clients.tokens):
+    # A heartbeat's body is sent as the bytes read, framed by their length (`_heartbeat`).
+    reframed = route.name is RouteName.HEARTBEAT
+    headers = tuple(request_headers(incoming, credential=replaced, settings=settings.headers, reframed=reframed))
+    if token_in_forwarded_request(headers, target.raw, policy):
         raise AuthenticationFailed(
             "a gateway client token may be sent only as Authorization: Bearer <token> or x-api-key: <token>"
         )
@@ -209,18 +216,19 @@ async def _decide(request: web.Request, ctx: ProxyContext) -> _Forward | web.Str
     if isinstance(credential, Discover):
         await ctx.discovery.environment_of(credential.session_id, credential.candidates, settings.headers)
         # Decided again on what the lookup learned, with the settings in force now (a reload may have come).
-        settings = ctx.settings
+        policy = ctx.policy.current
+        settings = policy.settings
         credential = decide_credential(
-            settings, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
+            policy, route, authorization=authorization, api_key=api_key, links=ctx.links.environments, retired=retired
         )
         if isinstance(credential, Discover):
             credential = _fallback(credential)
-        headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers))
+        headers = tuple(request_headers(incoming, credential=credential, settings=settings.headers, reframed=reframed))
     injected = isinstance(credential, Inject)
     if isinstance(credential, Inject):
         ctx.metrics.credential_injected(exchange.route, credential.kind)
     vouched = injected or _vouched_for(ctx, route, headers)
-    return _Forward(request, ctx, route, target, headers, injected=injected, vouched=vouched)
+    return _Forward(request, ctx, policy, route, target, headers, injected=injected, vouched=vouched)
 
 
 async def _poll(forward: _Forward, environment_id: str) -> web.StreamResponse:
@@ -293,22 +301,21 @@ def _fallback(decision: Discover) -> Inject:
     return decision.fallback
 
 
-def _describe(exchange: Exchange, route: Route, settings: Settings) -> None:
+def _describe(exchange: Exchange, route: Route, policy: Policy) -> None:
     exchange.route = route.name.value
     exchange.path_template = route.template
     exchange.work_id = route.work_id
     if route.environment_id is not None:
-        env = settings.environment(route.environment_id)
-        exchange.environment = env.label if env is not None else "other"
+        served = policy.served(route.environment_id)
+        exchange.environment = served.label if served is not None else "other"
 
 
 def _incoming_headers(request: web.Request) -> list[tuple[str, str]]:
-    pairs = list(request.headers.items())
     # RFC 9110 §5.5: field values are ASCII in practice; anything else is
     # refused rather than re-encoded on the way upstream.
-    if any(not value.isascii() for _, value in pairs):
+    if not "".join(request.headers.values()).isascii():
         raise InvalidRequest("header values must be ASCII")
-    return pairs
+    return list(request.headers.items())
 
 
 def _single_header(request: web.Request, name: str) -> str | None:
@@ -326,11 +333,13 @@ async def _heartbeat(forward: _Forward) -> web.StreamResponse:
     # The API takes a heartbeat's parameters in its query: a body is at most a stray `{}`.
     if request.content_length is not None and request.content_length > MAX_HEARTBEAT_BODY_BYTES:
         raise RequestTooLarge(f"a heartbeat takes no body; at most {MAX_HEARTBEAT_BODY_BYTES} bytes are accepted")
-    timeout = ctx.settings.limits.body_timeout_seconds
+    timeout = forward.policy.settings.limits.body_timeout_seconds
     body = await _read_body(request, MAX_HEARTBEAT_BODY_BYTES, timeout) if request.can_read_body else None
-    # The body is sent as the bytes read; aiohttp frames it with their length.
-    headers = tuple((k, v) for k, v in headers if k.lower() != "content-length")
-    ttl, override = ctx.settings.desired_ttl(route.environment_id)
+    served = forward.policy.served(route.environment_id)
+    if served is not None:
+        ttl, override = served.desired_ttl, served.override_ttl
+    else:
+        ttl, override = forward.policy.settings.desired_ttl(route.environment_id)
     raw_query = apply_desired_ttl(target.raw_query, query, ttl, override=override)
     exchange = request[EXCHANGE]
     outbound = UpstreamRequest(
@@ -369,7 +378,7 @@ async def _heartbeat(forward: _Forward) -> web.StreamResponse:
 
 async def _pass_through(forward: _Forward) -> web.StreamResponse:
     request, ctx, route, target = forward.request, forward.ctx, forward.route, forward.target
-    limits = ctx.settings.limits
+    limits = forward.policy.settings.limits
     meter = _BodyMeter(limits.max_body_bytes, limits.body_timeout_seconds)
     body = meter.stream(request) if request.can_read_body else None
     exchange = request[EXCHANGE]
@@ -388,7 +397,8 @@ async def _pass_through(forward: _Forward) -> web.StreamResponse:
             chunks = upstream.chunks()
             encoding = next((v for k, v in upstream.headers if k.lower() == "content-encoding"), None)
             if upstream.status == 200 and teaches_links(request.method, route):
-                chunks = _learning(chunks, lambda body: _learn(ctx, route, decoded(body, encoding)))
+                served = forward.policy.served_ids
+                chunks = _learning(chunks, lambda body: _learn(ctx, route, served, decoded(body, encoding)))
             if upstream.status >= 400:
                 return await _error_back(request, ctx, upstream, chunks, encoding, exchange)
             return await _stream_back(request, ctx, upstream, chunks, exchange)
@@ -399,10 +409,9 @@ async def _pass_through(forward: _Forward) -> web.StreamResponse:
         raise
 
 
-def _learn(ctx: ProxyContext, route: Route, body: bytes | None) -> None:
+def _learn(ctx: ProxyContext, route: Route, served: frozenset[str], body: bytes | None) -> None:
     if body is None:
         return
-    served = {env.id for env in ctx.settings.environments}
     for link in links_in_answer(route, body, served):
         ctx.links.learn(link)
     issued = token_in_answer(route, body, served)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -100,7 +100,11 @@ class GatewayMetrics:
         self.upstream_retries = Counter(
             f"{PREFIX}_upstream_retries", "Upstream requests sent again by the gateway.", ["route"], registry=r
         )
-        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Client requests being served.", ["route"], registry=r)
+        # Requests in flight and upstream connections in use change twice per request: counted in plain
+        # ints and read when scraped (`_LiveGauges`), not written through a locked gauge each time.
+        self._inflight: Tally[str] = Tally()
+        self._pools: Callable[[], Mapping[PoolName, tuple[int, int]]] = dict
+        r.register(_LiveGauges(self))
         self.heartbeats = Counter(
             f"{PREFIX}_heartbeats", "Worker heartbeats answered, by decision.", ["environment", "outcome"], registry=r
         )
@@ -180,20 +184,8 @@ class GatewayMetrics:
             ["route", "credential"],
             registry=r,
         )
-        self.pool_in_use = Gauge(
-            f"{PREFIX}_upstream_pool_connections",
-            "Upstream exchanges in progress, by class of capacity.",
-            ["pool"],
-            registry=r,
-        )
         self.pool_limit = Gauge(
             f"{PREFIX}_upstream_pool_limit", "Upstream exchanges a class may have at once.", ["pool"], registry=r
-        )
-        self.pool_queued = Gauge(
-            f"{PREFIX}_upstream_pool_queued",
-            "Requests waiting for an upstream connection, by class.",
-            ["pool"],
-            registry=r,
         )
         self.pool_wait = Histogram(
             f"{PREFIX}_upstream_pool_wait_seconds",
@@ -219,6 +211,7 @@ class GatewayMetrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self._initialise()
+        self._routes = {route: _RouteSeries(self, route) for route in ROUTES}
         self.set_environments(settings)
 
     def set_environments(self, settings: Settings) -> None:
@@ -244,13 +237,10 @@ class GatewayMetrics:
             (self.request_duration, ROUTES),
             (self.upstream_duration, ROUTES),
             (self.upstream_retries, ROUTES),
-            (self.inflight, ROUTES),
             (self.shed, ROUTES, SHED_ACTIONS),
             (self.internal_errors, FAILSAFE_POINTS),
             (self.config_reloads, ("success", "failure")),
             (self.session_discoveries, DISCOVERY_RESULTS),
-            (self.pool_in_use, pools),
-            (self.pool_queued, pools),
             (self.pool_wait, pools),
             (self.pool_refusals, pools, POOL_REFUSALS),
             (self.credentials_chosen, ROUTES, CREDENTIAL_KINDS),
@@ -259,24 +249,35 @@ class GatewayMetrics:
     def environment(self, environment_id: str | None) -> str:
         return self._labels.get(environment_id or "", OTHER)
 
+    def track_pools(self, counts: Callable[[], Mapping[PoolName, tuple[int, int]]]) -> None:
+        """Export each class's connections in use and requests queued, read from its gate when scraped."""
+        self._pools = counts
+
     def track_leases(self, counts: Callable[[], TableCounts]) -> None:
         """Export the lease table as gauges, from counts the core keeps as leases change."""
         self.registry.register(_LeaseTableCollector(counts, self))
 
     # -- the client-facing side -------------------------------------------------------
 
+    def _route(self, route: str) -> _RouteSeries:
+        series = self._routes.get(route)
+        if series is None:  # not a RouteName: counted as one would be, under its own label
+            series = self._routes[route] = _RouteSeries(self, route)
+        return series
+
     def request_started(self, route: str) -> None:
-        self._child(self.inflight, route).inc()
+        self._inflight[route] += 1
 
     def request_finished(self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None) -> None:
         """`exemplar`: the request's trace, when it was sampled (shown in the OpenMetrics exposition)."""
-        self._child(self.inflight, route).dec()
+        self._inflight[route] -= 1
         self.request_refused(route, status, seconds, exemplar)
 
     def request_refused(self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None) -> None:
         """A request answered before its route was known (or without raising the in-flight gauge)."""
-        self._child(self.requests, route, str(status)).inc()
-        self._child(self.request_duration, route).observe(seconds, exemplar)
+        series = self._route(route)
+        series.answered(status).inc()
+        series.duration.observe(seconds, exemplar)
 
     def heartbeat_answered(self, environment_id: str, outcome: Outcome, lost_reason: LostReason | None) -> None:
         env = self.environment(environment_id)
@@ -287,7 +288,7 @@ class GatewayMetrics:
                 self._child(self.conflicts, env).inc()
 
     def credential_injected(self, route: str, credential: str) -> None:
-        self._child(self.credentials_chosen, route, credential).inc()
+        self._route(route).injected(credential).inc()
 
     def request_shed(self, route: str, action: str) -> None:
         self._child(self.shed, route, action).inc()
@@ -307,10 +308,6 @@ class GatewayMetrics:
 
     def pool_sized(self, pool: PoolName, limit: int) -> None:
         self.pool_limit.labels(pool.value).set(limit)
-
-    def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None:
-        self._child(self.pool_in_use, pool.value).set(in_use)
-        self._child(self.pool_queued, pool.value).set(queued)
 
     def pool_waited(self, pool: PoolName, seconds: float) -> None:
         self._child(self.pool_wait, pool.value).observe(seconds)
@@ -335,8 +332,9 @@ class GatewayMetrics:
     def upstream_answered(
         self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None
     ) -> None:
-        self._child(self.upstream_requests, route, str(status)).inc()
-        self._child(self.upstream_duration, route).observe(seconds, exemplar)
+        series = self._route(route)
+        series.upstream_answered(status).inc()
+        series.upstream_duration.observe(seconds, exemplar)
 
     def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
         self.upstream_errors.labels(route, kind).inc()
@@ -360,6 +358,72 @@ class GatewayMetrics:
 
     def internal_error(self, where: FailsafePoint) -> None:
         self.internal_errors.labels(where).inc()
+
+
+class _RouteSeries:
+    """One route's series on the request path, bound once (`labels()` costs a lock and a check each call)."""
+
+    __slots__ = ("_injected", "_metrics", "_requests", "_route", "_upstream", "duration", "upstream_duration")
+
+    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
+        self._metrics = metrics
+        self._route = route
+        self.duration = metrics.request_duration.labels(route)
+        self.upstream_duration = metrics.upstream_duration.labels(route)
+        # Filled as statuses are seen: an HTTP status has three digits, so these stay small.
+        self._requests: dict[int, Any] = {}
+        self._upstream: dict[int, Any] = {}
+        self._injected: dict[str, Any] = {}
+
+    def answered(self, status: int) -> Any:
+        child = self._requests.get(status)
+        if child is None:
+            child = self._requests[status] = self._metrics.requests.labels(self._route, str(status))
+        return child
+
+    def upstream_answered(self, status: int) -> Any:
+        child = self._upstream.get(status)
+        if child is None:
+            child = self._upstream[status] = self._metrics.upstream_requests.labels(self._route, str(status))
+        return child
+
+    def injected(self, credential: str) -> Any:
+        child = self._injected.get(credential)
+        if child is None:
+            child = self._injected[credential] = self._metrics.credentials_chosen.labels(self._route, credential)
+        return child
+
+
+class _LiveGauges:
+    """Gauges read when scraped: requests in flight by route, and each upstream class's connections in use
+    and requests queued. Every route and class is listed, at 0 before its first request."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily(f"{PREFIX}_inflight_requests", "Client requests being served.", labels=["route"])
+        counts = self._metrics._inflight
+        for route in dict.fromkeys((*ROUTES, *counts)):
+            inflight.add_metric([route], counts[route])
+        yield inflight
+        pools = self._metrics._pools()
+        in_use = GaugeMetricFamily(
+            f"{PREFIX}_upstream_pool_connections",
+            "Upstream exchanges in progress, by class of capacity.",
+            labels=["pool"],
+        )
+        queued = GaugeMetricFamily(
+            f"{PREFIX}_upstream_pool_queued",
+            "Requests waiting for an upstream connection, by class.",
+            labels=["pool"],
+        )
+        for pool in PoolName:
+            used, waiting = pools.get(pool, (0, 0))
+            in_use.add_metric([pool.value], used)
+            queued.add_metric([pool.value], waiting)
+        yield in_use
+        yield queued
 
 
 class _Children:

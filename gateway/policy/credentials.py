@@ -22,19 +22,21 @@ called: the gateway is never an open proxy for the keys it holds.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
-from gateway.config.settings import ClientToken, Environment, Settings
+from gateway.config.settings import ClientToken, Environment
 from gateway.errors import AuthenticationFailed, PermissionDenied
 
 from .credential_text import b64decode_unpadded, bearer_value, token_digest
 from .links import LINKED_ROUTES
 from .routing import Route, RouteName
+
+if TYPE_CHECKING:
+    from .plan import Policy, Served
 
 __all__ = [
     "CredentialDecision",
@@ -117,7 +119,7 @@ class RetiredTokens:
 
 
 def decide_credential(
-    settings: Settings,
+    policy: Policy,
     route: Route,
     *,
     authorization: str | None,
@@ -127,29 +129,29 @@ def decide_credential(
 ) -> CredentialDecision:
     # Checked before the credential: whatever the client holds, the
     # gateway serves only the environments it is configured for.
-    environment = _served_environment(settings, route)
-    token = _client_token(settings, authorization, api_key, retired)
+    served = _served_environment(policy, route)
+    token = _client_token(policy, authorization, api_key, retired)
     if isinstance(token, PassThrough):
         return token
-    if environment is not None:
-        if token is not None and not token.allows(environment.id):
-            raise PermissionDenied(f"this client token may not use environment {environment.id}")
-        return environment_key(environment)
-    return _outside_environments(settings, route, token, links)
+    if served is not None:
+        if token is not None and not token.allows(served.environment.id):
+            raise PermissionDenied(f"this client token may not use environment {served.environment.id}")
+        return served.key
+    return _outside_environments(policy, route, token, links)
 
 
-def _served_environment(settings: Settings, route: Route) -> Environment | None:
+def _served_environment(policy: Policy, route: Route) -> Served | None:
     """The environment the path names (None if it names none); refused if this gateway does not serve it."""
     if route.environment_id is None:
         return None
-    environment = settings.environment(route.environment_id)
-    if environment is None:
+    served = policy.served(route.environment_id)
+    if served is None:
         raise PermissionDenied(f"environment {route.environment_id} is not served by this gateway")
-    return environment
+    return served
 
 
 def _client_token(
-    settings: Settings, authorization: str | None, api_key: str | None, retired: Callable[[str], bool]
+    policy: Policy, authorization: str | None, api_key: str | None, retired: Callable[[str], bool]
 ) -> ClientToken | PassThrough | None:
     """The gateway client token presented; None where none is needed; PassThrough for any other credential."""
     bearer = bearer_value(authorization)
@@ -157,12 +159,12 @@ def _client_token(
     # Another scheme (Basic, ...) is a credential too, just never a gateway token.
     foreign_scheme = bool(authorization and authorization.strip()) and bearer is None
     if not presented and not foreign_scheme:
-        if not settings.clients.allow_unauthenticated:
+        if not policy.settings.clients.allow_unauthenticated:
             raise AuthenticationFailed(
                 "missing credential: present a gateway client token as Authorization: Bearer or x-api-key"
             )
         return None
-    token = _match(settings.clients.tokens, presented)
+    token = policy.client_token(presented)
     if token is not None:
         return token
     basic = _basic_credentials(authorization or "").split(":", 1)
@@ -172,18 +174,19 @@ def _client_token(
 
 
 def _outside_environments(
-    settings: Settings, route: Route, token: ClientToken | None, links: LinkLookup
+    policy: Policy, route: Route, token: ClientToken | None, links: LinkLookup
 ) -> CredentialDecision:
     """A client token on a path that names no environment (sessions, skills, memory stores, other)."""
-    scope = tuple(e for e in settings.environments if token is None or token.allows(e.id))
+    settings = policy.settings
+    scope = policy.scope(token)
     resource_id = route.resource_id if route.name in LINKED_ROUTES else None
-    linked = _linked_environment(settings, route, resource_id, scope, links) if resource_id is not None else None
+    linked = _linked_environment(policy, route, resource_id, scope, links) if resource_id is not None else None
     if linked is not None:
-        return environment_key(linked)
+        return _key_of(policy, linked)
     if len(scope) == 1:
         # The token can only ever stand for this environment's key.
-        return environment_key(scope[0])
-    fallback = _fallback(settings, route, scope)
+        return _key_of(policy, scope[0])
+    fallback = _fallback(policy, route, scope)
     if route.name is RouteName.SESSIONS and resource_id is not None and scope and settings.clients.discover_sessions:
         return Discover(resource_id, scope, fallback)
     if isinstance(fallback, PermissionDenied):
@@ -191,11 +194,16 @@ def _outside_environments(
     return fallback
 
 
+def _key_of(policy: Policy, environment: Environment) -> Inject:
+    served = policy.served(environment.id)
+    return served.key if served is not None else environment_key(environment)
+
+
 def _linked_environment(
-    settings: Settings, route: Route, resource_id: str, scope: tuple[Environment, ...], links: LinkLookup
+    policy: Policy, route: Route, resource_id: str, scope: tuple[Environment, ...], links: LinkLookup
 ) -> Environment | None:
     """The environment the API's answers tied the resource to, if the token may use it."""
-    seen_in = [e for e in map(settings.environment, links(route.name, resource_id)) if e is not None]
+    seen_in = [e for e in map(policy.environment, links(route.name, resource_id)) if e is not None]
     allowed = [e for e in seen_in if e in scope]
     if allowed:
         return allowed[0]
@@ -206,8 +214,8 @@ def _linked_environment(
     return None
 
 
-def _fallback(settings: Settings, route: Route, scope: tuple[Environment, ...]) -> Inject | PermissionDenied:
-    default = settings.default_credential
+def _fallback(policy: Policy, route: Route, scope: tuple[Environment, ...]) -> Inject | PermissionDenied:
+    default = policy.settings.default_credential
     if default.api_key is not None and route.name.value in _fallback_names(default.use_for):
         return Inject("x-api-key", default.api_key.value, kind="default_credential")
     what = f"{_NOUNS[route.name]} {route.resource_id}" if route.name in _NOUNS and route.resource_id else "this path"
@@ -231,17 +239,18 @@ def _fallback_names(use_for: frozenset[str]) -> frozenset[str]:
     return use_for | {name.value for name in RouteName if name not in LINKED_ROUTES}
 
 
-def token_in_forwarded_request(
-    headers: Iterable[tuple[str, str]], raw_target: str, tokens: tuple[ClientToken, ...]
-) -> bool:
+def token_in_forwarded_request(headers: Iterable[tuple[str, str]], raw_target: str, policy: Policy) -> bool:
     """Whether a client token would still reach the upstream (a malformed credential
     header, a cookie, the query string). Such a request is refused: the token is
     the gateway's secret, never the API's."""
     haystacks = [value for _, value in headers]
-    haystacks += [raw_target, unquote(raw_target)]
+    haystacks.append(raw_target)
+    if "%" in raw_target:
+        haystacks.append(unquote(raw_target))
     # A token wrapped in another scheme (Basic base64(user:token)) is still the token.
     haystacks += [_basic_credentials(value) for name, value in headers if name.lower() == "authorization"]
-    return any(t.token.value in h for t in tokens for h in haystacks)
+    # One search per token: no token holds a line break (`gateway.config`), so none can span two haystacks.
+    return policy.any_token_in("\n".join(haystacks))
 
 
 def _basic_credentials(authorization: str) -> str:
@@ -252,14 +261,3 @@ def _basic_credentials(authorization: str) -> str:
         return b64decode_unpadded(encoded.strip()).decode("utf-8", "replace")
     except ValueError:
         return ""
-
-
-def _match(tokens: tuple[ClientToken, ...], presented: list[str]) -> ClientToken | None:
-    """The configured token among the presented credentials, compared in constant time."""
-    found = None
-    for candidate in presented:
-        encoded = candidate.encode()
-        for token in tokens:
-            if hmac.compare_digest(encoded, token.token.value.encode()) and found is None:
-                found = token
-    return found

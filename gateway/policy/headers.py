@@ -6,6 +6,7 @@ gateway must keep what it does not own exactly as sent.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from gateway.config.settings import HeaderSettings
@@ -37,37 +38,51 @@ _REQUEST_ONLY_HOP = frozenset({"host", "expect"})
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
 
-def _connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    """Header names a Connection header declares hop-by-hop (RFC 9110 §7.6.1)."""
-    names: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            names.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return frozenset(names)
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_ONLY_HOP
+_REQUEST_DROP_INJECTED = _REQUEST_DROP | _CREDENTIAL_HEADERS
+
+
+def _connection_listed(names: Iterable[str], headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Header names a Connection header declares hop-by-hop (RFC 9110 §7.6.1); `names`: the headers' lowered."""
+    listed: set[str] = set()
+    for lower, (_, value) in zip(names, headers, strict=True):
+        if lower == "connection":
+            listed.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(listed)
 
 
 def request_headers(
-    incoming: Iterable[tuple[str, str]], *, credential: CredentialDecision, settings: HeaderSettings
+    incoming: Iterable[tuple[str, str]],
+    *,
+    credential: CredentialDecision,
+    settings: HeaderSettings,
+    reframed: bool = False,
 ) -> Headers:
-    """The headers to send upstream for a client request."""
+    """The headers to send upstream for a client request.
+
+    `reframed`: the gateway sends the body as the bytes it read, framed by their length, so the
+    client's Content-Length is not passed on.
+    """
     pairs = list(incoming)
-    drop = HOP_BY_HOP | _REQUEST_ONLY_HOP | _connection_listed(pairs)
-    if isinstance(credential, Inject):
-        drop |= _CREDENTIAL_HEADERS
+    names = [name.lower() for name, _ in pairs]
+    drop = _REQUEST_DROP_INJECTED if isinstance(credential, Inject) else _REQUEST_DROP
+    if "connection" in names:
+        drop = drop | _connection_listed(names, pairs)
+    if reframed:
+        drop = drop | {"content-length"}
     out: Headers = []
     betas: list[str] = []
     has_version = False
-    for name, value in pairs:
-        lower = name.lower()
+    for lower, pair in zip(names, pairs, strict=True):
         if lower in drop:
             continue
         if lower == "anthropic-beta":
-            betas.append(value)
+            betas.append(pair[1])
             continue
         if lower == "anthropic-version":
             has_version = True
-        out.append((name, value))
-    merged = merge_betas(betas, settings.anthropic_beta)
+        out.append(pair)
+    merged = _merged_betas(tuple(betas), settings.anthropic_beta)
     if merged:
         out.append(("anthropic-beta", merged))
     if not has_version:
@@ -75,6 +90,12 @@ def request_headers(
     if isinstance(credential, Inject):
         out.append((credential.header, credential.value))
     return out
+
+
+# A fleet sends the same few beta headers on every request: merged once each (bounded: the values are the client's).
+@functools.lru_cache(maxsize=256)
+def _merged_betas(client_values: tuple[str, ...], configured: tuple[str, ...]) -> str:
+    return merge_betas(client_values, configured)
 
 
 def merge_betas(client_values: Iterable[str], configured: Iterable[str]) -> str:
@@ -92,5 +113,6 @@ def merge_betas(client_values: Iterable[str], configured: Iterable[str]) -> str:
 def response_headers(upstream: Iterable[tuple[str, str]]) -> Headers:
     """The upstream's response headers minus hop-by-hop ones; request-id, retry-after and rate-limit headers stay."""
     pairs = list(upstream)
-    drop = HOP_BY_HOP | _connection_listed(pairs)
-    return [(name, value) for name, value in pairs if name.lower() not in drop]
+    names = [name.lower() for name, _ in pairs]
+    drop = HOP_BY_HOP | _connection_listed(names, pairs) if "connection" in names else HOP_BY_HOP
+    return [pair for lower, pair in zip(names, pairs, strict=True) if lower not in drop]

@@ -33,21 +33,21 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
+from types import TracebackType
 from typing import Protocol
 
 from gateway.config.settings import DEFAULT_MAX_CLIENT_CONNECTIONS, PoolName, PoolSettings
 from gateway.errors import CapacityExceeded
 from gateway.observability.nobody import NOBODY
 
-__all__ = ["CapacityObserver", "Gate"]
+__all__ = ["CapacityObserver", "Gate", "Slot"]
 
 
 class CapacityObserver(Protocol):
-    """Told about every admission: for metrics, without this module importing them."""
-
-    def pool_changed(self, pool: PoolName, in_use: int, queued: int) -> None: ...
+    """Told about waits and refusals: for metrics, without this module importing them. (How many
+    connections are in use and queued is read from the gate when the metrics are scraped, not told
+    on every change: two gauge updates per exchange that only a scrape would ever look at.)"""
 
     def pool_waited(self, pool: PoolName, seconds: float) -> None: ...
 
@@ -86,22 +86,32 @@ class Gate:
             return 0.0
         return (time.monotonic() if now is None else now) - self._queued_since
 
-    @asynccontextmanager
-    async def slot(self, max_wait: float | None = None) -> AsyncIterator[None]:
-        """Hold one of the class's connections for the block; raises `CapacityExceeded` when none comes.
+    def slot(self, max_wait: float | None = None) -> Slot:
+        """Hold one of the class's connections for the `async with` block; raises `CapacityExceeded` when
+        none comes.
 
         `max_wait`: the caller gives up sooner than the class's `max_queue_seconds` (a
         heartbeat whose worker aborts it then); it is refused then rather than sent late.
         """
+        return Slot(self, max_wait)
+
+    async def acquire(self, max_wait: float | None = None) -> None:
+        """Take a connection of the class (`slot` is the form that cannot forget to give it back)."""
         if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
         else:
             await self._wait(max_wait)
-        self._changed()
-        try:
-            yield
-        finally:
-            self._release()
+
+    def release(self) -> None:
+        """Give back what `acquire` took: to the first waiter still waiting, else to the class."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to it; in_use stays
+                self._after_dequeue()
+                return
+        self.in_use -= 1
+        self._after_dequeue()
 
     async def _wait(self, max_wait: float | None) -> None:
         settings = self.settings
@@ -117,7 +127,6 @@ class Gate:
         self._waiters.append(waiter)
         if self._queued_since is None:
             self._queued_since = time.monotonic()
-        self._changed()
         started = time.monotonic()
         # The deadline fails the future, not the task: a cancelled task means the client left.
         timer = loop.call_later(patience, _expire, waiter)
@@ -129,23 +138,13 @@ class Gate:
             raise self._refusal(f"no connection came free in {patience:g} s") from None
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release()  # the slot was handed over just as the client left: pass it on
+                self.release()  # the slot was handed over just as the client left: pass it on
             else:
                 self._forget(waiter)
             raise
         finally:
             timer.cancel()
             self._observer.pool_waited(self.pool, time.monotonic() - started)
-
-    def _release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes to it; in_use stays
-                self._after_dequeue()
-                return
-        self.in_use -= 1
-        self._after_dequeue()
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         with suppress(ValueError):
@@ -155,10 +154,6 @@ class Gate:
     def _after_dequeue(self) -> None:
         if not self._waiters:
             self._queued_since = None
-        self._changed()
-
-    def _changed(self) -> None:
-        self._observer.pool_changed(self.pool, self.in_use, len(self._waiters))
 
     def _refusal(self, why: str) -> CapacityExceeded:
         # A second or two: long enough for streams or polls to finish, short against any lease.
@@ -172,3 +167,25 @@ class Gate:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
+
+
+class Slot:
+    """`async with gate.slot():` one connection of the class held for the block.
+
+    A class, not an `asynccontextmanager`: it is entered for every upstream exchange, and a
+    generator-based one costs a generator, its finaliser hook and contextlib's frames each time.
+    """
+
+    __slots__ = ("_gate", "_max_wait")
+
+    def __init__(self, gate: Gate, max_wait: float | None) -> None:
+        self._gate = gate
+        self._max_wait = max_wait
+
+    async def __aenter__(self) -> None:
+        await self._gate.acquire(self._max_wait)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._gate.release()

@@ -18,8 +18,9 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import aiohttp
@@ -231,14 +232,10 @@ class HttpUpstream:
     def closed(self) -> bool:
         return all(session.closed for session in self._sessions.values())
 
-    @asynccontextmanager
-    async def exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
-        # The class's slot is held until the answer is read or abandoned: it is the connection.
-        async with self.gates[request.pool].slot(request.max_queue_seconds), self._exchange(request) as response:
-            yield response
+    def exchange(self, request: UpstreamRequest) -> _Exchange:
+        return _Exchange(self, request)
 
-    @asynccontextmanager
-    async def _exchange(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+    async def _send(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
         url = URL(self._base + request.target, encoded=True)
         started = time.monotonic()
         try:
@@ -259,16 +256,7 @@ class HttpUpstream:
         trace = request.trace
         exemplar = trace.exemplar if trace is not None else None
         self._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
-        complete = False
-        try:
-            yield _HttpResponse(response, functools.partial(self._raise_translated, request.route))
-            complete = response.content.at_eof()
-        finally:
-            if complete:
-                response.release()
-            else:
-                # Closing the connection is how an HTTP/1.1 client cancels.
-                response.close()
+        return response
 
     async def close(self) -> None:
         for session in self._sessions.values():
@@ -287,6 +275,46 @@ class HttpUpstream:
         raise translated from exc
 
 
+class _Exchange:
+    """`async with upstream.exchange(request) as response:` one exchange, its class's slot held throughout.
+
+    The slot is held until the answer is read or abandoned: it is the connection. A class rather than
+    an `asynccontextmanager`, as `capacity.Slot` is: it is entered for every upstream exchange.
+    """
+
+    __slots__ = ("_request", "_response", "_upstream")
+
+    def __init__(self, upstream: HttpUpstream, request: UpstreamRequest) -> None:
+        self._upstream = upstream
+        self._request = request
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> _HttpResponse:
+        upstream, request = self._upstream, self._request
+        gate = upstream.gates[request.pool]
+        await gate.acquire(request.max_queue_seconds)
+        try:
+            response = self._response = await upstream._send(request)
+        except BaseException:
+            gate.release()
+            raise
+        return _HttpResponse(response, functools.partial(upstream._raise_translated, request.route))
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        response = self._response
+        assert response is not None
+        try:
+            if kind is None and response.content.at_eof():
+                response.release()
+            else:
+                # Closing the connection is how an HTTP/1.1 client cancels.
+                response.close()
+        finally:
+            self._upstream.gates[self._request.pool].release()
+
+
 class _HttpResponse:
     def __init__(self, response: aiohttp.ClientResponse, failed: Callable[[Exception], NoReturn]) -> None:
         self._response = response
@@ -295,16 +323,30 @@ class _HttpResponse:
         self.reason = response.reason or ""
         self.headers = tuple((_text(name), _text(value)) for name, value in response.raw_headers)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except Exception as exc:
-                self._failed(exc)
-            if not chunk:
-                return
-            yield chunk
+    def chunks(self) -> _Chunks:
+        return _Chunks(self._response.content, self._failed)
+
+
+class _Chunks:
+    """The body as it arrives (an iterator class: no async generator and its finaliser hook per answer)."""
+
+    __slots__ = ("_content", "_failed")
+
+    def __init__(self, content: aiohttp.StreamReader, failed: Callable[[Exception], NoReturn]) -> None:
+        self._content = content
+        self._failed = failed
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._content.readany()
+        except Exception as exc:
+            self._failed(exc)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 def _text(raw: bytes) -> str:
