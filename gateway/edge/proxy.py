@@ -396,12 +396,13 @@ async def _pass_through(forward: _Forward) -> web.StreamResponse:
             _note_upstream(exchange, upstream.status, upstream.headers)
             chunks = upstream.chunks()
             encoding = next((v for k, v in upstream.headers if k.lower() == "content-encoding"), None)
-            if upstream.status == 200 and teaches_links(request.method, route):
-                served = forward.policy.served_ids
-                chunks = _learning(chunks, lambda body: _learn(ctx, route, served, decoded(body, encoding)))
             if upstream.status >= 400:
                 return await _error_back(request, ctx, upstream, chunks, encoding, exchange)
-            return await _stream_back(request, ctx, upstream, chunks, exchange)
+            learn = None
+            if upstream.status == 200 and teaches_links(request.method, route):
+                served = forward.policy.served_ids
+                learn = functools.partial(_learn, ctx, route, served, encoding)
+            return await _stream_back(request, ctx, upstream, chunks, exchange, learn)
     except UpstreamError:
         if meter.refusal is not None:
             # The upstream saw a cut-off body, which it cannot have applied.
@@ -409,7 +410,10 @@ async def _pass_through(forward: _Forward) -> web.StreamResponse:
         raise
 
 
-def _learn(ctx: ProxyContext, route: Route, served: frozenset[str], body: bytes | None) -> None:
+def _learn(ctx: ProxyContext, route: Route, served: frozenset[str], encoding: str | None, answer: bytes) -> None:
+    """What a work item's or session's answer teaches (`gateway.policy.links`), learned before the
+    worker sees it: its next request (a session call right after a poll) must find the link there."""
+    body = decoded(answer, encoding)
     if body is None:
         return
     for link in links_in_answer(route, body, served):
@@ -420,11 +424,7 @@ def _learn(ctx: ProxyContext, route: Route, served: frozenset[str], body: bytes 
 
 
 async def _learning(chunks: AsyncIterator[bytes], learn: Callable[[bytes], None]) -> AsyncIterator[bytes]:
-    """The body as it arrives, except that a small one is held until it is whole and learned from.
-
-    Learned before the worker sees the answer: its next request (a session
-    call right after a poll) must find the link already there.
-    """
+    """A streamed body as it arrives, except that a small one is held until it is whole and learned from."""
     held: list[bytes] | None = []
     size = 0
     async for chunk in chunks:
@@ -487,7 +487,9 @@ async def _stream_back(
     upstream: UpstreamResponse,
     chunks: AsyncIterator[bytes],
     exchange: Exchange,
+    learn: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
+    """The answer to the worker: read whole when small (and learned from, with `learn`), else streamed."""
     headers = ctx.live.redactor.headers(response_headers(upstream.headers))
     read: list[bytes] = []
     if _small_and_framed(request, headers):
@@ -500,12 +502,17 @@ async def _stream_back(
             response = await _started(request, upstream, headers)
             await response.write(b"".join(read))
             return _cut(request, exchange, exc, response)
+        body = b"".join(read)
+        if learn is not None:
+            learn(body)
         whole = web.Response(status=upstream.status, reason=upstream.reason or None)
         for name, value in headers:
             if name.lower() != "content-length":
                 whole.headers.add(name, value)
-        whole.body = b"".join(read)
+        whole.body = body
         return whole
+    if learn is not None:
+        chunks = _learning(chunks, learn)
     response = await _started(request, upstream, headers)
     try:
         async for chunk in chunks:

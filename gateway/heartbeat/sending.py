@@ -80,10 +80,9 @@ class FlightSender:
             # The worker left before the task started: never send what nobody waits for.
             gone = UpstreamUnavailable("the worker went away", kind="other", may_have_reached_upstream=False)
             return Failed(gone, may_have_applied=False)
-        request = dataclasses.replace(request, pool=pool, timeout=self.timeout)
         attempt = 0
         while True:
-            outcome, wait_hint, retryable = await self._attempt(self._within_window(request, key, flight))
+            outcome, wait_hint, retryable = await self._attempt(self._within_window(request, pool, key, flight))
             if not retryable:
                 return outcome
             now = self._clock()
@@ -104,18 +103,17 @@ class FlightSender:
             if not self.core.flight_wanted(key, flight):
                 return outcome  # nobody waits any more: a retry now would renew what no one asked for
 
-    def _within_window(self, request: UpstreamRequest, key: LeaseKey, flight: int) -> UpstreamRequest:
-        """The request, waiting for a connection no longer than its answer can still reach its workers.
+    def _within_window(self, request: UpstreamRequest, pool: PoolName, key: LeaseKey, flight: int) -> UpstreamRequest:
+        """The request as sent on the lease's lane, waiting for a connection no longer than its answer
+        can still reach its workers.
 
         The SDK workers abort a beat after one interval: a beat that waited in the
         lease class's queue past that, less a round trip, would be answered to nobody
         (and might renew a lease no worker knows it holds). It gets a 503 while they wait.
         """
         deadline = self.core.retry_deadline(key, flight)
-        if deadline is None:
-            return request
-        patience = deadline - self._clock() - self.core.round_trip()
-        return dataclasses.replace(request, max_queue_seconds=max(0.0, patience))
+        patience = None if deadline is None else max(0.0, deadline - self._clock() - self.core.round_trip())
+        return dataclasses.replace(request, pool=pool, timeout=self.timeout, max_queue_seconds=patience)
 
     async def _attempt(self, request: UpstreamRequest) -> tuple[FlightResult[Reply, UpstreamError], float | None, bool]:
         """One try: the outcome, a retry-after hint, and whether a retry is allowed at all."""

@@ -47,7 +47,11 @@ class Exchange:
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
-_FIELDS = tuple(f.name for f in fields(Exchange) if f.name not in ("counted_inflight", "trace"))
+# Ids and durations differ from request to request; the other fields take few values.
+_VARYING_FIELDS = ("work_id", "duration_ms", "request_id")
+_CONSTANT_FIELDS = tuple(
+    f.name for f in fields(Exchange) if f.name not in ("counted_inflight", "trace", *_VARYING_FIELDS)
+)
 
 
 # Routes whose successful requests are routine: a fleet sends them all the time.
@@ -61,15 +65,21 @@ def log_exchange(exchange: Exchange, sample_routine: float = 1.0, exemplar: dict
     routine = exchange.route in ROUTINE_ROUTES and exchange.error is None and (exchange.status or 500) < 400
     if routine and sample_routine < 1.0 and random.random() >= sample_routine:
         return
+    # What repeats across a fleet's requests (the line's head, encoded once per distinct set), and what does not.
     fields: dict[str, object] = {"event": "request"}
-    for name in _FIELDS:
+    for name in _CONSTANT_FIELDS:
         if (value := getattr(exchange, name)) is not None:
             fields[name] = value
+    varying: dict[str, object] = {}
+    for name in _VARYING_FIELDS:
+        if (value := getattr(exchange, name)) is not None:
+            varying[name] = value
     if exemplar is not None:
         # The line a trace search starts from (only a sampled trace can be found).
-        fields["trace_id"] = exemplar["trace_id"]
+        varying["trace_id"] = exemplar["trace_id"]
+    message = f"{exchange.method} {exchange.path_template} {exchange.status}"
     direct = direct_lines(log)
     if direct is not None:
-        direct.write(log.name, f"{exchange.method} {exchange.path_template} {exchange.status}", fields)
+        direct.write(log.name, message, fields, varying)
         return
-    log.info("%s %s %s", exchange.method, exchange.path_template, exchange.status, extra={"fields": fields})
+    log.info("%s", message, extra={"fields": fields | varying})

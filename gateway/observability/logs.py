@@ -65,6 +65,9 @@ class Scrubber:
 
 # Built once: `json.dumps` with `default` builds an encoder per call.
 _ENCODER = json.JSONEncoder(default=str)
+# Distinct constant parts of lines kept encoded (`DirectLines.write`): more than a fleet's routes, templates
+# and statuses make; past it they are encoded again from scratch.
+MAX_LINE_HEADS = 4096
 # Every JSON line's own keys, which no field may replace ("exception" is the record's too).
 _OWN_KEYS = frozenset({"time", "level", "logger", "message", "exception"})
 
@@ -123,14 +126,31 @@ class _JsonFormatter(logging.Formatter):
             "message": message,
         }
         if fields:
-            if _OWN_KEYS.isdisjoint(fields):
-                entry.update(fields)
-            else:  # a field never replaces the line's own: a consumer filtering on `level` sees the record's
-                entry.update((k, v) for k, v in fields.items() if k not in _OWN_KEYS)
+            entry.update(_own_keys_kept(fields))
         if exception is not None:
             entry["exception"] = exception
         # ASCII escapes keep control and bidi characters from a request out of terminals.
         return self._scrub(_ENCODER.encode(entry))
+
+    def head(self, level: str, logger: str, message: str, fields: dict[str, object]) -> str:
+        """A line's members after its time, encoded and scrubbed as `line` does, without the braces."""
+        entry: dict[str, object] = {"level": level.lower(), "logger": logger, "message": message}
+        entry.update(_own_keys_kept(fields))
+        return self._scrub(_ENCODER.encode(entry))[1:-1]
+
+    def line_from(self, created: float, head: str, varying: dict[str, object]) -> str:
+        """`line`, its constant members as `head` gave them; `varying` encoded and scrubbed here."""
+        if not varying:
+            return f'{{"time": "{self._clock.iso(created)}", {head}}}'
+        tail = self._scrub(_ENCODER.encode(_own_keys_kept(varying)))[1:-1]
+        return f'{{"time": "{self._clock.iso(created)}", {head}, {tail}}}'
+
+
+def _own_keys_kept(fields: dict[str, object]) -> dict[str, object]:
+    """`fields`, less any that would replace the line's own: a consumer filtering on `level` sees the record's."""
+    if _OWN_KEYS.isdisjoint(fields):
+        return fields
+    return {k: v for k, v in fields.items() if k not in _OWN_KEYS}
 
 
 class DirectLines:
@@ -145,6 +165,8 @@ class DirectLines:
     def __init__(self, handler: logging.StreamHandler[TextIO], formatter: _JsonFormatter) -> None:
         self._handler = handler
         self._formatter = formatter
+        # Each distinct message and constant fields, encoded and scrubbed once (`write`'s `varying`).
+        self._heads: dict[tuple[str, str, tuple[tuple[str, object], ...]], str] = {}
 
     def serves(self, logger: logging.Logger) -> bool:
         """Whether `logging` would send this logger's records to this handler and nowhere else
@@ -156,9 +178,27 @@ class DirectLines:
             current = current.parent
         return current is not None and current.handlers == [self._handler]
 
-    def write(self, logger: str, message: str, fields: dict[str, object]) -> None:
+    def write(
+        self, logger: str, message: str, fields: dict[str, object], varying: dict[str, object] | None = None
+    ) -> None:
+        """One info line of `fields` and `varying`.
+
+        With `varying`, the message and `fields` are taken to repeat from line to line (a routine
+        request's method, route, template and status, across a fleet's requests): they are encoded and
+        scrubbed once per distinct set, and only `varying` (ids, durations) each time. `fields`' values
+        must then be hashable.
+        """
         created = time.time()
-        line = self._formatter.line(created, "info", logger, message, fields)
+        if varying is None:
+            line = self._formatter.line(created, "info", logger, message, fields)
+        else:
+            key = (logger, message, tuple(fields.items()))
+            head = self._heads.get(key)
+            if head is None:
+                if len(self._heads) >= MAX_LINE_HEADS:
+                    self._heads.clear()
+                head = self._heads[key] = self._formatter.head("info", logger, message, fields)
+            line = self._formatter.line_from(created, head, varying)
         try:
             with self._handler.lock or contextlib.nullcontext():
                 self._handler.stream.write(line + self._handler.terminator)
