@@ -21,7 +21,7 @@ COPY gateway ./gateway
 # With OpenTelemetry (the otel extra), so the chart's `tracing.enabled` needs no other image.
 # Bytecode is compiled here, because the read-only root filesystem cannot cache it at run time.
 RUN python -m venv /opt/heartbeat-gateway \
- && /opt/heartbeat-gateway/bin/pip install $PIP_ARGS --only-binary=aiohttp,uvloop,multidict,yarl,frozenlist,propcache,pyyaml,protobuf ".[speed,otel]" \
+ && /opt/heartbeat-gateway/bin/pip install $PIP_ARGS --only-binary=aiohttp,httptools,uvloop,multidict,yarl,frozenlist,propcache,pyyaml,protobuf ".[speed,otel]" \
  && /opt/heartbeat-gateway/bin/pip uninstall --yes pip setuptools \
  && python -m compileall -q /opt/heartbeat-gateway
 

@@ -35,7 +35,7 @@ UNIT_TESTS := tests/test_config.py tests/test_credentials.py tests/test_headers.
 	tests/test_heartbeat_core.py tests/test_heartbeat_core_properties.py tests/test_heartbeat_query.py \
 	tests/test_heartbeat_wire.py tests/test_absorption_model.py tests/test_routing.py tests/test_links.py tests/test_simulator_sessions.py \
 	tests/test_egress.py tests/test_credential_text.py \
-	tests/test_redaction.py
+	tests/test_redaction.py tests/test_plan.py
 
 coverage: $(STAMP)
 	$(BIN)/coverage run -m pytest -q -W error -p no:cacheprovider $(UNIT_TESTS)

@@ -15,9 +15,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.config.settings import UpstreamSettings
+from gateway.config.settings import UpstreamClient, UpstreamSettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.client import HttpUpstream, UpstreamRequest, fetch, translate
+from gateway.upstream.lean import Unreachable
 
 from .support import ENV_ID, GatewayFactory, Recorder, worker_headers
 from .tools import free_port
@@ -200,14 +201,19 @@ def test_an_error_that_is_no_upstream_error_is_not_dressed_up_as_one() -> None:
     assert translate(bug) is bug
 
 
-async def test_a_translated_error_keeps_the_client_error_as_its_cause() -> None:
-    """The upstream refuses connections: the gateway raises `UpstreamUnavailable`, caused by aiohttp's error."""
-    upstream = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{_closed_port()}"))
+@pytest.mark.parametrize("client", ["lean", "aiohttp"])
+async def test_a_translated_error_keeps_the_client_error_as_its_cause(client: UpstreamClient) -> None:
+    """The upstream refuses connections: the gateway raises `UpstreamUnavailable`, caused by the client's error
+    (and that by the socket's)."""
+    upstream = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{_closed_port()}", client=client))
     try:
         with pytest.raises(UpstreamUnavailable) as caught:
             await fetch(upstream, UpstreamRequest("GET", "/x", ()), max_bytes=100)
         assert caught.value.kind == "connect"
-        assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+        assert not caught.value.may_have_reached_upstream
+        cause = caught.value.__cause__
+        assert isinstance(cause, Unreachable if client == "lean" else aiohttp.ClientConnectorError)
+        assert isinstance(cause.os_error, ConnectionRefusedError)
     finally:
         await upstream.close()
 

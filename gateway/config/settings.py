@@ -75,6 +75,7 @@ DEFAULT_MAX_CLIENT_CONNECTIONS = 10_000
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
+UpstreamClient = Literal["lean", "aiohttp"]
 
 
 class Format(StrEnum):
@@ -238,6 +239,9 @@ class UpstreamSettings:
     proxy: UpstreamProxy = UpstreamProxy()
     # An http:// base URL off loopback sends the environment keys in clear: refused unless set.
     allow_insecure_http: bool = False
+    # Which client sends the calls with no body or a small one (heartbeats, polls, acks, stops, retrieves):
+    # `gateway.upstream.lean`, or aiohttp's, which sends everything else either way.
+    client: UpstreamClient = "lean"
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from gateway.observability.nobody import NOBODY
 from gateway.policy.egress import ProxyRoute
 
 from .capacity import Gate
+from .lean import Broken, BrokenKind, LeanClient, LeanResponse, Origin, Unreachable
 
 if TYPE_CHECKING:
     from gateway.observability.tracing import SpanRef
@@ -199,6 +200,18 @@ class HttpUpstream:
         self._tls, self.rotating = tls_context(settings.tls)
         self._server_name = settings.tls.server_name
         self._sessions = {p: self._session(self.gates[p].limit) for p in PoolName}
+        # The calls with no body or one in memory go by the lean client (`gateway.upstream.lean`), unless the
+        # config says otherwise or the way out is an https:// proxy (TLS inside TLS: aiohttp's alone).
+        self._lean: LeanClient | None = None
+        if settings.client == "lean" and not (self.egress.address or "").startswith("https://"):
+            self._lean = LeanClient(
+                Origin.of(self._base, self.egress.address),
+                self._tls,
+                server_hostname=self._server_name,
+                connect_timeout=self._connect_timeout,
+                proxy_headers=self._current_proxy_headers,
+            )
+        self._request_timeout = settings.request_timeout_seconds
         self._egress_failures = QuietLog(
             log, logging.WARNING, "upstream_unreachable", "%d upstream request(s) failed on the way: %s"
         )
@@ -232,7 +245,9 @@ class HttpUpstream:
     def closed(self) -> bool:
         return all(session.closed for session in self._sessions.values())
 
-    def exchange(self, request: UpstreamRequest) -> _Exchange:
+    def exchange(self, request: UpstreamRequest) -> _Exchange | _LeanExchange:
+        if self._lean is not None and _lean_shaped(request):
+            return _LeanExchange(self, self._lean, request)
         return _Exchange(self, request)
 
     async def _send(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
@@ -259,6 +274,8 @@ class HttpUpstream:
         return response
 
     async def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         for session in self._sessions.values():
             await session.close()
 
@@ -313,6 +330,89 @@ class _Exchange:
                 response.close()
         finally:
             self._upstream.gates[self._request.pool].release()
+
+
+def _lean_shaped(request: UpstreamRequest) -> bool:
+    """A call the lean client sends: its body none or in memory; not an event stream, not HEAD."""
+    body = request.body
+    return (
+        (body is None or isinstance(body, bytes)) and request.pool is not PoolName.STREAM and request.method != "HEAD"
+    )
+
+
+class _LeanExchange:
+    """`_Exchange`, by the lean client: the same slot, deadline, observer and errors."""
+
+    __slots__ = ("_lean", "_request", "_response", "_upstream")
+
+    def __init__(self, upstream: HttpUpstream, lean: LeanClient, request: UpstreamRequest) -> None:
+        self._upstream = upstream
+        self._lean = lean
+        self._request = request
+        self._response: LeanResponse | None = None
+
+    async def __aenter__(self) -> _LeanAnswer:
+        upstream, request = self._upstream, self._request
+        gate = upstream.gates[request.pool]
+        await gate.acquire(request.max_queue_seconds)
+        started = time.monotonic()
+        timeout = upstream._request_timeout if request.timeout is None else request.timeout
+        try:
+            assert not isinstance(request.body, AsyncIterable)
+            response = self._response = await self._lean.send(
+                request.pool, request.method, request.target, request.headers, request.body, timeout
+            )
+        except BaseException as exc:
+            gate.release()
+            if isinstance(exc, Exception):
+                upstream._raise_translated(request.route, exc)
+            raise
+        trace = request.trace
+        exemplar = trace.exemplar if trace is not None else None
+        upstream._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
+        return _LeanAnswer(response, functools.partial(upstream._raise_translated, request.route))
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        response = self._response
+        assert response is not None
+        try:
+            self._lean.finish(self._request.pool, response)
+        finally:
+            self._upstream.gates[self._request.pool].release()
+
+
+class _LeanAnswer:
+    def __init__(self, response: LeanResponse, failed: Callable[[Exception], NoReturn]) -> None:
+        self._response = response
+        self._failed = failed
+        self.status = response.status
+        self.reason = _text(response.reason)
+        self.headers = tuple((_text(name), _text(value)) for name, value in response.headers)
+
+    def chunks(self) -> _LeanChunks:
+        return _LeanChunks(self._response, self._failed)
+
+
+class _LeanChunks:
+    __slots__ = ("_failed", "_response")
+
+    def __init__(self, response: LeanResponse, failed: Callable[[Exception], NoReturn]) -> None:
+        self._response = response
+        self._failed = failed
+
+    def __aiter__(self) -> _LeanChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._response.read()
+        except Exception as exc:
+            self._failed(exc)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 class _HttpResponse:
@@ -396,10 +496,51 @@ def _proxy_refused(exc: BaseException) -> UpstreamError:
     )
 
 
-# What each aiohttp or socket error of an exchange means, most specific first.
+def _unreachable(exc: BaseException) -> UpstreamError:
+    """The lean client's "never sent", as aiohttp's connector errors of the same cause read."""
+    assert isinstance(exc, Unreachable)
+    match exc.kind:
+        case "timeout":
+            return UpstreamTimeout(
+                "timed out connecting to the upstream (or in its TLS handshake)",
+                kind="timeout",
+                may_have_reached_upstream=False,
+            )
+        case "certificate":
+            return _certificate(exc)
+        case "tls":
+            return _handshake(exc)
+        case "proxy":
+            return _never_sent("proxy", "cannot connect to the egress proxy")(exc)
+        case "proxy_refused":
+            return _proxy_refused(exc)
+        case "connect":
+            return _never_sent("connect", "cannot connect to the upstream")(exc)
+
+
+# The lean client's `Broken`, in the words aiohttp's errors of the same meaning get below. The request was
+# sent (or being sent), so each may have reached the upstream.
+_BROKEN: dict[BrokenKind, tuple[type[UpstreamError], str, UpstreamErrorKind]] = {
+    "timeout": (UpstreamTimeout, "the upstream did not answer in time", "timeout"),
+    "closed": (UpstreamUnavailable, "the upstream closed the connection", "reset"),
+    "reset": (UpstreamUnavailable, "the connection to the upstream was reset", "reset"),
+    "cut": (UpstreamUnavailable, "the upstream response was cut off", "reset"),
+    "invalid": (UpstreamUnavailable, "the upstream sent an invalid HTTP response", "other"),
+}
+
+
+def _broken(exc: BaseException) -> UpstreamError:
+    assert isinstance(exc, Broken)
+    error, message, kind = _BROKEN[exc.kind]
+    return error(message, kind=kind, may_have_reached_upstream=True)
+
+
+# What each aiohttp, lean client or socket error of an exchange means, most specific first.
 _MEANINGS: tuple[
     tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[BaseException], UpstreamError]], ...
 ] = (
+    (Unreachable, _unreachable),
+    (Broken, _broken),
     (
         aiohttp.ConnectionTimeoutError,
         lambda _: UpstreamTimeout(

@@ -1,0 +1,363 @@
+"""The lean upstream client against aiohttp's: the same exchanges, the same bytes upstream, the same answers
+and the same errors, faults included.
+
+Checks `gateway/upstream/lean.py`: each case runs once through `HttpUpstream` with `upstream.client: lean`
+and once with `aiohttp`, against a scripted upstream that records every byte it is sent, and compares what
+the upstream saw and what the caller got (the answer, or the `UpstreamError`'s kind, message and whether it
+may have reached the upstream, which the heartbeat path's retry rules read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trustme
+
+from gateway.config.settings import PoolName, UpstreamClient, UpstreamSettings, UpstreamTls
+from gateway.errors import UpstreamError
+from gateway.upstream.client import HttpUpstream, UpstreamRequest
+
+CLIENTS: tuple[UpstreamClient, ...] = ("lean", "aiohttp")
+HEARTBEAT = "/v1/environments/env_1/work/work_1/heartbeat?expected_last_heartbeat=NO_HEARTBEAT&desired_ttl_seconds=60"
+HEADERS = (("Authorization", "Bearer sk-ant-key"), ("anthropic-beta", "managed-agents-2026-04-01"), ("X-Odd", "a;b"))
+JSON_200 = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_1\r\nContent-Length: 15\r\n\r\n{"state":"hi"}\n'
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@dataclass
+class Upstream:
+    """A scripted upstream: each connection's requests as received (request line, headers, body)."""
+
+    script: Script
+    connections: list[list[bytes]] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received: list[bytes] = []
+        self.connections.append(received)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                    0,
+                )  # fmt: skip
+                received.append(head + await reader.readexactly(length))
+                await self.script(reader, writer, len(received))
+        finally:
+            writer.close()
+
+
+@dataclass
+class Outcome:
+    status: int | None = None
+    reason: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    # The error's class, kind, message and whether it may have reached the upstream.
+    error: tuple[str, str, str, bool] | None = None
+    # What the upstream received, connection by connection.
+    seen: list[list[bytes]] = field(default_factory=list)
+
+
+async def run(
+    client: UpstreamClient,
+    script: Script,
+    requests: list[UpstreamRequest],
+    *,
+    tls: tuple[ssl.SSLContext, str] | None = None,
+    timeout: float = 2.0,
+) -> list[Outcome]:
+    """Each request in turn through one `HttpUpstream`, against a fresh scripted upstream."""
+    upstream = Upstream(script)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0, ssl=tls[0] if tls else None)
+    port = server.sockets[0].getsockname()[1]
+    scheme = "https" if tls else "http"
+    settings = UpstreamSettings(
+        base_url=f"{scheme}://localhost:{port}" if tls else f"http://127.0.0.1:{port}",
+        connect_timeout_seconds=1.0,
+        request_timeout_seconds=timeout,
+        tls=UpstreamTls(ca_files=(tls[1],)) if tls else UpstreamTls(),
+        client=client,
+    )
+    http = HttpUpstream(settings)
+    outcomes = []
+    try:
+        for request in requests:
+            outcome = Outcome()
+            try:
+                async with http.exchange(request) as answer:
+                    outcome.status, outcome.reason, outcome.headers = answer.status, answer.reason, answer.headers
+                    async for chunk in answer.chunks():
+                        outcome.body += chunk
+            except UpstreamError as error:
+                outcome.error = (type(error).__name__, error.kind, error.message, error.may_have_reached_upstream)
+            outcomes.append(outcome)
+            await asyncio.sleep(0.02)  # the upstream's side of a close is seen before the next request
+    finally:
+        await http.close()
+        server.close()
+        await server.wait_closed()
+    for outcome in outcomes:
+        outcome.seen = upstream.connections
+    return outcomes
+
+
+async def differential(script: Script, requests: list[UpstreamRequest], **options: object) -> list[Outcome]:
+    """The outcomes, once they are shown to be the same with either client."""
+    lean = await run("lean", script, requests, **options)  # type: ignore[arg-type]
+    reference = await run("aiohttp", script, requests, **options)  # type: ignore[arg-type]
+    assert [_shown(o) for o in lean] == [_shown(o) for o in reference]
+    return lean
+
+
+def _shown(outcome: Outcome) -> object:
+    """An outcome as compared: the Host header's port differs from run to run, so it is left out."""
+    seen = [[_without_host(request) for request in connection] for connection in outcome.seen]
+    return (outcome.status, outcome.reason, outcome.headers, outcome.body, outcome.error, seen)
+
+
+def _without_host(request: bytes) -> bytes:
+    return b"\r\n".join(line for line in request.split(b"\r\n") if not line.lower().startswith(b"host:"))
+
+
+def heartbeat(body: bytes | None = b"{}") -> UpstreamRequest:
+    return UpstreamRequest("POST", HEARTBEAT, HEADERS, body, route="heartbeat", pool=PoolName.LEASE)
+
+
+def get(target: str = "/v1/environments/env_1/work/work_1") -> UpstreamRequest:
+    return UpstreamRequest("GET", target, HEADERS, None, route="work")
+
+
+def answer(data: bytes) -> Script:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return script
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(JSON_200, id="content-length"),
+        pytest.param(
+            b"HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\nretry-after: 2\r\n"
+            b'Content-Length: 24\r\n\r\n{"type":"error","x":412}',
+            id="412",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", id="chunked"
+        ),
+        pytest.param(b"HTTP/1.1 204 No Content\r\nrequest-id: req_2\r\n\r\n", id="204"),
+        pytest.param(b"HTTP/1.1 100 Continue\r\n\r\n" + JSON_200, id="interim-100"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-Latin: caf\xe9\r\nX-Utf8: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nok",
+            id="header-bytes",
+        ),
+        pytest.param(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\nContent-Length: 0\r\n\r\n", id="429"),
+    ],
+)
+async def test_answers_and_requests_are_the_same_as_aiohttps(data: bytes) -> None:
+    requests = [heartbeat(), heartbeat(None), get(), UpstreamRequest("DELETE", "/v1/x", HEADERS, None)]
+    outcomes = await differential(answer(data), requests)
+    assert all(o.error is None for o in outcomes)
+    # Kept alive: one connection for the lease class's two heartbeats, one for the other class's calls.
+    assert sorted(map(len, outcomes[0].seen)) == [2, 2]
+
+
+async def test_an_answer_framed_by_the_connections_end_is_read_whole_and_the_connection_not_reused() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b"x" * 100_000
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    outcomes = await differential(script, [get(), get()])
+    assert [len(o.body) for o in outcomes] == [100_000, 100_000]
+    assert len(outcomes[0].seen) == 2
+
+
+async def test_a_large_answer_is_streamed_whole() -> None:
+    body = bytes(range(256)) * 8192  # 2 MiB: past the flow control's high water, read as the caller reads
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    outcomes = await differential(answer(data), [get(), get()])
+    assert [o.body == body for o in outcomes] == [True, True]
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.close()
+
+
+async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.transport.abort()
+
+
+async def _cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"partial":')
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.transport.abort()
+
+
+async def _cut_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    await asyncio.sleep(1.5)
+
+
+async def _slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+    await writer.drain()
+    await asyncio.sleep(1.5)
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        (_close, ("UpstreamUnavailable", "reset", "the upstream closed the connection", True)),
+        (_cut, ("UpstreamUnavailable", "reset", "the upstream response was cut off", True)),
+        (_cut_chunked, ("UpstreamUnavailable", "reset", "the upstream response was cut off", True)),
+        (
+            answer(b"HTTP/1.1 2x0 OK\r\n\r\n"),
+            ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
+        ),  # noqa: E501
+        (
+            answer(b"NOT HTTP AT ALL\r\n\r\n"),
+            ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
+        ),  # noqa: E501
+        (_silent, ("UpstreamTimeout", "timeout", "the upstream did not answer in time", True)),
+        (_slow_body, ("UpstreamTimeout", "timeout", "the upstream did not answer in time", True)),
+    ],
+    ids=["closed", "cut", "cut-chunked", "bad-status", "not-http", "no-answer", "body-too-slow"],
+)
+async def test_a_fault_after_the_request_went_is_the_same_error_and_may_have_reached(
+    script: Script, expected: tuple[str, str, str, bool]
+) -> None:
+    outcomes = await differential(script, [heartbeat()], timeout=0.5)
+    # The heartbeat path may not send such a request again: it may have been applied.
+    assert outcomes[0].error == expected
+    assert len(outcomes[0].seen[0]) == 1  # it did reach the upstream, whole
+
+
+async def test_a_reset_before_the_answer_may_have_reached() -> None:
+    """aiohttp and the lean client word a reset apart from a close as the socket tells them; both may have reached."""
+    for client in CLIENTS:
+        [outcome] = await run(client, _reset, [heartbeat()])
+        assert outcome.error is not None
+        assert (outcome.error[1], outcome.error[3]) == ("reset", True)
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_used_again() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(JSON_200.replace(b"\r\n\r\n", b"\r\nKeep-Alive: timeout=0\r\n\r\n", 1))
+        await writer.drain()
+        writer.close()  # closed after the answer, without saying so in it
+
+    outcomes = await differential(script, [heartbeat(), heartbeat(), get()])
+    assert all(o.error is None for o in outcomes)
+    assert len(outcomes[0].seen) == 3
+
+
+async def test_an_upstream_that_refuses_connections_was_never_sent_anything() -> None:
+    for client in CLIENTS:
+        outcomes = await _refused(client)
+        assert outcomes == [("UpstreamUnavailable", "connect", "cannot connect to the upstream", False)]
+
+
+async def _refused(client: UpstreamClient) -> list[tuple[str, str, str, bool] | None]:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    http = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{port}", client=client))
+    outcomes: list[tuple[str, str, str, bool] | None] = []
+    try:
+        async with http.exchange(heartbeat()):
+            outcomes.append(None)
+    except UpstreamError as error:
+        outcomes.append((type(error).__name__, error.kind, error.message, error.may_have_reached_upstream))
+    finally:
+        await http.close()
+    return outcomes
+
+
+async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    writer.write(JSON_200[:-5])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(JSON_200[-5:])
+    await writer.drain()
+
+
+async def test_leaving_before_the_answer_is_whole_closes_the_connection() -> None:
+    """How an HTTP/1.1 client cancels: the next exchange goes on a new connection, for both clients."""
+    for client in CLIENTS:
+        upstream = Upstream(_trickle)
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        http = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{port}", client=client))
+        try:
+            async with http.exchange(get()) as response:
+                assert response.status == 200  # and the body is left unread
+            async with http.exchange(get()) as response:
+                assert b"".join([chunk async for chunk in response.chunks()]).startswith(b'{"state"')
+        finally:
+            await http.close()
+            server.close()
+            await server.wait_closed()
+        assert len(upstream.connections) == 2, client
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tls(tmp_path: Path) -> AsyncIterator[tuple[ssl.SSLContext, str]]:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    yield context, str(ca_file)
+
+
+async def test_over_tls_the_exchanges_are_the_same(tls: tuple[ssl.SSLContext, str]) -> None:
+    outcomes = await differential(answer(JSON_200), [heartbeat(), heartbeat(), get()], tls=tls)
+    assert [o.status for o in outcomes] == [200, 200, 200]
+    assert sorted(map(len, outcomes[0].seen)) == [1, 2]
+
+
+async def test_a_certificate_from_an_unknown_authority_is_the_same_refusal(
+    tls: tuple[ssl.SSLContext, str], tmp_path: Path
+) -> None:
+    stranger = tmp_path / "stranger.pem"
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    outcomes = await differential(answer(JSON_200), [heartbeat()], tls=(tls[0], str(stranger)))
+    assert outcomes[0].error is not None
+    assert outcomes[0].error[1:] == (
+        "tls",
+        "the upstream's TLS certificate was not accepted: unable to get local issuer certificate",
+        False,
+    )
+    assert outcomes[0].seen == []  # not even a connection: the handshake failed
