@@ -83,7 +83,7 @@ logging: {level: loud, format: xml}
         "listen.port: must be an integer, not a boolean",
         "admin.port: must be at most 65535, not 70000",
         "upstream.retries: unknown key; allowed: base_url, connect_timeout_seconds, request_timeout_seconds, pools, "
-        "tls, proxy, allow_insecure_http",
+        "tls, proxy, allow_insecure_http, client",
         "upstream.base_url: must be an http:// or https:// URL with a host",
         "upstream.connect_timeout_seconds: must be greater than 0",
         "upstream.pools.bulk: unknown key; allowed: lease, poll, stream, other",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +20,16 @@ import trustme
 
 from gateway.config.settings import PoolName, UpstreamClient, UpstreamSettings, UpstreamTls
 from gateway.errors import UpstreamError
+from gateway.upstream import lean
 from gateway.upstream.client import HttpUpstream, UpstreamRequest
 
 CLIENTS: tuple[UpstreamClient, ...] = ("lean", "aiohttp")
 HEARTBEAT = "/v1/environments/env_1/work/work_1/heartbeat?expected_last_heartbeat=NO_HEARTBEAT&desired_ttl_seconds=60"
 HEADERS = (("Authorization", "Bearer sk-ant-key"), ("anthropic-beta", "managed-agents-2026-04-01"), ("X-Odd", "a;b"))
-JSON_200 = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_1\r\nContent-Length: 15\r\n\r\n{"state":"hi"}\n'
+JSON_200 = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_1\r\nContent-Length: 15\r\n\r\n"
+    b'{"state":"hi"}\n'
+)
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -46,10 +50,8 @@ class Upstream:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
-                    0,
-                )  # fmt: skip
+                lengths = [line.split(b":")[1] for line in head.lower().split(b"\r\n") if b"content-length:" in line]
+                length = int(lengths[0]) if lengths else 0
                 received.append(head + await reader.readexactly(length))
                 await self.script(reader, writer, len(received))
         finally:
@@ -74,7 +76,7 @@ async def run(
     requests: list[UpstreamRequest],
     *,
     tls: tuple[ssl.SSLContext, str] | None = None,
-    timeout: float = 2.0,
+    within: float = 2.0,
 ) -> list[Outcome]:
     """Each request in turn through one `HttpUpstream`, against a fresh scripted upstream."""
     upstream = Upstream(script)
@@ -84,7 +86,7 @@ async def run(
     settings = UpstreamSettings(
         base_url=f"{scheme}://localhost:{port}" if tls else f"http://127.0.0.1:{port}",
         connect_timeout_seconds=1.0,
-        request_timeout_seconds=timeout,
+        request_timeout_seconds=within,
         tls=UpstreamTls(ca_files=(tls[1],)) if tls else UpstreamTls(),
         client=client,
     )
@@ -241,11 +243,11 @@ async def _slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         (
             answer(b"HTTP/1.1 2x0 OK\r\n\r\n"),
             ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
-        ),  # noqa: E501
+        ),
         (
             answer(b"NOT HTTP AT ALL\r\n\r\n"),
             ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
-        ),  # noqa: E501
+        ),
         (_silent, ("UpstreamTimeout", "timeout", "the upstream did not answer in time", True)),
         (_slow_body, ("UpstreamTimeout", "timeout", "the upstream did not answer in time", True)),
     ],
@@ -254,7 +256,7 @@ async def _slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 async def test_a_fault_after_the_request_went_is_the_same_error_and_may_have_reached(
     script: Script, expected: tuple[str, str, str, bool]
 ) -> None:
-    outcomes = await differential(script, [heartbeat()], timeout=0.5)
+    outcomes = await differential(script, [heartbeat()], within=0.5)
     # The heartbeat path may not send such a request again: it may have been applied.
     assert outcomes[0].error == expected
     assert len(outcomes[0].seen[0]) == 1  # it did reach the upstream, whole
@@ -333,13 +335,13 @@ async def test_leaving_before_the_answer_is_whole_closes_the_connection() -> Non
 
 
 @pytest.fixture
-async def tls(tmp_path: Path) -> AsyncIterator[tuple[ssl.SSLContext, str]]:
+def tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(context)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    yield context, str(ca_file)
+    return context, str(ca_file)
 
 
 async def test_over_tls_the_exchanges_are_the_same(tls: tuple[ssl.SSLContext, str]) -> None:
@@ -361,3 +363,48 @@ async def test_a_certificate_from_an_unknown_authority_is_the_same_refusal(
         False,
     )
     assert outcomes[0].seen == []  # not even a connection: the handshake failed
+
+
+async def test_bytes_sent_on_an_idle_connection_are_never_taken_for_the_next_answer() -> None:
+    """An upstream that answers twice (or a desynchronised one): the extra answer arrives while the connection
+    waits unused. The next request must get its own answer, on another connection.
+
+    The one place the lean client is held to more than aiohttp's: aiohttp 3.14's client hands the stray
+    answer to the next request on that connection (a heartbeat would be answered another's 409).
+    """
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(JSON_200)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"HTTP/1.1 409 Conflict\r\nContent-Length: 5\r\n\r\nstale")
+        await writer.drain()
+
+    outcomes = await run("lean", script, [heartbeat(), heartbeat()])
+    assert [(o.status, o.body) for o in outcomes] == [(200, b'{"state":"hi"}\n')] * 2
+    assert len(outcomes[0].seen) == 2
+
+
+async def test_a_connection_left_unused_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lean, "IDLE_SECONDS", 0.2)
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(JSON_200)
+        await writer.drain()
+        await reader.read()  # until the client closes it
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{port}", client="lean"))
+    try:
+        async with http.exchange(get()) as response:
+            assert response.status == 200
+        await asyncio.wait_for(closed.wait(), 2.0)
+    finally:
+        await http.close()
+        server.close()
+        await server.wait_closed()

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import aiohttp
@@ -210,6 +210,8 @@ class HttpUpstream:
                 server_hostname=self._server_name,
                 connect_timeout=self._connect_timeout,
                 proxy_headers=self._current_proxy_headers,
+                # As many kept idle as the class may have open, as aiohttp's connector for it.
+                max_idle=lambda pool: self.gates[pool].limit,
             )
         self._request_timeout = settings.request_timeout_seconds
         self._egress_failures = QuietLog(
@@ -520,13 +522,15 @@ def _unreachable(exc: BaseException) -> UpstreamError:
 
 # The lean client's `Broken`, in the words aiohttp's errors of the same meaning get below. The request was
 # sent (or being sent), so each may have reached the upstream.
-_BROKEN: dict[BrokenKind, tuple[type[UpstreamError], str, UpstreamErrorKind]] = {
-    "timeout": (UpstreamTimeout, "the upstream did not answer in time", "timeout"),
-    "closed": (UpstreamUnavailable, "the upstream closed the connection", "reset"),
-    "reset": (UpstreamUnavailable, "the connection to the upstream was reset", "reset"),
-    "cut": (UpstreamUnavailable, "the upstream response was cut off", "reset"),
-    "invalid": (UpstreamUnavailable, "the upstream sent an invalid HTTP response", "other"),
-}
+_BROKEN: Mapping[BrokenKind, tuple[type[UpstreamError], str, UpstreamErrorKind]] = MappingProxyType(
+    {
+        "timeout": (UpstreamTimeout, "the upstream did not answer in time", "timeout"),
+        "closed": (UpstreamUnavailable, "the upstream closed the connection", "reset"),
+        "reset": (UpstreamUnavailable, "the connection to the upstream was reset", "reset"),
+        "cut": (UpstreamUnavailable, "the upstream response was cut off", "reset"),
+        "invalid": (UpstreamUnavailable, "the upstream sent an invalid HTTP response", "other"),
+    }
+)
 
 
 def _broken(exc: BaseException) -> UpstreamError:

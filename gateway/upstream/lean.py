@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.config.settings import PoolName
+
 __all__ = ["IDLE_SECONDS", "Broken", "BrokenKind", "LeanClient", "LeanResponse", "Origin", "Unreachable"]
 
 # How long an unused connection is kept (aiohttp's `keepalive_timeout`).
@@ -117,6 +119,8 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.gone = False
+        # Kept for a next exchange, since when: bytes arriving now belong to no request.
+        self.idle = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
@@ -154,6 +158,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # An answer to no request: read as the next request's, it would be a wrong answer. Never used again.
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -291,7 +299,7 @@ class LeanClient:
         server_hostname: str | None,
         connect_timeout: float,
         proxy_headers: Callable[[], dict[str, str] | None],
-        max_idle: int = 64,
+        max_idle: Callable[[PoolName], int] = lambda pool: 64,
     ) -> None:
         self.origin = origin
         self._tls = tls if origin.scheme == "https" else None
@@ -299,12 +307,13 @@ class LeanClient:
         self._connect_timeout = connect_timeout
         self._proxy_headers = proxy_headers
         self._max_idle = max_idle
-        self._idle: dict[object, deque[_Connection]] = {}
+        self._idle: dict[PoolName, deque[_Connection]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def send(
         self,
-        pool: object,
+        pool: PoolName,
         method: str,
         target: str,
         headers: tuple[tuple[str, str], ...],
@@ -331,7 +340,7 @@ class LeanClient:
             raise
         return LeanResponse(connection, timer)
 
-    def finish(self, pool: object, response: LeanResponse) -> None:
+    def finish(self, pool: PoolName, response: LeanResponse) -> None:
         """The exchange is over: its connection kept for the next if the whole answer came, else closed (how an
         HTTP/1.1 client cancels). As aiohttp, whose connection goes back to its pool when the answer's end
         arrives, whether or not the caller read it."""
@@ -340,22 +349,37 @@ class LeanClient:
         whole = connection.complete and connection.error is None
         if whole and connection.reusable and not connection.gone and not self._closed:
             idle = self._idle.setdefault(pool, deque())
-            if len(idle) < self._max_idle:
+            if len(idle) < self._max_idle(pool):
                 connection.next_exchange()
+                connection.idle = True
                 connection.idle_since = time.monotonic()
                 idle.append(connection)
+                if self._sweep is None:
+                    self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_stale)
                 return
         connection.close()
 
     def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()
 
+    def _close_stale(self) -> None:
+        """Connections unused for `IDLE_SECONDS` are closed (the oldest are at the left), checked as often."""
+        self._sweep = None
+        now = time.monotonic()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= IDLE_SECONDS:
+                idle.popleft().close()
+        if any(self._idle.values()) and not self._closed:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_stale)
+
     # -- connections ------------------------------------------------------------------
 
-    def _idle_connection(self, pool: object) -> _Connection | None:
+    def _idle_connection(self, pool: PoolName) -> _Connection | None:
         idle = self._idle.get(pool)
         now = time.monotonic()
         while idle:
@@ -363,6 +387,7 @@ class LeanClient:
             transport = connection.transport
             fresh = now - connection.idle_since < IDLE_SECONDS
             if fresh and not connection.gone and transport is not None and not transport.is_closing():
+                connection.idle = False
                 return connection
             connection.close()
         return None
@@ -408,7 +433,7 @@ class LeanClient:
     async def _tunnel(self, loop: asyncio.AbstractEventLoop, connection: _Connection) -> None:
         """CONNECT through the egress proxy, then TLS with the upstream inside the tunnel."""
         origin = self.origin
-        authority = f"{origin.host}:{origin.port}"
+        authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else f"{origin.host}:{origin.port}"
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         lines += [f"{name}: {value}" for name, value in (self._proxy_headers() or {}).items()]
         assert connection.transport is not None
