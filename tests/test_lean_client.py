@@ -31,6 +31,12 @@ JSON_200 = (
     b'{"state":"hi"}\n'
 )
 
+# Past aiohttp's bounds on an answer's head (128 headers, 8190 bytes a field), which the lean client keeps.
+TOO_MANY_HEADERS = (
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"Content-Length: 0\r\n\r\n"
+)
+HEADER_TOO_LARGE = b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 9000 + b"\r\nContent-Length: 0\r\n\r\n"
+
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
 
@@ -248,10 +254,28 @@ async def _slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             answer(b"NOT HTTP AT ALL\r\n\r\n"),
             ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
         ),
+        (
+            answer(TOO_MANY_HEADERS),
+            ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
+        ),
+        (
+            answer(HEADER_TOO_LARGE),
+            ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True),
+        ),
         (_silent, ("UpstreamTimeout", "timeout", "the upstream did not answer in time", True)),
         (_slow_body, ("UpstreamTimeout", "timeout", "the upstream did not answer in time", True)),
     ],
-    ids=["closed", "cut", "cut-chunked", "bad-status", "not-http", "no-answer", "body-too-slow"],
+    ids=[
+        "closed",
+        "cut",
+        "cut-chunked",
+        "bad-status",
+        "not-http",
+        "too-many-headers",
+        "header-too-large",
+        "no-answer",
+        "body-too-slow",
+    ],
 )
 async def test_a_fault_after_the_request_went_is_the_same_error_and_may_have_reached(
     script: Script, expected: tuple[str, str, str, bool]

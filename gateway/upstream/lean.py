@@ -50,6 +50,9 @@ IDLE_SECONDS = 15.0
 # Answer bytes held for a reader that has not read them yet, before the upstream is asked to wait.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# An answer's head, bounded as aiohttp's client bounds it: a broken or hostile upstream cannot grow it.
+MAX_HEADERS = 128
+MAX_FIELD_BYTES = 8190
 # Methods aiohttp sends without a Content-Length when there is no body.
 _NO_LENGTH_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -110,6 +113,10 @@ class Origin:
     def tunnelled(self) -> bool:
         """Through the proxy by CONNECT (an https:// upstream), rather than in absolute form to it."""
         return self.proxy_host is not None and self.scheme == "https"
+
+
+class _TooLarge(Exception):
+    """An answer's head past the bounds; raised in a parser callback, it reaches `data_received` as llhttp's."""
 
 
 class _Connection(asyncio.Protocol):
@@ -189,8 +196,12 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        if len(self._reason) > MAX_FIELD_BYTES:
+            raise _TooLarge  # llhttp stops, and `data_received` calls the answer invalid
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADERS or len(name) + len(value) > MAX_FIELD_BYTES:
+            raise _TooLarge
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
