@@ -469,7 +469,7 @@ def admin_port(tmp: Path, target: str) -> int:
     """The gateway's admin port, from the config `start_target` wrote; 0 for any other target."""
     if not is_gateway(target):
         return 0
-    match = re.search(r"admin: \{host: 127.0.0.1, port: (\d+)\}", (tmp / f"{target}.yaml").read_text())
+    match = re.search(r"admin: \{host: 127.0.0.1, port: (\d+)\}", (tmp / f"{file_safe(target)}.yaml").read_text())
     return int(match.group(1)) if match else 0
 
 
