@@ -432,3 +432,76 @@ async def test_a_connection_left_unused_is_closed(monkeypatch: pytest.MonkeyPatc
         await http.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_second_answer_in_the_same_read_is_not_taken_for_part_of_the_first() -> None:
+    """The answer and an unasked-for one arrive together: the first stands whole, the connection is dropped."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(JSON_200 + b"HTTP/1.1 409 Conflict\r\nContent-Length: 16\r\n\r\n" + b'{"type":"error"}')
+        await writer.drain()
+
+    outcomes = await run("lean", script, [heartbeat(), heartbeat()])
+    assert [(o.status, o.body) for o in outcomes] == [(200, b'{"state":"hi"}\n')] * 2
+    assert len(outcomes[0].seen) == 2
+
+
+async def test_a_connection_left_with_its_reading_paused_reads_the_next_answer() -> None:
+    """A large answer the caller leaves after one chunk, whole on the wire (so kept), reading paused by flow
+    control: the next call on it is answered, not timed out."""
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (400 * 1024) + b"x" * (400 * 1024)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(big if n == 1 else JSON_200)
+        await writer.drain()
+
+    for client in CLIENTS:
+        upstream = Upstream(script)
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        http = HttpUpstream(
+            UpstreamSettings(base_url=f"http://127.0.0.1:{port}", client=client, request_timeout_seconds=2)
+        )
+        try:
+            async with http.exchange(get()) as response:
+                await asyncio.sleep(0.2)  # the whole answer arrives meanwhile
+                async for _ in response.chunks():
+                    break
+            async with http.exchange(get()) as response:
+                assert (response.status, b"".join([c async for c in response.chunks()])) == (200, b'{"state":"hi"}\n')
+        finally:
+            await http.close()
+            server.close()
+            await server.wait_closed()
+
+
+async def test_an_endless_header_is_refused_as_it_arrives() -> None:
+    """llhttp gathers a header whole before it calls back: the head is bounded as its bytes come."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+        for _ in range(48):
+            writer.write(b"v" * (512 * 1024))
+            await writer.drain()
+
+    [outcome] = await run("lean", script, [heartbeat()])
+    assert outcome.error == ("UpstreamUnavailable", "other", "the upstream sent an invalid HTTP response", True)
+
+
+async def _closes_the_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    if n == 2:
+        writer.transport.abort()
+        return
+    writer.write(JSON_200)
+    await writer.drain()
+
+
+async def test_an_idempotent_call_whose_kept_connection_closed_is_sent_again_a_heartbeat_never() -> None:
+    """As aiohttp: a GET on a connection the upstream closed without answering goes once more, on a new one.
+    A POST (a heartbeat) may have been applied: its error goes to the heartbeat path, which decides."""
+    gets = await differential(_closes_the_second, [get(), get()])
+    assert [o.status for o in gets] == [200, 200]
+    beats = await differential(_closes_the_second, [heartbeat(), heartbeat()])
+    assert beats[0].status == 200
+    assert beats[1].error is not None
+    assert (beats[1].error[1], beats[1].error[3]) == ("reset", True)

@@ -369,10 +369,14 @@ class _LeanExchange:
             if isinstance(exc, Exception):
                 upstream._raise_translated(request.route, exc)
             raise
-        trace = request.trace
-        exemplar = trace.exemplar if trace is not None else None
-        upstream._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
-        return _LeanAnswer(response, functools.partial(upstream._raise_translated, request.route))
+        try:
+            trace = request.trace
+            exemplar = trace.exemplar if trace is not None else None
+            upstream._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
+            return _LeanAnswer(response, functools.partial(upstream._raise_translated, request.route))
+        except BaseException:
+            await self.__aexit__(None, None, None)  # the block is never entered: its exit is not called either
+            raise
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None

@@ -53,6 +53,9 @@ LOW_WATER = 64 * 1024
 # An answer's head, bounded as aiohttp's client bounds it: a broken or hostile upstream cannot grow it.
 MAX_HEADERS = 128
 MAX_FIELD_BYTES = 8190
+MAX_HEAD_BYTES = MAX_HEADERS * MAX_FIELD_BYTES
+# Sent again once after a connection closed under them, as aiohttp does.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods aiohttp sends without a Content-Length when there is no body.
 _NO_LENGTH_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -116,7 +119,11 @@ class Origin:
 
 
 class _TooLarge(Exception):
-    """An answer's head past the bounds; raised in a parser callback, it reaches `data_received` as llhttp's."""
+    """An answer's head past the bounds; raised in a parser callback, it reaches `_feed` as llhttp's error."""
+
+
+class _Stray(Exception):
+    """Bytes of another answer after this one's end; raised in a parser callback, as `_TooLarge`."""
 
 
 class _Connection(asyncio.Protocol):
@@ -145,12 +152,16 @@ class _Connection(asyncio.Protocol):
         self._body: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
+        self._head_bytes = 0
 
     @property
     def reason(self) -> bytes:
         return bytes(self._reason)
 
     def next_exchange(self) -> None:
+        if self._paused and self.transport is not None:
+            # Read again, or the next answer on it would never be (and a close while idle never seen).
+            self.transport.resume_reading()
         self._begin()
 
     def new_parser(self) -> None:
@@ -169,11 +180,33 @@ class _Connection(asyncio.Protocol):
             # An answer to no request: read as the next request's, it would be a wrong answer. Never used again.
             self.close()
             return
+        if not self.head_done:
+            # llhttp gathers a header whole before calling back: the head is bounded here, as it arrives.
+            allowance = MAX_HEAD_BYTES - self._head_bytes
+            if len(data) > allowance:
+                if not self._feed(data[:allowance]):
+                    self._fail(Broken("invalid"))
+                    self.close()
+                    return
+                data = data[allowance:]
+            else:
+                self._head_bytes += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> bool:
+        """`data` parsed; whether the answer's head is in."""
+        if self.gone or not data:
+            return self.head_done
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            self._fail(Broken("invalid"))
+            if self.complete:
+                # Bytes past the answer (`on_message_begin`): the answer stands, the connection is not used again.
+                self.reusable = False
+            else:
+                self._fail(Broken("invalid"))
             self.close()
+        return self.head_done
 
     def eof_received(self) -> bool:
         return False  # closed: a half-open connection carries no next exchange
@@ -193,6 +226,10 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # -- llhttp -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Stray  # a second answer to one request: llhttp stops, `_feed` closes the connection
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -337,19 +374,31 @@ class LeanClient:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        connection = self._idle_connection(pool)
-        if connection is None:
-            connection = await self._connect(loop, deadline)
-        timer = loop.call_at(deadline, connection.timed_out)
-        try:
-            assert connection.transport is not None
-            connection.transport.write(self._request(method, target, headers, body))
-            await connection.head()
-        except BaseException:
-            timer.cancel()
-            connection.close()
-            raise
-        return LeanResponse(connection, timer)
+        request = self._request(method, target, headers, body)
+        # As aiohttp (RFC 9112 §9.3.1): an idempotent request whose connection closed before any answer is sent
+        # once more. Never a POST: a heartbeat that may have landed is the heartbeat path's to decide about.
+        again = method in _IDEMPOTENT
+        while True:
+            connection = self._idle_connection(pool)
+            if connection is None:
+                connection = await self._connect(loop, deadline)
+            timer = loop.call_at(deadline, connection.timed_out)
+            try:
+                assert connection.transport is not None
+                connection.transport.write(request)
+                await connection.head()
+            except Broken as error:
+                timer.cancel()
+                connection.close()
+                if again and error.kind in ("closed", "reset"):
+                    again = False
+                    continue
+                raise
+            except BaseException:
+                timer.cancel()
+                connection.close()
+                raise
+            return LeanResponse(connection, timer)
 
     def finish(self, pool: PoolName, response: LeanResponse) -> None:
         """The exchange is over: its connection kept for the next if the whole answer came, else closed (how an
@@ -487,7 +536,5 @@ class LeanClient:
                 lines.append(f"Content-Length: {len(body)}")
             elif method not in _NO_LENGTH_WITHOUT_BODY:
                 lines.append("Content-Length: 0")
-        if origin.proxy_host is not None and not origin.tunnelled:
-            lines += [f"{name}: {value}" for name, value in (self._proxy_headers() or {}).items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
         return head + body if body else head
