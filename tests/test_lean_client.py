@@ -20,6 +20,7 @@ import trustme
 
 from gateway.config.settings import PoolName, UpstreamClient, UpstreamSettings, UpstreamTls
 from gateway.errors import UpstreamError
+from gateway.policy.egress import ProxyRoute
 from gateway.upstream import lean
 from gateway.upstream.client import HttpUpstream, UpstreamRequest
 
@@ -83,6 +84,7 @@ async def run(
     *,
     tls: tuple[ssl.SSLContext, str] | None = None,
     within: float = 2.0,
+    proxy: str | None = None,
 ) -> list[Outcome]:
     """Each request in turn through one `HttpUpstream`, against a fresh scripted upstream."""
     upstream = Upstream(script)
@@ -96,7 +98,7 @@ async def run(
         tls=UpstreamTls(ca_files=(tls[1],)) if tls else UpstreamTls(),
         client=client,
     )
-    http = HttpUpstream(settings)
+    http = HttpUpstream(settings, egress=ProxyRoute(proxy, "the test") if proxy else None)
     outcomes = []
     try:
         for request in requests:
@@ -505,3 +507,22 @@ async def test_an_idempotent_call_whose_kept_connection_closed_is_sent_again_a_h
     assert beats[0].status == 200
     assert beats[1].error is not None
     assert (beats[1].error[1], beats[1].error[3]) == ("reset", True)
+
+
+async def test_through_an_egress_proxys_tunnel_the_exchanges_are_the_same(
+    tls: tuple[ssl.SSLContext, str], tinyproxy: tuple[str, Path]
+) -> None:
+    proxy_url, proxy_log = tinyproxy
+    outcomes = await differential(answer(JSON_200), [heartbeat(), heartbeat(), get()], tls=tls, proxy=proxy_url)
+    assert [o.status for o in outcomes] == [200, 200, 200]
+    assert sorted(map(len, outcomes[0].seen)) == [1, 2]  # a tunnel per class, kept alive
+    assert proxy_log.read_text().count("CONNECT") >= 4  # two tunnels for each client
+
+
+async def test_through_an_egress_proxy_to_an_http_upstream_the_exchanges_are_the_same(
+    tinyproxy: tuple[str, Path],
+) -> None:
+    """Absolute form, to the proxy (an http:// upstream off loopback needs `allow_insecure_http`)."""
+    proxy_url, _ = tinyproxy
+    outcomes = await differential(answer(JSON_200), [heartbeat(), get()], proxy=proxy_url)
+    assert [o.status for o in outcomes] == [200, 200]
