@@ -337,12 +337,19 @@ def start_fake_api(tmp: Path, port: int, tls: UpstreamTls | None = None) -> Proc
 
 
 def gateway_yaml(
-    upstream_port: int, port: int, admin_port: int, extra: str = "", tls: UpstreamTls | None = None
+    upstream_port: int,
+    port: int,
+    admin_port: int,
+    extra: str = "",
+    tls: UpstreamTls | None = None,
+    upstream_extra: str = "",
 ) -> str:
-    """The README's minimal config, pointed at the fake API, plus what a benchmark sets."""
+    """The README's minimal config, pointed at the fake API, plus what a benchmark sets (`upstream_extra`:
+    in the `upstream` section)."""
     upstream = f"base_url: http://127.0.0.1:{upstream_port}"
     if tls is not None:
         upstream = tls.gateway_upstream(f"https://127.0.0.1:{upstream_port}")
+    upstream += upstream_extra
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
@@ -361,7 +368,7 @@ def file_safe(name: str) -> str:
 def is_gateway(target: str) -> bool:
     """`gateway`, or `gateway@REV`: the gateway as committed at git revision REV, so that a change
     and its parent are measured side by side in one run (`--targets gateway@HEAD~1,gateway`).
-    Either may end in a variant (`TRACING_VARIANTS`): `gateway+tracing`."""
+    Either may end in a variant (`TRACING_VARIANTS`, `CLIENT_VARIANTS`): `gateway+tracing`."""
     base = target.partition("+")[0]
     return base == "gateway" or base.startswith("gateway@")
 
@@ -370,13 +377,16 @@ def is_gateway(target: str) -> bool:
 # receiver (tests/otlp_receiver.py) on the load core; `gateway+tracing-unsampled`: the spans made, none
 # sampled (what a low sampling ratio costs for the requests it leaves out).
 TRACING_VARIANTS = {"tracing": "always_on", "tracing-unsampled": "always_off"}
+# `gateway+aiohttp-client`: every upstream call by aiohttp's client (`upstream.client: aiohttp`), the lean
+# client's baseline in the same run.
+CLIENT_VARIANTS = {"aiohttp-client": ", client: aiohttp"}
 OTLP_RECEIVER = Path(__file__).resolve().parent.parent / "tests" / "otlp_receiver.py"
 
 
 def _tracing(target: str) -> tuple[str, dict[str, str], Process | None]:
     """A gateway target's tracing variant: config to add, environment to add, and the receiver started."""
     variant = target.partition("+")[2]
-    if not variant:
+    if not variant or variant in CLIENT_VARIANTS:
         return "", {}, None
     sampler = TRACING_VARIANTS[variant]
     port = free_port()
@@ -444,7 +454,8 @@ async def start_target(
         config = tmp / f"{file_safe(target)}.yaml"
         traced, tracing_env, receiver = _tracing(target) if is_gateway(target) else ("", {}, None)
         extra = traced + gateway_extra if is_gateway(target) else ""
-        config.write_text(gateway_yaml(upstream_port, port, admin_port, extra, tls))
+        client = CLIENT_VARIANTS.get(target.partition("+")[2], "") if is_gateway(target) else ""
+        config.write_text(gateway_yaml(upstream_port, port, admin_port, extra, tls, client))
         cwd = None
         env = {**credentials.env(), **tracing_env}
         if is_gateway(target):
