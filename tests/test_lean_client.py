@@ -526,3 +526,63 @@ async def test_through_an_egress_proxy_to_an_http_upstream_the_exchanges_are_the
     proxy_url, _ = tinyproxy
     outcomes = await differential(answer(JSON_200), [heartbeat(), get()], proxy=proxy_url)
     assert [o.status for o in outcomes] == [200, 200]
+
+
+async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout_that_sent_nothing() -> None:
+    """The upstream takes the TCP connection but never answers the TLS hello: nothing was sent, so the
+    heartbeat path may send the beat again."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = UpstreamSettings(
+        base_url=f"https://127.0.0.1:{port}", connect_timeout_seconds=0.3, request_timeout_seconds=5, client="lean"
+    )
+    http = HttpUpstream(settings)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            async with http.exchange(heartbeat()):
+                pass
+    finally:
+        await http.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    error = caught.value
+    assert (error.kind, error.message, error.may_have_reached_upstream) == (
+        "timeout",
+        "timed out connecting to the upstream (or in its TLS handshake)",
+        False,
+    )
+
+
+async def test_the_deadline_closes_the_connection_even_while_the_answer_waits_unread() -> None:
+    """How an HTTP/1.1 client cancels: at the exchange's deadline the upstream sees the connection close, though
+    the caller still holds the answer (a worker slow to take it)."""
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await reader.read()
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = HttpUpstream(UpstreamSettings(base_url=f"http://127.0.0.1:{port}", request_timeout_seconds=0.3))
+    try:
+        async with http.exchange(get()) as response:
+            assert response.status == 200
+            # The answer left unread past the deadline: closed meanwhile, not when the caller leaves.
+            await asyncio.wait_for(closed.wait(), 3.0)
+    finally:
+        await http.close()
+        server.close()
+        await server.wait_closed()

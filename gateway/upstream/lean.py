@@ -406,8 +406,8 @@ class LeanClient:
         arrives, whether or not the caller read it."""
         response._timer.cancel()
         connection = response._connection
-        whole = connection.complete and connection.error is None
-        if whole and connection.reusable and not connection.gone and not self._closed:
+        # `reusable`: the answer's end came, keep-alive, and nothing stray after it.
+        if connection.reusable and not connection.gone and not self._closed:
             idle = self._idle.setdefault(pool, deque())
             if len(idle) < self._max_idle(pool):
                 connection.next_exchange()
