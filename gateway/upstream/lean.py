@@ -446,7 +446,8 @@ class LeanClient:
             connection = idle.pop()  # the most recently used: the least likely to have been closed
             transport = connection.transport
             fresh = now - connection.idle_since < IDLE_SECONDS
-            if fresh and not connection.gone and transport is not None and not transport.is_closing():
+            # A connection lost or closed while idle has its transport closing (and is `gone`).
+            if fresh and transport is not None and not transport.is_closing():
                 connection.idle = False
                 return connection
             connection.close()
