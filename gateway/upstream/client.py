@@ -17,7 +17,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -308,7 +308,7 @@ class _Exchange:
         self._request = request
         self._response: aiohttp.ClientResponse | None = None
 
-    async def __aenter__(self) -> _HttpResponse:
+    async def __aenter__(self) -> _Answer:
         upstream, request = self._upstream, self._request
         gate = upstream.gates[request.pool]
         await gate.acquire(request.max_queue_seconds)
@@ -317,7 +317,8 @@ class _Exchange:
         except BaseException:
             gate.release()
             raise
-        return _HttpResponse(response, functools.partial(upstream._raise_translated, request.route))
+        failed = functools.partial(upstream._raise_translated, request.route)
+        return _Answer(response.status, response.reason or "", response.raw_headers, response.content.readany, failed)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
@@ -353,7 +354,7 @@ class _LeanExchange:
         self._request = request
         self._response: LeanResponse | None = None
 
-    async def __aenter__(self) -> _LeanAnswer:
+    async def __aenter__(self) -> _Answer:
         upstream, request = self._upstream, self._request
         gate = upstream.gates[request.pool]
         await gate.acquire(request.max_queue_seconds)
@@ -373,7 +374,8 @@ class _LeanExchange:
             trace = request.trace
             exemplar = trace.exemplar if trace is not None else None
             upstream._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
-            return _LeanAnswer(response, functools.partial(upstream._raise_translated, request.route))
+            failed = functools.partial(upstream._raise_translated, request.route)
+            return _Answer(response.status, _text(response.reason), response.headers, response.read, failed)
         except BaseException:
             await self.__aexit__(None, None, None)  # the block is never entered: its exit is not called either
             raise
@@ -389,57 +391,36 @@ class _LeanExchange:
             self._upstream.gates[self._request.pool].release()
 
 
-class _LeanAnswer:
-    def __init__(self, response: LeanResponse, failed: Callable[[Exception], NoReturn]) -> None:
-        self._response = response
+class _Answer:
+    """An answer, from either client: its status, reason and headers as text, and its body as it arrives."""
+
+    __slots__ = ("_failed", "_read", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        read: Callable[[], Awaitable[bytes]],
+        failed: Callable[[Exception], NoReturn],
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = tuple((_text(name), _text(value)) for name, value in raw_headers)
+        self._read = read
         self._failed = failed
-        self.status = response.status
-        self.reason = _text(response.reason)
-        self.headers = tuple((_text(name), _text(value)) for name, value in response.headers)
-
-    def chunks(self) -> _LeanChunks:
-        return _LeanChunks(self._response, self._failed)
-
-
-class _LeanChunks:
-    __slots__ = ("_failed", "_response")
-
-    def __init__(self, response: LeanResponse, failed: Callable[[Exception], NoReturn]) -> None:
-        self._response = response
-        self._failed = failed
-
-    def __aiter__(self) -> _LeanChunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = await self._response.read()
-        except Exception as exc:
-            self._failed(exc)
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
-
-
-class _HttpResponse:
-    def __init__(self, response: aiohttp.ClientResponse, failed: Callable[[Exception], NoReturn]) -> None:
-        self._response = response
-        self._failed = failed
-        self.status = response.status
-        self.reason = response.reason or ""
-        self.headers = tuple((_text(name), _text(value)) for name, value in response.raw_headers)
 
     def chunks(self) -> _Chunks:
-        return _Chunks(self._response.content, self._failed)
+        return _Chunks(self._read, self._failed)
 
 
 class _Chunks:
     """The body as it arrives (an iterator class: no async generator and its finaliser hook per answer)."""
 
-    __slots__ = ("_content", "_failed")
+    __slots__ = ("_failed", "_read")
 
-    def __init__(self, content: aiohttp.StreamReader, failed: Callable[[Exception], NoReturn]) -> None:
-        self._content = content
+    def __init__(self, read: Callable[[], Awaitable[bytes]], failed: Callable[[Exception], NoReturn]) -> None:
+        self._read = read
         self._failed = failed
 
     def __aiter__(self) -> _Chunks:
@@ -447,7 +428,7 @@ class _Chunks:
 
     async def __anext__(self) -> bytes:
         try:
-            chunk = await self._content.readany()
+            chunk = await self._read()
         except Exception as exc:
             self._failed(exc)
         if not chunk:

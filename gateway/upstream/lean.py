@@ -31,6 +31,7 @@ reached the upstream); `gateway.upstream.client.translate` makes of them the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ssl
 import time
 from collections import deque
@@ -382,7 +383,9 @@ class LeanClient:
             connection = self._idle_connection(pool)
             if connection is None:
                 connection = await self._connect(loop, deadline)
-            timer = loop.call_at(deadline, connection.timed_out)
+            # In a context of its own: a cancelled timer stays in asyncio's heap until its time, and would keep
+            # the request's context (its trace span, say) alive that long.
+            timer = loop.call_at(deadline, connection.timed_out, context=contextvars.Context())
             try:
                 assert connection.transport is not None
                 connection.transport.write(request)
@@ -415,7 +418,9 @@ class LeanClient:
                 connection.idle_since = time.monotonic()
                 idle.append(connection)
                 if self._sweep is None:
-                    self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_stale)
+                    self._sweep = asyncio.get_running_loop().call_later(
+                        IDLE_SECONDS, self._close_stale, context=contextvars.Context()
+                    )
                 return
         connection.close()
 
@@ -435,7 +440,9 @@ class LeanClient:
             while idle and now - idle[0].idle_since >= IDLE_SECONDS:
                 idle.popleft().close()
         if any(self._idle.values()) and not self._closed:
-            self._sweep = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_stale)
+            self._sweep = asyncio.get_running_loop().call_later(
+                IDLE_SECONDS, self._close_stale, context=contextvars.Context()
+            )
 
     # -- connections ------------------------------------------------------------------
 
