@@ -34,7 +34,7 @@ from gateway.observability.nobody import NOBODY
 from gateway.policy.egress import ProxyRoute
 
 from .capacity import Gate
-from .lean import Broken, BrokenKind, LeanClient, LeanResponse, Origin, Unreachable
+from .lean import Broken, BrokenKind, LeanClient, Origin, Unreachable, UnreachableKind
 
 if TYPE_CHECKING:
     from gateway.observability.tracing import SpanRef
@@ -194,7 +194,8 @@ class HttpUpstream:
         self._base = settings.base_url.rstrip("/")
         self._connect_timeout = settings.connect_timeout_seconds
         # The whole exchange, body streaming included.
-        self._timeout = self._timeout_of(settings.request_timeout_seconds)
+        self._request_timeout = settings.request_timeout_seconds
+        self._timeout = self._timeout_of(self._request_timeout)
         self.gates = gates or {p: Gate(p, settings.pools.of(p)) for p in PoolName}
         # The TLS files to keep current while the client runs (the app watches them).
         self._tls, self.rotating = tls_context(settings.tls)
@@ -213,7 +214,6 @@ class HttpUpstream:
                 # As many kept idle as the class may have open, as aiohttp's connector for it.
                 max_idle=lambda pool: self.gates[pool].limit,
             )
-        self._request_timeout = settings.request_timeout_seconds
         self._egress_failures = QuietLog(
             log, logging.WARNING, "upstream_unreachable", "%d upstream request(s) failed on the way: %s"
         )
@@ -247,33 +247,65 @@ class HttpUpstream:
     def closed(self) -> bool:
         return all(session.closed for session in self._sessions.values())
 
-    def exchange(self, request: UpstreamRequest) -> _Exchange | _LeanExchange:
-        if self._lean is not None and _lean_shaped(request):
-            return _LeanExchange(self, self._lean, request)
+    def exchange(self, request: UpstreamRequest) -> _Exchange:
         return _Exchange(self, request)
 
-    async def _send(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
-        url = URL(self._base + request.target, encoded=True)
+    async def _open(self, request: UpstreamRequest) -> tuple[_Answer, Callable[[bool], None]]:
+        """`request` sent by the client its shape goes by: its answer, and how to end the exchange (given
+        whether the block ended without an error). Errors are raised as the `UpstreamError` they mean."""
+        failed = functools.partial(self._raise_translated, request.route)
         started = time.monotonic()
         try:
-            response = await self._sessions[request.pool].request(
-                request.method,
-                url,
-                headers=list(request.headers),
-                data=request.body,
-                allow_redirects=False,
-                # The client chose its Content-Length/Transfer-Encoding; keep raw bytes.
-                compress=None,
-                timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
-                server_hostname=self._server_name,
-                proxy_headers=self._current_proxy_headers(),
-            )
+            if self._lean is not None and _lean_shaped(request):
+                answer, finish = await self._by_lean(self._lean, request, failed)
+            else:
+                answer, finish = await self._by_aiohttp(request, failed)
         except Exception as exc:
-            self._raise_translated(request.route, exc)
-        trace = request.trace
-        exemplar = trace.exemplar if trace is not None else None
-        self._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
-        return response
+            failed(exc)
+        try:
+            trace = request.trace
+            exemplar = trace.exemplar if trace is not None else None
+            self._observer.upstream_answered(request.route, answer.status, time.monotonic() - started, exemplar)
+        except BaseException:
+            finish(False)  # the block is never entered: its exit does not end the exchange either
+            raise
+        return answer, finish
+
+    async def _by_aiohttp(
+        self, request: UpstreamRequest, failed: Callable[[Exception], NoReturn]
+    ) -> tuple[_Answer, Callable[[bool], None]]:
+        response = await self._sessions[request.pool].request(
+            request.method,
+            URL(self._base + request.target, encoded=True),
+            headers=list(request.headers),
+            data=request.body,
+            allow_redirects=False,
+            # The client chose its Content-Length/Transfer-Encoding; keep raw bytes.
+            compress=None,
+            timeout=self._timeout if request.timeout is None else self._timeout_of(request.timeout),
+            server_hostname=self._server_name,
+            proxy_headers=self._current_proxy_headers(),
+        )
+
+        def finish(clean: bool) -> None:
+            if clean and response.content.at_eof():
+                response.release()
+            else:
+                response.close()  # closing the connection is how an HTTP/1.1 client cancels
+
+        answer = _Answer(response.status, response.reason or "", response.raw_headers, response.content.readany, failed)
+        return answer, finish
+
+    async def _by_lean(
+        self, lean: LeanClient, request: UpstreamRequest, failed: Callable[[Exception], NoReturn]
+    ) -> tuple[_Answer, Callable[[bool], None]]:
+        body = request.body
+        assert body is None or isinstance(body, bytes)  # `_lean_shaped`
+        timeout = self._request_timeout if request.timeout is None else request.timeout
+        response = await lean.send(request.pool, request.method, request.target, request.headers, body, timeout)
+        answer = _Answer(response.status, _text(response.reason), response.headers, response.read, failed)
+        # Kept for the next exchange if the whole answer came (read or not, as aiohttp's pool does), else closed.
+        return answer, lambda clean: lean.finish(request.pool, response)
 
     async def close(self) -> None:
         if self._lean is not None:
@@ -297,40 +329,35 @@ class HttpUpstream:
 class _Exchange:
     """`async with upstream.exchange(request) as response:` one exchange, its class's slot held throughout.
 
-    The slot is held until the answer is read or abandoned: it is the connection. A class rather than
-    an `asynccontextmanager`, as `capacity.Slot` is: it is entered for every upstream exchange.
+    The slot is held until the answer is read or abandoned: it is the connection. A class rather than an
+    `asynccontextmanager`: it is entered for every upstream exchange, and a generator costs a finaliser
+    hook and contextlib's frames each time.
     """
 
-    __slots__ = ("_request", "_response", "_upstream")
+    __slots__ = ("_finish", "_request", "_upstream")
 
     def __init__(self, upstream: HttpUpstream, request: UpstreamRequest) -> None:
         self._upstream = upstream
         self._request = request
-        self._response: aiohttp.ClientResponse | None = None
+        self._finish: Callable[[bool], None] | None = None
 
     async def __aenter__(self) -> _Answer:
         upstream, request = self._upstream, self._request
         gate = upstream.gates[request.pool]
         await gate.acquire(request.max_queue_seconds)
         try:
-            response = self._response = await upstream._send(request)
+            answer, self._finish = await upstream._open(request)
         except BaseException:
             gate.release()
             raise
-        failed = functools.partial(upstream._raise_translated, request.route)
-        return _Answer(response.status, response.reason or "", response.raw_headers, response.content.readany, failed)
+        return answer
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        response = self._response
-        assert response is not None
+        assert self._finish is not None
         try:
-            if kind is None and response.content.at_eof():
-                response.release()
-            else:
-                # Closing the connection is how an HTTP/1.1 client cancels.
-                response.close()
+            self._finish(kind is None)
         finally:
             self._upstream.gates[self._request.pool].release()
 
@@ -341,54 +368,6 @@ def _lean_shaped(request: UpstreamRequest) -> bool:
     return (
         (body is None or isinstance(body, bytes)) and request.pool is not PoolName.STREAM and request.method != "HEAD"
     )
-
-
-class _LeanExchange:
-    """`_Exchange`, by the lean client: the same slot, deadline, observer and errors."""
-
-    __slots__ = ("_lean", "_request", "_response", "_upstream")
-
-    def __init__(self, upstream: HttpUpstream, lean: LeanClient, request: UpstreamRequest) -> None:
-        self._upstream = upstream
-        self._lean = lean
-        self._request = request
-        self._response: LeanResponse | None = None
-
-    async def __aenter__(self) -> _Answer:
-        upstream, request = self._upstream, self._request
-        gate = upstream.gates[request.pool]
-        await gate.acquire(request.max_queue_seconds)
-        started = time.monotonic()
-        timeout = upstream._request_timeout if request.timeout is None else request.timeout
-        try:
-            assert not isinstance(request.body, AsyncIterable)
-            response = self._response = await self._lean.send(
-                request.pool, request.method, request.target, request.headers, request.body, timeout
-            )
-        except BaseException as exc:
-            gate.release()
-            if isinstance(exc, Exception):
-                upstream._raise_translated(request.route, exc)
-            raise
-        try:
-            trace = request.trace
-            exemplar = trace.exemplar if trace is not None else None
-            upstream._observer.upstream_answered(request.route, response.status, time.monotonic() - started, exemplar)
-            failed = functools.partial(upstream._raise_translated, request.route)
-            return _Answer(response.status, _text(response.reason), response.headers, response.read, failed)
-        except BaseException:
-            await self.__aexit__(None, None, None)  # the block is never entered: its exit is not called either
-            raise
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        response = self._response
-        assert response is not None
-        try:
-            self._lean.finish(self._request.pool, response)
-        finally:
-            self._upstream.gates[self._request.pool].release()
 
 
 class _Answer:
@@ -483,45 +462,53 @@ def _proxy_refused(exc: BaseException) -> UpstreamError:
     )
 
 
-def _unreachable(exc: BaseException) -> UpstreamError:
-    """The lean client's "never sent", as aiohttp's connector errors of the same cause read."""
-    assert isinstance(exc, Unreachable)
-    match exc.kind:
-        case "timeout":
-            return UpstreamTimeout(
-                "timed out connecting to the upstream (or in its TLS handshake)",
-                kind="timeout",
-                may_have_reached_upstream=False,
-            )
-        case "certificate":
-            return _certificate(exc)
-        case "tls":
-            return _handshake(exc)
-        case "proxy":
-            return _never_sent("proxy", "cannot connect to the egress proxy")(exc)
-        case "proxy_refused":
-            return _proxy_refused(exc)
-        case "connect":
-            return _never_sent("connect", "cannot connect to the upstream")(exc)
+def _connect_timed_out(_: BaseException) -> UpstreamError:
+    return UpstreamTimeout(
+        "timed out connecting to the upstream (or in its TLS handshake)",
+        kind="timeout",
+        may_have_reached_upstream=False,
+    )
 
 
-# The lean client's `Broken`, in the words aiohttp's errors of the same meaning get below. The request was
-# sent (or being sent), so each may have reached the upstream.
-_BROKEN: Mapping[BrokenKind, tuple[type[UpstreamError], str, UpstreamErrorKind]] = MappingProxyType(
+def _sent(
+    error: type[UpstreamError], message: str, kind: UpstreamErrorKind
+) -> Callable[[BaseException], UpstreamError]:
+    """A failure once the request was sent, or being sent: it may have reached the upstream."""
+    return lambda _: error(message, kind=kind, may_have_reached_upstream=True)
+
+
+# The failures before anything was sent, by the lean client's kind (`Unreachable`); aiohttp's connector errors
+# of the same cause mean the same (`_MEANINGS`).
+_NEVER_SENT: Mapping[UnreachableKind, Callable[[BaseException], UpstreamError]] = MappingProxyType(
     {
-        "timeout": (UpstreamTimeout, "the upstream did not answer in time", "timeout"),
-        "closed": (UpstreamUnavailable, "the upstream closed the connection", "reset"),
-        "reset": (UpstreamUnavailable, "the connection to the upstream was reset", "reset"),
-        "cut": (UpstreamUnavailable, "the upstream response was cut off", "reset"),
-        "invalid": (UpstreamUnavailable, "the upstream sent an invalid HTTP response", "other"),
+        "timeout": _connect_timed_out,
+        "certificate": _certificate,
+        "tls": _handshake,
+        "proxy": _never_sent("proxy", "cannot connect to the egress proxy"),
+        "proxy_refused": _proxy_refused,
+        "connect": _never_sent("connect", "cannot connect to the upstream"),
+    }
+)
+# The failures after the request went, by the lean client's kind (`Broken`); aiohttp's of the same meaning too.
+_SENT: Mapping[BrokenKind, Callable[[BaseException], UpstreamError]] = MappingProxyType(
+    {
+        "timeout": _sent(UpstreamTimeout, "the upstream did not answer in time", "timeout"),
+        "closed": _sent(UpstreamUnavailable, "the upstream closed the connection", "reset"),
+        "reset": _sent(UpstreamUnavailable, "the connection to the upstream was reset", "reset"),
+        "cut": _sent(UpstreamUnavailable, "the upstream response was cut off", "reset"),
+        "invalid": _sent(UpstreamUnavailable, "the upstream sent an invalid HTTP response", "other"),
     }
 )
 
 
+def _unreachable(exc: BaseException) -> UpstreamError:
+    assert isinstance(exc, Unreachable)
+    return _NEVER_SENT[exc.kind](exc)
+
+
 def _broken(exc: BaseException) -> UpstreamError:
     assert isinstance(exc, Broken)
-    error, message, kind = _BROKEN[exc.kind]
-    return error(message, kind=kind, may_have_reached_upstream=True)
+    return _SENT[exc.kind](exc)
 
 
 # What each aiohttp, lean client or socket error of an exchange means, most specific first.
@@ -530,53 +517,18 @@ _MEANINGS: tuple[
 ] = (
     (Unreachable, _unreachable),
     (Broken, _broken),
-    (
-        aiohttp.ConnectionTimeoutError,
-        lambda _: UpstreamTimeout(
-            "timed out connecting to the upstream (or in its TLS handshake)",
-            kind="timeout",
-            may_have_reached_upstream=False,
-        ),
-    ),
-    (aiohttp.ClientConnectorCertificateError, _certificate),
-    (aiohttp.ClientConnectorSSLError, _handshake),
-    (aiohttp.ClientProxyConnectionError, _never_sent("proxy", "cannot connect to the egress proxy")),
-    (aiohttp.ClientHttpProxyError, _proxy_refused),
-    (aiohttp.ClientConnectorError, _never_sent("connect", "cannot connect to the upstream")),
-    (
-        (TimeoutError, aiohttp.ServerTimeoutError),
-        lambda _: UpstreamTimeout(
-            "the upstream did not answer in time", kind="timeout", may_have_reached_upstream=True
-        ),
-    ),
-    (
-        aiohttp.ServerDisconnectedError,
-        lambda _: UpstreamUnavailable(
-            "the upstream closed the connection", kind="reset", may_have_reached_upstream=True
-        ),
-    ),
-    (
-        aiohttp.ClientPayloadError,
-        lambda _: UpstreamUnavailable(
-            "the upstream response was cut off", kind="reset", may_have_reached_upstream=True
-        ),
-    ),
-    (
-        aiohttp.ClientResponseError,
-        lambda _: UpstreamUnavailable(
-            "the upstream sent an invalid HTTP response", kind="other", may_have_reached_upstream=True
-        ),
-    ),
-    (
-        (aiohttp.ClientOSError, ConnectionError),
-        lambda _: UpstreamUnavailable(
-            "the connection to the upstream was reset", kind="reset", may_have_reached_upstream=True
-        ),
-    ),
-    (
-        aiohttp.ClientError,
-        lambda _: UpstreamUnavailable("the upstream exchange failed", kind="other", may_have_reached_upstream=True),
-    ),
+    (aiohttp.ConnectionTimeoutError, _NEVER_SENT["timeout"]),
+    (aiohttp.ClientConnectorCertificateError, _NEVER_SENT["certificate"]),
+    (aiohttp.ClientConnectorSSLError, _NEVER_SENT["tls"]),
+    (aiohttp.ClientProxyConnectionError, _NEVER_SENT["proxy"]),
+    (aiohttp.ClientHttpProxyError, _NEVER_SENT["proxy_refused"]),
+    (aiohttp.ClientConnectorError, _NEVER_SENT["connect"]),
+    ((TimeoutError, aiohttp.ServerTimeoutError), _SENT["timeout"]),
+    (aiohttp.ServerDisconnectedError, _SENT["closed"]),
+    (aiohttp.ClientPayloadError, _SENT["cut"]),
+    (aiohttp.ClientResponseError, _SENT["invalid"]),
+    ((aiohttp.ClientOSError, ConnectionError), _SENT["reset"]),
+    (aiohttp.ClientError, _sent(UpstreamUnavailable, "the upstream exchange failed", "other")),
 )
 
 

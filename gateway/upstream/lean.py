@@ -44,7 +44,16 @@ import httptools
 
 from gateway.config.settings import PoolName
 
-__all__ = ["IDLE_SECONDS", "Broken", "BrokenKind", "LeanClient", "LeanResponse", "Origin", "Unreachable"]
+__all__ = [
+    "IDLE_SECONDS",
+    "Broken",
+    "BrokenKind",
+    "LeanClient",
+    "LeanResponse",
+    "Origin",
+    "Unreachable",
+    "UnreachableKind",
+]
 
 # How long an unused connection is kept (aiohttp's `keepalive_timeout`).
 IDLE_SECONDS = 15.0
