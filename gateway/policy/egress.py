@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urlsplit
 
-__all__ = ["EgressError", "ProxyRoute", "has_credentials", "is_loopback_url", "proxy_route"]
+__all__ = ["EgressError", "ProxyRoute", "default_port", "has_credentials", "is_loopback_url", "proxy_route"]
 
 PROXY_SCHEMES = ("http", "https")
 
@@ -112,9 +112,14 @@ def _proxy_url(value: str, where: str) -> str:
     return f"{url.scheme}://{url.netloc}"
 
 
+def default_port(scheme: str) -> int:
+    """The port an http(s) URL without one means."""
+    return 443 if scheme == "https" else 80
+
+
 def _port(url: SplitResult) -> int:
     """The URL's port, or its scheme's (ValueError for one out of range)."""
-    return url.port or (443 if url.scheme == "https" else 80)
+    return url.port or default_port(url.scheme)
 
 
 def _is_loopback(host: str) -> bool:

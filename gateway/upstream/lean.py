@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.config.settings import PoolName
+from gateway.policy.egress import default_port
 
 __all__ = [
     "IDLE_SECONDS",
@@ -104,6 +105,8 @@ class Origin:
     prefix: str
     # `Host:` as aiohttp writes it (the port only when it is not the scheme's).
     host_header: str
+    # `host:port`, as a CONNECT names it.
+    authority: str
     proxy_host: str | None = None
     proxy_port: int | None = None
 
@@ -111,21 +114,30 @@ class Origin:
     def of(cls, base_url: str, proxy: str | None) -> Origin:
         parts = urlsplit(base_url)
         host = parts.hostname or ""
-        default = 443 if parts.scheme == "https" else 80
-        port = parts.port or default
+        port = parts.port or default_port(parts.scheme)
         shown = f"[{host}]" if ":" in host else host
-        host_header = shown if port == default else f"{shown}:{port}"
+        host_header = shown if port == default_port(parts.scheme) else f"{shown}:{port}"
         proxy_host = proxy_port = None
         if proxy is not None:
             proxy_parts = urlsplit(proxy)
             proxy_host = proxy_parts.hostname
-            proxy_port = proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80)
-        return cls(parts.scheme, host, port, parts.path.rstrip("/"), host_header, proxy_host, proxy_port)
+            proxy_port = proxy_parts.port or default_port(proxy_parts.scheme)
+        prefix = parts.path.rstrip("/")
+        return cls(parts.scheme, host, port, prefix, host_header, f"{shown}:{port}", proxy_host, proxy_port)
 
     @property
     def tunnelled(self) -> bool:
         """Through the proxy by CONNECT (an https:// upstream), rather than in absolute form to it."""
         return self.proxy_host is not None and self.scheme == "https"
+
+
+def _not_connected(error: OSError, kind: UnreachableKind) -> Unreachable:
+    """A failed connection or handshake: the certificate refused, the TLS handshake failed, or `kind`'s socket error."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return Unreachable("certificate", error)
+    if isinstance(error, ssl.SSLError):
+        return Unreachable("tls", error)
+    return Unreachable(kind, error)
 
 
 class _TooLarge(Exception):
@@ -244,7 +256,7 @@ class _Connection(asyncio.Protocol):
     def on_status(self, status: bytes) -> None:
         self._reason += status
         if len(self._reason) > MAX_FIELD_BYTES:
-            raise _TooLarge  # llhttp stops, and `data_received` calls the answer invalid
+            raise _TooLarge  # llhttp stops, and `_feed` calls the answer invalid
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) >= MAX_HEADERS or len(name) + len(value) > MAX_FIELD_BYTES:
@@ -399,16 +411,12 @@ class LeanClient:
                 assert connection.transport is not None
                 connection.transport.write(request)
                 await connection.head()
-            except Broken as error:
+            except BaseException as error:
                 timer.cancel()
                 connection.close()
-                if again and error.kind in ("closed", "reset"):
+                if again and isinstance(error, Broken) and error.kind in ("closed", "reset"):
                     again = False
                     continue
-                raise
-            except BaseException:
-                timer.cancel()
-                connection.close()
                 raise
             return LeanResponse(connection, timer)
 
@@ -482,13 +490,11 @@ class LeanClient:
                     connection = await self._open(loop, origin.proxy_host, origin.proxy_port, None, "proxy")
                     if origin.tunnelled:
                         await self._tunnel(loop, connection)
-        except TimeoutError:
+        except BaseException as error:
             if connection is not None:
                 connection.close()
-            raise Unreachable("timeout") from None
-        except BaseException:
-            if connection is not None:
-                connection.close()
+            if isinstance(error, TimeoutError):
+                raise Unreachable("timeout") from None
             raise
         return connection
 
@@ -499,18 +505,13 @@ class LeanClient:
             _, connection = await loop.create_connection(
                 lambda: _Connection(loop), host, port, ssl=tls, server_hostname=self._server_hostname if tls else None
             )
-        except ssl.SSLCertVerificationError as error:
-            raise Unreachable("certificate", error) from error
-        except ssl.SSLError as error:
-            raise Unreachable("tls", error) from error
         except OSError as error:
-            raise Unreachable(kind, error) from error
+            raise _not_connected(error, kind) from error
         return connection
 
     async def _tunnel(self, loop: asyncio.AbstractEventLoop, connection: _Connection) -> None:
         """CONNECT through the egress proxy, then TLS with the upstream inside the tunnel."""
-        origin = self.origin
-        authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else f"{origin.host}:{origin.port}"
+        authority = self.origin.authority
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         lines += [f"{name}: {value}" for name, value in (self._proxy_headers() or {}).items()]
         assert connection.transport is not None
@@ -522,17 +523,13 @@ class LeanClient:
         if connection.status != 200:
             raise Unreachable("proxy_refused", status=connection.status)
         connection.new_parser()
+        assert self._tls is not None  # a tunnel is for an https:// upstream
         try:
             transport = await loop.start_tls(
-                connection.transport, connection, self._tls or ssl.create_default_context(),
-                server_hostname=self._server_hostname,
-            )  # fmt: skip
-        except ssl.SSLCertVerificationError as error:
-            raise Unreachable("certificate", error) from error
-        except ssl.SSLError as error:
-            raise Unreachable("tls", error) from error
+                connection.transport, connection, self._tls, server_hostname=self._server_hostname
+            )
         except OSError as error:
-            raise Unreachable("connect", error) from error
+            raise _not_connected(error, "connect") from error
         connection.transport = cast(asyncio.Transport, transport)
 
     # -- the request ------------------------------------------------------------------
