@@ -211,7 +211,6 @@ class GatewayMetrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self._initialise()
-        self._routes = {route: _RouteSeries(self, route) for route in ROUTES}
         self.set_environments(settings)
 
     def set_environments(self, settings: Settings) -> None:
@@ -259,12 +258,6 @@ class GatewayMetrics:
 
     # -- the client-facing side -------------------------------------------------------
 
-    def _route(self, route: str) -> _RouteSeries:
-        series = self._routes.get(route)
-        if series is None:  # not a RouteName: counted as one would be, under its own label
-            series = self._routes[route] = _RouteSeries(self, route)
-        return series
-
     def request_started(self, route: str) -> None:
         self._inflight[route] += 1
 
@@ -275,9 +268,8 @@ class GatewayMetrics:
 
     def request_refused(self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None) -> None:
         """A request answered before its route was known (or without raising the in-flight gauge)."""
-        series = self._route(route)
-        series.answered(status).inc()
-        series.duration.observe(seconds, exemplar)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.request_duration, route).observe(seconds, exemplar)
 
     def heartbeat_answered(self, environment_id: str, outcome: Outcome, lost_reason: LostReason | None) -> None:
         env = self.environment(environment_id)
@@ -288,7 +280,7 @@ class GatewayMetrics:
                 self._child(self.conflicts, env).inc()
 
     def credential_injected(self, route: str, credential: str) -> None:
-        self._route(route).injected(credential).inc()
+        self._child(self.credentials_chosen, route, credential).inc()
 
     def request_shed(self, route: str, action: str) -> None:
         self._child(self.shed, route, action).inc()
@@ -332,9 +324,8 @@ class GatewayMetrics:
     def upstream_answered(
         self, route: str, status: int, seconds: float, exemplar: dict[str, str] | None = None
     ) -> None:
-        series = self._route(route)
-        series.upstream_answered(status).inc()
-        series.upstream_duration.observe(seconds, exemplar)
+        self._child(self.upstream_requests, route, str(status)).inc()
+        self._child(self.upstream_duration, route).observe(seconds, exemplar)
 
     def upstream_failed(self, route: str, kind: UpstreamErrorKind) -> None:
         self.upstream_errors.labels(route, kind).inc()
@@ -358,40 +349,6 @@ class GatewayMetrics:
 
     def internal_error(self, where: FailsafePoint) -> None:
         self.internal_errors.labels(where).inc()
-
-
-class _RouteSeries:
-    """One route's series on the request path, bound once (`labels()` costs a lock and a check each call)."""
-
-    __slots__ = ("_injected", "_metrics", "_requests", "_route", "_upstream", "duration", "upstream_duration")
-
-    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
-        self._metrics = metrics
-        self._route = route
-        self.duration = metrics.request_duration.labels(route)
-        self.upstream_duration = metrics.upstream_duration.labels(route)
-        # Filled as statuses are seen: an HTTP status has three digits, so these stay small.
-        self._requests: dict[int, Any] = {}
-        self._upstream: dict[int, Any] = {}
-        self._injected: dict[str, Any] = {}
-
-    def answered(self, status: int) -> Any:
-        child = self._requests.get(status)
-        if child is None:
-            child = self._requests[status] = self._metrics.requests.labels(self._route, str(status))
-        return child
-
-    def upstream_answered(self, status: int) -> Any:
-        child = self._upstream.get(status)
-        if child is None:
-            child = self._upstream[status] = self._metrics.upstream_requests.labels(self._route, str(status))
-        return child
-
-    def injected(self, credential: str) -> Any:
-        child = self._injected.get(credential)
-        if child is None:
-            child = self._injected[credential] = self._metrics.credentials_chosen.labels(self._route, credential)
-        return child
 
 
 class _LiveGauges:
