@@ -336,11 +336,8 @@ async def _heartbeat(forward: _Forward) -> web.StreamResponse:
     timeout = forward.policy.settings.limits.body_timeout_seconds
     body = await _read_body(request, MAX_HEARTBEAT_BODY_BYTES, timeout) if request.can_read_body else None
     served = forward.policy.served(route.environment_id)
-    if served is not None:
-        ttl, override = served.desired_ttl, served.override_ttl
-    else:
-        ttl, override = forward.policy.settings.desired_ttl(route.environment_id)
-    raw_query = apply_desired_ttl(target.raw_query, query, ttl, override=override)
+    assert served is not None  # `decide_credential` refused an environment this gateway does not serve
+    raw_query = apply_desired_ttl(target.raw_query, query, served.desired_ttl, override=served.override_ttl)
     exchange = request[EXCHANGE]
     outbound = UpstreamRequest(
         "POST", target.with_query(raw_query), headers, body, route=RouteName.HEARTBEAT.value, trace=exchange.trace

@@ -196,7 +196,8 @@ def _outside_environments(
 
 def _key_of(policy: Policy, environment: Environment) -> Inject:
     served = policy.served(environment.id)
-    return served.key if served is not None else environment_key(environment)
+    assert served is not None  # a token's scope and the links are read through the policy: served ones only
+    return served.key
 
 
 def _linked_environment(
