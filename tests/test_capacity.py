@@ -6,7 +6,9 @@ Checks `gateway/upstream/capacity.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,8 +37,18 @@ class Seen:
         self.limit = limit
 
 
+@contextlib.asynccontextmanager
+async def slot(gate: Gate, max_wait: float | None = None) -> AsyncIterator[None]:
+    """One of the class's connections held for the block, as an upstream exchange holds it."""
+    await gate.acquire(max_wait)
+    try:
+        yield
+    finally:
+        gate.release()
+
+
 async def hold(gate: Gate, release: asyncio.Event, order: list[int], n: int) -> None:
-    async with gate.slot():
+    async with slot(gate):
         order.append(n)
         await release.wait()
 
@@ -50,16 +62,16 @@ async def test_a_request_that_cannot_wait_as_long_as_the_class_is_refused_when_i
     await asyncio.sleep(0.01)
     started = time.monotonic()
     with pytest.raises(CapacityExceeded):
-        async with gate.slot(max_wait=0.2):
+        async with slot(gate, max_wait=0.2):
             pass
     assert 0.15 < time.monotonic() - started < 0.5
     with pytest.raises(CapacityExceeded):  # no time left at all: refused at once
-        async with gate.slot(max_wait=0.0):
+        async with slot(gate, max_wait=0.0):
             pass
     assert seen.refused == ["timeout", "timeout"]
     release.set()
     await holder
-    async with gate.slot(max_wait=0.0):  # a free connection needs no wait
+    async with slot(gate, max_wait=0.0):  # a free connection needs no wait
         pass
 
 
@@ -72,7 +84,7 @@ async def test_a_class_sized_by_worker_connections_has_one_for_each() -> None:
     await asyncio.sleep(0.01)
     assert (gate.in_use, gate.queued) == (300, 0)
     with pytest.raises(CapacityExceeded):  # the 301st: no queue configured, refused at once
-        async with gate.slot():
+        async with slot(gate):
             pass
     release.set()
     await asyncio.gather(*holders)
@@ -88,7 +100,7 @@ async def test_a_gate_admits_its_limit_queues_in_order_and_refuses_the_rest_at_o
     assert (gate.in_use, gate.queued, order) == (2, 2, [0, 1])
     started = time.monotonic()
     with pytest.raises(CapacityExceeded) as refused:
-        async with gate.slot():
+        async with slot(gate):
             pass
     assert time.monotonic() - started < 0.1  # at once: the queue is full
     assert (refused.value.status, refused.value.error_type, refused.value.retry_after) == (503, "overloaded_error", 2)
@@ -109,7 +121,7 @@ async def test_a_waiter_gets_a_503_after_its_queue_time() -> None:
     await asyncio.sleep(0.01)
     started = time.monotonic()
     with pytest.raises(CapacityExceeded, match=r"no connection came free in 0\.2 s"):
-        async with gate.slot():
+        async with slot(gate):
             pass
     assert 0.2 <= time.monotonic() - started < 0.4
     assert gate.queued == 0

@@ -34,14 +34,13 @@ import math
 import time
 from collections import deque
 from contextlib import suppress
-from types import TracebackType
 from typing import Protocol
 
 from gateway.config.settings import DEFAULT_MAX_CLIENT_CONNECTIONS, PoolName, PoolSettings
 from gateway.errors import CapacityExceeded
 from gateway.observability.nobody import NOBODY
 
-__all__ = ["CapacityObserver", "Gate", "Slot"]
+__all__ = ["CapacityObserver", "Gate"]
 
 
 class CapacityObserver(Protocol):
@@ -86,17 +85,13 @@ class Gate:
             return 0.0
         return (time.monotonic() if now is None else now) - self._queued_since
 
-    def slot(self, max_wait: float | None = None) -> Slot:
-        """Hold one of the class's connections for the `async with` block; raises `CapacityExceeded` when
-        none comes.
+    async def acquire(self, max_wait: float | None = None) -> None:
+        """Take one of the class's connections, to `release` once its exchange is over; raises
+        `CapacityExceeded` when none comes.
 
         `max_wait`: the caller gives up sooner than the class's `max_queue_seconds` (a
         heartbeat whose worker aborts it then); it is refused then rather than sent late.
         """
-        return Slot(self, max_wait)
-
-    async def acquire(self, max_wait: float | None = None) -> None:
-        """Take a connection of the class (`slot` is the form that cannot forget to give it back)."""
         if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
         else:
@@ -167,25 +162,3 @@ class Gate:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
-
-
-class Slot:
-    """`async with gate.slot():` one connection of the class held for the block.
-
-    A class, not an `asynccontextmanager`: it is entered for every upstream exchange, and a
-    generator-based one costs a generator, its finaliser hook and contextlib's frames each time.
-    """
-
-    __slots__ = ("_gate", "_max_wait")
-
-    def __init__(self, gate: Gate, max_wait: float | None) -> None:
-        self._gate = gate
-        self._max_wait = max_wait
-
-    async def __aenter__(self) -> None:
-        await self._gate.acquire(self._max_wait)
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self._gate.release()
