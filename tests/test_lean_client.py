@@ -594,3 +594,33 @@ async def test_the_deadline_closes_the_connection_even_while_the_answer_waits_un
         await http.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_upstream_that_speaks_no_tls_is_the_same_handshake_failure_that_sent_nothing() -> None:
+    """An https:// base URL answered in plain HTTP: OpenSSL's reason is named, nothing was sent."""
+
+    async def http_to_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the TLS hello's first byte, answered as a plain HTTP server would
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    errors = []
+    for client in CLIENTS:
+        server = await asyncio.start_server(http_to_tls, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        http = HttpUpstream(UpstreamSettings(base_url=f"https://127.0.0.1:{port}", client=client))
+        try:
+            with pytest.raises(UpstreamError) as caught:
+                async with http.exchange(heartbeat()):
+                    pass
+        finally:
+            await http.close()
+            server.close()
+            await server.wait_closed()
+        error = caught.value
+        errors.append((error.kind, error.message, error.may_have_reached_upstream))
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "tls"
+    assert errors[0][1].startswith("the TLS handshake with the upstream failed: ")
+    assert errors[0][2] is False
